@@ -1,0 +1,86 @@
+import { PassThrough } from 'node:stream'
+import { describe, expect, it } from 'vitest'
+import { type Command, Output, parseBytes, runCommand } from '../src/index.js'
+
+function capture() {
+  const stdout = new PassThrough()
+  const stderr = new PassThrough()
+  let o = ''
+  let e = ''
+  stdout.on('data', (d) => {
+    o += d
+  })
+  stderr.on('data', (d) => {
+    e += d
+  })
+  return { out: new Output(stdout, stderr), text: () => ({ o, e }) }
+}
+
+const tree: Command = {
+  name: 'tool',
+  summary: 'a tool',
+  options: { socket: { type: 'string', description: 'socket' } },
+  subcommands: [
+    {
+      name: 'echo',
+      summary: 'prints its argument',
+      usage: 'WORD',
+      args: { min: 1, max: 1 },
+      options: { json: { type: 'boolean', description: 'json' } },
+      run: ({ args, opts, out }) => {
+        out.fields({ word: args[0], socket: opts.socket })
+        return 0
+      }
+    },
+    {
+      name: 'fail',
+      summary: 'fails',
+      run: () => {
+        throw new Error('it broke', { cause: new Error('the disk is full') })
+      }
+    }
+  ]
+}
+
+describe('command parser', () => {
+  it('runs a subcommand with root options and --json', async () => {
+    const c = capture()
+    expect(await runCommand(tree, ['echo', 'hi', '--socket', '/s', '--json'], c.out)).toBe(0)
+    expect(JSON.parse(c.text().o)).toEqual({ word: 'hi', socket: '/s' })
+  })
+
+  it('prints help with exit 0 for --help on every level', async () => {
+    for (const argv of [['--help'], ['echo', '--help'], ['fail', '-h']]) {
+      const c = capture()
+      expect(await runCommand(tree, argv, c.out)).toBe(0)
+      expect(c.text().o).toMatch(/^Usage: tool/)
+    }
+  })
+
+  it('exits 2 on usage errors and names the problem', async () => {
+    const cases: [string[], RegExp][] = [
+      [['nope'], /unknown command 'nope'/],
+      [['echo'], /missing arguments/],
+      [['echo', 'a', 'b'], /unexpected argument 'b'/],
+      [['echo', 'a', '--bogus'], /bogus/]
+    ]
+    for (const [argv, msg] of cases) {
+      const c = capture()
+      expect(await runCommand(tree, argv, c.out)).toBe(2)
+      expect(c.text().e).toMatch(msg)
+    }
+  })
+
+  it('exits 1 on failure and prints the cause chain', async () => {
+    const c = capture()
+    expect(await runCommand(tree, ['fail'], c.out)).toBe(1)
+    expect(c.text().e).toContain('error: it broke: the disk is full')
+  })
+
+  it('parses byte counts', () => {
+    expect(parseBytes('4MiB')).toBe(4 * 1024 * 1024)
+    expect(parseBytes('512k')).toBe(512 * 1024)
+    expect(parseBytes('10')).toBe(10)
+    expect(() => parseBytes('ten')).toThrow(/not a byte count/)
+  })
+})

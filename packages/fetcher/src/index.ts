@@ -1,0 +1,2 @@
+// @strata/fetcher: The read path: store -> peers -> registry; verify; single-flight; prefetch
+export {}

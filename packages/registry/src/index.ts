@@ -1,0 +1,2 @@
+// @strata/registry: OCI distribution client: references, auth, manifests, Range reads, push
+export {}

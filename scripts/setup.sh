@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Brings a Debian 12 machine (as root) to where strata builds, runs and tests: the apt packages, Node 24,
+# pnpm 10, the workspace's dependencies, the build, and the reference eStargz oracle for conformance tests.
+# Safe to run again: each step is skipped when it is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/local/bin:$PATH"
+
+APT_PACKAGES=(
+  docker-registry skopeo umoci          # a real OCI registry and image tools for tests and the demo
+  libfuse2 fuse3                        # FUSE: fuse-native loads libfuse.so.2; fusermount3
+  iproute2 apache2-utils attr           # tc/netns for benchmarks; htpasswd; getfattr/setfattr
+  golang-go golang-github-containerd-stargz-snapshotter-dev   # builds ../shared/oracle
+  debootstrap                           # real root file systems for benchmarks
+  ca-certificates git python3 make g++
+)
+
+step() { printf '\n== %s\n' "$*"; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "apt: installing ${missing[*]}"
+  if [ "$(id -u)" != 0 ]; then echo "setup: run as root to install apt packages: ${missing[*]}" >&2; exit 1; fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+if [ "$(node_major)" -lt 22 ]; then
+  step "node: installing Node 24 LTS into /usr/local (found $(node --version 2>/dev/null || echo none))"
+  case "$(uname -m)" in x86_64) arch=x64 ;; aarch64) arch=arm64 ;; *) echo "setup: unsupported CPU $(uname -m)" >&2; exit 1 ;; esac
+  npm install -g --prefix /usr/local --no-fund --no-audit "node-linux-$arch@24" >/dev/null
+  hash -r
+fi
+echo "node $(node --version)"
+
+if ! pnpm --version 2>/dev/null | grep -q '^10\.'; then
+  step "pnpm: installing pnpm 10"
+  npm install -g --prefix /usr/local --no-fund --no-audit pnpm@10 >/dev/null
+  hash -r
+fi
+echo "pnpm $(pnpm --version)"
+
+step "dependencies"
+pnpm install --frozen-lockfile --reporter=append-only | tail -n 3
+
+step "build"
+pnpm run build --output-logs=errors-only
+
+ORACLE_SRC="${STRATA_SHARED:-../shared}/oracle"
+if [ ! -x .tools/oracle/oracle ] && [ -f "$ORACLE_SRC/main.go" ]; then
+  step "oracle: building the reference eStargz implementation from $ORACLE_SRC"
+  rm -rf .tools/oracle && mkdir -p .tools && cp -r "$ORACLE_SRC" .tools/oracle && chmod -R u+w .tools/oracle
+  rm -f .tools/oracle/oracle
+  sh .tools/oracle/build.sh >/dev/null
+fi
+[ -x .tools/oracle/oracle ] && echo "oracle .tools/oracle/oracle" || echo "oracle: not built (no $ORACLE_SRC); conformance tests will fail"

@@ -1,0 +1,22 @@
+import { fileURLToPath } from 'node:url'
+import { defineConfig } from 'vitest/config'
+
+const pkg = (name: string) => fileURLToPath(new URL(`./packages/${name}/src/index.ts`, import.meta.url))
+
+export default defineConfig({
+  resolve: {
+    // Tests run against the sources, so a change needs no build before `vitest`.
+    alias: Object.fromEntries([
+      ...['stargz', 'registry', 'store', 'fetcher', 'node', 'fs', 'cli'].map((n) => [`@strata/${n}`, pkg(n)]),
+      ['@test', fileURLToPath(new URL('./test/helpers', import.meta.url))]
+    ])
+  },
+  test: {
+    include: ['packages/*/test/**/*.test.ts', 'test/**/*.test.ts'],
+    exclude: ['**/node_modules/**', 'test/bench/**'],
+    pool: 'forks',
+    testTimeout: 60_000,
+    hookTimeout: 120_000,
+    reporters: ['default']
+  }
+})
