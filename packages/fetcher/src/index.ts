@@ -1,2 +1,1 @@
-// @strata/fetcher: The read path: store -> peers -> registry; verify; single-flight; prefetch
-export {}
+export type * from './types.js'

@@ -1,2 +1,1 @@
-// @strata/stargz: eStargz / stargz / zstd:chunked format: footer, TOC, chunk inflate + verify, builder
-export {}
+export type * from './types.js'

@@ -1,2 +1,1 @@
-// @strata/store: Content-addressed chunk store: memory and disk (files + level index), LRU cap, pins
-export {}
+export type * from './types.js'
