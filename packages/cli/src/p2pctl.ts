@@ -1,5 +1,8 @@
 import type { Command } from './command.js'
 import { runCommand } from './command.js'
+import { daemonCommands } from './commands/daemon.js'
+import { imageCommands } from './commands/image.js'
+import { stargzCommand } from './commands/stargz.js'
 
 /** The operator's tool. Each command group lives in its own file under commands/. */
 export const p2pctl: Command = {
@@ -12,7 +15,7 @@ export const p2pctl: Command = {
       description: "p2pd's control socket (default: $STRATA_SOCKET or /run/strata/p2pd.sock)"
     }
   },
-  subcommands: []
+  subcommands: [...daemonCommands, ...imageCommands, stargzCommand]
 }
 
 export function main(argv: string[]): Promise<number> {
