@@ -1,2 +1,38 @@
 // @strata/registry: OCI distribution client: references, auth, manifests, Range reads, push
-export {}
+export type { Credentials } from './auth.js'
+export type {
+  BlobSource,
+  Image,
+  Manifest,
+  Options,
+  Range,
+  RegistryClient,
+  RegistryClientInit,
+  RemoteBlob
+} from './client.js'
+export { createRegistryClient, sha256 } from './client.js'
+export {
+  BlobUnknown,
+  CredentialHelperFailed,
+  Denied,
+  DigestMismatch,
+  InvalidReference,
+  ManifestInvalid,
+  ManifestTooLarge,
+  ManifestUnknown,
+  NameUnknown,
+  PlatformNotFound,
+  RangeNotSatisfiable,
+  RegistryError,
+  RegistryTimeout,
+  RegistryUnavailable,
+  ShortRead,
+  TooManyRequests,
+  Unauthorized,
+  UnexpectedResponse,
+  UnsupportedMediaType
+} from './errors.js'
+export type { Descriptor, ImageIndex, ImageManifest, Platform } from './manifest.js'
+export { formatPlatform, hostPlatform, isIndexType, isManifestType, MediaType, parsePlatform } from './manifest.js'
+export type { Reference } from './reference.js'
+export { makeReference, parseReference, withDigest } from './reference.js'
