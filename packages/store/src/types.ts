@@ -42,3 +42,64 @@ export interface ChunkStore extends EventTarget {
   putMeta(key: string, value: Uint8Array, options?: AbortOptions): Promise<void>
   close(): Promise<void>
 }
+
+// Additions of the store package itself (additive: nothing above changed).
+
+/** Detail of the `put` event. */
+export interface PutEventDetail {
+  digest: string
+  size: number
+  layer?: string
+}
+
+/** Detail of the `evict` event. */
+export interface EvictEventDetail {
+  digests: string[]
+}
+
+export interface GcOptions extends AbortOptions {
+  /** Evict least recently used unpinned chunks until at most this many bytes remain (default: the size cap). */
+  targetBytes?: number
+}
+
+export interface GcResult {
+  /** Chunks evicted to reach the target. */
+  evicted: number
+  freedBytes: number
+  /** Files in the store directory that no index entry referenced (stale temp files, stray files). */
+  orphansRemoved: number
+}
+
+/** A store this process owns: the contract plus garbage collection (what `p2pctl gc` runs via the daemon). */
+export interface LocalChunkStore extends ChunkStore {
+  gc(options?: GcOptions): Promise<GcResult>
+}
+
+export interface MemoryStoreInit {
+  /** Size cap in bytes (default: none). */
+  maxBytes?: number
+}
+
+export interface DiskStoreInit {
+  /** Size cap in bytes (default: none). */
+  maxBytes?: number
+  /** fsync chunk files, and their directories before the index records them (default true). */
+  fsync?: boolean
+}
+
+/** What the repair pass on open found and fixed. */
+export interface RepairReport {
+  /** Temp files of interrupted puts, removed. */
+  tempRemoved: number
+  /** Index entries whose file was gone, dropped. */
+  missingDropped: number
+  /** Files without an index entry whose content hashed to their name, indexed again. */
+  reindexed: number
+  /** Files whose content did not hash to their name, or whose name is not a chunk's, removed. */
+  badRemoved: number
+}
+
+export interface DiskChunkStore extends LocalChunkStore {
+  readonly dir: string
+  readonly repair: RepairReport
+}

@@ -1,0 +1,517 @@
+import { createHash, randomBytes } from 'node:crypto'
+import { mkdir, open, readdir, readFile, rename, rm, unlink } from 'node:fs/promises'
+import { join } from 'node:path'
+import { Level } from 'level'
+import { StoreClosedError, StoreFullError, StoreIOError, StoreLockedError } from './errors.js'
+import { assertDigest, type ChunkRecord, Ledger } from './ledger.js'
+import type {
+  AbortOptions,
+  DiskChunkStore,
+  DiskStoreInit,
+  EvictEventDetail,
+  GcOptions,
+  GcResult,
+  PutEventDetail,
+  PutOptions,
+  RepairReport,
+  StoreStats
+} from './types.js'
+
+/*
+ * Layout of a store directory:
+ *   chunks/ab/<hex>         chunk bytes, named by the hex of their sha256; 256 fan-out directories (one level,
+ *                           as cvmfs: the repair pass lists them all on open, 65536 two-level ones cost more)
+ *   chunks/ab/.tmp-<hex>-*  a put in progress: written and fsynced here, then renamed over <hex>
+ *   index/                  LevelDB: c!<digest> -> {s,a,l} (size, last access, layers),
+ *                           p!<name>\0<digest> -> '' (pins), m!<key> -> bytes (metadata)
+ * A chunk file is complete under its real name or absent; the index follows the files, and the repair pass
+ * makes them agree after a crash.
+ */
+
+const FANOUT = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'))
+const TMP = '.tmp-'
+const HEX = /^[0-9a-f]{64}$/
+const CHUNK = 'c!'
+const PIN = 'p!'
+const META = 'm!'
+/** Last-access times are written in batches at this interval (and on close), never on the get path. */
+const ATIME_FLUSH_MS = 1000
+
+type Op = { type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string }
+type Db = Level<string, Uint8Array>
+
+const encoder = new TextEncoder()
+const decoder = new TextDecoder()
+const EMPTY = new Uint8Array(0)
+
+function recordOp(digest: string, r: ChunkRecord): Op {
+  const value = encoder.encode(JSON.stringify({ s: r.size, a: r.atime, l: r.layers }))
+  return { type: 'put', key: CHUNK + digest, value }
+}
+
+function decodeRecord(value: Uint8Array): ChunkRecord {
+  const v = JSON.parse(decoder.decode(value)) as { s: number; a: number; l?: string[] }
+  return { size: v.s, atime: v.a, layers: v.l ?? [] }
+}
+
+/** A plain Uint8Array view of a Buffer, so callers comparing bytes see the type the contract names. */
+function plain(bytes: Uint8Array): Uint8Array {
+  return new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+}
+
+function errorCode(err: unknown): string | undefined {
+  return (err as { code?: string } | undefined)?.code
+}
+
+function isDiskFull(err: unknown): boolean {
+  const code = errorCode(err)
+  return code === 'ENOSPC' || code === 'EDQUOT' || /No space left|ENOSPC/.test(String((err as Error)?.cause ?? ''))
+}
+
+/**
+ * Group commit: index operations queued while a batch is being written go into the next batch, so many puts
+ * share one LevelDB write. Before each batch the directories of newly renamed chunk files are fsynced, so the
+ * index never records a rename the disk could still lose.
+ */
+class IndexWriter {
+  private readonly db: Db
+  private queue: Op[] = []
+  private dirs = new Set<string>()
+  private waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = []
+  private running: Promise<void> | undefined
+
+  constructor(db: Db) {
+    this.db = db
+  }
+
+  write(ops: Op[], syncDir?: string): Promise<void> {
+    this.queue.push(...ops)
+    if (syncDir !== undefined) this.dirs.add(syncDir)
+    return new Promise((resolve, reject) => {
+      this.waiters.push({ resolve, reject })
+      this.running ??= this.drain()
+    })
+  }
+
+  /** Resolves when everything queued so far is written. */
+  async idle(): Promise<void> {
+    while (this.running !== undefined) await this.running
+  }
+
+  private async drain(): Promise<void> {
+    while (this.waiters.length > 0) {
+      const ops = this.queue
+      const dirs = this.dirs
+      const waiters = this.waiters
+      this.queue = []
+      this.dirs = new Set()
+      this.waiters = []
+      try {
+        await Promise.all([...dirs].map(syncDir))
+        if (ops.length > 0) await this.db.batch(ops)
+        for (const w of waiters) w.resolve()
+      } catch (err) {
+        for (const w of waiters) w.reject(err)
+      }
+    }
+    this.running = undefined
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r')
+  try {
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+}
+
+class DiskStore extends EventTarget implements DiskChunkStore {
+  readonly dir: string
+  readonly repair: RepairReport
+  private readonly chunksDir: string
+  private readonly ledger: Ledger
+  private readonly db: Db
+  private readonly writer: IndexWriter
+  private readonly fsync: boolean
+  /** Chunks read since the last flush of last-access times. */
+  private dirty = new Set<string>()
+  private readonly timer: NodeJS.Timeout
+  /** digest -> the tail of the file operations on it (put, delete, evict run one at a time per digest). */
+  private readonly busy = new Map<string, Promise<void>>()
+  private readonly tempFiles = new Set<string>()
+  private closing: Promise<void> | undefined
+
+  constructor(dir: string, db: Db, ledger: Ledger, repair: RepairReport, fsync: boolean) {
+    super()
+    this.dir = dir
+    this.chunksDir = join(dir, 'chunks')
+    this.db = db
+    this.ledger = ledger
+    this.repair = repair
+    this.fsync = fsync
+    this.writer = new IndexWriter(db)
+    this.timer = setInterval(() => this.flushAtimes(), ATIME_FLUSH_MS)
+    this.timer.unref()
+  }
+
+  async get(digest: string, options?: AbortOptions): Promise<Uint8Array | undefined> {
+    this.check(options, digest)
+    const record = this.ledger.chunks.get(digest)
+    if (record === undefined) {
+      this.ledger.misses++
+      return undefined
+    }
+    const path = this.chunkPath(digest)
+    let bytes: Uint8Array
+    try {
+      bytes = plain(await readFile(path, { signal: options?.signal }))
+    } catch (err) {
+      if (errorCode(err) !== 'ENOENT') throw this.fileError(err, 'read', path)
+      // Evicted or deleted while we read, or removed behind our back: a miss either way.
+      if (this.ledger.chunks.get(digest) === record) await this.forget(digest)
+      this.ledger.misses++
+      return undefined
+    }
+    if (bytes.length !== record.size) {
+      // Damaged outside the store (bytes are fsynced before they get their name): never serve it.
+      if (this.ledger.chunks.get(digest) === record) await this.forget(digest)
+      this.ledger.misses++
+      return undefined
+    }
+    if (this.ledger.chunks.get(digest) === record) {
+      this.ledger.touch(digest, record)
+      this.dirty.add(digest)
+    }
+    this.ledger.hits++
+    return bytes
+  }
+
+  async has(digest: string, options?: AbortOptions): Promise<boolean> {
+    this.check(options, digest)
+    return this.ledger.chunks.has(digest)
+  }
+
+  async put(digest: string, bytes: Uint8Array, options?: PutOptions): Promise<void> {
+    this.check(options, digest)
+    const stored = await this.serial(digest, () => this.store(digest, bytes, options))
+    if (!stored) return
+    const layer = options?.layer
+    const detail: PutEventDetail = { digest, size: bytes.length, ...(layer === undefined ? {} : { layer }) }
+    this.dispatchEvent(new CustomEvent('put', { detail }))
+  }
+
+  async delete(digest: string, options?: AbortOptions): Promise<boolean> {
+    this.check(options, digest)
+    if (this.ledger.remove(digest) === undefined) return false
+    this.dirty.delete(digest)
+    await this.serial(digest, () => this.unlinkChunk(digest))
+    await this.writer.write([{ type: 'del', key: CHUNK + digest }])
+    return true
+  }
+
+  async *keys(options?: AbortOptions): AsyncIterable<string> {
+    this.check(options)
+    for (const digest of [...this.ledger.chunks.keys()]) {
+      options?.signal?.throwIfAborted()
+      yield digest
+    }
+  }
+
+  async stats(options?: AbortOptions): Promise<StoreStats> {
+    this.check(options)
+    return this.ledger.stats()
+  }
+
+  async pin(name: string, digests: Iterable<string>, options?: AbortOptions): Promise<void> {
+    this.check(options)
+    const list = [...digests]
+    for (const digest of list) assertDigest(digest)
+    const added = this.ledger.pin(name, list)
+    await this.writer.write(added.map((d) => ({ type: 'put', key: `${PIN}${name}\0${d}`, value: EMPTY })))
+  }
+
+  async unpin(name: string, options?: AbortOptions): Promise<void> {
+    this.check(options)
+    const removed = this.ledger.unpin(name)
+    await this.writer.write(removed.map((d) => ({ type: 'del', key: `${PIN}${name}\0${d}` })))
+  }
+
+  async getMeta(key: string, options?: AbortOptions): Promise<Uint8Array | undefined> {
+    this.check(options)
+    const value = await this.db.get(META + key)
+    return value === undefined ? undefined : plain(value)
+  }
+
+  async putMeta(key: string, value: Uint8Array, options?: AbortOptions): Promise<void> {
+    this.check(options)
+    await this.writer.write([{ type: 'put', key: META + key, value: value.slice() }])
+  }
+
+  async gc(options?: GcOptions): Promise<GcResult> {
+    this.check(options)
+    const victims = this.ledger.shrinkTo(options?.targetBytes ?? this.ledger.maxBytes)
+    await this.dropEvicted(victims)
+    let orphansRemoved = 0
+    for (const fan of FANOUT) {
+      options?.signal?.throwIfAborted()
+      const sub = join(this.chunksDir, fan)
+      for (const name of await readdir(sub)) {
+        const path = join(sub, name)
+        if (name.startsWith(TMP)) {
+          if (this.tempFiles.has(path)) continue
+          await rm(path, { force: true, recursive: true })
+          orphansRemoved++
+          continue
+        }
+        const digest = `sha256:${name}`
+        // Decided inside serial(): a put of this digest in flight finishes (and records it) first.
+        const removed = await this.serial(digest, async () => {
+          if (this.ledger.chunks.has(digest)) return false
+          await rm(path, { force: true, recursive: true })
+          return true
+        })
+        if (removed) orphansRemoved++
+      }
+    }
+    return { evicted: victims.length, freedBytes: victims.reduce((n, [, r]) => n + r.size, 0), orphansRemoved }
+  }
+
+  close(): Promise<void> {
+    this.closing ??= this.shutdown()
+    return this.closing
+  }
+
+  private async shutdown(): Promise<void> {
+    clearInterval(this.timer)
+    while (this.busy.size > 0) await Promise.all(this.busy.values())
+    this.flushAtimes()
+    await this.writer.idle()
+    await this.db.close()
+  }
+
+  /** Writes a chunk unless it is there already. Runs inside serial(digest). Returns whether it stored it. */
+  private async store(digest: string, bytes: Uint8Array, options?: PutOptions): Promise<boolean> {
+    const layer = options?.layer
+    const existing = this.ledger.chunks.get(digest)
+    if (existing !== undefined) {
+      this.ledger.touch(digest, existing)
+      if (layer === undefined || existing.layers.includes(layer)) {
+        this.dirty.add(digest)
+      } else {
+        existing.layers.push(layer)
+        await this.writer.write([recordOp(digest, existing)])
+      }
+      return false
+    }
+    const size = bytes.length
+    const victims = this.ledger.reserve(digest, size)
+    const path = this.chunkPath(digest)
+    try {
+      await this.dropEvicted(victims)
+      await this.writeChunk(digest, path, bytes, options?.signal)
+    } finally {
+      this.ledger.release(size)
+    }
+    const record: ChunkRecord = { size, atime: Date.now(), layers: layer === undefined ? [] : [layer] }
+    this.ledger.add(digest, record)
+    try {
+      await this.writer.write([recordOp(digest, record)], this.fsync ? join(path, '..') : undefined)
+    } catch (err) {
+      this.ledger.remove(digest)
+      await rm(path, { force: true })
+      throw this.fileError(err, 'index write', join(this.dir, 'index'), digest)
+    }
+    return true
+  }
+
+  /** Temp file in the chunk's own directory, written, fsynced, renamed: a crash leaves no half chunk. */
+  private async writeChunk(digest: string, path: string, bytes: Uint8Array, signal?: AbortSignal): Promise<void> {
+    const temp = join(path, '..', `${TMP}${digest.slice(7)}-${randomBytes(4).toString('hex')}`)
+    this.tempFiles.add(temp)
+    try {
+      const fh = await open(temp, 'wx')
+      try {
+        await fh.writeFile(bytes)
+        if (this.fsync) await fh.sync()
+      } finally {
+        await fh.close()
+      }
+      signal?.throwIfAborted()
+      await rename(temp, path)
+    } catch (err) {
+      // If even this fails, the next gc or repair pass removes the temp file.
+      await rm(temp, { force: true }).catch(() => {})
+      throw this.fileError(err, 'write', temp, digest)
+    } finally {
+      this.tempFiles.delete(temp)
+    }
+  }
+
+  /** Deletes the files and index entries of chunks the ledger evicted, then tells listeners. */
+  private async dropEvicted(victims: Array<[string, ChunkRecord]>): Promise<void> {
+    if (victims.length === 0) return
+    const digests = victims.map(([d]) => d)
+    for (const digest of digests) this.dirty.delete(digest)
+    await Promise.all(digests.map((d) => this.serial(d, () => this.unlinkChunk(d))))
+    await this.writer.write(digests.map((d) => ({ type: 'del', key: CHUNK + d })))
+    const detail: EvictEventDetail = { digests }
+    this.dispatchEvent(new CustomEvent('evict', { detail }))
+  }
+
+  /** Drops a chunk whose file is gone or damaged. */
+  private async forget(digest: string): Promise<void> {
+    this.ledger.remove(digest)
+    this.dirty.delete(digest)
+    await this.serial(digest, () => this.unlinkChunk(digest))
+    await this.writer.write([{ type: 'del', key: CHUNK + digest }])
+  }
+
+  private async unlinkChunk(digest: string): Promise<void> {
+    const path = this.chunkPath(digest)
+    try {
+      await unlink(path)
+    } catch (err) {
+      if (errorCode(err) !== 'ENOENT') throw this.fileError(err, 'delete', path)
+    }
+  }
+
+  private flushAtimes(): void {
+    if (this.dirty.size === 0) return
+    const digests = this.dirty
+    this.dirty = new Set()
+    const ops: Op[] = []
+    for (const digest of digests) {
+      const record = this.ledger.chunks.get(digest)
+      if (record !== undefined) ops.push(recordOp(digest, record))
+    }
+    // Last-access times are a hint for eviction order: on failure they are retried at the next flush.
+    this.writer.write(ops).catch(() => {
+      for (const digest of digests) this.dirty.add(digest)
+    })
+  }
+
+  /** Runs fn after every earlier file operation on the same digest. */
+  private serial<T>(digest: string, fn: () => Promise<T>): Promise<T> {
+    const previous = this.busy.get(digest)
+    const result = previous === undefined ? fn() : previous.then(fn)
+    const tail = result.then(
+      () => {},
+      () => {}
+    )
+    this.busy.set(digest, tail)
+    void tail.then(() => {
+      if (this.busy.get(digest) === tail) this.busy.delete(digest)
+    })
+    return result
+  }
+
+  private chunkPath(digest: string): string {
+    return join(this.chunksDir, digest.slice(7, 9), digest.slice(7))
+  }
+
+  private fileError(err: unknown, operation: string, path: string, digest?: string): Error {
+    if ((err as Error)?.name === 'AbortError') return err as Error
+    if (digest !== undefined && isDiskFull(err)) return new StoreFullError(this.dir, digest, { cause: err })
+    return new StoreIOError(operation, path, { cause: err })
+  }
+
+  private check(options: AbortOptions | undefined, digest?: string): void {
+    options?.signal?.throwIfAborted()
+    if (this.closing !== undefined) throw new StoreClosedError(`at ${this.dir}`)
+    if (digest !== undefined) assertDigest(digest)
+  }
+}
+
+async function loadIndex(db: Db, ledger: Ledger): Promise<void> {
+  const records: Array<[string, ChunkRecord]> = []
+  for await (const [key, value] of db.iterator({ gte: CHUNK, lt: 'c"' })) {
+    records.push([key.slice(CHUNK.length), decodeRecord(value)])
+  }
+  records.sort((a, b) => a[1].atime - b[1].atime)
+  for (const [digest, record] of records) ledger.add(digest, record)
+  for await (const key of db.keys({ gte: PIN, lt: 'p"' })) {
+    const sep = key.indexOf('\0')
+    ledger.pin(key.slice(PIN.length, sep), [key.slice(sep + 1)])
+  }
+}
+
+/** Makes files and index agree after whatever happened before this open (a crash, a full disk, tampering). */
+async function repairStore(chunksDir: string, db: Db, ledger: Ledger): Promise<RepairReport> {
+  const report: RepairReport = { tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0 }
+  const ops: Op[] = []
+  const seen = new Set<string>()
+  const present = new Set(await readdir(chunksDir))
+  for (const fan of FANOUT) {
+    const sub = join(chunksDir, fan)
+    if (!present.has(fan)) {
+      await mkdir(sub)
+      continue
+    }
+    for (const name of await readdir(sub)) {
+      const path = join(sub, name)
+      if (name.startsWith(TMP)) {
+        await rm(path, { force: true, recursive: true })
+        report.tempRemoved++
+        continue
+      }
+      const digest = `sha256:${name}`
+      if (ledger.chunks.has(digest) && name.startsWith(fan)) {
+        seen.add(digest)
+        continue
+      }
+      const bytes = HEX.test(name) && name.startsWith(fan) ? await readFile(path).catch(() => undefined) : undefined
+      if (bytes !== undefined && createHash('sha256').update(bytes).digest('hex') === name) {
+        const record: ChunkRecord = { size: bytes.length, atime: Date.now(), layers: [] }
+        ledger.add(digest, record)
+        ops.push(recordOp(digest, record))
+        seen.add(digest)
+        report.reindexed++
+      } else {
+        await rm(path, { force: true, recursive: true })
+        report.badRemoved++
+      }
+    }
+  }
+  for (const digest of [...ledger.chunks.keys()]) {
+    if (seen.has(digest)) continue
+    ledger.remove(digest)
+    ops.push({ type: 'del', key: CHUNK + digest })
+    report.missingDropped++
+  }
+  // The cap may have been lowered since the last run.
+  for (const [digest] of ledger.shrinkTo(ledger.maxBytes)) {
+    await rm(join(chunksDir, digest.slice(7, 9), digest.slice(7)), { force: true })
+    ops.push({ type: 'del', key: CHUNK + digest })
+  }
+  if (ops.length > 0) await db.batch(ops)
+  return report
+}
+
+/**
+ * Opens (or creates) the chunk store in `dir` and takes its lock: only one process may own a store.
+ * Runs the repair pass first (which also evicts down to the cap if it was lowered).
+ */
+export async function openDiskStore(dir: string, init: DiskStoreInit = {}): Promise<DiskChunkStore> {
+  const ledger = new Ledger(init.maxBytes)
+  const chunksDir = join(dir, 'chunks')
+  const indexDir = join(dir, 'index')
+  await mkdir(chunksDir, { recursive: true })
+  const db: Db = new Level<string, Uint8Array>(indexDir, { valueEncoding: 'view' })
+  try {
+    await db.open()
+  } catch (err) {
+    const locked = errorCode(err) === 'LEVEL_LOCKED' || errorCode((err as Error)?.cause) === 'LEVEL_LOCKED'
+    if (locked) throw new StoreLockedError(dir, { cause: err })
+    throw new StoreIOError('open', indexDir, { cause: err })
+  }
+  try {
+    await loadIndex(db, ledger)
+    const repair = await repairStore(chunksDir, db, ledger)
+    return new DiskStore(dir, db, ledger, repair, init.fsync ?? true)
+  } catch (err) {
+    await db.close()
+    throw err
+  }
+}

@@ -1,0 +1,83 @@
+/** The store's failure modes: one class each, matched by `name` (or `code`), never by instanceof. */
+
+/** Another process (or another open in this one) owns the store directory. */
+export class StoreLockedError extends Error {
+  override readonly name = 'StoreLockedError'
+  readonly code = 'STORE_LOCKED'
+  readonly hint: string
+  readonly dir: string
+
+  constructor(dir: string, options?: ErrorOptions) {
+    super(`the store at ${dir} is in use by another process (p2pd?)`, options)
+    this.dir = dir
+    this.hint =
+      'only one process may own a store: stop the other process, or let p2p-mount talk to the running p2pd, ' +
+      'or point this one at another store directory'
+  }
+}
+
+/** The file system holding the store ran out of space (ENOSPC, EDQUOT) while storing a chunk. */
+export class StoreFullError extends Error {
+  override readonly name = 'StoreFullError'
+  readonly code = 'STORE_FULL'
+  readonly hint: string
+  readonly dir: string
+  readonly digest: string
+
+  constructor(dir: string, digest: string, options?: ErrorOptions) {
+    super(`cannot store chunk ${digest}: the disk holding the store at ${dir} is full`, options)
+    this.dir = dir
+    this.digest = digest
+    this.hint = `free space on the file system of ${dir}, or set a size cap (maxBytes) below its free space`
+  }
+}
+
+/** A chunk cannot fit under the size cap because pinned chunks take the room. */
+export class StoreCapError extends Error {
+  override readonly name = 'StoreCapError'
+  readonly code = 'STORE_CAP_EXCEEDED'
+  readonly hint: string
+  readonly digest: string
+
+  constructor(digest: string, size: number, maxBytes: number, pinnedBytes: number) {
+    super(
+      `cannot store chunk ${digest} (${size} bytes) under the store's cap of ${maxBytes} bytes: ` +
+        `${pinnedBytes} bytes are pinned`
+    )
+    this.digest = digest
+    this.hint = 'raise the store size cap (maxBytes), or unpin images that are no longer mounted'
+  }
+}
+
+/** A digest that is not `sha256:` and 64 lowercase hex digits. */
+export class InvalidDigestError extends Error {
+  override readonly name = 'InvalidDigestError'
+  readonly code = 'STORE_INVALID_DIGEST'
+
+  constructor(digest: string) {
+    super(`not a chunk digest (want sha256:<64 lowercase hex>): ${JSON.stringify(digest.slice(0, 100))}`)
+  }
+}
+
+/** The store was used after close(). */
+export class StoreClosedError extends Error {
+  override readonly name = 'StoreClosedError'
+  readonly code = 'STORE_CLOSED'
+
+  constructor(what: string) {
+    super(`the store ${what} is closed`)
+  }
+}
+
+/** A file operation of the disk store failed for a reason other than a full disk. */
+export class StoreIOError extends Error {
+  override readonly name = 'StoreIOError'
+  readonly code = 'STORE_IO'
+  readonly path: string
+
+  constructor(operation: string, path: string, options: ErrorOptions) {
+    const reason = (options.cause as { code?: string; message?: string } | undefined)?.code ?? 'error'
+    super(`store ${operation} failed on ${path} (${reason})`, options)
+    this.path = path
+  }
+}

@@ -1,0 +1,155 @@
+import { InvalidDigestError, StoreCapError } from './errors.js'
+import type { StoreStats } from './types.js'
+
+/** What the store knows about one chunk besides its bytes. */
+export interface ChunkRecord {
+  size: number
+  /** Last access, ms since the epoch. */
+  atime: number
+  /** Layers (blob digests) the chunk was put for. */
+  layers: string[]
+}
+
+const DIGEST = /^sha256:[0-9a-f]{64}$/
+
+export function assertDigest(digest: string): void {
+  if (!DIGEST.test(digest)) throw new InvalidDigestError(digest)
+}
+
+/**
+ * The bookkeeping both stores share: which chunks exist in least-recently-used order, their sizes, the pins,
+ * the size cap and the counters. It only decides; the stores move the bytes.
+ */
+export class Ledger {
+  readonly maxBytes: number
+  /** Oldest access first: a Map keeps insertion order and touch() re-inserts. */
+  readonly chunks = new Map<string, ChunkRecord>()
+  bytes = 0
+  /** Bytes of puts in flight, counted against the cap before their chunks are recorded. */
+  reserved = 0
+  hits = 0
+  misses = 0
+  evictions = 0
+  private readonly pins = new Map<string, Set<string>>()
+  /** digest -> how many pin names hold it. */
+  private readonly pinCounts = new Map<string, number>()
+
+  constructor(maxBytes = Number.POSITIVE_INFINITY) {
+    if (!(maxBytes > 0)) throw new RangeError(`store maxBytes must be a positive number, got ${maxBytes}`)
+    this.maxBytes = maxBytes
+  }
+
+  add(digest: string, record: ChunkRecord): void {
+    this.chunks.set(digest, record)
+    this.bytes += record.size
+  }
+
+  remove(digest: string): ChunkRecord | undefined {
+    const record = this.chunks.get(digest)
+    if (record === undefined) return undefined
+    this.chunks.delete(digest)
+    this.bytes -= record.size
+    return record
+  }
+
+  /** Marks a chunk as just used: it moves to the young end. */
+  touch(digest: string, record: ChunkRecord): void {
+    this.chunks.delete(digest)
+    record.atime = Date.now()
+    this.chunks.set(digest, record)
+  }
+
+  /** Returns the digests newly pinned under `name`. */
+  pin(name: string, digests: Iterable<string>): string[] {
+    let held = this.pins.get(name)
+    if (held === undefined) {
+      held = new Set()
+      this.pins.set(name, held)
+    }
+    const added: string[] = []
+    for (const digest of digests) {
+      if (held.has(digest)) continue
+      held.add(digest)
+      this.pinCounts.set(digest, (this.pinCounts.get(digest) ?? 0) + 1)
+      added.push(digest)
+    }
+    return added
+  }
+
+  /** Returns the digests that were pinned under `name`. */
+  unpin(name: string): string[] {
+    const held = this.pins.get(name)
+    if (held === undefined) return []
+    this.pins.delete(name)
+    for (const digest of held) {
+      const n = this.pinCounts.get(digest) ?? 0
+      if (n <= 1) this.pinCounts.delete(digest)
+      else this.pinCounts.set(digest, n - 1)
+    }
+    return [...held]
+  }
+
+  /**
+   * Makes room for a chunk of `size` bytes: takes the least recently used unpinned chunks out of the ledger
+   * and returns them for the caller to delete, and reserves the room until release(). When pinned chunks
+   * leave no room it throws StoreCapError and changes nothing.
+   */
+  reserve(digest: string, size: number): Array<[string, ChunkRecord]> {
+    const over = this.bytes + this.reserved + size - this.maxBytes
+    const victims = over > 0 ? this.oldestUnpinned(over) : []
+    if (over > 0 && victims.reduce((n, [, r]) => n + r.size, 0) < over) {
+      throw new StoreCapError(digest, size, this.maxBytes, this.pinnedBytes())
+    }
+    this.evict(victims)
+    this.reserved += size
+    return victims
+  }
+
+  release(size: number): void {
+    this.reserved -= size
+  }
+
+  /** Takes least recently used unpinned chunks out until at most `target` bytes remain (or only pins do). */
+  shrinkTo(target: number): Array<[string, ChunkRecord]> {
+    const victims = this.bytes > target ? this.oldestUnpinned(this.bytes - target) : []
+    this.evict(victims)
+    return victims
+  }
+
+  stats(): StoreStats {
+    let pinned = 0
+    for (const digest of this.pinCounts.keys()) if (this.chunks.has(digest)) pinned++
+    return {
+      chunks: this.chunks.size,
+      bytes: this.bytes,
+      maxBytes: this.maxBytes,
+      hits: this.hits,
+      misses: this.misses,
+      evictions: this.evictions,
+      pinned
+    }
+  }
+
+  private oldestUnpinned(need: number): Array<[string, ChunkRecord]> {
+    const victims: Array<[string, ChunkRecord]> = []
+    let freed = 0
+    for (const entry of this.chunks) {
+      if (freed >= need) break
+      if (this.pinCounts.has(entry[0])) continue
+      victims.push(entry)
+      freed += entry[1].size
+    }
+    return victims
+  }
+
+  private evict(victims: Array<[string, ChunkRecord]>): void {
+    for (const [digest] of victims) this.remove(digest)
+    this.evictions += victims.length
+  }
+
+  private pinnedBytes(): number {
+    let bytes = 0
+    for (const digest of this.pinCounts.keys()) bytes += this.chunks.get(digest)?.size ?? 0
+    return bytes
+  }
+}

@@ -1,0 +1,4 @@
+import { createMemoryStore } from '../src/index.js'
+import { runStoreCompliance } from './compliance.js'
+
+runStoreCompliance('memory', async (init) => createMemoryStore(init))
