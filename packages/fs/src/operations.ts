@@ -1,0 +1,196 @@
+import { constants } from 'node:fs'
+import type { AbortOptions, Entry } from '@strata/stargz'
+import { FsError } from './errors.js'
+import type { Node, NodeType, Tree } from './tree.js'
+
+/**
+ * Reads `length` bytes at `offset` of a regular file's content (fewer only at its end), verified.
+ * In production this is the fetcher's readFile for the layer with this index.
+ */
+export type ReadFile = (
+  layer: number,
+  entry: Entry,
+  offset: number,
+  length: number,
+  options?: AbortOptions
+) => Promise<Uint8Array>
+
+/** What stat(2) shows for a node. `mode` includes the file-type bits. */
+export interface Stat {
+  ino: number
+  mode: number
+  nlink: number
+  uid: number
+  gid: number
+  /** Device number for char/block devices (glibc encoding), else 0. */
+  rdev: number
+  size: number
+  blksize: number
+  /** 512-byte blocks. */
+  blocks: number
+  mtimeMs: number
+}
+
+export interface StatFs {
+  bsize: number
+  frsize: number
+  blocks: number
+  bfree: number
+  bavail: number
+  files: number
+  ffree: number
+  favail: number
+  namemax: number
+}
+
+/** A read a reader saw as EIO, and why. */
+export interface ReadFailure {
+  path: string
+  layer: number
+  offset: number
+  length: number
+  error: Error
+}
+
+export interface OperationsInit {
+  /** Called for every read that fails (the reader gets EIO): log `failure.error` here. */
+  onError?: (failure: ReadFailure) => void
+  /** Called before every read with the path it reads (the read recorder listens here). */
+  onRead?: (path: string) => void
+}
+
+/** The FUSE operations as plain functions. They throw FsError, whose `errno` the FUSE layer returns. */
+export interface Operations {
+  getattr(path: string): Stat
+  readdir(path: string): string[]
+  /** Checks that `path` can be opened with `flags` (open(2) flags): read-only opens of files only. */
+  open(path: string, flags: number): void
+  read(path: string, offset: number, length: number, options?: AbortOptions): Promise<Uint8Array>
+  readlink(path: string): string
+  getxattr(path: string, name: string): Uint8Array
+  listxattr(path: string): string[]
+  statfs(): StatFs
+  access(path: string, mode: number): void
+  /** Every operation that would change the file system: always EROFS. */
+  modify(path: string): never
+}
+
+const TYPE_BITS: Record<NodeType, number> = {
+  dir: constants.S_IFDIR,
+  reg: constants.S_IFREG,
+  symlink: constants.S_IFLNK,
+  char: constants.S_IFCHR,
+  block: constants.S_IFBLK,
+  fifo: constants.S_IFIFO
+}
+
+const BLOCK = 4096
+const WRITE_FLAGS = constants.O_WRONLY | constants.O_RDWR | constants.O_TRUNC | constants.O_CREAT | constants.O_APPEND
+
+export function createOperations(tree: Tree, read: ReadFile, init: OperationsInit = {}): Operations {
+  const resolve = (path: string): Node => {
+    const node = tree.lookup(path)
+    if (node !== undefined) return node
+    // ENOTDIR when a leading component is not a directory, as the kernel would say.
+    const parts = path.split('/').filter((p) => p !== '')
+    for (let i = 1; i < parts.length; i++) {
+      const up = tree.lookup(parts.slice(0, i).join('/'))
+      if (up === undefined) break
+      if (up.type !== 'dir') throw new FsError('ENOTDIR', `${parts.slice(0, i).join('/')} is not a directory`)
+    }
+    throw new FsError('ENOENT', `no such file or directory: ${path}`)
+  }
+
+  return {
+    getattr(path) {
+      const node = resolve(path)
+      return {
+        ino: node.ino,
+        mode: TYPE_BITS[node.type] | (node.mode & 0o7777),
+        nlink: node.nlink,
+        uid: node.uid,
+        gid: node.gid,
+        rdev: node.type === 'char' || node.type === 'block' ? makedev(node.devMajor, node.devMinor) : 0,
+        size: node.size,
+        blksize: BLOCK,
+        blocks: Math.ceil(node.size / BLOCK) * (BLOCK / 512),
+        mtimeMs: node.mtimeMs
+      }
+    },
+
+    readdir(path) {
+      const node = resolve(path)
+      if (node.names === undefined) throw new FsError('ENOTDIR', `not a directory: ${path}`)
+      return node.names
+    },
+
+    open(path, flags) {
+      const node = resolve(path)
+      if ((flags & WRITE_FLAGS) !== 0) throw new FsError('EROFS', `read-only image: cannot open ${path} for writing`)
+      if (node.type === 'dir' && (flags & constants.O_DIRECTORY) === 0) {
+        throw new FsError('EISDIR', `is a directory: ${path}`)
+      }
+    },
+
+    async read(path, offset, length, options) {
+      const node = resolve(path)
+      if (node.type === 'dir') throw new FsError('EISDIR', `is a directory: ${path}`)
+      if (node.source === undefined) throw new FsError('EINVAL', `not a regular file: ${path}`)
+      const n = Math.max(0, Math.min(length, node.size - offset))
+      if (n === 0) return new Uint8Array(0)
+      init.onRead?.(path)
+      try {
+        return await read(node.source.layer, node.source.entry, offset, n, options)
+      } catch (err) {
+        const error = err instanceof Error ? err : new Error(String(err))
+        init.onError?.({ path, layer: node.source.layer, offset, length: n, error })
+        throw new FsError('EIO', `reading ${path} at ${offset}+${n} failed: ${error.message}`, { cause: err })
+      }
+    },
+
+    readlink(path) {
+      const node = resolve(path)
+      if (node.linkName === undefined) throw new FsError('EINVAL', `not a symlink: ${path}`)
+      return node.linkName
+    },
+
+    getxattr(path, name) {
+      const value = resolve(path).xattrs[name]
+      if (value === undefined) throw new FsError('ENODATA', `no attribute ${name} on ${path}`)
+      return value
+    },
+
+    listxattr(path) {
+      return Object.keys(resolve(path).xattrs)
+    },
+
+    statfs() {
+      const blocks = Math.ceil(tree.bytes / BLOCK)
+      return {
+        bsize: BLOCK,
+        frsize: BLOCK,
+        blocks,
+        bfree: 0,
+        bavail: 0,
+        files: tree.inodes,
+        ffree: 0,
+        favail: 0,
+        namemax: 255
+      }
+    },
+
+    access(path, mode) {
+      resolve(path)
+      if ((mode & constants.W_OK) !== 0) throw new FsError('EROFS', `read-only image: ${path} is not writable`)
+    },
+
+    modify(path) {
+      throw new FsError('EROFS', `read-only image: cannot change ${path}`)
+    }
+  }
+}
+
+/** glibc's makedev: the dev_t the kernel expects in st_rdev. */
+function makedev(major: number, minor: number): number {
+  return (major & 0xfff) * 0x100 + (minor & 0xff) + (minor & 0xfff00) * 0x1000
+}
