@@ -1,17 +1,138 @@
-import { mkdtemp, rm } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, unlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { afterAll } from 'vitest'
+import { afterAll, describe, expect, it } from 'vitest'
 import { openDiskStore } from '../src/index.js'
-import { runStoreCompliance } from './compliance.js'
+import { randomChunk, runStoreCompliance } from './compliance.js'
+import { chunkFiles, expectConsistent } from './consistency.js'
 
 const dirs: string[] = []
 afterAll(async () => {
   for (const d of dirs) await rm(d, { recursive: true, force: true })
 })
 
-runStoreCompliance('disk', async (init) => {
+async function tempDir(): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'strata-store-'))
   dirs.push(dir)
-  return openDiskStore(dir, init)
+  return dir
+}
+
+function chunkPath(dir: string, digest: string): string {
+  return join(dir, 'chunks', digest.slice(7, 9), digest.slice(7))
+}
+
+runStoreCompliance('disk', async (init) => openDiskStore(await tempDir(), init))
+
+describe('disk store', () => {
+  it('keeps chunks, layers, pins, metadata and access order across a reopen', async () => {
+    const dir = await tempDir()
+    const [a, b, c, d, e] = [randomChunk(), randomChunk(), randomChunk(), randomChunk(), randomChunk()]
+    let store = await openDiskStore(dir, { maxBytes: 3000 })
+    for (const x of [a!, b!, c!]) await store.put(x.digest, x.bytes, { layer: `sha256:${'3'.repeat(64)}` })
+    await store.pin('image', [c!.digest])
+    await store.get(a!.digest)
+    await store.putMeta('manifest/x', new Uint8Array([7, 8, 9]))
+    await store.close()
+
+    store = await openDiskStore(dir, { maxBytes: 3000 })
+    expect(store.repair).toEqual({ tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0 })
+    expect(await store.getMeta('manifest/x')).toEqual(new Uint8Array([7, 8, 9]))
+    expect(await store.stats()).toMatchObject({ chunks: 3, bytes: 3000, pinned: 1 })
+    await store.put(d!.digest, d!.bytes)
+    // b is the least recently used (a was read, c is pinned): the read of a was recorded before close.
+    expect(await store.has(b!.digest)).toBe(false)
+    await store.put(e!.digest, e!.bytes)
+    expect(await store.has(a!.digest)).toBe(false)
+    expect(await store.get(c!.digest)).toEqual(c!.bytes)
+    await expectConsistent(dir, store)
+    await store.close()
+  })
+
+  it('lets one owner at a time open a store', async () => {
+    const dir = await tempDir()
+    const first = await openDiskStore(dir)
+    const err = await openDiskStore(dir).catch((e: unknown) => e)
+    expect(err).toMatchObject({ name: 'StoreLockedError', code: 'STORE_LOCKED', dir })
+    expect((err as Error).message).toBe(`the store at ${dir} is in use by another process (p2pd?)`)
+    expect((err as { hint: string }).hint).toMatch(/only one process/)
+    await first.close()
+    const second = await openDiskStore(dir)
+    await second.close()
+  })
+
+  it('repairs by hand-made damage on open', async () => {
+    const dir = await tempDir()
+    const [kept, lost, stray, wrong] = [randomChunk(), randomChunk(), randomChunk(), randomChunk()]
+    let store = await openDiskStore(dir)
+    await store.put(kept!.digest, kept!.bytes)
+    await store.put(lost!.digest, lost!.bytes)
+    await store.close()
+
+    // An interrupted put, a vanished file, a file the index never heard of, a file with the wrong bytes,
+    // and something that is no chunk at all.
+    const temp = join(dir, 'chunks', '00', `.tmp-${'0'.repeat(64)}-1234`)
+    await writeFile(temp, 'half a chunk')
+    await unlink(chunkPath(dir, lost!.digest))
+    await writeFile(chunkPath(dir, stray!.digest), stray!.bytes)
+    await writeFile(chunkPath(dir, wrong!.digest), randomChunk().bytes)
+    await writeFile(join(dir, 'chunks', 'ff', 'notes.txt'), 'hello')
+
+    store = await openDiskStore(dir)
+    expect(store.repair).toEqual({ tempRemoved: 1, missingDropped: 1, reindexed: 1, badRemoved: 2 })
+    expect(await store.get(lost!.digest)).toBeUndefined()
+    expect(await store.get(wrong!.digest)).toBeUndefined()
+    expect(await store.get(stray!.digest)).toEqual(stray!.bytes)
+    expect((await expectConsistent(dir, store)).sort()).toEqual([kept!.digest, stray!.digest].sort())
+    await store.close()
+  })
+
+  it('treats a chunk file removed or truncated behind its back as a miss, and forgets it', async () => {
+    const dir = await tempDir()
+    const store = await openDiskStore(dir)
+    const [a, b] = [randomChunk(), randomChunk()]
+    await store.put(a!.digest, a!.bytes)
+    await store.put(b!.digest, b!.bytes)
+    await unlink(chunkPath(dir, a!.digest))
+    await writeFile(chunkPath(dir, b!.digest), b!.bytes.subarray(0, 10))
+    expect(await store.get(a!.digest)).toBeUndefined()
+    expect(await store.get(b!.digest)).toBeUndefined()
+    expect(await store.has(a!.digest)).toBe(false)
+    expect(await store.stats()).toMatchObject({ chunks: 0, bytes: 0, misses: 2 })
+    expect(await chunkFiles(dir)).toEqual([])
+    await store.close()
+  })
+
+  it('evicts down to a lowered cap on open', async () => {
+    const dir = await tempDir()
+    let store = await openDiskStore(dir)
+    const chunks = Array.from({ length: 5 }, () => randomChunk())
+    for (const c of chunks) await store.put(c.digest, c.bytes)
+    await store.close()
+    store = await openDiskStore(dir, { maxBytes: 2000 })
+    expect((await expectConsistent(dir, store)).sort()).toEqual(
+      chunks
+        .slice(3)
+        .map((c) => c.digest)
+        .sort()
+    )
+    await store.close()
+  })
+
+  it('removes orphan files in gc, but not a put in flight', async () => {
+    const dir = await tempDir()
+    const store = await openDiskStore(dir)
+    const a = randomChunk()
+    const orphan = randomChunk()
+    await writeFile(chunkPath(dir, orphan.digest), orphan.bytes)
+    await writeFile(join(dir, 'chunks', '01', '.tmp-stale'), 'x')
+    const big = randomChunk(4 << 20)
+    const putting = store.put(big.digest, big.bytes)
+    const result = await store.gc()
+    await putting
+    await store.put(a.digest, a.bytes)
+    expect(result).toEqual({ evicted: 0, freedBytes: 0, orphansRemoved: 2 })
+    expect((await expectConsistent(dir, store)).sort()).toEqual([a.digest, big.digest].sort())
+    expect(await readFile(chunkPath(dir, big.digest))).toHaveLength(4 << 20)
+    await store.close()
+  })
 })
