@@ -1,0 +1,491 @@
+import { createHash } from 'node:crypto'
+import { createWriteStream } from 'node:fs'
+import { type FileHandle, mkdtemp, open, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join, posix } from 'node:path'
+import { pipeline } from 'node:stream/promises'
+import { createGunzip, gzip } from 'node:zlib'
+import {
+  BuildSpoolError,
+  InputDecompressError,
+  PrioritizedFileNotFoundError,
+  UnsupportedTarEntryError
+} from './build-errors.js'
+import { regularFileHeader, TAR_TRAILER, type TarHeader, TarParser, tarPadding } from './tar.js'
+import { encodeTOC, formatModtime } from './tocjson.js'
+import type { EntryType, TOCEntryJSON } from './types.js'
+
+export interface BuildOptions {
+  /** Largest chunk of a file's content in one gzip member (default 4 MiB, as the reference). */
+  chunkSize?: number
+  /** Paths to put first, with their parent directories and hardlink targets, before `.prefetch.landmark`. */
+  prioritizedFiles?: string[]
+  /** gzip level 0-9 (default 9, the reference's gzip.BestCompression). */
+  gzipLevel?: number
+  /** Where the uncompressed input is spooled while building (default: os.tmpdir()). Needs the tar's size free. */
+  tmpDir?: string
+  signal?: AbortSignal
+  /** Called now and then with the bytes of the uncompressed tar converted so far. */
+  onProgress?: (bytesIn: number) => void
+}
+
+export interface BuildResult {
+  /** sha256 of the TOC JSON: the layer annotation `containerd.io/snapshot/stargz/toc.digest`. */
+  tocDigest: string
+  /** sha256 of the uncompressed tar stream written (the layer's DiffID). */
+  diffId: string
+  uncompressedSize: number
+  /** sha256 of the blob written. */
+  blobDigest: string
+  blobSize: number
+  /** Compressed offset of the TOC member. */
+  tocOffset: number
+  /** The layer annotations a converter writes into the manifest. */
+  annotations: Record<string, string>
+}
+
+export const TOC_DIGEST_ANNOTATION = 'containerd.io/snapshot/stargz/toc.digest'
+export const UNCOMPRESSED_SIZE_ANNOTATION = 'io.containers.estargz.uncompressed-size'
+
+const DEFAULT_CHUNK_SIZE = 4 << 20
+const DEFAULT_GZIP_LEVEL = 9
+const TOC_TAR_NAME = 'stargz.index.json'
+const PREFETCH_LANDMARK = '.prefetch.landmark'
+const NO_PREFETCH_LANDMARK = '.no.prefetch.landmark'
+const LANDMARK_CONTENT = Buffer.from([0x0f])
+/** Members compressed at once on libuv's threadpool (4 threads by default; one stays free for file reads). */
+const MAX_JOBS = 3
+/** Uncompressed bytes queued for compression at most (bounds memory next to MAX_JOBS). */
+const MAX_QUEUED_BYTES = 48 << 20
+const TYPES: Record<string, EntryType> = {
+  '0': 'reg',
+  '1': 'hardlink',
+  '2': 'symlink',
+  '3': 'char',
+  '4': 'block',
+  '5': 'dir',
+  '6': 'fifo'
+}
+
+type Input = AsyncIterable<Uint8Array> | NodeJS.ReadableStream
+
+/**
+ * Converts a tar layer (plain or gzipped) into an eStargz blob written to `output`, laid out as the reference
+ * (stargz-snapshotter's estargz.Build, at GOMAXPROCS=1) lays it out: a gzip member per file payload and per
+ * chunk, a landmark file, the TOC as a `stargz.index.json` entry in its own member, the tar trailer, and the
+ * 51-byte footer. Like the reference it reads the input twice: the tar is spooled to a temporary file first
+ * (so prioritized files can be moved to the front and duplicate paths resolved, the last one winning), then
+ * converted from there. Chunks are compressed on the threadpool, several at once, and written in order.
+ * `output` is ended when the blob is complete; on failure it is destroyed.
+ */
+export async function buildEstargz(input: Input, output: NodeJS.WritableStream, options: BuildOptions = {}) {
+  const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE
+  const level = options.gzipLevel ?? DEFAULT_GZIP_LEVEL
+  if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) throw new RangeError(`chunk size ${chunkSize} is not positive`)
+  if (!Number.isInteger(level) || level < 0 || level > 9) throw new RangeError(`gzip level ${level} is not 0-9`)
+  options.signal?.throwIfAborted()
+  const dir = await mkdtemp(join(options.tmpDir ?? tmpdir(), 'strata-build-'))
+  try {
+    const spoolPath = join(dir, 'input.tar')
+    const entries = await spool(input, spoolPath, options.signal)
+    const order = orderEntries(entries, options.prioritizedFiles ?? [])
+    const handle = await open(spoolPath, 'r')
+    try {
+      const writer = new BlobWriter(new SpoolReader(handle, spoolPath), chunkSize, level, options)
+      await pipeline(writer.blob(order), output, { signal: options.signal })
+      return writer.result()
+    } finally {
+      await handle.close()
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
+/** `path.Clean("/" + name)` without the leading slash: the key the reference matches entries by. */
+function cleanEntryName(name: string): string {
+  const p = posix.normalize(`/${name}`)
+  return p === '/' ? '' : p.replace(/\/+$/, '').slice(1)
+}
+
+/** Streams the input (inflating it when gzipped) to `path` and returns its tar headers in order. */
+async function spool(input: Input, path: string, signal?: AbortSignal): Promise<TarHeader[]> {
+  const parser = new TarParser()
+  const headers: TarHeader[] = []
+  const index = async function* (chunks: AsyncIterable<Uint8Array>) {
+    for await (const chunk of chunks) {
+      for (const h of parser.push(chunk)) {
+        checkSupported(h)
+        headers.push(h)
+      }
+      yield chunk
+    }
+    parser.end()
+  }
+  try {
+    await pipeline(inflateIfGzip(input as AsyncIterable<Uint8Array>), index, createWriteStream(path), { signal })
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    if (typeof code === 'string' && code.startsWith('E') && (err as NodeJS.ErrnoException).syscall !== undefined) {
+      throw new BuildSpoolError(`cannot write the build's spool file ${path}: ${(err as Error).message}`, {
+        cause: err,
+        hint: 'free space in the temporary directory (it needs the uncompressed size of the layer), or point TMPDIR elsewhere'
+      })
+    }
+    throw err
+  }
+  return headers
+}
+
+function checkSupported(h: TarHeader): void {
+  if (TYPES[h.typeflag] === undefined) {
+    const what =
+      h.typeflag === 'g'
+        ? 'global PAX headers are not supported'
+        : h.typeflag === 'S'
+          ? 'sparse files are not supported'
+          : `unsupported entry type ${JSON.stringify(h.typeflag)}`
+    throw new UnsupportedTarEntryError(what, h.name, h.offset)
+  }
+  for (const key of h.pax.keys()) {
+    if (key.startsWith('GNU.sparse.'))
+      throw new UnsupportedTarEntryError('sparse files are not supported', h.name, h.offset)
+  }
+}
+
+/** The input as tar bytes: inflated when it starts with the gzip magic. */
+async function* inflateIfGzip(input: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
+  const it = input[Symbol.asyncIterator]()
+  const head: Uint8Array[] = []
+  let headLen = 0
+  let done = false
+  while (headLen < 3) {
+    const r = await it.next()
+    if (r.done === true) {
+      done = true
+      break
+    }
+    head.push(r.value)
+    headLen += r.value.length
+  }
+  const all = (async function* () {
+    yield* head
+    while (!done) {
+      const r = await it.next()
+      if (r.done === true) return
+      yield r.value
+    }
+  })()
+  const first = Buffer.concat(head)
+  if (first[0] !== 0x1f || first[1] !== 0x8b || first[2] !== 0x08) {
+    yield* all
+    return
+  }
+  const gunzip = createGunzip()
+  const feeding = pipeline(all, gunzip)
+  feeding.catch(() => {})
+  try {
+    yield* gunzip
+    await feeding
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code?.startsWith('Z_') === true) {
+      throw new InputDecompressError(`gzipped input does not inflate: ${(err as Error).message}`, {
+        cause: err,
+        hint: 'the input .tar.gz is corrupted or truncated: fetch or create it again'
+      })
+    }
+    throw err
+  }
+}
+
+/** What the blob holds, in order: an input entry, or a landmark file made here. */
+type Item = { header: TarHeader; raw?: Buffer; content?: Buffer }
+
+/**
+ * The reference's order (estargz sortEntries): with prioritized files, each of them after its parent
+ * directories and hardlink target, then `.prefetch.landmark`, then the rest; without, `.no.prefetch.landmark`
+ * first. A later entry with the same path replaces an earlier one; landmarks in the input are dropped.
+ * Parent directories that the tar does not list are skipped (the reference refuses those files).
+ */
+function orderEntries(headers: TarHeader[], prioritized: string[]): Item[] {
+  const byName = new Map<string, number>()
+  const live: (TarHeader | undefined)[] = []
+  for (const h of headers) {
+    const name = cleanEntryName(h.name)
+    if (name === PREFETCH_LANDMARK || name === NO_PREFETCH_LANDMARK) continue
+    const prev = byName.get(name)
+    if (prev !== undefined) live[prev] = undefined
+    byName.set(name, live.length)
+    live.push(h)
+  }
+  const first: Item[] = []
+  const move = (name: string, required: boolean): void => {
+    const clean = cleanEntryName(name)
+    const i = byName.get(clean)
+    if (clean === '' || i === undefined) {
+      if (i === undefined && required) throw new PrioritizedFileNotFoundError(name)
+      if (i !== undefined && live[i] !== undefined) first.push({ header: live[i]! })
+      if (i !== undefined) live[i] = undefined
+      return
+    }
+    move(posix.dirname(clean) === '.' ? '' : posix.dirname(clean), false)
+    const h = live[i]
+    if (h === undefined) return
+    if (h.typeflag === '1') move(h.linkname, true)
+    if (live[i] === undefined) return
+    first.push({ header: h })
+    live[i] = undefined
+  }
+  for (const p of prioritized) move(p, true)
+  const landmark = landmarkItem(prioritized.length > 0 ? PREFETCH_LANDMARK : NO_PREFETCH_LANDMARK)
+  const rest = live.filter((h): h is TarHeader => h !== undefined).map((header) => ({ header }))
+  return [...first, landmark, ...rest]
+}
+
+function landmarkItem(name: string): Item {
+  return {
+    header: {
+      name,
+      typeflag: '0',
+      mode: 0,
+      uid: 0,
+      gid: 0,
+      size: 1,
+      mtimeSec: 0,
+      mtimeNsec: 0,
+      linkname: '',
+      uname: '',
+      gname: '',
+      devmajor: 0,
+      devminor: 0,
+      pax: new Map(),
+      offset: -1,
+      dataOffset: -1,
+      dataSize: 1
+    },
+    raw: regularFileHeader(name, 1),
+    content: LANDMARK_CONTENT
+  }
+}
+
+/** Reads the spool file: large ranges directly, small ones through a read-ahead window. */
+class SpoolReader {
+  private window: Buffer = Buffer.alloc(0)
+  private windowStart = 0
+  private static readonly WINDOW = 1 << 20
+
+  constructor(
+    private readonly handle: FileHandle,
+    private readonly path: string
+  ) {}
+
+  /** A copy of [pos, pos + length) that the caller owns. */
+  async read(pos: number, length: number): Promise<Buffer> {
+    if (length > SpoolReader.WINDOW / 2) return this.readFile(pos, length)
+    if (pos < this.windowStart || pos + length > this.windowStart + this.window.length) {
+      this.window = await this.readFile(pos, SpoolReader.WINDOW, true)
+      this.windowStart = pos
+    }
+    const at = pos - this.windowStart
+    return Buffer.from(this.window.subarray(at, at + length))
+  }
+
+  private async readFile(pos: number, length: number, partial = false): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length)
+    let done = 0
+    try {
+      while (done < length) {
+        const { bytesRead } = await this.handle.read(buf, done, length - done, pos + done)
+        if (bytesRead === 0) break
+        done += bytesRead
+      }
+    } catch (err) {
+      throw new BuildSpoolError(`cannot read the build's spool file ${this.path}: ${(err as Error).message}`, {
+        cause: err
+      })
+    }
+    if (done < length && !partial) {
+      throw new BuildSpoolError(`the build's spool file ${this.path} is shorter than expected (modified meanwhile?)`)
+    }
+    return done < length ? buf.subarray(0, done) : buf
+  }
+}
+
+interface Job {
+  result: Promise<Buffer>
+  size: number
+  /** TOC entries whose payload starts this member: their offset is where it lands. */
+  entries: TOCEntryJSON[]
+}
+
+function gzipMember(data: Buffer, level: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => gzip(data, { level }, (err, out) => (err ? reject(err) : resolve(out))))
+}
+
+/** Writes one blob: gzip members compressed in parallel and emitted in order, then the TOC and the footer. */
+class BlobWriter {
+  private readonly diff = createHash('sha256')
+  private readonly blobHash = createHash('sha256')
+  private uncompressed = 0
+  private compressed = 0
+  /** The open member: uncompressed parts and the entries whose payload starts it. */
+  private parts: Buffer[] = []
+  private partsLen = 0
+  private partsEntries: TOCEntryJSON[] = []
+  private readonly jobs: Job[] = []
+  private queued = 0
+  private readonly lastUname = new Map<number, string>()
+  private readonly lastGname = new Map<number, string>()
+  private done: BuildResult | undefined
+
+  constructor(
+    private readonly reader: SpoolReader,
+    private readonly chunkSize: number,
+    private readonly level: number,
+    private readonly options: BuildOptions
+  ) {}
+
+  result(): BuildResult {
+    if (this.done === undefined) throw new Error('blob not written yet')
+    return this.done
+  }
+
+  async *blob(items: Item[]): AsyncGenerator<Buffer> {
+    const toc: TOCEntryJSON[] = []
+    for (const item of items) {
+      this.options.signal?.throwIfAborted()
+      if (cleanEntryName(item.header.name) === TOC_TAR_NAME) continue
+      yield* this.entry(item, toc)
+    }
+    yield* this.closeMember()
+    while (this.jobs.length > 0) yield await this.emit()
+
+    const tocOffset = this.compressed
+    const json = Buffer.from(encodeTOC({ version: 1, entries: toc }))
+    const tocTar = Buffer.concat([
+      regularFileHeader(TOC_TAR_NAME, json.length),
+      json,
+      tarPadding(json.length),
+      TAR_TRAILER
+    ])
+    this.diff.update(tocTar)
+    this.uncompressed += tocTar.length
+    const tocMember = await gzipMember(tocTar, this.level)
+    const footer = estargzFooter(tocOffset)
+    for (const b of [tocMember, footer]) {
+      this.blobHash.update(b)
+      this.compressed += b.length
+      yield b
+    }
+    const tocDigest = `sha256:${createHash('sha256').update(json).digest('hex')}`
+    this.done = {
+      tocDigest,
+      diffId: `sha256:${this.diff.digest('hex')}`,
+      uncompressedSize: this.uncompressed,
+      blobDigest: `sha256:${this.blobHash.digest('hex')}`,
+      blobSize: this.compressed,
+      tocOffset,
+      annotations: { [TOC_DIGEST_ANNOTATION]: tocDigest, [UNCOMPRESSED_SIZE_ANNOTATION]: String(this.uncompressed) }
+    }
+  }
+
+  /** One entry: its header into the open member; each chunk of a file's content starts a new member. */
+  private async *entry(item: Item, toc: TOCEntryJSON[]): AsyncGenerator<Buffer> {
+    const h = item.header
+    const type = TYPES[h.typeflag]!
+    const e: TOCEntryJSON = { name: h.name, type }
+    if (type === 'reg') e.size = h.size
+    const modtime = formatModtime(h.mtimeSec, h.mtimeNsec)
+    if (modtime !== '') e.modtime = modtime
+    if (type === 'hardlink' || type === 'symlink') e.linkName = h.linkname
+    e.mode = h.mode
+    e.uid = h.uid
+    e.gid = h.gid
+    e.userName = ifChanged(this.lastUname, h.uid, h.uname)
+    e.groupName = ifChanged(this.lastGname, h.gid, h.gname)
+    if (type === 'char' || type === 'block') {
+      e.devMajor = h.devmajor
+      e.devMinor = h.devminor
+    }
+    const xattrs: Record<string, string> = {}
+    for (const [k, v] of h.pax) {
+      if (k.startsWith('SCHILY.xattr.')) xattrs[k.slice('SCHILY.xattr.'.length)] = Buffer.from(v).toString('base64')
+    }
+    e.xattrs = xattrs
+
+    this.add(item.raw ?? (await this.reader.read(h.offset, h.dataOffset - h.offset)))
+    if (type !== 'reg' || h.size === 0) {
+      if (type === 'reg') e.digest = `sha256:${createHash('sha256').digest('hex')}`
+      toc.push(e)
+      if (this.partsLen >= this.chunkSize) yield* this.closeMember()
+      return
+    }
+    const file = createHash('sha256')
+    let ent = e
+    for (let written = 0; written < h.size; ) {
+      yield* this.closeMember()
+      const n = Math.min(this.chunkSize, h.size - written)
+      const data = item.content ?? (await this.reader.read(h.dataOffset + written, n))
+      file.update(data)
+      ent.chunkOffset = written
+      if (n === this.chunkSize) ent.chunkSize = n
+      ent.chunkDigest = `sha256:${createHash('sha256').update(data).digest('hex')}`
+      this.add(data)
+      this.partsEntries.push(ent)
+      toc.push(ent)
+      written += n
+      ent = { name: h.name, type: 'chunk' }
+    }
+    this.add(tarPadding(h.size))
+    e.digest = `sha256:${file.digest('hex')}`
+  }
+
+  private add(b: Buffer): void {
+    this.diff.update(b)
+    this.uncompressed += b.length
+    this.parts.push(b)
+    this.partsLen += b.length
+  }
+
+  /** Ends the open member: queues it for compression and emits finished members while the queue is full. */
+  private async *closeMember(): AsyncGenerator<Buffer> {
+    if (this.partsLen === 0) return
+    const data = this.parts.length === 1 ? this.parts[0]! : Buffer.concat(this.parts, this.partsLen)
+    const result = gzipMember(data, this.level)
+    result.catch(() => {}) // awaited in order by emit(); this only keeps a failure from being unhandled meanwhile
+    this.jobs.push({ result, size: data.length, entries: this.partsEntries })
+    this.queued += data.length
+    this.parts = []
+    this.partsLen = 0
+    this.partsEntries = []
+    while (this.jobs.length > MAX_JOBS || this.queued > MAX_QUEUED_BYTES) yield await this.emit()
+  }
+
+  /** The oldest member, compressed; its entries get their offsets. */
+  private async emit(): Promise<Buffer> {
+    const job = this.jobs.shift()!
+    const out = await job.result
+    this.queued -= job.size
+    for (const e of job.entries) e.offset = this.compressed
+    this.compressed += out.length
+    this.blobHash.update(out)
+    this.options.onProgress?.(this.uncompressed)
+    return out
+  }
+}
+
+/** The name, unless it is the one the previous entry with this id carried (the reference's nameIfChanged). */
+function ifChanged(last: Map<number, string>, id: number, name: string): string | undefined {
+  if (name === '' || last.get(id) === name) return undefined
+  last.set(id, name)
+  return name
+}
+
+/** The 51-byte eStargz footer: an empty gzip member whose extra field `SG` holds the TOC offset. */
+function estargzFooter(tocOffset: number): Buffer {
+  const b = Buffer.alloc(51)
+  b.set([0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 26, 0, 0x53, 0x47, 22, 0])
+  b.write(`${tocOffset.toString(16).padStart(16, '0')}STARGZ`, 16, 'latin1')
+  b.set([0x01, 0x00, 0x00, 0xff, 0xff], 38)
+  return b
+}
