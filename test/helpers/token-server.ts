@@ -34,6 +34,8 @@ export interface TokenServer {
   /** PEM file of the self-signed certificate whose key signs the tokens. */
   rootCertBundle: string
   requests: TokenRequest[]
+  /** The next this-many tokens are already expired (beyond the registry's leeway) while claiming to be fresh. */
+  issueExpired: number
   stop(): Promise<void>
 }
 
@@ -80,9 +82,22 @@ export async function startTokenServer(options: TokenServerOptions = {}): Promis
   const service = options.service ?? 'strata-registry'
   const issuer = options.issuer ?? 'strata-token-issuer'
   const requests: TokenRequest[] = []
+  const server_: TokenServer = {
+    realm: '',
+    service,
+    issuer,
+    rootCertBundle: certPath,
+    requests,
+    issueExpired: 0,
+    stop: async () => {}
+  }
 
   const token = (sub: string, access: { type: string; name: string; actions: string[] }[]) => {
-    const now = Math.floor(Date.now() / 1000)
+    let now = Math.floor(Date.now() / 1000)
+    if (server_.issueExpired > 0) {
+      server_.issueExpired--
+      now -= 3600
+    }
     const header = b64url(JSON.stringify({ typ: 'JWT', alg, kid }))
     const claims = b64url(
       JSON.stringify({
@@ -137,16 +152,13 @@ export async function startTokenServer(options: TokenServerOptions = {}): Promis
   })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   const port = (server.address() as AddressInfo).port
-  return {
+  Object.assign(server_, {
     realm: `http://127.0.0.1:${port}/token`,
-    service,
-    issuer,
-    rootCertBundle: certPath,
-    requests,
     async stop() {
       server.closeAllConnections()
       await new Promise<void>((resolve) => server.close(() => resolve()))
       await rm(dir, { recursive: true, force: true })
     }
-  }
+  })
+  return server_
 }

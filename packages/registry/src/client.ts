@@ -361,7 +361,9 @@ class Client implements RegistryClient {
     const origin = spec.url ?? new URL(`${spec.ref.repository}/${spec.path ?? ''}`, base)
     const cached = spec.blobKey !== undefined ? this.locations.get(spec.blobKey) : undefined
     let url = cached ?? origin
-    let authRetried = false
+    // Two fresh authentications at most: the first answers the challenge (or replaces a cached token the registry
+    // no longer accepts), the second covers a token rejected although just issued (clock skew, key rotation).
+    let authAttempts = 0
     let reresolved = false
     for (let hops = 0; ; ) {
       const toRegistry = keepAuthorization(base, url)
@@ -388,9 +390,9 @@ class Client implements RegistryClient {
         timer.disarm()
       }
       const reply = new Reply(res, url, timer, spec.subject)
-      if (res.status === 401 && toRegistry && !authRetried) {
+      if (res.status === 401 && toRegistry && authAttempts < 2) {
         await reply.discard()
-        authRetried = true
+        authAttempts++
         await this.authenticate(registry, scopes, res.headers.get('www-authenticate'), spec)
         continue
       }
@@ -548,7 +550,8 @@ class Client implements RegistryClient {
       throw new BlobUnknown('blob not found', { ...s, hint: 'the image refers to a blob its repository does not have' })
     }
     if (status === 401) {
-      throw new Unauthorized(`not authorised (${detail})`, {
+      const rejected = this.basic.has(spec.ref.registry) ? 'the registry rejected the credentials: ' : ''
+      throw new Unauthorized(`${rejected}not authorised (${detail})`, {
         ...s,
         hint: `log in with 'docker login ${spec.ref.registry}' or pass --creds user:pass`
       })
