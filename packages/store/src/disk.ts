@@ -63,9 +63,12 @@ function errorCode(err: unknown): string | undefined {
   return (err as { code?: string } | undefined)?.code
 }
 
+/** ENOSPC/EDQUOT from node:fs, or LevelDB's IO error text when the index write hit the full disk. */
 function isDiskFull(err: unknown): boolean {
   const code = errorCode(err)
-  return code === 'ENOSPC' || code === 'EDQUOT' || /No space left|ENOSPC/.test(String((err as Error)?.cause ?? ''))
+  if (code === 'ENOSPC' || code === 'EDQUOT') return true
+  const e = err as Error | undefined
+  return /No space left on device|Disk quota exceeded/.test(`${e?.message} ${(e?.cause as Error)?.message}`)
 }
 
 /**
