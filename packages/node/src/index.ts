@@ -1,2 +1,38 @@
-// @strata/node: p2pd: libp2p host, DHT announce/find, chunk exchange, control API, metrics, warm-up
-export {}
+/**
+ * @strata/node: p2pd, the peer-to-peer node. A libp2p host (TCP, Noise, yamux, kad-dht on a private prefix,
+ * optional pre-shared key) that announces what its chunk store holds, serves chunks to peers over
+ * `/strata/chunk/1.0.0`, gives the fetcher a `peer` ChunkSource, warms images (alone or as a cluster),
+ * and answers a control API on a Unix socket and Prometheus scrapes.
+ */
+export type { AnnounceStats } from './announcer.js'
+export type { ControlClient, ControlRequest, ControlServer, RouteHandler } from './control.js'
+export { createControlClient, startControlServer } from './control.js'
+export {
+  type ControlErrorBody,
+  ControlRemoteError,
+  ControlSocketError,
+  ControlUnavailableError,
+  IdentityError,
+  PeerRefusedError,
+  PeerTimeoutError,
+  PreSharedKeyError,
+  ProtocolError,
+  WarmError
+} from './errors.js'
+export { digestToCid } from './keys.js'
+export type { MetricsServer } from './metrics.js'
+export { startMetricsServer } from './metrics.js'
+export type {
+  ClusterWarmProgress,
+  ClusterWarmResult,
+  ImageRecord,
+  NodeInit,
+  NodeStatus,
+  PeerStatus,
+  StrataNode
+} from './node.js'
+export { createNode, DHT_PROTOCOL, WARM_PROTOCOL } from './node.js'
+export type { PeerScore } from './peers.js'
+export type { ProtocolLimits } from './protocol.js'
+export { CHUNK_PROTOCOL, DEFAULT_LIMITS } from './protocol.js'
+export type { WarmProgress, WarmResult } from './warm.js'

@@ -1,0 +1,454 @@
+import { noise } from '@chainsafe/libp2p-noise'
+import { yamux } from '@chainsafe/libp2p-yamux'
+import { bootstrap } from '@libp2p/bootstrap'
+import { identify } from '@libp2p/identify'
+import type { Libp2p, PeerId, Stream } from '@libp2p/interface'
+import { type KadDHT, kadDHT, passthroughMapper } from '@libp2p/kad-dht'
+import { mdns } from '@libp2p/mdns'
+import { peerIdFromString } from '@libp2p/peer-id'
+import { ping } from '@libp2p/ping'
+import { preSharedKey } from '@libp2p/pnet'
+import { tcp } from '@libp2p/tcp'
+import type { ChunkSource, Fetcher, Image } from '@strata/fetcher'
+import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
+import { createLibp2p } from 'libp2p'
+import { Announcer, type AnnounceStats } from './announcer.js'
+import { ProtocolError, WarmError } from './errors.js'
+import { encodeFrame, readFrames } from './frames.js'
+import { loadIdentity, loadPreSharedKey } from './identity.js'
+import { digestToCid } from './keys.js'
+import { PeerBook, type PeerScore } from './peers.js'
+import { CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
+import { PeerSource, runForwarded } from './source.js'
+import { type WarmProgress, type WarmResult, warmImage } from './warm.js'
+
+export const DHT_PROTOCOL = '/strata/kad/1.0.0'
+export const WARM_PROTOCOL = '/strata/warm/1.0.0'
+
+export interface NodeInit {
+  /** The chunk store this node owns (serves from it, announces what it holds). */
+  store: ChunkStore & { gc?(options?: AbortOptions): Promise<unknown> }
+  /** Holds the identity key (`peer.key`, 0600) and the node's own metadata. */
+  dataDir: string
+  /** Multiaddrs to listen on. Default `/ip4/0.0.0.0/tcp/4001`. */
+  listen?: string[]
+  /** Multiaddrs (with `/p2p/<id>`) of nodes to join through. */
+  bootstrap?: string[]
+  /** Find peers on the local network by mDNS. Default false. */
+  mdns?: boolean
+  /** A libp2p swarm key file: only nodes with the same key can connect. */
+  pskFile?: string
+  /**
+   * Makes the node's fetcher given its peer source (the composition root puts the registry source after it).
+   * The node warms images and serves forwarded requests through it.
+   */
+  createFetcher(peers: ChunkSource): Fetcher
+  /** Opens an image (manifest, layers, verified TOCs) for warm-up. */
+  openImage(ref: string, options?: AbortOptions): Promise<Image>
+  /** Limits of the chunk protocol. */
+  limits?: Partial<ProtocolLimits>
+  /** DHT provides running at once and started per second (background chunk announcements). */
+  announce?: { concurrency?: number; ratePerSecond?: number; reannounceMs?: number }
+  /** Penalties: failures that ban a peer and for how long. */
+  bans?: { banAfter?: number; banMs?: number }
+}
+
+export interface PeerStatus extends Partial<PeerScore> {
+  peer: string
+  addrs: string[]
+  /** Speaks the chunk protocol (a strata node, not only a DHT peer). */
+  strata: boolean
+}
+
+export interface ImageRecord {
+  ref: string
+  digest: string
+  layers: string[]
+  chunks: number
+  bytes: number
+  warmedAt: string
+}
+
+export interface NodeStatus {
+  peerId: string
+  addrs: string[]
+  peers: number
+  bytes: {
+    /** Chunk bytes this node sent to peers. */
+    served: number
+    /** Chunk bytes fetched, per source (`peer`, `registry`, `store` hits). */
+    fetched: Record<string, number>
+  }
+  requests: { served: number; errors: number }
+  store: StoreStats
+  announce: AnnounceStats
+}
+
+export interface ClusterWarmProgress {
+  /** Progress per peer id. */
+  nodes: Record<string, WarmProgress & { done: boolean; error?: string }>
+}
+
+export interface ClusterWarmResult {
+  nodes: Record<string, { ok: boolean; result?: WarmResult; error?: string }>
+}
+
+/** A running p2pd node. */
+export interface StrataNode {
+  readonly peerId: string
+  readonly fetcher: Fetcher
+  /** The `peer` ChunkSource (what the fetcher asks before the registry). */
+  readonly source: ChunkSource
+  addrs(): string[]
+  peers(): PeerStatus[]
+  status(options?: AbortOptions): Promise<NodeStatus>
+  images(options?: AbortOptions): Promise<ImageRecord[]>
+  /** Fills the local store with every chunk of the image. */
+  warm(ref: string, options?: AbortOptions & { onProgress?: (p: WarmProgress) => void }): Promise<WarmResult>
+  /** Every reachable node fetches its share of the image, then the rest from the others. */
+  warmCluster(
+    ref: string,
+    options?: AbortOptions & { onProgress?: (p: ClusterWarmProgress) => void }
+  ): Promise<ClusterWarmResult>
+  gc(options?: AbortOptions): Promise<unknown>
+  /** Resolves when the announcement backlog is empty. */
+  announced(): Promise<void>
+  /** Stops accepting requests, lets in-flight ones finish (up to `graceMs`), stops libp2p. The store stays open. */
+  stop(options?: { graceMs?: number }): Promise<void>
+}
+
+const COARSE_META = 'node/coarse-keys'
+const IMAGES_META = 'node/images'
+
+class Node implements StrataNode {
+  readonly peerId: string
+  readonly fetcher: Fetcher
+  readonly source: PeerSource
+  private readonly server: ChunkServer
+  private readonly announcer: Announcer
+  private readonly book: PeerBook
+  private readonly strataPeers = new Set<string>()
+  private readonly coarse = new Set<string>()
+  private served = 0
+  private requestsServed = 0
+  private requestErrors = 0
+  private readonly inflight = new Set<Promise<void>>()
+  private readonly onPut: (e: Event) => void
+  private readonly onEvict: (e: Event) => void
+
+  constructor(
+    private readonly libp2p: Libp2p<{ dht: KadDHT }>,
+    private readonly init: NodeInit,
+    private readonly limits: ProtocolLimits
+  ) {
+    this.peerId = libp2p.peerId.toString()
+    this.book = new PeerBook(init.bans)
+    this.source = new PeerSource({
+      self: this.peerId,
+      book: this.book,
+      limits,
+      findProviders: (digest, options) => this.findProviders(digest, options),
+      openStream: (peer, options) => this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, options),
+      members: () => [...this.strataPeers]
+    })
+    this.fetcher = init.createFetcher(this.source)
+    this.server = new ChunkServer(
+      {
+        store: init.store,
+        fetch: (chunk, options) => runForwarded(() => this.fetcher.get(chunk, options)),
+        onServed: (_peer, bytes) => {
+          this.served += bytes
+          this.requestsServed++
+        },
+        onError: () => {
+          this.requestErrors++
+        }
+      },
+      limits
+    )
+    this.announcer = new Announcer({
+      ...init.announce,
+      provide: (digest, options) => this.provide(digest, options),
+      withdraw: (digest) => void this.libp2p.contentRouting.cancelReprovide(digestToCid(digest)).catch(() => {})
+    })
+    this.onPut = (e) => {
+      const detail = (e as CustomEvent<{ digest: string; layer?: string }>).detail
+      if (detail.layer !== undefined) this.announceCoarse(detail.layer)
+      this.announcer.announce(detail.digest)
+    }
+    this.onEvict = (e) => this.announcer.withdraw((e as CustomEvent<{ digests: string[] }>).detail.digests)
+  }
+
+  async start(): Promise<void> {
+    this.libp2p.addEventListener('peer:identify', (e) => {
+      const peer = e.detail.peerId.toString()
+      if (!e.detail.protocols.includes(CHUNK_PROTOCOL) || this.strataPeers.has(peer)) return
+      this.strataPeers.add(peer)
+      this.announcer.retryNow()
+    })
+    this.libp2p.addEventListener('peer:disconnect', (e) => {
+      this.strataPeers.delete(e.detail.toString())
+    })
+    const streamLimits = { maxInboundStreams: 256, maxOutboundStreams: 256 }
+    await this.libp2p.handle(
+      CHUNK_PROTOCOL,
+      (stream, connection) => this.track(stream, connection.remotePeer),
+      streamLimits
+    )
+    await this.libp2p.handle(WARM_PROTOCOL, (stream, connection) => this.serveWarm(stream, connection.remotePeer), {
+      maxInboundStreams: 4,
+      maxOutboundStreams: 64
+    })
+    this.init.store.addEventListener('put', this.onPut)
+    this.init.store.addEventListener('evict', this.onEvict)
+    this.announcer.start()
+    // A restart announces again what the store still holds: coarse keys first, then every chunk.
+    const saved = await this.init.store.getMeta(COARSE_META)
+    if (saved !== undefined)
+      for (const key of JSON.parse(new TextDecoder().decode(saved)) as string[]) this.announceCoarse(key)
+    for await (const digest of this.init.store.keys()) this.announcer.announce(digest)
+  }
+
+  private track(stream: Stream, peer: PeerId): void {
+    const p = this.server.handle(stream, peer.toString()).finally(() => this.inflight.delete(p))
+    this.inflight.add(p)
+  }
+
+  private announceCoarse(key: string): void {
+    this.announcer.announceNow(key)
+    if (this.coarse.has(key)) return
+    this.coarse.add(key)
+    void this.init.store
+      .putMeta(COARSE_META, new TextEncoder().encode(JSON.stringify([...this.coarse])))
+      .catch(() => {})
+  }
+
+  private async provide(digest: string, options?: AbortOptions): Promise<boolean> {
+    let landed = false
+    for await (const event of this.libp2p.services.dht.provide(digestToCid(digest), options)) {
+      if (event.name === 'PEER_RESPONSE' && event.messageName === 'ADD_PROVIDER') landed = true
+    }
+    return landed
+  }
+
+  private async *findProviders(digest: string, options?: AbortOptions): AsyncIterable<string> {
+    for await (const provider of this.libp2p.contentRouting.findProviders(digestToCid(digest), options)) {
+      yield provider.id.toString()
+    }
+  }
+
+  addrs(): string[] {
+    return this.libp2p.getMultiaddrs().map((a) => a.toString())
+  }
+
+  peers(): PeerStatus[] {
+    const scores = new Map(this.book.snapshot().map((s) => [s.peer, s]))
+    return this.libp2p.getPeers().map((id) => {
+      const peer = id.toString()
+      return {
+        ...scores.get(peer),
+        peer,
+        addrs: this.libp2p.getConnections(id).map((c) => c.remoteAddr.toString()),
+        strata: this.strataPeers.has(peer)
+      }
+    })
+  }
+
+  async status(options?: AbortOptions): Promise<NodeStatus> {
+    const fetched: Record<string, number> = {}
+    for (const [name, s] of Object.entries(this.fetcher.metrics().sources)) fetched[name] = s.bytes
+    return {
+      peerId: this.peerId,
+      addrs: this.addrs(),
+      peers: this.libp2p.getPeers().length,
+      bytes: { served: this.served, fetched },
+      requests: { served: this.requestsServed, errors: this.requestErrors },
+      store: await this.init.store.stats(options),
+      announce: this.announcer.stats()
+    }
+  }
+
+  async images(options?: AbortOptions): Promise<ImageRecord[]> {
+    const saved = await this.init.store.getMeta(IMAGES_META, options)
+    return saved === undefined ? [] : (JSON.parse(new TextDecoder().decode(saved)) as ImageRecord[])
+  }
+
+  async warm(
+    ref: string,
+    options: AbortOptions & { onProgress?: (p: WarmProgress) => void; members?: string[] } = {}
+  ): Promise<WarmResult> {
+    let image: Image
+    try {
+      image = await this.init.openImage(ref, options)
+    } catch (err) {
+      throw new WarmError(`cannot open image ${ref}: ${(err as Error).message}`, { cause: err })
+    }
+    for (const layer of image.layers) {
+      this.announceCoarse(layer.digest)
+      this.announceCoarse(layer.tocDigest)
+    }
+    let result: WarmResult
+    try {
+      result = await warmImage(this.fetcher, image, { ...options, self: this.peerId })
+    } catch (err) {
+      throw new WarmError(`warming ${ref} failed: ${(err as Error).message}`, { cause: err })
+    }
+    const record: ImageRecord = {
+      ref,
+      digest: image.digest,
+      layers: image.layers.map((l) => l.digest),
+      chunks: result.totalChunks,
+      bytes: result.totalBytes,
+      warmedAt: new Date().toISOString()
+    }
+    const images = (await this.images(options)).filter((i) => i.ref !== ref)
+    images.push(record)
+    await this.init.store.putMeta(IMAGES_META, new TextEncoder().encode(JSON.stringify(images)), options)
+    return result
+  }
+
+  async warmCluster(
+    ref: string,
+    options: AbortOptions & { onProgress?: (p: ClusterWarmProgress) => void } = {}
+  ): Promise<ClusterWarmResult> {
+    const members = [this.peerId, ...this.strataPeers].sort()
+    const progress: ClusterWarmProgress = { nodes: {} }
+    const result: ClusterWarmResult = { nodes: {} }
+    const empty = { chunks: 0, totalChunks: 0, bytes: 0, totalBytes: 0, done: false }
+    for (const m of members) progress.nodes[m] = { ...empty }
+    const report = (peer: string, p: Partial<ClusterWarmProgress['nodes'][string]>) => {
+      progress.nodes[peer] = { ...progress.nodes[peer]!, ...p }
+      options.onProgress?.(progress)
+    }
+    await Promise.all(
+      members.map(async (peer) => {
+        try {
+          const r =
+            peer === this.peerId
+              ? await this.warm(ref, { ...options, members, onProgress: (p) => report(peer, p) })
+              : await this.warmRemote(peer, ref, members, (p) => report(peer, p), options)
+          report(peer, { ...r, done: true })
+          result.nodes[peer] = { ok: true, result: r }
+        } catch (err) {
+          report(peer, { done: true, error: (err as Error).message })
+          result.nodes[peer] = { ok: false, error: (err as Error).message }
+        }
+      })
+    )
+    return result
+  }
+
+  private async warmRemote(
+    peer: string,
+    ref: string,
+    members: string[],
+    onProgress: (p: WarmProgress) => void,
+    options: AbortOptions
+  ): Promise<WarmResult> {
+    const stream = await this.libp2p.dialProtocol(peerIdFromString(peer), WARM_PROTOCOL, options)
+    stream.send(encodeFrame(new TextEncoder().encode(JSON.stringify({ image: ref, members }))))
+    await stream.close(options)
+    for await (const frame of readFrames(stream, this.limits.maxRequestBytes)) {
+      const msg = JSON.parse(new TextDecoder().decode(frame)) as
+        | ({ type: 'progress' } & WarmProgress)
+        | { type: 'done'; result: WarmResult }
+        | { type: 'error'; message: string }
+      if (msg.type === 'progress') onProgress(msg)
+      else if (msg.type === 'done') return msg.result
+      else throw new WarmError(`peer ${peer}: ${msg.message}`)
+    }
+    throw new ProtocolError(`peer ${peer} closed the warm-up stream without a result`)
+  }
+
+  private async serveWarm(stream: Stream, from: PeerId): Promise<void> {
+    const send = (msg: unknown) => stream.send(encodeFrame(new TextEncoder().encode(JSON.stringify(msg))))
+    try {
+      let request: { image?: unknown; members?: unknown } | undefined
+      for await (const frame of readFrames(stream, this.limits.maxRequestBytes)) {
+        request = JSON.parse(new TextDecoder().decode(frame)) as typeof request
+        break
+      }
+      const members = request?.members
+      if (
+        typeof request?.image !== 'string' ||
+        !Array.isArray(members) ||
+        !members.every((m) => typeof m === 'string')
+      ) {
+        throw new ProtocolError(`bad warm-up request from ${from.toString()}`)
+      }
+      let last = 0
+      const result = await this.warm(request.image, {
+        members: members as string[],
+        onProgress: (p) => {
+          if (Date.now() - last < 250 && p.chunks < p.totalChunks) return
+          last = Date.now()
+          send({ type: 'progress', ...p })
+        }
+      })
+      send({ type: 'done', result })
+      await stream.close()
+    } catch (err) {
+      try {
+        send({ type: 'error', message: (err as Error).message })
+        await stream.close()
+      } catch {
+        stream.abort(err as Error)
+      }
+    }
+  }
+
+  async gc(options?: AbortOptions): Promise<unknown> {
+    if (this.init.store.gc === undefined) throw new Error('this store has no garbage collection')
+    return this.init.store.gc(options)
+  }
+
+  announced(): Promise<void> {
+    return this.announcer.settled()
+  }
+
+  async stop(options: { graceMs?: number } = {}): Promise<void> {
+    await this.libp2p.unhandle([CHUNK_PROTOCOL, WARM_PROTOCOL])
+    const grace = new Promise((resolve) => setTimeout(resolve, options.graceMs ?? 10_000).unref())
+    await Promise.race([Promise.allSettled([...this.inflight]), grace])
+    this.server.stop()
+    this.announcer.stop()
+    this.init.store.removeEventListener('put', this.onPut)
+    this.init.store.removeEventListener('evict', this.onEvict)
+    await this.libp2p.stop()
+  }
+}
+
+/** Starts a p2pd node: libp2p host, DHT, chunk and warm-up protocols, announcements. */
+export async function createNode(init: NodeInit): Promise<StrataNode> {
+  const limits = { ...DEFAULT_LIMITS, ...init.limits }
+  const privateKey = await loadIdentity(init.dataDir)
+  const psk = init.pskFile !== undefined ? await loadPreSharedKey(init.pskFile) : undefined
+  const libp2p = await createLibp2p({
+    privateKey,
+    addresses: { listen: init.listen ?? ['/ip4/0.0.0.0/tcp/4001'] },
+    transports: [tcp()],
+    connectionEncrypters: [noise()],
+    streamMuxers: [yamux()],
+    ...(psk !== undefined ? { connectionProtector: preSharedKey({ psk }) } : {}),
+    peerDiscovery: [
+      ...(init.bootstrap !== undefined && init.bootstrap.length > 0 ? [bootstrap({ list: init.bootstrap })] : []),
+      ...(init.mdns === true ? [mdns()] : [])
+    ],
+    services: {
+      identify: identify(),
+      ping: ping(),
+      dht: kadDHT({
+        protocol: DHT_PROTOCOL,
+        clientMode: false,
+        // Clusters often run on private networks (and tests on loopback): keep every address.
+        peerInfoMapper: passthroughMapper,
+        allowQueryWithZeroPeers: true,
+        maxInboundStreams: 256,
+        maxOutboundStreams: 256
+      })
+    }
+  })
+  const node = new Node(libp2p, init, limits)
+  await node.start()
+  return node
+}

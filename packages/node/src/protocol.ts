@@ -1,0 +1,360 @@
+import type { Stream } from '@libp2p/interface'
+import type { ChunkRef } from '@strata/fetcher'
+import type { AbortOptions, ChunkStore } from '@strata/store'
+import { PeerRefusedError, PeerTimeoutError, ProtocolError } from './errors.js'
+import { encodeFrame, readFrames } from './frames.js'
+
+/**
+ * The chunk exchange protocol. One request per stream: the asker sends one JSON frame and closes its
+ * writing side; the server answers with frames and closes.
+ *
+ *   request   {"op":"have","digests":[...]}        which of these do you hold?
+ *             {"op":"get","digests":[...]}         send those you hold
+ *             {"op":"fetch","chunks":[ChunkRef]}   send these, fetching what you lack (you are their home)
+ *   answer    HAVE    [0x03][bitmap, bit i = digests[i] held]
+ *             CHUNK   [0x01][u32 index][uncompressed bytes]  (unverified: the asker's fetcher checks them)
+ *             MISSING [0x02][u32 index]
+ *             ERROR   [0x04][JSON {reason, message}]         reason: busy | too-large | bad-request | internal
+ */
+export const CHUNK_PROTOCOL = '/strata/chunk/1.0.0'
+
+const CHUNK = 0x01
+const MISSING = 0x02
+const HAVE = 0x03
+const ERROR = 0x04
+
+export interface ProtocolLimits {
+  /** Largest request frame in bytes. */
+  maxRequestBytes: number
+  /** Most digests (or chunks) in one request. */
+  maxDigestsPerRequest: number
+  /** Most chunk bytes in one answer; the server marks the rest missing. */
+  maxResponseBytes: number
+  /** Largest single chunk. */
+  maxChunkBytes: number
+  /** Requests one peer may have in flight at this server; more are refused as busy. */
+  maxInflightPerPeer: number
+  /** How long one request may take, either side. */
+  requestTimeoutMs: number
+}
+
+export const DEFAULT_LIMITS: ProtocolLimits = {
+  maxRequestBytes: 1 << 20,
+  maxDigestsPerRequest: 4096,
+  maxResponseBytes: 64 << 20,
+  maxChunkBytes: 16 << 20,
+  maxInflightPerPeer: 16,
+  requestTimeoutMs: 30_000
+}
+
+export type ChunkRequest =
+  | { op: 'have'; digests: string[] }
+  | { op: 'get'; digests: string[] }
+  | { op: 'fetch'; chunks: ChunkRef[] }
+
+export type ChunkAnswer = { index: number; bytes: Uint8Array } | { index: number; bytes: undefined }
+
+export interface ServerComponents {
+  store: ChunkStore
+  /** Gets a chunk this node is the home of, from wherever the node's fetcher finds it (for `fetch`). */
+  fetch?: (chunk: ChunkRef, options?: AbortOptions) => Promise<Uint8Array | undefined>
+  /** Told about each chunk served. */
+  onServed?: (peer: string, bytes: number) => void
+  /** Told about each failed request. */
+  onError?: (peer: string, err: Error) => void
+}
+
+const DIGEST = /^sha256:[0-9a-f]{64}$/
+
+/** Serves chunk requests from the local store (and, for `fetch`, through the node's fetcher). */
+export class ChunkServer {
+  private readonly inflight = new Map<string, number>()
+  private readonly closing = new AbortController()
+
+  constructor(
+    private readonly components: ServerComponents,
+    private readonly limits: ProtocolLimits = DEFAULT_LIMITS
+  ) {}
+
+  /** Stops taking requests and aborts those in flight. */
+  stop(): void {
+    this.closing.abort(new Error('node is shutting down'))
+  }
+
+  async handle(stream: Stream, peer: string): Promise<void> {
+    const signal = AbortSignal.any([AbortSignal.timeout(this.limits.requestTimeoutMs), this.closing.signal])
+    const onAbort = () => stream.abort(new PeerTimeoutError(`request from ${peer} timed out or was cancelled`))
+    signal.addEventListener('abort', onAbort, { once: true })
+    const count = this.inflight.get(peer) ?? 0
+    this.inflight.set(peer, count + 1)
+    try {
+      if (this.closing.signal.aborted) return await sendError(stream, 'busy', 'node is shutting down', signal)
+      if (count >= this.limits.maxInflightPerPeer) {
+        return await sendError(stream, 'busy', `more than ${this.limits.maxInflightPerPeer} requests in flight`, signal)
+      }
+      let request: ChunkRequest
+      try {
+        request = await this.readRequest(stream)
+      } catch (err) {
+        const reason = (err as Error).message.includes('over the limit') ? 'too-large' : 'bad-request'
+        this.components.onError?.(peer, err as Error)
+        return await sendError(stream, reason, (err as Error).message, signal)
+      }
+      if (request.op === 'have') await this.answerHave(stream, request.digests, signal)
+      else if (request.op === 'get') await this.answerGet(stream, peer, request.digests, signal)
+      else await this.answerFetch(stream, peer, request.chunks, signal)
+      await stream.close({ signal })
+    } catch (err) {
+      this.components.onError?.(peer, err as Error)
+      stream.abort(err as Error)
+    } finally {
+      signal.removeEventListener('abort', onAbort)
+      const left = (this.inflight.get(peer) ?? 1) - 1
+      if (left === 0) this.inflight.delete(peer)
+      else this.inflight.set(peer, left)
+    }
+  }
+
+  private async readRequest(stream: Stream): Promise<ChunkRequest> {
+    for await (const frame of readFrames(stream, this.limits.maxRequestBytes)) {
+      return parseRequest(frame, this.limits)
+    }
+    throw new ProtocolError('stream closed before a request')
+  }
+
+  private async answerHave(stream: Stream, digests: string[], signal: AbortSignal): Promise<void> {
+    const bitmap = new Uint8Array(Math.ceil(digests.length / 8))
+    for (const [i, digest] of digests.entries()) {
+      if (await this.components.store.has(digest, { signal })) bitmap[i >> 3]! |= 1 << (i & 7)
+    }
+    await send(stream, encodeFrame(Uint8Array.of(HAVE), bitmap), signal)
+  }
+
+  private async answerGet(stream: Stream, peer: string, digests: string[], signal: AbortSignal): Promise<void> {
+    let budget = this.limits.maxResponseBytes
+    for (const [i, digest] of digests.entries()) {
+      const bytes = budget > 0 ? await this.components.store.get(digest, { signal }) : undefined
+      budget = await this.answerOne(stream, peer, i, bytes, budget, signal)
+    }
+  }
+
+  private async answerFetch(stream: Stream, peer: string, chunks: ChunkRef[], signal: AbortSignal): Promise<void> {
+    const fetch = this.components.fetch
+    let budget = this.limits.maxResponseBytes
+    // Bounded concurrency: the home node fetches a few chunks at once and answers as each arrives.
+    let next = 0
+    const worker = async () => {
+      while (next < chunks.length) {
+        const i = next++
+        const chunk = chunks[i]!
+        let bytes: Uint8Array | undefined
+        if (budget > 0) {
+          bytes = await this.components.store.get(chunk.digest, { signal })
+          if (bytes === undefined && fetch !== undefined) bytes = await fetch(chunk, { signal }).catch(() => undefined)
+        }
+        budget = await this.answerOne(stream, peer, i, bytes, budget, signal)
+      }
+    }
+    await Promise.all(Array.from({ length: Math.min(8, chunks.length) }, worker))
+  }
+
+  private async answerOne(
+    stream: Stream,
+    peer: string,
+    index: number,
+    bytes: Uint8Array | undefined,
+    budget: number,
+    signal: AbortSignal
+  ): Promise<number> {
+    if (bytes === undefined || bytes.byteLength > budget) {
+      await send(stream, encodeFrame(Uint8Array.of(MISSING), u32(index)), signal)
+      return budget
+    }
+    await send(stream, encodeFrame(Uint8Array.of(CHUNK), u32(index), bytes), signal)
+    this.components.onServed?.(peer, bytes.byteLength)
+    return budget - bytes.byteLength
+  }
+}
+
+function parseRequest(frame: Uint8Array, limits: ProtocolLimits): ChunkRequest {
+  let msg: unknown
+  try {
+    msg = JSON.parse(new TextDecoder().decode(frame))
+  } catch (err) {
+    throw new ProtocolError('request is not JSON', { cause: err })
+  }
+  const m = msg as { op?: unknown; digests?: unknown; chunks?: unknown }
+  if (m.op === 'have' || m.op === 'get') {
+    if (!Array.isArray(m.digests) || !m.digests.every((d) => typeof d === 'string' && DIGEST.test(d))) {
+      throw new ProtocolError(`${m.op} request needs digests: an array of sha256:<hex>`)
+    }
+    if (m.digests.length > limits.maxDigestsPerRequest) {
+      throw new ProtocolError(`${m.digests.length} digests is over the limit of ${limits.maxDigestsPerRequest}`)
+    }
+    return { op: m.op, digests: m.digests as string[] }
+  }
+  if (m.op === 'fetch') {
+    if (!Array.isArray(m.chunks) || !m.chunks.every(isChunkRef)) {
+      throw new ProtocolError('fetch request needs chunks: an array of chunk references')
+    }
+    if (m.chunks.length > limits.maxDigestsPerRequest) {
+      throw new ProtocolError(`${m.chunks.length} chunks is over the limit of ${limits.maxDigestsPerRequest}`)
+    }
+    return { op: 'fetch', chunks: m.chunks as ChunkRef[] }
+  }
+  throw new ProtocolError(`unknown request op ${JSON.stringify(m.op)}`)
+}
+
+function isChunkRef(c: unknown): c is ChunkRef {
+  const r = c as Partial<ChunkRef> | null
+  const whole = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0
+  return (
+    typeof r === 'object' &&
+    r !== null &&
+    typeof r.digest === 'string' &&
+    DIGEST.test(r.digest) &&
+    typeof r.layer === 'string' &&
+    DIGEST.test(r.layer) &&
+    (r.compression === 'gzip' || r.compression === 'zstd' || r.compression === 'none') &&
+    whole(r.fileOffset) &&
+    whole(r.size) &&
+    whole(r.offset) &&
+    whole(r.end) &&
+    whole(r.innerOffset) &&
+    (r.end as number) >= (r.offset as number)
+  )
+}
+
+function u32(n: number): Uint8Array {
+  const b = new Uint8Array(4)
+  new DataView(b.buffer).setUint32(0, n)
+  return b
+}
+
+async function send(stream: Stream, frame: Uint8Array, signal: AbortSignal): Promise<void> {
+  if (!stream.send(frame)) await stream.onDrain({ signal })
+}
+
+async function sendError(stream: Stream, reason: string, message: string, signal: AbortSignal): Promise<void> {
+  await send(
+    stream,
+    encodeFrame(Uint8Array.of(ERROR), new TextEncoder().encode(JSON.stringify({ reason, message }))),
+    signal
+  )
+  await stream.close({ signal })
+}
+
+/** Sends a request on a fresh stream and closes the writing side. */
+function sendRequest(stream: Stream, request: ChunkRequest, limits: ProtocolLimits): void {
+  const body = new TextEncoder().encode(JSON.stringify(request))
+  if (body.byteLength > limits.maxRequestBytes) {
+    throw new RangeError(`request of ${body.byteLength} bytes is over the limit of ${limits.maxRequestBytes}`)
+  }
+  stream.send(encodeFrame(body))
+}
+
+/** Aborts the stream when `options.signal` fires or the request outlives its timeout. */
+function guard(stream: Stream, peer: string, limits: ProtocolLimits, options?: AbortOptions): () => void {
+  const signals = [AbortSignal.timeout(limits.requestTimeoutMs)]
+  if (options?.signal !== undefined) signals.push(options.signal)
+  const signal = AbortSignal.any(signals)
+  const onAbort = () =>
+    stream.abort(
+      options?.signal?.aborted === true
+        ? (options.signal.reason as Error)
+        : new PeerTimeoutError(`peer ${peer} did not answer within ${limits.requestTimeoutMs} ms`)
+    )
+  signal.addEventListener('abort', onAbort, { once: true })
+  return () => signal.removeEventListener('abort', onAbort)
+}
+
+function refusal(peer: string, payload: Uint8Array): PeerRefusedError {
+  let reason = 'unknown'
+  let message = ''
+  try {
+    const m = JSON.parse(new TextDecoder().decode(payload)) as { reason?: unknown; message?: unknown }
+    reason = String(m.reason)
+    message = String(m.message)
+  } catch {
+    message = 'unreadable error frame'
+  }
+  return new PeerRefusedError(`peer ${peer} refused the request (${reason}): ${message}`, reason)
+}
+
+/** Asks which of `digests` the peer holds. */
+export async function requestHave(
+  stream: Stream,
+  peer: string,
+  digests: string[],
+  limits: ProtocolLimits = DEFAULT_LIMITS,
+  options?: AbortOptions
+): Promise<boolean[]> {
+  const release = guard(stream, peer, limits, options)
+  try {
+    sendRequest(stream, { op: 'have', digests }, limits)
+    await stream.close()
+    for await (const frame of readFrames(stream, Math.ceil(digests.length / 8) + 1 + limits.maxRequestBytes)) {
+      if (frame[0] === ERROR) throw refusal(peer, frame.subarray(1))
+      if (frame[0] !== HAVE || frame.byteLength !== 1 + Math.ceil(digests.length / 8)) {
+        throw new ProtocolError(`peer ${peer} sent a malformed have answer`)
+      }
+      return digests.map((_, i) => (frame[1 + (i >> 3)]! & (1 << (i & 7))) !== 0)
+    }
+    throw new ProtocolError(`peer ${peer} closed the stream without answering`)
+  } catch (err) {
+    stream.abort(err as Error)
+    throw err
+  } finally {
+    release()
+  }
+}
+
+/**
+ * Asks the peer for chunks (`get` by digest, or `fetch` of chunks it is home of) and yields each answer as it
+ * arrives: bytes, or undefined when the peer does not have it. Enforces the answer's limits.
+ */
+export async function* requestChunks(
+  stream: Stream,
+  peer: string,
+  request: { op: 'get'; digests: string[] } | { op: 'fetch'; chunks: ChunkRef[] },
+  limits: ProtocolLimits = DEFAULT_LIMITS,
+  options?: AbortOptions
+): AsyncGenerator<ChunkAnswer> {
+  const count = request.op === 'get' ? request.digests.length : request.chunks.length
+  const answered = new Set<number>()
+  let received = 0
+  const release = guard(stream, peer, limits, options)
+  try {
+    sendRequest(stream, request, limits)
+    await stream.close()
+    for await (const frame of readFrames(stream, 5 + Math.max(limits.maxChunkBytes, limits.maxRequestBytes))) {
+      const type = frame[0]
+      if (type === ERROR) throw refusal(peer, frame.subarray(1))
+      if ((type !== CHUNK && type !== MISSING) || frame.byteLength < 5) {
+        throw new ProtocolError(`peer ${peer} sent an unknown frame type ${type}`)
+      }
+      const index = new DataView(frame.buffer, frame.byteOffset, frame.byteLength).getUint32(1)
+      if (index >= count || answered.has(index)) {
+        throw new ProtocolError(`peer ${peer} answered for chunk #${index}, which was not asked or already answered`)
+      }
+      answered.add(index)
+      if (type === MISSING) {
+        yield { index, bytes: undefined }
+        continue
+      }
+      received += frame.byteLength - 5
+      if (received > limits.maxResponseBytes) {
+        throw new ProtocolError(`peer ${peer} sent more than ${limits.maxResponseBytes} bytes in one answer`)
+      }
+      yield { index, bytes: frame.subarray(5) }
+    }
+    if (answered.size !== count) {
+      throw new ProtocolError(`peer ${peer} answered ${answered.size} of ${count} chunks and closed the stream`)
+    }
+  } catch (err) {
+    stream.abort(err as Error)
+    throw err
+  } finally {
+    release()
+  }
+}

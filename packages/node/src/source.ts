@@ -1,0 +1,320 @@
+import { AsyncLocalStorage } from 'node:async_hooks'
+import { createHash } from 'node:crypto'
+import type { Stream } from '@libp2p/interface'
+import type { ChunkRef, ChunkSource } from '@strata/fetcher'
+import type { AbortOptions } from '@strata/store'
+import type { PeerBook } from './peers.js'
+import { DEFAULT_LIMITS, type ProtocolLimits, requestChunks, requestHave } from './protocol.js'
+
+export interface PeerSourceComponents {
+  /** This node's peer id. */
+  self: string
+  book: PeerBook
+  /** Peers that announced a DHT key (a `sha256:` digest), as they are found. */
+  findProviders(digest: string, options?: AbortOptions): AsyncIterable<string>
+  /** A new chunk-protocol stream to `peer`. */
+  openStream(peer: string, options?: AbortOptions): Promise<Stream>
+  /** Connected peers that speak the chunk protocol: the cluster as this node sees it. */
+  members(): string[]
+  limits?: ProtocolLimits
+  /** Told about each chunk a peer sent (before verification). */
+  onFetched?(peer: string, bytes: number): void
+  /** Told when a peer's chunk failed verification. */
+  onBad?(peer: string, chunk: ChunkRef, reason: string): void
+}
+
+interface Context {
+  /** Serving another node's `fetch`: do not forward again (no loops between nodes that see the cluster differently). */
+  forwarded?: boolean
+  /** The cluster to split chunks over (cluster warm-up), instead of the connected peers. */
+  members?: string[]
+}
+
+const context = new AsyncLocalStorage<Context>()
+
+/** Runs `fn` as the home node of a forwarded request: chunks come from peers that hold them or the registry. */
+export function runForwarded<T>(fn: () => Promise<T>): Promise<T> {
+  return context.run({ ...context.getStore(), forwarded: true }, fn)
+}
+
+/** Runs `fn` with chunk homes chosen among `members` (the cluster of a warm-up). */
+export function runWithMembers<T>(members: string[], fn: () => Promise<T>): Promise<T> {
+  return context.run({ ...context.getStore(), members }, fn)
+}
+
+/** The member that is home of `digest`: rendezvous (highest random weight) hashing, so all agree without talking. */
+export function homeOf(digest: string, members: string[]): string | undefined {
+  let best: string | undefined
+  let bestWeight = -1n
+  for (const m of members) {
+    const weight = createHash('sha256').update(m).update(digest).digest().readBigUInt64BE(0)
+    if (weight > bestWeight || (weight === bestWeight && best !== undefined && m < best)) {
+      best = m
+      bestWeight = weight
+    }
+  }
+  return best
+}
+
+const PROVIDER_TTL_MS = 15_000
+const NO_PROVIDER_TTL_MS = 2_000
+const LOOKUP_TIMEOUT_MS = 5_000
+const MAX_PROVIDERS = 8
+const MAX_TRIES = 3
+const BATCH = 256
+
+/**
+ * The `peer` ChunkSource. For a chunk: providers of its layer first, then of the chunk itself (both cached),
+ * best measured peer first, hedged to a second one; then the chunk's home node (rendezvous over the cluster),
+ * which fetches it once for everyone. Returns bytes unverified: the fetcher checks them and calls reportBad.
+ */
+export class PeerSource implements ChunkSource {
+  readonly name = 'peer'
+  private readonly limits: ProtocolLimits
+  private readonly providers = new Map<string, { peers: Promise<string[]>; expires: number }>()
+  /** Which peer sent a digest last, so reportBad can blame it. Bounded. */
+  private readonly origin = new Map<string, string>()
+
+  constructor(private readonly components: PeerSourceComponents) {
+    this.limits = components.limits ?? DEFAULT_LIMITS
+  }
+
+  async get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array | undefined> {
+    const tried = new Set<string>()
+    for (const key of [chunk.layer, chunk.digest]) {
+      const peers = this.components.book.rank(await this.providersOf(key, options)).filter((p) => !tried.has(p))
+      for (const p of peers.slice(0, MAX_TRIES)) tried.add(p)
+      const got = await this.firstOf(
+        peers.slice(0, MAX_TRIES),
+        (peer, signal) => this.ask(peer, { op: 'get', digests: [chunk.digest] }, signal),
+        options
+      )
+      if (got !== undefined) return got
+    }
+    const home = this.home(chunk.digest)
+    if (home === undefined || tried.has(home)) return undefined
+    return this.firstOf([home], (peer, signal) => this.ask(peer, { op: 'fetch', chunks: [chunk] }, signal), options)
+  }
+
+  async *getMany(chunks: ChunkRef[], options?: AbortOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
+    const left = new Map<string, ChunkRef[]>()
+    for (const c of chunks) left.set(c.digest, [...(left.get(c.digest) ?? []), c])
+    // Peers that announced the layers: ask who has what, then get each chunk from the best peer holding it.
+    const assigned = new Map<string, string[]>()
+    const taken = new Set<string>()
+    for (const layer of new Set(chunks.map((c) => c.layer))) {
+      const peers = this.components.book.rank(await this.providersOf(layer, options)).slice(0, MAX_TRIES)
+      for (const peer of peers) {
+        const wanted = chunks.filter((c) => c.layer === layer && left.has(c.digest)).map((c) => c.digest)
+        const unassigned = [...new Set(wanted)].filter((d) => !taken.has(d))
+        for (let i = 0; i < unassigned.length; i += this.limits.maxDigestsPerRequest) {
+          const batch = unassigned.slice(i, i + this.limits.maxDigestsPerRequest)
+          const have = await this.askHave(peer, batch, options)
+          const mine = batch.filter((_, j) => have[j] === true)
+          for (const d of mine) taken.add(d)
+          if (mine.length > 0) assigned.set(peer, [...(assigned.get(peer) ?? []), ...mine])
+        }
+      }
+    }
+    const fromHolders = [...assigned].map(([peer, digests]) => this.stream(peer, 'get', digests, left, options))
+    for await (const got of merge(fromHolders)) yield* this.deliver(got, left)
+    // What no holder sent: ask each chunk's home node to fetch it once for the cluster.
+    const homes = new Map<string, ChunkRef[]>()
+    for (const [digest, refs] of left) {
+      const home = this.home(digest)
+      if (home !== undefined) homes.set(home, [...(homes.get(home) ?? []), refs[0]!])
+    }
+    const fromHomes = [...homes].map(([peer, refs]) => this.stream(peer, 'fetch', refs, left, options))
+    for await (const got of merge(fromHomes)) yield* this.deliver(got, left)
+  }
+
+  reportBad(chunk: ChunkRef, reason: string): void {
+    const peer = this.origin.get(chunk.digest)
+    if (peer === undefined) return
+    this.components.book.bad(peer)
+    this.components.onBad?.(peer, chunk, reason)
+    // Whatever that peer announced is suspect: look providers up afresh.
+    this.providers.delete(chunk.layer)
+    this.providers.delete(chunk.digest)
+  }
+
+  /** The chunk's home among the cluster, unless it is this node or we are serving a forwarded request. */
+  private home(digest: string): string | undefined {
+    const ctx = context.getStore()
+    if (ctx?.forwarded === true) return undefined
+    const members = (ctx?.members ?? [this.components.self, ...this.components.members()]).filter(
+      (m) => m === this.components.self || !this.components.book.isBanned(m)
+    )
+    const home = homeOf(digest, members)
+    return home === this.components.self ? undefined : home
+  }
+
+  private providersOf(key: string, options?: AbortOptions): Promise<string[]> {
+    const cached = this.providers.get(key)
+    if (cached !== undefined && cached.expires > Date.now()) return cached.peers
+    const entry = { peers: this.lookup(key, options), expires: Date.now() + PROVIDER_TTL_MS }
+    this.providers.set(key, entry)
+    void entry.peers.then((peers) => {
+      if (peers.length === 0) entry.expires = Date.now() + NO_PROVIDER_TTL_MS
+    })
+    return entry.peers
+  }
+
+  private async lookup(key: string, options?: AbortOptions): Promise<string[]> {
+    const signals = [AbortSignal.timeout(LOOKUP_TIMEOUT_MS)]
+    if (options?.signal !== undefined) signals.push(options.signal)
+    const found = new Set<string>()
+    try {
+      for await (const peer of this.components.findProviders(key, { signal: AbortSignal.any(signals) })) {
+        if (peer !== this.components.self) found.add(peer)
+        if (found.size >= MAX_PROVIDERS) break
+      }
+    } catch {
+      // A lookup that timed out still returns the providers found so far.
+    }
+    return [...found]
+  }
+
+  private remember(digest: string, peer: string): void {
+    this.origin.delete(digest)
+    this.origin.set(digest, peer)
+    if (this.origin.size > 100_000) this.origin.delete(this.origin.keys().next().value as string)
+  }
+
+  /** One request for one chunk; undefined when the peer lacks it or fails (the failure is recorded). */
+  private async ask(
+    peer: string,
+    request: { op: 'get'; digests: string[] } | { op: 'fetch'; chunks: ChunkRef[] },
+    signal: AbortSignal
+  ): Promise<Uint8Array | undefined> {
+    const started = Date.now()
+    try {
+      const stream = await this.components.openStream(peer, { signal })
+      for await (const answer of requestChunks(stream, peer, request, this.limits, { signal })) {
+        if (answer.bytes === undefined) return undefined
+        this.components.book.success(peer, Date.now() - started, answer.bytes.byteLength)
+        this.components.onFetched?.(peer, answer.bytes.byteLength)
+        const digest = request.op === 'get' ? request.digests[0]! : request.chunks[0]!.digest
+        this.remember(digest, peer)
+        return answer.bytes
+      }
+      return undefined
+    } catch {
+      if (!signal.aborted) this.components.book.failure(peer)
+      return undefined
+    }
+  }
+
+  private async askHave(peer: string, digests: string[], options?: AbortOptions): Promise<boolean[]> {
+    try {
+      const stream = await this.components.openStream(peer, options)
+      return await requestHave(stream, peer, digests, this.limits, options)
+    } catch {
+      if (options?.signal?.aborted !== true) this.components.book.failure(peer)
+      return []
+    }
+  }
+
+  /** Asks `peers` in order, hedging: the next starts when one lacks the chunk or is slower than expected. */
+  private firstOf(
+    peers: string[],
+    ask: (peer: string, signal: AbortSignal) => Promise<Uint8Array | undefined>,
+    options?: AbortOptions
+  ): Promise<Uint8Array | undefined> {
+    if (peers.length === 0) return Promise.resolve(undefined)
+    const controller = new AbortController()
+    const signal =
+      options?.signal !== undefined ? AbortSignal.any([options.signal, controller.signal]) : controller.signal
+    return new Promise((resolve) => {
+      let next = 0
+      let running = 0
+      let done = false
+      const finish = (bytes: Uint8Array | undefined) => {
+        done = true
+        controller.abort()
+        resolve(bytes)
+      }
+      const start = () => {
+        if (done) return
+        if (next >= peers.length || signal.aborted) {
+          if (running === 0) finish(undefined)
+          return
+        }
+        const peer = peers[next++]!
+        running++
+        const hedge = setTimeout(start, Math.max(50, 3 * this.components.book.latency(peer)))
+        void ask(peer, signal).then((bytes) => {
+          clearTimeout(hedge)
+          running--
+          if (done) return
+          if (bytes !== undefined) finish(bytes)
+          else start()
+        })
+      }
+      start()
+    })
+  }
+
+  /** Streams chunks from one peer in batches; stops at the first failure (what is left goes elsewhere). */
+  private async *stream(
+    peer: string,
+    op: 'get' | 'fetch',
+    items: string[] | ChunkRef[],
+    left: Map<string, ChunkRef[]>,
+    options?: AbortOptions
+  ): AsyncGenerator<{ peer: string; digest: string; bytes: Uint8Array }> {
+    for (let i = 0; i < items.length; i += BATCH) {
+      const batch = items.slice(i, i + BATCH)
+      const digests = batch.map((x) => (typeof x === 'string' ? x : x.digest))
+      const request =
+        op === 'get' ? { op, digests } : { op, chunks: batch.filter((x): x is ChunkRef => typeof x !== 'string') }
+      const started = Date.now()
+      let bytes = 0
+      try {
+        const stream = await this.components.openStream(peer, options)
+        for await (const answer of requestChunks(stream, peer, request, this.limits, options)) {
+          const digest = digests[answer.index]!
+          if (answer.bytes === undefined || !left.has(digest)) continue
+          bytes += answer.bytes.byteLength
+          this.components.onFetched?.(peer, answer.bytes.byteLength)
+          this.remember(digest, peer)
+          yield { peer, digest, bytes: answer.bytes }
+        }
+        this.components.book.success(peer, Date.now() - started, bytes)
+      } catch {
+        if (options?.signal?.aborted !== true) this.components.book.failure(peer)
+        return
+      }
+    }
+  }
+
+  private *deliver(
+    got: { digest: string; bytes: Uint8Array },
+    left: Map<string, ChunkRef[]>
+  ): Generator<{ chunk: ChunkRef; bytes: Uint8Array }> {
+    const refs = left.get(got.digest)
+    if (refs === undefined) return
+    left.delete(got.digest)
+    for (const chunk of refs) yield { chunk, bytes: got.bytes }
+  }
+}
+
+/** Yields from all sources as each produces. */
+async function* merge<T>(sources: AsyncIterable<T>[]): AsyncGenerator<T> {
+  const iterators = sources.map((s) => s[Symbol.asyncIterator]())
+  const next = (i: number) => iterators[i]!.next().then((result) => ({ i, result }))
+  const pending = new Map(iterators.map((_, i) => [i, next(i)]))
+  try {
+    while (pending.size > 0) {
+      const { i, result } = await Promise.race(pending.values())
+      if (result.done === true) {
+        pending.delete(i)
+        continue
+      }
+      pending.set(i, next(i))
+      yield result.value
+    }
+  } finally {
+    await Promise.all(iterators.map((it) => it.return?.()))
+  }
+}
