@@ -98,11 +98,12 @@ export async function startFaultProxy(target: string, faults: Fault[] = []): Pro
         if (sent >= limit) return
         const part = chunk.subarray(0, limit - sent)
         sent += part.length
-        res.write(part)
-        if (sent >= limit) {
-          upRes.destroy()
-          if (fault.kind === 'truncate') res.socket?.destroy()
-        }
+        const full = sent >= limit
+        if (full) upRes.destroy()
+        // Close only once the bytes are on the wire, so the client sees headers and a short body.
+        res.write(part, () => {
+          if (full && fault.kind === 'truncate') res.socket?.destroy()
+        })
       })
       upRes.on('end', () => {
         if (sent < limit) res.end()

@@ -817,11 +817,13 @@ class Client implements RegistryClient {
     const order = ranges.map((r, i) => ({ ...r, i })).sort((a, b) => a.offset - b.offset)
     const groups: { offset: number; end: number; members: typeof order }[] = []
     // When the registry ignores Range, every request streams the whole blob: make it one request.
-    const cap = this.rangeRefused.has(ref.registry) ? Number.POSITIVE_INFINITY : this.maxCoalesceBytes
+    const refused = this.rangeRefused.has(ref.registry)
     for (const r of order) {
       const last = groups[groups.length - 1]
       const end = r.offset + r.length
-      if (last !== undefined && r.offset <= last.end && Math.max(last.end, end) - last.offset <= cap) {
+      const fits =
+        last !== undefined && r.offset <= last.end && Math.max(last.end, end) - last.offset <= this.maxCoalesceBytes
+      if (last !== undefined && (refused || fits)) {
         last.end = Math.max(last.end, end)
         last.members.push(r)
       } else {
