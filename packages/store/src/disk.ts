@@ -121,6 +121,21 @@ class IndexWriter {
   }
 }
 
+/**
+ * The hot path: open, one read of the size the index knows, close (no stat). It asks for one byte more, so a
+ * file that grew shows too (a short read of a regular file means its end). Undefined when the size is wrong.
+ */
+async function readExactly(path: string, size: number): Promise<Uint8Array | undefined> {
+  const fh = await open(path, 'r')
+  try {
+    const buf = new Uint8Array(size + 1)
+    const { bytesRead } = await fh.read(buf, 0, size + 1, 0)
+    return bytesRead === size ? buf.subarray(0, size) : undefined
+  } finally {
+    await fh.close()
+  }
+}
+
 async function syncDir(dir: string): Promise<void> {
   const fh = await open(dir, 'r')
   try {
@@ -167,9 +182,9 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       return undefined
     }
     const path = this.chunkPath(digest)
-    let bytes: Uint8Array
+    let bytes: Uint8Array | undefined
     try {
-      bytes = plain(await readFile(path, { signal: options?.signal }))
+      bytes = await readExactly(path, record.size)
     } catch (err) {
       if (errorCode(err) !== 'ENOENT') throw this.fileError(err, 'read', path)
       // Evicted or deleted while we read, or removed behind our back: a miss either way.
@@ -177,7 +192,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       this.ledger.misses++
       return undefined
     }
-    if (bytes.length !== record.size) {
+    if (bytes === undefined) {
       // Damaged outside the store (bytes are fsynced before they get their name): never serve it.
       if (this.ledger.chunks.get(digest) === record) await this.forget(digest)
       this.ledger.misses++
@@ -435,7 +450,7 @@ async function loadIndex(db: Db, ledger: Ledger): Promise<void> {
   records.sort((a, b) => a[1].atime - b[1].atime)
   for (const [digest, record] of records) ledger.add(digest, record)
   for await (const key of db.keys({ gte: PIN, lt: 'p"' })) {
-    const sep = key.indexOf('\0')
+    const sep = key.lastIndexOf('\0')
     ledger.pin(key.slice(PIN.length, sep), [key.slice(sep + 1)])
   }
 }
