@@ -1,1 +1,13 @@
+// @strata/fetcher: the one read path: store -> peers -> registry; verify; single-flight; prefetch.
+export {
+  ChunkUnavailableError,
+  LayerDigestMismatchError,
+  SourceTimeoutError,
+  TocDigestMismatchError,
+  UnsupportedLayerError,
+  UnverifiedLayerError
+} from './errors.js'
+export { chunkRef, createFetcher, type FetcherInit } from './fetcher.js'
+export { type OpenImageInit, openImage, TOC_DIGEST_ANNOTATION } from './image.js'
+export { createRegistrySource, type RegistrySourceInit } from './registry-source.js'
 export type * from './types.js'

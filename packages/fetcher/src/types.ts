@@ -1,10 +1,15 @@
-import type { AbortOptions, Chunk, Compression } from '@strata/stargz'
+import type { Descriptor } from '@strata/registry'
+import type { AbortOptions, Chunk, Compression, Entry, TOC } from '@strata/stargz'
 
 /** A chunk and where it lives: enough for any source to find it and for the fetcher to verify it. */
 export interface ChunkRef extends Chunk {
   /** The layer blob's digest (the layer's key on the DHT and in the registry). */
   layer: string
-  compression: Compression
+  /**
+   * How the layer blob is compressed. For eStargz layers [offset, end) are compressed members; for
+   * `indexed` layers (plain tar layers fetched whole) they are offsets in the decompressed tar stream.
+   */
+  compression: Compression | 'none'
 }
 
 /**
@@ -19,3 +24,74 @@ export interface ChunkSource {
   /** Told when bytes from this source failed verification. */
   reportBad?(chunk: ChunkRef, reason: string): void
 }
+
+export type { Descriptor }
+
+/** How a layer is served: lazily from its own TOC (eStargz family) or from a local index built after a whole download. */
+export type ImageLayerFormat = 'estargz' | 'stargz' | 'zstd:chunked' | 'indexed'
+
+/** One layer of an opened image, ready to read files from. */
+export interface ImageLayer {
+  descriptor: Descriptor
+  /** The layer blob's digest. */
+  digest: string
+  format: ImageLayerFormat
+  toc: TOC
+  /** sha256 of the TOC JSON bytes (for `indexed` layers: of the synthesized TOC). */
+  tocDigest: string
+  /** True when the TOC is vouched for by the manifest (TOC-digest annotation, or the layer digest for indexed layers). */
+  verified: boolean
+  /** How the blob is compressed. */
+  compression: Compression | 'none'
+}
+
+/** An opened image: its manifest digest, config and layers (lowest first). */
+export interface Image {
+  ref: string
+  digest: string
+  config: Descriptor
+  layers: ImageLayer[]
+}
+
+/** Progress and warnings of `openImage`, `prefetch` and reads; as `onProgress` callbacks and Fetcher events. */
+export type FetchEvent =
+  | { type: 'layer:toc'; layer: string; format: ImageLayerFormat; cached: boolean }
+  | { type: 'layer:unverified'; layer: string; message: string }
+  | { type: 'layer:download'; layer: string; bytes: number; total: number }
+  | { type: 'layer:indexed'; layer: string; files: number; chunks: number }
+  | { type: 'chunk:bad'; digest: string; layer: string; source: string; reason: string }
+  | { type: 'prefetch'; layer: string; bytes: number; total: number }
+
+/** Counters and fixed-bucket latency histograms; a snapshot, safe to serialise. */
+export interface FetcherMetrics {
+  /** Per source name, plus `store` for hits: bytes served and requests made. */
+  sources: Record<string, { requests: number; chunks: number; bytes: number; misses: number; errors: number }>
+  /** Chunks whose bytes failed sha256 verification, per source name. */
+  verificationFailures: Record<string, number>
+  /** Callers that joined an in-flight request instead of starting one. */
+  singleFlightJoins: number
+  /** Hedges started (the next source asked because the previous one was slow). */
+  hedges: number
+  /** Latency of a `get` that missed the store, by source that answered: bucket upper bounds in ms -> count. */
+  latencyMs: Record<string, { buckets: Array<{ le: number; count: number }>; count: number; sumMs: number }>
+}
+
+/** The one read path. */
+export interface Fetcher extends EventTarget {
+  /** Verified bytes of one chunk: from the store, an in-flight request for the same digest, or the sources in order. */
+  get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array>
+  /** Verified bytes of many chunks (same order as asked), using the sources' batched form where they have one. */
+  getMany(chunks: ChunkRef[], options?: AbortOptions): Promise<Uint8Array[]>
+  /** `length` bytes of a file from `offset` (fewer at the end of the file); starts a bounded read-ahead of the rest. */
+  readFile(layer: ImageLayer, entry: Entry, offset: number, length: number, options?: AbortOptions): Promise<Uint8Array>
+  /** Fetches the prioritized files of every layer (those before `.prefetch.landmark`) into the store. */
+  prefetch(image: Image, options?: PrefetchOptions): Promise<void>
+  metrics(): FetcherMetrics
+}
+
+export interface PrefetchOptions extends AbortOptions {
+  /** Also fetch every other chunk of every layer, at most this many bytes per second (0: no background fetch). */
+  wholeLayerBytesPerSecond?: number
+}
+
+export type { AbortOptions }

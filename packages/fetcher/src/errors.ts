@@ -1,0 +1,97 @@
+/** Errors of the read path: one class per failure mode, matched by `name` (stable) or `code`. */
+
+/** No source could give a chunk (each missed, failed, or returned bytes that did not verify). */
+export class ChunkUnavailableError extends Error {
+  override readonly name = 'ChunkUnavailableError'
+  readonly code = 'ERR_CHUNK_UNAVAILABLE'
+  readonly hint =
+    'check that the registry is reachable and still holds the layer (p2pctl status shows peers); a source that returned bad bytes is named above'
+  constructor(
+    readonly digest: string,
+    readonly layer: string,
+    /** What each source said, in the order asked, e.g. `registry: HTTP 503`. */
+    readonly attempts: string[],
+    options?: { cause?: unknown }
+  ) {
+    super(
+      `chunk ${digest} of layer ${layer} is unavailable: ${attempts.length === 0 ? 'no sources configured' : attempts.join('; ')}`,
+      options
+    )
+  }
+}
+
+/** The TOC read from the blob does not hash to the digest the manifest annotates. */
+export class TocDigestMismatchError extends Error {
+  override readonly name = 'TocDigestMismatchError'
+  readonly code = 'ERR_TOC_DIGEST_MISMATCH'
+  readonly hint = 'the layer blob or its manifest was altered or mis-converted: re-convert the image and push it again'
+  constructor(
+    readonly image: string,
+    readonly layer: string,
+    readonly expected: string,
+    options?: { cause?: unknown; actual?: string }
+  ) {
+    super(
+      `layer ${layer} of ${image}: TOC digest ${options?.actual ?? '(unknown)'} does not match the manifest's annotation ${expected}`,
+      options
+    )
+  }
+}
+
+/** `requireVerified` was asked and a layer has no TOC-digest annotation to verify its TOC against. */
+export class UnverifiedLayerError extends Error {
+  override readonly name = 'UnverifiedLayerError'
+  readonly code = 'ERR_UNVERIFIED_LAYER'
+  readonly hint =
+    'convert the image with p2pctl (it writes the containerd.io/snapshot/stargz/toc.digest annotation), or open it without requireVerified'
+  constructor(
+    readonly image: string,
+    readonly layer: string
+  ) {
+    super(
+      `layer ${layer} of ${image} has no containerd.io/snapshot/stargz/toc.digest annotation: its TOC cannot be verified`
+    )
+  }
+}
+
+/** A whole layer download did not hash to the layer digest. */
+export class LayerDigestMismatchError extends Error {
+  override readonly name = 'LayerDigestMismatchError'
+  readonly code = 'ERR_LAYER_DIGEST_MISMATCH'
+  readonly hint =
+    'the registry served different bytes than the manifest names: retry, and check any proxy or mirror in between'
+  constructor(
+    readonly image: string,
+    readonly layer: string,
+    readonly actual: string
+  ) {
+    super(`layer ${layer} of ${image}: downloaded bytes hash to ${actual}`)
+  }
+}
+
+/** A layer blob is neither eStargz nor a tar this fetcher can index (tar, tar+gzip, tar+zstd). */
+export class UnsupportedLayerError extends Error {
+  override readonly name = 'UnsupportedLayerError'
+  readonly code = 'ERR_UNSUPPORTED_LAYER'
+  constructor(
+    readonly image: string,
+    readonly layer: string,
+    readonly reason: string,
+    options?: { cause?: unknown }
+  ) {
+    super(`layer ${layer} of ${image} cannot be read: ${reason}`, options)
+  }
+}
+
+/** A source did not answer within its timeout. */
+export class SourceTimeoutError extends Error {
+  override readonly name = 'SourceTimeoutError'
+  readonly code = 'ERR_SOURCE_TIMEOUT'
+  constructor(
+    readonly source: string,
+    readonly digest: string,
+    readonly timeoutMs: number
+  ) {
+    super(`source ${source} did not answer for chunk ${digest} within ${timeoutMs} ms`)
+  }
+}

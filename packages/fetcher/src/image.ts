@@ -1,0 +1,233 @@
+import { createHash } from 'node:crypto'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Reference, RegistryClient } from '@strata/registry'
+import { type Layer, openLayer, parseTOC } from '@strata/stargz'
+import type { ChunkStore } from '@strata/store'
+import {
+  LayerDigestMismatchError,
+  TocDigestMismatchError,
+  UnsupportedLayerError,
+  UnverifiedLayerError
+} from './errors.js'
+import { type BlobCompression, decompressedStream, detectCompression, indexTar } from './indexed.js'
+import type { Descriptor, FetchEvent, Image, ImageLayer, ImageLayerFormat } from './types.js'
+
+/** The manifest annotation that vouches for an eStargz layer's TOC. */
+export const TOC_DIGEST_ANNOTATION = 'containerd.io/snapshot/stargz/toc.digest'
+
+export interface OpenImageInit {
+  client: RegistryClient
+  store: ChunkStore
+  ref: Reference | string
+  /** `os/arch[/variant]` for multi-platform images; the client's default otherwise. */
+  platform?: string
+  /** Refuse eStargz layers whose TOC the manifest does not vouch for (no TOC-digest annotation). */
+  requireVerified?: boolean
+  signal?: AbortSignal
+  onProgress?: (event: FetchEvent) => void
+  /** Layers opened at once. Default 4. */
+  concurrency?: number
+}
+
+/** What is cached in the store meta next to the TOC bytes (`toc/<layer digest>`), under `layer/<layer digest>`. */
+interface LayerRecord {
+  format: ImageLayerFormat
+  compression: BlobCompression
+  tocDigest: string
+  tocOffset: number
+  /** The size parseTOC checks offsets against: the blob for eStargz, the decompressed tar for indexed layers. */
+  blobSize: number
+  verified: boolean
+}
+
+const tocKey = (digest: string) => `toc/${digest}`
+const recordKey = (digest: string) => `layer/${digest}`
+
+function sha256(bytes: Uint8Array): string {
+  return `sha256:${createHash('sha256').update(bytes).digest('hex')}`
+}
+
+function toImageLayer(descriptor: Descriptor, record: LayerRecord, tocBytes: Uint8Array): ImageLayer {
+  const toc = parseTOC(tocBytes, {
+    format: record.format === 'indexed' ? 'estargz' : record.format,
+    tocOffset: record.tocOffset,
+    blobSize: record.blobSize
+  })
+  return {
+    descriptor,
+    digest: descriptor.digest,
+    format: record.format,
+    toc,
+    tocDigest: record.tocDigest,
+    verified: record.verified,
+    compression: record.compression
+  }
+}
+
+/**
+ * Opens an image for lazy reading: its manifest, and per layer the TOC (footer + TOC by Range reads, checked
+ * against the manifest's TOC-digest annotation) or, for layers that are not eStargz, a local index made from
+ * one whole download. TOCs are cached in the store, so opening the image again asks the registry for the
+ * manifest only.
+ */
+export async function openImage(init: OpenImageInit): Promise<Image> {
+  const { client, store, ref, signal } = init
+  const emit = init.onProgress ?? (() => {})
+  const image = await client.getImage(ref, { platform: init.platform, signal })
+  const name = String(image.ref)
+
+  const openOne = async (descriptor: Descriptor): Promise<ImageLayer> => {
+    const digest = descriptor.digest
+    const annotation = descriptor.annotations?.[TOC_DIGEST_ANNOTATION]
+    const check = (record: LayerRecord) => {
+      if (annotation !== undefined && record.format !== 'indexed' && record.tocDigest !== annotation) {
+        throw new TocDigestMismatchError(name, digest, annotation, { actual: record.tocDigest })
+      }
+      if (!record.verified) {
+        if (init.requireVerified === true) throw new UnverifiedLayerError(name, digest)
+        emit({
+          type: 'layer:unverified',
+          layer: digest,
+          message: `layer ${digest} of ${name} has no ${TOC_DIGEST_ANNOTATION} annotation: its TOC is used unverified (file chunks are still checked against it)`
+        })
+      }
+    }
+
+    const cached = await readRecord(store, digest, { signal })
+    if (cached !== undefined) {
+      check(cached.record)
+      emit({ type: 'layer:toc', layer: digest, format: cached.record.format, cached: true })
+      return toImageLayer(descriptor, cached.record, cached.tocBytes)
+    }
+
+    let layer: Layer | undefined
+    try {
+      layer = await openLayer(client.blob(ref, digest, descriptor.size), {
+        ...(annotation !== undefined ? { tocDigest: annotation } : {}),
+        signal
+      })
+    } catch (err) {
+      const e = err as { name?: string; actual?: string }
+      if (e.name === 'TOCDigestMismatchError' && annotation !== undefined) {
+        throw new TocDigestMismatchError(name, digest, annotation, { cause: err, actual: e.actual })
+      }
+      if (e.name !== 'InvalidFooterError') throw err
+    }
+
+    if (layer !== undefined) {
+      const record: LayerRecord = {
+        format: layer.format,
+        compression: layer.compression,
+        tocDigest: layer.tocDigest,
+        tocOffset: layer.tocOffset,
+        blobSize: layer.size,
+        verified: annotation !== undefined
+      }
+      check(record)
+      await writeRecord(store, digest, record, layer.tocBytes, { signal })
+      emit({ type: 'layer:toc', layer: digest, format: layer.format, cached: false })
+      return {
+        descriptor,
+        digest,
+        format: layer.format,
+        toc: layer.toc,
+        tocDigest: layer.tocDigest,
+        verified: record.verified,
+        compression: layer.compression
+      }
+    }
+
+    const { record, tocBytes } = await indexLayer(init, name, descriptor, emit)
+    emit({ type: 'layer:toc', layer: digest, format: 'indexed', cached: false })
+    return toImageLayer(descriptor, record, tocBytes)
+  }
+
+  const layers = new Array<ImageLayer>(image.layers.length)
+  let next = 0
+  const worker = async () => {
+    while (next < image.layers.length) {
+      const i = next++
+      layers[i] = await openOne(image.layers[i]!)
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(init.concurrency ?? 4, image.layers.length) }, worker))
+  return { ref: name, digest: image.digest, config: image.config, layers }
+}
+
+async function readRecord(
+  store: ChunkStore,
+  digest: string,
+  options: { signal?: AbortSignal | undefined }
+): Promise<{ record: LayerRecord; tocBytes: Uint8Array } | undefined> {
+  const [raw, tocBytes] = await Promise.all([
+    store.getMeta(recordKey(digest), options),
+    store.getMeta(tocKey(digest), options)
+  ])
+  if (raw === undefined || tocBytes === undefined) return undefined
+  const record = JSON.parse(new TextDecoder().decode(raw)) as LayerRecord
+  // A cached TOC that no longer hashes to what was recorded is ignored and fetched again.
+  return sha256(tocBytes) === record.tocDigest ? { record, tocBytes } : undefined
+}
+
+async function writeRecord(
+  store: ChunkStore,
+  digest: string,
+  record: LayerRecord,
+  tocBytes: Uint8Array,
+  options: { signal?: AbortSignal | undefined }
+): Promise<void> {
+  await store.putMeta(tocKey(digest), tocBytes, options)
+  await store.putMeta(recordKey(digest), new TextEncoder().encode(JSON.stringify(record)), options)
+}
+
+/** A layer that is not eStargz: one whole download (digest checked), indexed into the store, its chunks pinned. */
+async function indexLayer(
+  init: OpenImageInit,
+  name: string,
+  descriptor: Descriptor,
+  emit: (event: FetchEvent) => void
+): Promise<{ record: LayerRecord; tocBytes: Uint8Array }> {
+  const { client, store, ref, signal } = init
+  const digest = descriptor.digest
+  const dir = await mkdtemp(join(tmpdir(), 'strata-layer-'))
+  try {
+    const path = join(dir, 'blob')
+    await client.downloadBlob(ref, digest, path, {
+      signal,
+      onProgress: (bytes) => emit({ type: 'layer:download', layer: digest, bytes, total: descriptor.size })
+    })
+    const compression = await detectCompression(path)
+    const hash = createHash('sha256')
+    let indexed: Awaited<ReturnType<typeof indexTar>>
+    try {
+      indexed = await indexTar(
+        decompressedStream(path, compression, (b) => hash.update(b), { signal }),
+        { store, layer: digest },
+        { signal }
+      )
+    } catch (err) {
+      if ((err as Error).name === 'AbortError') throw err
+      throw new UnsupportedLayerError(name, digest, `it is neither eStargz nor a readable tar (${compression})`, {
+        cause: err
+      })
+    }
+    const actual = `sha256:${hash.digest('hex')}`
+    if (actual !== digest) throw new LayerDigestMismatchError(name, digest, actual)
+    await store.pin(digest, indexed.digests, { signal })
+    const record: LayerRecord = {
+      format: 'indexed',
+      compression,
+      tocDigest: sha256(indexed.tocBytes),
+      tocOffset: indexed.tarSize,
+      blobSize: indexed.tarSize,
+      verified: true
+    }
+    await writeRecord(store, digest, record, indexed.tocBytes, { signal })
+    emit({ type: 'layer:indexed', layer: digest, files: indexed.files, chunks: indexed.digests.length })
+    return { record, tocBytes: indexed.tocBytes }
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}

@@ -1,0 +1,406 @@
+import { createHash } from 'node:crypto'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createRegistryClient, type RegistryClient } from '@strata/registry'
+import type { Entry } from '@strata/stargz'
+import { createMemoryStore } from '@strata/store'
+import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
+import { startRegistry, type TestRegistry } from '@test/registry.js'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import {
+  type ChunkRef,
+  type ChunkSource,
+  chunkRef,
+  createFetcher,
+  createRegistrySource,
+  type FetchEvent,
+  type Fetcher,
+  type Image,
+  type ImageLayer,
+  openImage
+} from '../src/index.js'
+
+const hex = (b: Uint8Array) => createHash('sha256').update(b).digest('hex')
+
+let registry: TestRegistry
+let work: string
+let estargz: TestImage
+let plain: TestImage
+const client = createRegistryClient({ retries: 1, backoffMs: 50 })
+
+/** Counts what the fetcher asks of the registry (blob Range reads and whole downloads), delegating to the real client. */
+function counting(real: RegistryClient): RegistryClient & { reads: number; downloads: number; images: number } {
+  const c = Object.create(real) as RegistryClient & { reads: number; downloads: number; images: number }
+  c.reads = 0
+  c.downloads = 0
+  c.images = 0
+  c.getImage = (ref, options) => {
+    c.images++
+    return real.getImage(ref, options)
+  }
+  c.blob = (ref, digest, size) => {
+    const blob = real.blob(ref, digest, size)
+    return {
+      get size() {
+        return blob.size
+      },
+      readAt(offset, length, options) {
+        c.reads++
+        return blob.readAt(offset, length, options)
+      },
+      readRanges(ranges, options) {
+        c.reads++
+        return blob.readRanges(ranges, options)
+      }
+    }
+  }
+  c.downloadBlob = (ref, digest, path, options) => {
+    c.downloads++
+    return real.downloadBlob(ref, digest, path, options)
+  }
+  return c
+}
+
+/** Every regular file of the image: layer, entry. */
+function files(image: Image): Array<{ layer: ImageLayer; entry: Entry }> {
+  return image.layers.flatMap((layer) =>
+    [...layer.toc.entries.values()].filter((e) => e.type === 'reg').map((entry) => ({ layer, entry }))
+  )
+}
+
+/** Reads each file whole through the fetcher and checks it against the source tree's hashes. */
+async function readAll(fetcher: Fetcher, image: Image, test: TestImage): Promise<number> {
+  let n = 0
+  for (const { layer, entry } of files(image)) {
+    const i = image.layers.indexOf(layer)
+    const bytes = await fetcher.readFile(layer, entry, 0, entry.size)
+    expect(hex(bytes), entry.path).toBe(test.layers[i]!.files.get(entry.path))
+    n++
+  }
+  return n
+}
+
+beforeAll(async () => {
+  registry = await startRegistry()
+  work = await mkdtemp(join(tmpdir(), 'strata-fetcher-'))
+  const a = await makeTestTree(join(work, 'a'), { seed: 1 })
+  const b = await makeTestTree(join(work, 'b'), { seed: 2, bigBytes: 5 * 1024 * 1024 })
+  estargz = await buildTestImage({
+    registry: registry.host,
+    repository: 'test/estargz',
+    layers: [{ files: a, prioritized: ['etc/conf1.txt', 'etc/conf2.txt'] }, { files: b }],
+    estargz: true,
+    gzipLevel: 1
+  })
+  plain = await buildTestImage({
+    registry: registry.host,
+    repository: 'test/plain',
+    layers: [{ files: b }],
+    estargz: false
+  })
+})
+
+afterAll(async () => {
+  await registry?.stop()
+  if (work !== undefined) await rm(work, { recursive: true, force: true })
+})
+
+describe('reading an eStargz image', () => {
+  it('gives every file its source bytes; a second open and read asks the registry for nothing but the manifest', async () => {
+    const store = createMemoryStore()
+    const c = counting(client)
+    const events: FetchEvent[] = []
+    const image = await openImage({ client: c, store, ref: estargz.ref, onProgress: (e) => events.push(e) })
+    expect(image.digest).toBe(estargz.digest)
+    expect(image.layers.map((l) => [l.format, l.verified, l.tocDigest])).toEqual(
+      estargz.layers.map((l) => ['estargz', true, l.tocDigest])
+    )
+    expect(events.filter((e) => e.type === 'layer:toc' && !e.cached)).toHaveLength(2)
+    const registrySource = createRegistrySource({ client: c, ref: estargz.ref, layers: image.layers })
+    const fetcher = createFetcher({ store, sources: [registrySource], readAheadBytes: 0 })
+    const n = await readAll(fetcher, image, estargz)
+    expect(n).toBe(22 * 2)
+    const m = fetcher.metrics()
+    expect(m.sources.registry!.chunks).toBeGreaterThan(n)
+    expect(m.verificationFailures).toEqual({})
+
+    c.reads = 0
+    c.downloads = 0
+    const again = await openImage({ client: c, store, ref: estargz.ref })
+    const fetcher2 = createFetcher({
+      store,
+      sources: [createRegistrySource({ client: c, ref: estargz.ref, layers: again.layers })]
+    })
+    await readAll(fetcher2, again, estargz)
+    expect(c.reads).toBe(0)
+    expect(c.downloads).toBe(0)
+    expect(fetcher2.metrics().sources.registry).toBeUndefined()
+    expect(fetcher2.metrics().sources.store!.bytes).toBeGreaterThan(14 * 1024 * 1024)
+  })
+
+  it('reads ranges inside and across chunks', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client, ref: estargz.ref, layers: image.layers })]
+    })
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('usr/bin/tool')!
+    expect(entry.chunks.length).toBe(3)
+    const whole = await fetcher.readFile(layer, entry, 0, entry.size)
+    for (const [off, len] of [
+      [0, 1],
+      [4 * 1024 * 1024 - 10, 20],
+      [100, 9 * 1024 * 1024],
+      [entry.size - 5, 100],
+      [entry.size, 10]
+    ] as const) {
+      const got = await fetcher.readFile(layer, entry, off, len)
+      expect(Buffer.from(got).equals(Buffer.from(whole.subarray(off, Math.min(entry.size, off + len))))).toBe(true)
+    }
+  })
+
+  it('makes one request for concurrent reads of the same chunk', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const inner = createRegistrySource({ client, ref: estargz.ref, layers: image.layers })
+    let calls = 0
+    const source: ChunkSource = {
+      name: 'registry',
+      get(chunk, options) {
+        calls++
+        return inner.get(chunk, options)
+      }
+    }
+    const fetcher = createFetcher({ store, sources: [source] })
+    const layer = image.layers[0]!
+    const chunk = chunkRef(layer, layer.toc.lookup('usr/bin/tool')!.chunks[1]!)
+    const got = await Promise.all(Array.from({ length: 6 }, () => fetcher.get(chunk)))
+    expect(calls).toBe(1)
+    expect(new Set(got.map(hex)).size).toBe(1)
+    expect(`sha256:${hex(got[0]!)}`).toBe(chunk.digest)
+    expect(fetcher.metrics().singleFlightJoins).toBe(5)
+  })
+
+  it('catches a source that corrupts bytes, reports it, and reads from the next source', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const registrySource = createRegistrySource({ client, ref: estargz.ref, layers: image.layers })
+    const bad: Array<{ digest: string; reason: string }> = []
+    // A peer that flips a byte: a real component cannot be made to do this on purpose.
+    const corrupt: ChunkSource = {
+      name: 'liar',
+      async get(chunk, options) {
+        const bytes = await registrySource.get(chunk, options)
+        if (bytes === undefined || bytes.length === 0) return bytes
+        const copy = Uint8Array.from(bytes)
+        copy[copy.length >> 1]! ^= 0xff
+        return copy
+      },
+      reportBad(chunk, reason) {
+        bad.push({ digest: chunk.digest, reason })
+      }
+    }
+    const fetcher = createFetcher({ store, sources: [corrupt, registrySource], readAheadBytes: 0 })
+    const events: FetchEvent[] = []
+    fetcher.addEventListener('chunk:bad', (e) => events.push((e as CustomEvent<FetchEvent>).detail))
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('etc/conf7.txt')!
+    const chunk = chunkRef(layer, entry.chunks[0]!)
+    expect(hex(await fetcher.get(chunk))).toBe(estargz.layers[0]!.files.get('etc/conf7.txt'))
+    expect(bad).toEqual([{ digest: chunk.digest, reason: expect.stringContaining('failed verification') }])
+    expect(events).toEqual([expect.objectContaining({ type: 'chunk:bad', source: 'liar', digest: chunk.digest })])
+    // The batched path too: a whole multi-chunk file.
+    const tool = layer.toc.lookup('usr/bin/tool')!
+    const bytes = await fetcher.readFile(layer, tool, 0, tool.size)
+    expect(hex(bytes)).toBe(estargz.layers[0]!.files.get('usr/bin/tool'))
+    expect(fetcher.metrics().verificationFailures).toEqual({ liar: 4 })
+    expect(await store.has(chunk.digest)).toBe(true)
+  })
+
+  it('names the chunk, the layer and what each source said when no source can give it', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const layer = image.layers[1]!
+    const entry = layer.toc.lookup('etc/conf3.txt')!
+    const nothing: ChunkSource = { name: 'peers', get: async () => undefined }
+    const broken: ChunkSource = {
+      name: 'registry',
+      get: async () => {
+        throw new Error('HTTP 503')
+      }
+    }
+    const fetcher = createFetcher({ store, sources: [nothing, broken] })
+    const err = await fetcher.readFile(layer, entry, 0, 10).catch((e: unknown) => e)
+    expect(err).toMatchObject({ name: 'ChunkUnavailableError', code: 'ERR_CHUNK_UNAVAILABLE', layer: layer.digest })
+    expect((err as Error).message).toContain(entry.chunks[0]!.digest)
+    expect((err as Error).message).toContain('peers: does not have it')
+    expect((err as Error).message).toContain('registry: HTTP 503')
+  })
+
+  it('hedges a slow source with the next one, one at a time, never all at once', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const registrySource = createRegistrySource({ client, ref: estargz.ref, layers: image.layers })
+    const asked: string[] = []
+    const slow: ChunkSource = {
+      name: 'slow-peer',
+      get: (_chunk, options) => {
+        asked.push('slow-peer')
+        return new Promise((resolve) => {
+          const t = setTimeout(() => resolve(undefined), 5000)
+          options?.signal?.addEventListener('abort', () => {
+            clearTimeout(t)
+            resolve(undefined)
+          })
+        })
+      }
+    }
+    const registry: ChunkSource = {
+      name: 'registry',
+      get: (chunk, options) => {
+        asked.push('registry')
+        return registrySource.get(chunk, options)
+      }
+    }
+    const never: ChunkSource = {
+      name: 'mirror',
+      get: async () => {
+        asked.push('mirror')
+        return undefined
+      }
+    }
+    const fetcher = createFetcher({ store, sources: [slow, registry, never], hedgeDelayMs: 100 })
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('etc/conf9.txt')!
+    const started = performance.now()
+    const bytes = await fetcher.get(chunkRef(layer, entry.chunks[0]!))
+    expect(performance.now() - started).toBeLessThan(2000)
+    expect(hex(bytes)).toBe(estargz.layers[0]!.files.get('etc/conf9.txt'))
+    expect(asked).toEqual(['slow-peer', 'registry'])
+    expect(fetcher.metrics().hedges).toBe(1)
+  })
+
+  it('prefetches the prioritized files in one range read, and reads ahead the rest of a file', async () => {
+    const store = createMemoryStore()
+    const c = counting(client)
+    const image = await openImage({ client: c, store, ref: estargz.ref })
+    const layer = image.layers[0]!
+    expect(layer.toc.prioritized.map((e) => e.path)).toEqual(expect.arrayContaining(['etc/conf1.txt', 'etc/conf2.txt']))
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client: c, ref: estargz.ref, layers: image.layers })]
+    })
+    c.reads = 0
+    await fetcher.prefetch(image)
+    expect(c.reads).toBe(1)
+    for (const e of layer.toc.prioritized) for (const ch of e.chunks) expect(await store.has(ch.digest)).toBe(true)
+
+    const tool = layer.toc.lookup('usr/bin/tool')!
+    await fetcher.readFile(layer, tool, 0, 100)
+    const deadline = Date.now() + 10_000
+    while (!(await store.has(tool.chunks[2]!.digest)) && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 20))
+    for (const ch of tool.chunks) expect(await store.has(ch.digest)).toBe(true)
+  })
+
+  it('keeps reads correct under a store cap smaller than the image', async () => {
+    const store = createMemoryStore({ maxBytes: 6 * 1024 * 1024 })
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client, ref: estargz.ref, layers: image.layers })]
+    })
+    await readAll(fetcher, image, estargz)
+    await readAll(fetcher, image, estargz)
+    const stats = await store.stats()
+    expect(stats.evictions).toBeGreaterThan(0)
+    expect(stats.bytes).toBeLessThanOrEqual(6 * 1024 * 1024)
+  })
+})
+
+describe('trust in the TOC', () => {
+  it('refuses a layer whose TOC does not match the manifest annotation', async () => {
+    const bad = await buildTestImage({
+      registry: registry.host,
+      repository: 'test/bad-toc',
+      layers: [{ files: join(work, 'a') }],
+      estargz: true,
+      gzipLevel: 1,
+      tocAnnotation: `sha256:${'0'.repeat(64)}`
+    })
+    const err = await openImage({ client, store: createMemoryStore(), ref: bad.ref }).catch((e: unknown) => e)
+    expect(err).toMatchObject({ name: 'TocDigestMismatchError', layer: bad.layers[0]!.digest })
+    expect((err as Error).message).toContain(`sha256:${'0'.repeat(64)}`)
+  })
+
+  it('opens a layer without annotation as unverified with a warning, and refuses it under requireVerified', async () => {
+    const bare = await buildTestImage({
+      registry: registry.host,
+      repository: 'test/no-annotation',
+      layers: [{ files: join(work, 'b') }],
+      estargz: true,
+      gzipLevel: 1,
+      omitTocAnnotation: true
+    })
+    const events: FetchEvent[] = []
+    const image = await openImage({
+      client,
+      store: createMemoryStore(),
+      ref: bare.ref,
+      onProgress: (e) => events.push(e)
+    })
+    expect(image.layers[0]!.verified).toBe(false)
+    expect(events.some((e) => e.type === 'layer:unverified' && e.message.includes('toc.digest'))).toBe(true)
+    const err = await openImage({ client, store: createMemoryStore(), ref: bare.ref, requireVerified: true }).catch(
+      (e: unknown) => e
+    )
+    expect(err).toMatchObject({ name: 'UnverifiedLayerError', code: 'ERR_UNVERIFIED_LAYER' })
+  })
+})
+
+describe('a plain gzip image', () => {
+  it('is downloaded once, indexed, and read like an eStargz one', async () => {
+    const store = createMemoryStore()
+    const c = counting(client)
+    const events: FetchEvent[] = []
+    const image = await openImage({ client: c, store, ref: plain.ref, onProgress: (e) => events.push(e) })
+    const layer = image.layers[0]!
+    expect(layer).toMatchObject({ format: 'indexed', verified: true, compression: 'gzip' })
+    expect(c.downloads).toBe(1)
+    expect(events.some((e) => e.type === 'layer:download' && e.bytes === e.total)).toBe(true)
+    expect(events).toContainEqual(expect.objectContaining({ type: 'layer:indexed', files: 22, chunks: 22 }))
+    expect(layer.toc.lookup('etc/tool-link')).toMatchObject({ type: 'symlink', linkName: '../usr/bin/tool' })
+    expect(layer.toc.lookup('data/empty')).toMatchObject({ type: 'reg', size: 0 })
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client: c, ref: plain.ref, layers: image.layers })]
+    })
+    await readAll(fetcher, image, plain)
+    expect(fetcher.metrics().sources.registry).toBeUndefined()
+    expect((await store.stats()).pinned).toBe(22)
+
+    const again = await openImage({ client: c, store, ref: plain.ref })
+    expect(c.downloads).toBe(1)
+    expect(again.layers[0]!.tocDigest).toBe(layer.tocDigest)
+  })
+
+  it('gets chunks the store lost back from the registry by downloading the layer again', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: plain.ref })
+    const layer = image.layers[0]!
+    const tool = layer.toc.lookup('usr/bin/tool')!
+    const refs: ChunkRef[] = tool.chunks.map((ch) => chunkRef(layer, ch))
+    await store.unpin(layer.digest)
+    for (const r of refs) await store.delete(r.digest)
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client, ref: plain.ref, layers: image.layers })]
+    })
+    const bytes = await fetcher.readFile(layer, tool, 0, tool.size)
+    expect(hex(bytes)).toBe(plain.layers[0]!.files.get('usr/bin/tool'))
+    expect(fetcher.metrics().sources.registry!.chunks).toBe(refs.length)
+  })
+})
