@@ -29,6 +29,15 @@ export function estargzFooter(tocOffset: number): Buffer {
   return f
 }
 
+/** The 47-byte legacy stargz footer: the offset in the raw extra field, without a subfield header. */
+export function legacyFooter(tocOffset: number): Buffer {
+  const f = Buffer.alloc(47)
+  Buffer.from([0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 22, 0]).copy(f, 0)
+  f.write(`${tocOffset.toString(16).padStart(16, '0')}STARGZ`, 12, 'latin1')
+  Buffer.from([0x01, 0x00, 0x00, 0xff, 0xff]).copy(f, 34)
+  return f
+}
+
 /** The zstd:chunked footer: a skippable frame with offset, compressed and uncompressed TOC size, type 1, magic. */
 export function zstdChunkedFooter(tocOffset: number, compressed: number, uncompressed: number, type = 1n): Buffer {
   const f = Buffer.alloc(48)
