@@ -284,7 +284,8 @@ class DiskStore extends EventTarget implements DiskChunkStore {
           continue
         }
         const digest = `sha256:${name}`
-        // Decided inside serial(): a put of this digest in flight finishes (and records it) first.
+        if (this.ledger.chunks.has(digest)) continue
+        // Decided again inside serial(): a put of this digest in flight finishes (and records it) first.
         const removed = await this.serial(digest, async () => {
           if (this.ledger.chunks.has(digest)) return false
           await rm(path, { force: true, recursive: true })
@@ -444,8 +445,17 @@ class DiskStore extends EventTarget implements DiskChunkStore {
 
 async function loadIndex(db: Db, ledger: Ledger): Promise<void> {
   const records: Array<[string, ChunkRecord]> = []
+  // Many chunks share a layer: keep one copy of each layer digest in memory.
+  const layers = new Map<string, string>()
   for await (const [key, value] of db.iterator({ gte: CHUNK, lt: 'c"' })) {
-    records.push([key.slice(CHUNK.length), decodeRecord(value)])
+    const record = decodeRecord(value)
+    record.layers = record.layers.map((layer) => {
+      const known = layers.get(layer)
+      if (known !== undefined) return known
+      layers.set(layer, layer)
+      return layer
+    })
+    records.push([key.slice(CHUNK.length), record])
   }
   records.sort((a, b) => a[1].atime - b[1].atime)
   for (const [digest, record] of records) ledger.add(digest, record)
@@ -456,8 +466,8 @@ async function loadIndex(db: Db, ledger: Ledger): Promise<void> {
 }
 
 /** Makes files and index agree after whatever happened before this open (a crash, a full disk, tampering). */
-async function repairStore(chunksDir: string, db: Db, ledger: Ledger): Promise<RepairReport> {
-  const report: RepairReport = { tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0 }
+async function repairStore(chunksDir: string, db: Db, ledger: Ledger): Promise<Omit<RepairReport, 'indexRebuilt'>> {
+  const report = { tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0 }
   const ops: Op[] = []
   const seen = new Set<string>()
   const present = new Set(await readdir(chunksDir))
@@ -508,6 +518,25 @@ async function repairStore(chunksDir: string, db: Db, ledger: Ledger): Promise<R
 }
 
 /**
+ * Opens the index. A damaged one is deleted and started afresh: it only caches what the chunk files say, and
+ * the repair pass then indexes every file again after verifying it (pins and metadata are lost).
+ */
+async function openIndex(dir: string, indexDir: string): Promise<{ db: Db; rebuilt: boolean }> {
+  for (let rebuilt = false; ; rebuilt = true) {
+    const db: Db = new Level<string, Uint8Array>(indexDir, { valueEncoding: 'view' })
+    try {
+      await db.open()
+      return { db, rebuilt }
+    } catch (err) {
+      const cause = errorCode((err as Error)?.cause)
+      if (cause === 'LEVEL_LOCKED') throw new StoreLockedError(dir, { cause: err })
+      if (cause !== 'LEVEL_CORRUPTION' || rebuilt) throw new StoreIOError('open', indexDir, { cause: err })
+      await rm(indexDir, { recursive: true, force: true })
+    }
+  }
+}
+
+/**
  * Opens (or creates) the chunk store in `dir` and takes its lock: only one process may own a store.
  * Runs the repair pass first (which also evicts down to the cap if it was lowered).
  */
@@ -516,17 +545,10 @@ export async function openDiskStore(dir: string, init: DiskStoreInit = {}): Prom
   const chunksDir = join(dir, 'chunks')
   const indexDir = join(dir, 'index')
   await mkdir(chunksDir, { recursive: true })
-  const db: Db = new Level<string, Uint8Array>(indexDir, { valueEncoding: 'view' })
-  try {
-    await db.open()
-  } catch (err) {
-    const locked = errorCode(err) === 'LEVEL_LOCKED' || errorCode((err as Error)?.cause) === 'LEVEL_LOCKED'
-    if (locked) throw new StoreLockedError(dir, { cause: err })
-    throw new StoreIOError('open', indexDir, { cause: err })
-  }
+  const { db, rebuilt } = await openIndex(dir, indexDir)
   try {
     await loadIndex(db, ledger)
-    const repair = await repairStore(chunksDir, db, ledger)
+    const repair = { ...(await repairStore(chunksDir, db, ledger)), indexRebuilt: rebuilt }
     return new DiskStore(dir, db, ledger, repair, init.fsync ?? true)
   } catch (err) {
     await db.close()

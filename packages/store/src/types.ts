@@ -97,6 +97,8 @@ export interface RepairReport {
   reindexed: number
   /** Files whose content did not hash to their name, or whose name is not a chunk's, removed. */
   badRemoved: number
+  /** The index database was damaged and was rebuilt from the chunk files (pins and metadata were lost). */
+  indexRebuilt: boolean
 }
 
 export interface DiskChunkStore extends LocalChunkStore {

@@ -35,7 +35,13 @@ describe('disk store', () => {
     await store.close()
 
     store = await openDiskStore(dir, { maxBytes: 3000 })
-    expect(store.repair).toEqual({ tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0 })
+    expect(store.repair).toEqual({
+      tempRemoved: 0,
+      missingDropped: 0,
+      reindexed: 0,
+      badRemoved: 0,
+      indexRebuilt: false
+    })
     expect(await store.getMeta('manifest/x')).toEqual(new Uint8Array([7, 8, 9]))
     expect(await store.stats()).toMatchObject({ chunks: 3, bytes: 3000, pinned: 1 })
     await store.put(d!.digest, d!.bytes)
@@ -78,11 +84,32 @@ describe('disk store', () => {
     await writeFile(join(dir, 'chunks', 'ff', 'notes.txt'), 'hello')
 
     store = await openDiskStore(dir)
-    expect(store.repair).toEqual({ tempRemoved: 1, missingDropped: 1, reindexed: 1, badRemoved: 2 })
+    expect(store.repair).toEqual({
+      tempRemoved: 1,
+      missingDropped: 1,
+      reindexed: 1,
+      badRemoved: 2,
+      indexRebuilt: false
+    })
     expect(await store.get(lost!.digest)).toBeUndefined()
     expect(await store.get(wrong!.digest)).toBeUndefined()
     expect(await store.get(stray!.digest)).toEqual(stray!.bytes)
     expect((await expectConsistent(dir, store)).sort()).toEqual([kept!.digest, stray!.digest].sort())
+    await store.close()
+  })
+
+  it('rebuilds a damaged index from the chunk files', async () => {
+    const dir = await tempDir()
+    const [a, b] = [randomChunk(), randomChunk()]
+    let store = await openDiskStore(dir)
+    await store.put(a!.digest, a!.bytes)
+    await store.put(b!.digest, b!.bytes)
+    await store.close()
+    await writeFile(join(dir, 'index', 'CURRENT'), 'garbage')
+
+    store = await openDiskStore(dir)
+    expect(store.repair).toEqual({ tempRemoved: 0, missingDropped: 0, reindexed: 2, badRemoved: 0, indexRebuilt: true })
+    expect((await expectConsistent(dir, store)).sort()).toEqual([a!.digest, b!.digest].sort())
     await store.close()
   })
 

@@ -53,7 +53,13 @@ describe('full disk', () => {
     await store.close()
 
     const reopened = await openDiskStore(dir)
-    expect(reopened.repair).toEqual({ tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0 })
+    expect(reopened.repair).toEqual({
+      tempRemoved: 0,
+      missingDropped: 0,
+      reindexed: 0,
+      badRemoved: 0,
+      indexRebuilt: false
+    })
     expect((await expectConsistent(dir, reopened)).sort()).toEqual([...stored.slice(1), last.digest].sort())
     expect((await chunkFiles(dir)).length).toBe(stored.length)
     await reopened.close()
