@@ -32,7 +32,7 @@ export class StoreFullError extends Error {
   }
 }
 
-/** A chunk cannot fit under the size cap because pinned chunks take the room. */
+/** A chunk cannot fit under the size cap: pinned chunks take the room, or the chunk is larger than the cap. */
 export class StoreCapError extends Error {
   override readonly name = 'StoreCapError'
   readonly code = 'STORE_CAP_EXCEEDED'
@@ -40,10 +40,8 @@ export class StoreCapError extends Error {
   readonly digest: string
 
   constructor(digest: string, size: number, maxBytes: number, pinnedBytes: number) {
-    super(
-      `cannot store chunk ${digest} (${size} bytes) under the store's cap of ${maxBytes} bytes: ` +
-        `${pinnedBytes} bytes are pinned`
-    )
+    const why = size > maxBytes ? 'the chunk alone is larger' : `${pinnedBytes} bytes are pinned`
+    super(`cannot store chunk ${digest} (${size} bytes) under the store's cap of ${maxBytes} bytes: ${why}`)
     this.digest = digest
     this.hint = 'raise the store size cap (maxBytes), or unpin images that are no longer mounted'
   }
