@@ -1,6 +1,5 @@
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
-import { bootstrap } from '@libp2p/bootstrap'
 import { identify } from '@libp2p/identify'
 import type { Libp2p, PeerId, Stream } from '@libp2p/interface'
 import { type KadDHT, kadDHT, passthroughMapper } from '@libp2p/kad-dht'
@@ -9,7 +8,10 @@ import { peerIdFromString } from '@libp2p/peer-id'
 import { ping } from '@libp2p/ping'
 import { preSharedKey } from '@libp2p/pnet'
 import { tcp } from '@libp2p/tcp'
-import type { ChunkSource, Fetcher, Image } from '@strata/fetcher'
+import { multiaddr } from '@multiformats/multiaddr'
+import type { ChunkSource, Fetcher, FetcherInit, Image } from '@strata/fetcher'
+import { createFetcher, createRegistrySource, openImage } from '@strata/fetcher'
+import type { RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
 import { createLibp2p } from 'libp2p'
 import { Announcer, type AnnounceStats } from './announcer.js'
@@ -19,6 +21,7 @@ import { loadIdentity, loadPreSharedKey } from './identity.js'
 import { digestToCid } from './keys.js'
 import { PeerBook, type PeerScore } from './peers.js'
 import { CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
+import { LayerRouter } from './router.js'
 import { PeerSource, runForwarded } from './source.js'
 import { type WarmProgress, type WarmResult, warmImage } from './warm.js'
 
@@ -32,19 +35,22 @@ export interface NodeInit {
   dataDir: string
   /** Multiaddrs to listen on. Default `/ip4/0.0.0.0/tcp/4001`. */
   listen?: string[]
-  /** Multiaddrs (with `/p2p/<id>`) of nodes to join through. */
+  /**
+   * Multiaddrs of nodes to join through; `/p2p/<id>` is optional (a DNS name of every node, e.g. a headless
+   * Service, works). Dialled at start and again whenever the node has no strata peer.
+   */
   bootstrap?: string[]
   /** Find peers on the local network by mDNS. Default false. */
   mdns?: boolean
   /** A libp2p swarm key file: only nodes with the same key can connect. */
   pskFile?: string
   /**
-   * Makes the node's fetcher given its peer source (the composition root puts the registry source after it).
-   * The node warms images and serves forwarded requests through it.
+   * The registry client (from @strata/registry). The node opens images with it and reads from the registry
+   * what no peer has; without one the node serves and fetches from peers only.
    */
-  createFetcher(peers: ChunkSource): Fetcher
-  /** Opens an image (manifest, layers, verified TOCs) for warm-up. */
-  openImage(ref: string, options?: AbortOptions): Promise<Image>
+  registry?: RegistryClient
+  /** Tuning of the node's fetcher (peers first, then the registry). Default hedge delay 2 s: peers get time. */
+  fetcher?: Omit<FetcherInit, 'store' | 'sources'>
   /** Limits of the chunk protocol. */
   limits?: Partial<ProtocolLimits>
   /** DHT provides running at once and started per second (background chunk announcements). */
@@ -99,6 +105,8 @@ export interface StrataNode {
   readonly fetcher: Fetcher
   /** The `peer` ChunkSource (what the fetcher asks before the registry). */
   readonly source: ChunkSource
+  /** Opens an image (manifest, verified TOCs) and lets the fetcher read its layers from the registry. */
+  openImage(ref: string, options?: AbortOptions): Promise<Image>
   addrs(): string[]
   peers(): PeerStatus[]
   status(options?: AbortOptions): Promise<NodeStatus>
@@ -135,6 +143,11 @@ class Node implements StrataNode {
   private readonly inflight = new Set<Promise<void>>()
   private readonly onPut: (e: Event) => void
   private readonly onEvict: (e: Event) => void
+  private readonly router = new LayerRouter()
+  private readonly opened = new Map<string, Promise<Image>>()
+  /** The image each opened layer came from: a home node asked to fetch a chunk opens it by this name. */
+  private readonly imageOfLayer = new Map<string, string>()
+  private rejoin: NodeJS.Timeout | undefined
 
   constructor(
     private readonly libp2p: Libp2p<{ dht: KadDHT }>,
@@ -149,13 +162,22 @@ class Node implements StrataNode {
       limits,
       findProviders: (digest, options) => this.findProviders(digest, options),
       openStream: (peer, options) => this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, options),
-      members: () => [...this.strataPeers]
+      members: () => [...this.strataPeers],
+      imageOf: (layer) => this.imageOfLayer.get(layer)
     })
-    this.fetcher = init.createFetcher(this.source)
+    this.fetcher = createFetcher({
+      hedgeDelayMs: 2_000,
+      ...init.fetcher,
+      store: init.store,
+      sources: [this.source, this.router]
+    })
     this.server = new ChunkServer(
       {
         store: init.store,
-        fetch: (chunk, options) => runForwarded(() => this.fetcher.get(chunk, options)),
+        fetch: async (chunk, ref, options) => {
+          if (ref !== undefined && !this.router.has(chunk.layer)) await this.openImage(ref, options)
+          return runForwarded(() => this.fetcher.get(chunk, options))
+        },
         onServed: (_peer, bytes) => {
           this.served += bytes
           this.requestsServed++
@@ -202,11 +224,23 @@ class Node implements StrataNode {
     this.init.store.addEventListener('put', this.onPut)
     this.init.store.addEventListener('evict', this.onEvict)
     this.announcer.start()
+    this.join()
+    this.rejoin = setInterval(() => {
+      if (this.strataPeers.size === 0) this.join()
+    }, 10_000)
+    this.rejoin.unref()
     // A restart announces again what the store still holds: coarse keys first, then every chunk.
     const saved = await this.init.store.getMeta(COARSE_META)
     if (saved !== undefined)
       for (const key of JSON.parse(new TextDecoder().decode(saved)) as string[]) this.announceCoarse(key)
     for await (const digest of this.init.store.keys()) this.announcer.announce(digest)
+  }
+
+  /** Dials the bootstrap addresses; failures are retried by the rejoin timer. */
+  private join(): void {
+    for (const addr of this.init.bootstrap ?? []) {
+      void this.libp2p.dial(multiaddr(addr), { signal: AbortSignal.timeout(10_000) }).catch(() => {})
+    }
   }
 
   private track(stream: Stream, peer: PeerId): void {
@@ -235,6 +269,23 @@ class Node implements StrataNode {
     for await (const provider of this.libp2p.contentRouting.findProviders(digestToCid(digest), options)) {
       yield provider.id.toString()
     }
+  }
+
+  openImage(ref: string, options?: AbortOptions): Promise<Image> {
+    const client = this.init.registry
+    if (client === undefined) return Promise.reject(new Error(`cannot open ${ref}: this node has no registry client`))
+    let opening = this.opened.get(ref)
+    if (opening === undefined) {
+      opening = openImage({ client, store: this.init.store, ref, signal: options?.signal }).then((image) => {
+        const layers = image.layers.map((l) => l.digest)
+        this.router.add(layers, createRegistrySource({ client, ref, layers: image.layers }))
+        for (const layer of layers) if (!this.imageOfLayer.has(layer)) this.imageOfLayer.set(layer, ref)
+        return image
+      })
+      this.opened.set(ref, opening)
+      opening.catch(() => this.opened.delete(ref))
+    }
+    return opening
   }
 
   addrs(): string[] {
@@ -279,7 +330,7 @@ class Node implements StrataNode {
   ): Promise<WarmResult> {
     let image: Image
     try {
-      image = await this.init.openImage(ref, options)
+      image = await this.openImage(ref, options)
     } catch (err) {
       throw new WarmError(`cannot open image ${ref}: ${(err as Error).message}`, { cause: err })
     }
@@ -407,6 +458,7 @@ class Node implements StrataNode {
   }
 
   async stop(options: { graceMs?: number } = {}): Promise<void> {
+    clearInterval(this.rejoin)
     await this.libp2p.unhandle([CHUNK_PROTOCOL, WARM_PROTOCOL])
     const grace = new Promise((resolve) => setTimeout(resolve, options.graceMs ?? 10_000).unref())
     await Promise.race([Promise.allSettled([...this.inflight]), grace])
@@ -430,10 +482,7 @@ export async function createNode(init: NodeInit): Promise<StrataNode> {
     connectionEncrypters: [noise()],
     streamMuxers: [yamux()],
     ...(psk !== undefined ? { connectionProtector: preSharedKey({ psk }) } : {}),
-    peerDiscovery: [
-      ...(init.bootstrap !== undefined && init.bootstrap.length > 0 ? [bootstrap({ list: init.bootstrap })] : []),
-      ...(init.mdns === true ? [mdns()] : [])
-    ],
+    peerDiscovery: init.mdns === true ? [mdns()] : [],
     services: {
       identify: identify(),
       ping: ping(),

@@ -10,7 +10,8 @@ import { encodeFrame, readFrames } from './frames.js'
  *
  *   request   {"op":"have","digests":[...]}        which of these do you hold?
  *             {"op":"get","digests":[...]}         send those you hold
- *             {"op":"fetch","chunks":[ChunkRef]}   send these, fetching what you lack (you are their home)
+ *             {"op":"fetch","chunks":[ChunkRef],"ref":IMAGE}  send these, fetching what you lack (you are
+ *                                                  their home; IMAGE names where the registry has them)
  *   answer    HAVE    [0x03][bitmap, bit i = digests[i] held]
  *             CHUNK   [0x01][u32 index][uncompressed bytes]  (unverified: the asker's fetcher checks them)
  *             MISSING [0x02][u32 index]
@@ -50,14 +51,14 @@ export const DEFAULT_LIMITS: ProtocolLimits = {
 export type ChunkRequest =
   | { op: 'have'; digests: string[] }
   | { op: 'get'; digests: string[] }
-  | { op: 'fetch'; chunks: ChunkRef[] }
+  | { op: 'fetch'; chunks: ChunkRef[]; ref?: string }
 
 export type ChunkAnswer = { index: number; bytes: Uint8Array } | { index: number; bytes: undefined }
 
 export interface ServerComponents {
   store: ChunkStore
   /** Gets a chunk this node is the home of, from wherever the node's fetcher finds it (for `fetch`). */
-  fetch?: (chunk: ChunkRef, options?: AbortOptions) => Promise<Uint8Array | undefined>
+  fetch?: (chunk: ChunkRef, ref: string | undefined, options?: AbortOptions) => Promise<Uint8Array | undefined>
   /** Told about each chunk served. */
   onServed?: (peer: string, bytes: number) => void
   /** Told about each failed request. */
@@ -102,7 +103,7 @@ export class ChunkServer {
       }
       if (request.op === 'have') await this.answerHave(stream, request.digests, signal)
       else if (request.op === 'get') await this.answerGet(stream, peer, request.digests, signal)
-      else await this.answerFetch(stream, peer, request.chunks, signal)
+      else await this.answerFetch(stream, peer, request.chunks, request.ref, signal)
       await stream.close({ signal })
     } catch (err) {
       this.components.onError?.(peer, err as Error)
@@ -138,7 +139,13 @@ export class ChunkServer {
     }
   }
 
-  private async answerFetch(stream: Stream, peer: string, chunks: ChunkRef[], signal: AbortSignal): Promise<void> {
+  private async answerFetch(
+    stream: Stream,
+    peer: string,
+    chunks: ChunkRef[],
+    ref: string | undefined,
+    signal: AbortSignal
+  ): Promise<void> {
     const fetch = this.components.fetch
     let budget = this.limits.maxResponseBytes
     // Bounded concurrency: the home node fetches a few chunks at once and answers as each arrives.
@@ -150,7 +157,8 @@ export class ChunkServer {
         let bytes: Uint8Array | undefined
         if (budget > 0) {
           bytes = await this.components.store.get(chunk.digest, { signal })
-          if (bytes === undefined && fetch !== undefined) bytes = await fetch(chunk, { signal }).catch(() => undefined)
+          if (bytes === undefined && fetch !== undefined)
+            bytes = await fetch(chunk, ref, { signal }).catch(() => undefined)
         }
         budget = await this.answerOne(stream, peer, i, bytes, budget, signal)
       }
@@ -200,7 +208,11 @@ function parseRequest(frame: Uint8Array, limits: ProtocolLimits): ChunkRequest {
     if (m.chunks.length > limits.maxDigestsPerRequest) {
       throw new ProtocolError(`${m.chunks.length} chunks is over the limit of ${limits.maxDigestsPerRequest}`)
     }
-    return { op: 'fetch', chunks: m.chunks as ChunkRef[] }
+    const ref = (m as { ref?: unknown }).ref
+    if (ref !== undefined && (typeof ref !== 'string' || ref.length > 1024)) {
+      throw new ProtocolError('fetch request ref must be an image reference')
+    }
+    return { op: 'fetch', chunks: m.chunks as ChunkRef[], ...(ref !== undefined ? { ref } : {}) }
   }
   throw new ProtocolError(`unknown request op ${JSON.stringify(m.op)}`)
 }
@@ -316,7 +328,7 @@ export async function requestHave(
 export async function* requestChunks(
   stream: Stream,
   peer: string,
-  request: { op: 'get'; digests: string[] } | { op: 'fetch'; chunks: ChunkRef[] },
+  request: { op: 'get'; digests: string[] } | { op: 'fetch'; chunks: ChunkRef[]; ref?: string },
   limits: ProtocolLimits = DEFAULT_LIMITS,
   options?: AbortOptions
 ): AsyncGenerator<ChunkAnswer> {

@@ -16,6 +16,8 @@ export interface PeerSourceComponents {
   openStream(peer: string, options?: AbortOptions): Promise<Stream>
   /** Connected peers that speak the chunk protocol: the cluster as this node sees it. */
   members(): string[]
+  /** The image a layer was opened from (sent with forwarded requests, so the home node can open it too). */
+  imageOf?(layer: string): string | undefined
   limits?: ProtocolLimits
   /** Told about each chunk a peer sent (before verification). */
   onFetched?(peer: string, bytes: number): void
@@ -93,7 +95,8 @@ export class PeerSource implements ChunkSource {
     }
     const home = this.home(chunk.digest)
     if (home === undefined || tried.has(home)) return undefined
-    return this.firstOf([home], (peer, signal) => this.ask(peer, { op: 'fetch', chunks: [chunk] }, signal), options)
+    const request = { op: 'fetch' as const, chunks: [chunk], ...this.refOf(chunk.layer) }
+    return this.firstOf([home], (peer, signal) => this.ask(peer, request, signal), options)
   }
 
   async *getMany(chunks: ChunkRef[], options?: AbortOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
@@ -119,12 +122,17 @@ export class PeerSource implements ChunkSource {
     const fromHolders = [...assigned].map(([peer, digests]) => this.stream(peer, 'get', digests, left, options))
     for await (const got of merge(fromHolders)) yield* this.deliver(got, left)
     // What no holder sent: ask each chunk's home node to fetch it once for the cluster.
-    const homes = new Map<string, ChunkRef[]>()
+    // One stream per (home, image): a forwarded request names the image its chunks come from.
+    const homes = new Map<string, { peer: string; refs: ChunkRef[] }>()
     for (const [digest, refs] of left) {
-      const home = this.home(digest)
-      if (home !== undefined) homes.set(home, [...(homes.get(home) ?? []), refs[0]!])
+      const peer = this.home(digest)
+      if (peer === undefined) continue
+      const key = `${peer} ${this.refOf(refs[0]!.layer).ref ?? ''}`
+      const group = homes.get(key) ?? { peer, refs: [] }
+      group.refs.push(refs[0]!)
+      homes.set(key, group)
     }
-    const fromHomes = [...homes].map(([peer, refs]) => this.stream(peer, 'fetch', refs, left, options))
+    const fromHomes = [...homes.values()].map((g) => this.stream(g.peer, 'fetch', g.refs, left, options))
     for await (const got of merge(fromHomes)) yield* this.deliver(got, left)
   }
 
@@ -136,6 +144,11 @@ export class PeerSource implements ChunkSource {
     // Whatever that peer announced is suspect: look providers up afresh.
     this.providers.delete(chunk.layer)
     this.providers.delete(chunk.digest)
+  }
+
+  private refOf(layer: string): { ref?: string } {
+    const ref = this.components.imageOf?.(layer)
+    return ref !== undefined ? { ref } : {}
   }
 
   /** The chunk's home among the cluster, unless it is this node or we are serving a forwarded request. */
@@ -184,7 +197,7 @@ export class PeerSource implements ChunkSource {
   /** One request for one chunk; undefined when the peer lacks it or fails (the failure is recorded). */
   private async ask(
     peer: string,
-    request: { op: 'get'; digests: string[] } | { op: 'fetch'; chunks: ChunkRef[] },
+    request: { op: 'get'; digests: string[] } | { op: 'fetch'; chunks: ChunkRef[]; ref?: string },
     signal: AbortSignal
   ): Promise<Uint8Array | undefined> {
     const started = Date.now()
@@ -266,8 +279,8 @@ export class PeerSource implements ChunkSource {
     for (let i = 0; i < items.length; i += BATCH) {
       const batch = items.slice(i, i + BATCH)
       const digests = batch.map((x) => (typeof x === 'string' ? x : x.digest))
-      const request =
-        op === 'get' ? { op, digests } : { op, chunks: batch.filter((x): x is ChunkRef => typeof x !== 'string') }
+      const refs = batch.filter((x): x is ChunkRef => typeof x !== 'string')
+      const request = op === 'get' ? { op, digests } : { op, chunks: refs, ...this.refOf(refs[0]!.layer) }
       const started = Date.now()
       let bytes = 0
       try {

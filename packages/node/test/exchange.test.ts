@@ -8,7 +8,6 @@ import type { Libp2p } from '@libp2p/interface'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import type { ChunkRef } from '@strata/fetcher'
-import { createFetcher } from '@strata/fetcher'
 import { createMemoryStore } from '@strata/store'
 import { createLibp2p } from 'libp2p'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -79,23 +78,18 @@ describe('two nodes in one process', () => {
 
   beforeAll(async () => {
     for (let i = 0; i < 2; i++) dirs.push(await mkdtemp(join(tmpdir(), 'strata-node-')))
-    const common = {
-      listen: ['/ip4/127.0.0.1/tcp/0'],
-      openImage: () => Promise.reject(new Error('no images in this test'))
-    }
+    const common = { listen: ['/ip4/127.0.0.1/tcp/0'] }
     a = await createNode({
       ...common,
       store: storeA,
-      dataDir: dirs[0]!,
-      createFetcher: (peers) => createFetcher({ store: storeA, sources: [peers] })
+      dataDir: dirs[0]!
     })
     for (const c of chunks) await storeA.put(c.ref.digest, c.bytes, { layer: LAYER })
     b = await createNode({
       ...common,
       store: storeB,
       dataDir: dirs[1]!,
-      bootstrap: a.addrs(),
-      createFetcher: (peers) => createFetcher({ store: storeB, sources: [peers] })
+      bootstrap: a.addrs()
     })
     client = await createLibp2p({
       transports: [tcp()],

@@ -1,4 +1,147 @@
-import type { Command } from '../command.js'
+import type {
+  ClusterWarmProgress,
+  ClusterWarmResult,
+  NodeStatus,
+  PeerStatus,
+  WarmProgress,
+  WarmResult
+} from '@strata/node'
+import { type ControlClient, createControlClient, type ImageRecord } from '@strata/node'
+import type { Command, Context } from '../command.js'
+import { formatBytes } from '../output.js'
+
+function client(ctx: Context): ControlClient {
+  const socket = (ctx.opts.socket as string | undefined) ?? process.env.STRATA_SOCKET ?? '/run/strata/p2pd.sock'
+  return createControlClient(socket)
+}
+
+const json = { type: 'boolean', description: 'print JSON' } as const
+
+const status: Command = {
+  name: 'status',
+  summary: 'the local p2pd: peer id, addresses, peers, bytes served and fetched, store, announcements',
+  options: { json },
+  async run(ctx) {
+    const s = await client(ctx).get<NodeStatus>('/status', { signal: ctx.signal })
+    if (ctx.out.json) {
+      ctx.out.printJson(s)
+      return 0
+    }
+    ctx.out.fields({
+      peerId: s.peerId,
+      addrs: s.addrs.join(' '),
+      peers: s.peers,
+      served: formatBytes(s.bytes.served),
+      fetched: Object.entries(s.bytes.fetched)
+        .map(([source, n]) => `${source} ${formatBytes(n)}`)
+        .join(', '),
+      store: `${s.store.chunks} chunks, ${formatBytes(s.store.bytes)}${Number.isFinite(s.store.maxBytes) ? ` of ${formatBytes(s.store.maxBytes)}` : ''}`,
+      announce: `${s.announce.landed} keys announced, ${s.announce.backlog} waiting`
+    })
+    return 0
+  }
+}
+
+const peers: Command = {
+  name: 'peers',
+  summary: 'connected peers, with measured latency and penalties',
+  options: { json },
+  async run(ctx) {
+    const list = await client(ctx).get<PeerStatus[]>('/peers', { signal: ctx.signal })
+    if (ctx.out.json) {
+      ctx.out.printJson(list)
+      return 0
+    }
+    if (list.length === 0) ctx.out.info('no peers connected')
+    for (const p of list) {
+      const banned = (p.bannedUntil ?? 0) > Date.now() ? ' BANNED' : ''
+      const latency = p.latencyMs !== undefined ? ` ${Math.round(p.latencyMs)}ms` : ''
+      ctx.out.print(`${p.peer} ${p.strata ? 'strata' : 'dht'}${latency}${banned} ${p.addrs.join(' ')}`)
+    }
+    return 0
+  }
+}
+
+const images: Command = {
+  name: 'images',
+  summary: 'images this node has warmed',
+  options: { json },
+  async run(ctx) {
+    const list = await client(ctx).get<ImageRecord[]>('/images', { signal: ctx.signal })
+    if (ctx.out.json) {
+      ctx.out.printJson(list)
+      return 0
+    }
+    for (const i of list) {
+      ctx.out.print(`${i.ref} ${i.digest} ${i.layers.length} layers ${i.chunks} chunks ${formatBytes(i.bytes)}`)
+    }
+    return 0
+  }
+}
+
+const warm: Command = {
+  name: 'warm',
+  summary: 'fetch every chunk of an image into this node (or, with --cluster, into every node)',
+  usage: 'IMAGE',
+  description: `With --cluster every reachable node fetches its share of the chunks (from the registry or a peer),
+then the rest from the others: the registry serves each chunk about once.`,
+  args: { min: 1, max: 1 },
+  options: { cluster: { type: 'boolean', description: 'warm every node of the cluster' }, json },
+  async run(ctx) {
+    const image = ctx.args[0]!
+    const cluster = ctx.opts.cluster === true
+    const bar = ctx.out.json ? undefined : ctx.out.progress(cluster ? `warm ${image} (cluster)` : `warm ${image}`)
+    const onEvent = (event: unknown) => {
+      const e = event as { type: string } & Partial<WarmProgress> & Partial<ClusterWarmProgress>
+      if (e.type !== 'progress' || bar === undefined) return
+      if (e.nodes !== undefined) {
+        const nodes = Object.values(e.nodes)
+        bar.setTotal(nodes.reduce((n, p) => n + p.totalBytes, 0))
+        bar.update(nodes.reduce((n, p) => n + p.bytes, 0))
+      } else if (e.totalBytes !== undefined) {
+        bar.setTotal(e.totalBytes)
+        bar.update(e.bytes ?? 0)
+      }
+    }
+    const result = await client(ctx).stream<WarmResult | ClusterWarmResult>('/warm', { image, cluster }, onEvent, {
+      signal: ctx.signal
+    })
+    if (ctx.out.json) {
+      ctx.out.printJson(result)
+      return 0
+    }
+    if ('nodes' in result) {
+      const failed = Object.entries(result.nodes).filter(([, r]) => !r.ok)
+      bar?.finish(
+        `warm ${image}: ${Object.keys(result.nodes).length - failed.length} of ${Object.keys(result.nodes).length} nodes hold the image`
+      )
+      for (const [peer, r] of failed) ctx.out.warn(`${peer}: ${r.error}`)
+      return failed.length > 0 ? 1 : 0
+    }
+    bar?.finish(
+      `warm ${image}: ${result.totalChunks} chunks, ${formatBytes(result.totalBytes)} in ${(result.ms / 1000).toFixed(1)}s`
+    )
+    return 0
+  }
+}
+
+const gc: Command = {
+  name: 'gc',
+  summary: "shrink p2pd's chunk store to its size cap (least recently used, unpinned chunks first)",
+  options: { json },
+  async run(ctx) {
+    const r = await client(ctx).post<{ evicted: number; freedBytes: number; orphansRemoved: number }>(
+      '/gc',
+      undefined,
+      {
+        signal: ctx.signal
+      }
+    )
+    if (ctx.out.json) ctx.out.printJson(r)
+    else ctx.out.fields({ evicted: r.evicted, freed: formatBytes(r.freedBytes), orphansRemoved: r.orphansRemoved })
+    return 0
+  }
+}
 
 /** `p2pctl status|peers|images|warm|gc`: talk to p2pd over its control socket. */
-export const daemonCommands: Command[] = []
+export const daemonCommands: Command[] = [status, peers, images, warm, gc]

@@ -1,0 +1,209 @@
+import { readFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import {
+  type ControlServer,
+  createNode,
+  type MetricsServer,
+  type StrataNode,
+  startControlServer,
+  startMetricsServer
+} from '@strata/node'
+import { createRegistryClient } from '@strata/registry'
+import { type LocalChunkStore, openDiskStore } from '@strata/store'
+import { type Command, type Options, parseBytes, runCommand, UsageError } from './command.js'
+
+const DEFAULTS = {
+  'data-dir': '/var/lib/strata',
+  listen: ['/ip4/0.0.0.0/tcp/4001'],
+  socket: '/run/strata/p2pd.sock'
+}
+
+/** Settings come from flags, then STRATA_* variables, then the config file, then the defaults. */
+interface Settings {
+  dataDir: string
+  listen: string[]
+  bootstrap: string[]
+  socket: string
+  metricsListen?: string
+  cacheSize?: number
+  pskFile?: string
+  insecureRegistry: string[]
+  creds?: { username: string; password: string }
+  mdns: boolean
+}
+
+const LISTS = new Set(['listen', 'bootstrap', 'insecure-registry'])
+const KEYS = [
+  'data-dir',
+  'listen',
+  'bootstrap',
+  'socket',
+  'metrics-listen',
+  'cache-size',
+  'psk-file',
+  'insecure-registry',
+  'creds',
+  'mdns'
+] as const
+
+function envName(key: string): string {
+  return `STRATA_${key.toUpperCase().replaceAll('-', '_')}`
+}
+
+async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings> {
+  let config: Record<string, unknown> = {}
+  const configPath = (opts.config as string | undefined) ?? env.STRATA_CONFIG
+  if (configPath !== undefined) {
+    try {
+      config = JSON.parse(await readFile(configPath, 'utf8')) as Record<string, unknown>
+    } catch (err) {
+      throw new UsageError(`cannot read the config file ${configPath}: ${(err as Error).message}`)
+    }
+    const unknown = Object.keys(config).filter((k) => !(KEYS as readonly string[]).includes(k))
+    if (unknown.length > 0) throw new UsageError(`unknown keys in ${configPath}: ${unknown.join(', ')}`)
+  }
+  const pick = (key: (typeof KEYS)[number]): unknown => {
+    const flag = opts[key]
+    if (flag !== undefined && !(Array.isArray(flag) && flag.length === 0)) return flag
+    const fromEnv = env[envName(key)]
+    if (fromEnv !== undefined && fromEnv !== '') {
+      if (LISTS.has(key))
+        return fromEnv
+          .split(',')
+          .map((s) => s.trim())
+          .filter((s) => s !== '')
+      if (key === 'mdns') return fromEnv === '1' || fromEnv === 'true'
+      return fromEnv
+    }
+    if (config[key] !== undefined) return config[key]
+    return DEFAULTS[key as keyof typeof DEFAULTS]
+  }
+  const list = (key: (typeof KEYS)[number]): string[] => {
+    const v = pick(key)
+    if (v === undefined) return []
+    const arr = Array.isArray(v) ? v : [v]
+    if (!arr.every((x) => typeof x === 'string')) throw new UsageError(`${key} must be a list of strings`)
+    return arr
+  }
+  const text = (key: (typeof KEYS)[number]): string | undefined => {
+    const v = pick(key)
+    if (v === undefined) return undefined
+    if (typeof v !== 'string' && typeof v !== 'number') throw new UsageError(`${key} must be a string`)
+    return String(v)
+  }
+  const cacheSize = text('cache-size')
+  const creds = text('creds')
+  let parsedCreds: Settings['creds']
+  if (creds !== undefined) {
+    const colon = creds.indexOf(':')
+    if (colon <= 0) throw new UsageError(`--creds must be user:pass`)
+    parsedCreds = { username: creds.slice(0, colon), password: creds.slice(colon + 1) }
+  }
+  const metricsListen = text('metrics-listen')
+  if (metricsListen !== undefined && !/^.+:\d+$/.test(metricsListen)) {
+    throw new UsageError(`--metrics-listen '${metricsListen}' is not HOST:PORT`)
+  }
+  return {
+    dataDir: text('data-dir')!,
+    listen: list('listen'),
+    bootstrap: list('bootstrap'),
+    socket: text('socket')!,
+    metricsListen,
+    cacheSize: cacheSize !== undefined ? parseBytes(cacheSize, 'cache size') : undefined,
+    pskFile: text('psk-file'),
+    insecureRegistry: list('insecure-registry'),
+    creds: parsedCreds,
+    mdns: pick('mdns') === true
+  }
+}
+
+/** The registries the credentials are for: every registry the node talks to (one private registry). */
+function credentialsFor(creds: Settings['creds']) {
+  if (creds === undefined) return undefined
+  return new Proxy({} as Record<string, { username: string; password: string }>, {
+    get: (_, host) => (typeof host === 'string' ? creds : undefined),
+    has: () => true
+  })
+}
+
+export const p2pd: Command = {
+  name: 'p2pd',
+  summary: 'strata peer-to-peer node: shares image chunks with the cluster and serves local mounts.',
+  description: `Settings come from flags, then STRATA_* environment variables (STRATA_DATA_DIR, STRATA_LISTEN,
+STRATA_BOOTSTRAP, STRATA_SOCKET, STRATA_METRICS_LISTEN, STRATA_CACHE_SIZE, STRATA_PSK_FILE,
+STRATA_INSECURE_REGISTRY, STRATA_CREDS; lists comma-separated), then the --config JSON file (same keys as
+the flags, e.g. {"listen": ["/ip4/0.0.0.0/tcp/4001"], "cache-size": "20G"}). Stop with SIGTERM.
+
+Example:
+  p2pd --data-dir /var/lib/strata --bootstrap /ip4/10.0.0.10/tcp/4001/p2p/12D3KooW... --cache-size 20G`,
+  options: {
+    config: { type: 'string', value: 'FILE', description: 'JSON config file' },
+    'data-dir': { type: 'string', value: 'DIR', description: 'chunk store and identity (default: /var/lib/strata)' },
+    listen: {
+      type: 'string',
+      multiple: true,
+      value: 'MULTIADDR',
+      description: 'address for peers (default: /ip4/0.0.0.0/tcp/4001)'
+    },
+    bootstrap: {
+      type: 'string',
+      multiple: true,
+      value: 'MULTIADDR',
+      description: 'a node to join the cluster through'
+    },
+    socket: { type: 'string', value: 'PATH', description: 'control socket (default: /run/strata/p2pd.sock)' },
+    'metrics-listen': { type: 'string', value: 'HOST:PORT', description: 'serve Prometheus metrics on /metrics' },
+    'cache-size': { type: 'string', value: 'BYTES', description: 'chunk store cap, e.g. 20G (default: no cap)' },
+    'psk-file': { type: 'string', value: 'PATH', description: 'pre-shared key: only nodes with the same key connect' },
+    'insecure-registry': {
+      type: 'string',
+      multiple: true,
+      value: 'HOST[:PORT]',
+      description: 'registry spoken to over plain HTTP'
+    },
+    creds: { type: 'string', value: 'USER:PASS', description: 'registry credentials' },
+    mdns: { type: 'boolean', description: 'find peers on the local network by mDNS' }
+  },
+  async run({ opts, out, signal }) {
+    const s = await settings(opts, process.env)
+    const store: LocalChunkStore = await openDiskStore(join(s.dataDir, 'store'), {
+      ...(s.cacheSize !== undefined ? { maxBytes: s.cacheSize } : {})
+    })
+    let node: StrataNode | undefined
+    let control: ControlServer | undefined
+    let metrics: MetricsServer | undefined
+    try {
+      const credentials = credentialsFor(s.creds)
+      node = await createNode({
+        store,
+        dataDir: s.dataDir,
+        listen: s.listen,
+        bootstrap: s.bootstrap,
+        mdns: s.mdns,
+        ...(s.pskFile !== undefined ? { pskFile: s.pskFile } : {}),
+        registry: createRegistryClient({
+          insecure: s.insecureRegistry,
+          ...(credentials !== undefined ? { credentials } : {})
+        })
+      })
+      control = await startControlServer(node, { socket: s.socket })
+      if (s.metricsListen !== undefined) metrics = await startMetricsServer(node, { listen: s.metricsListen })
+      out.print(
+        `p2pd ready: peer ${node.peerId} listening on ${node.addrs().join(', ')}, socket ${s.socket}` +
+          (metrics !== undefined ? `, metrics http://${metrics.address}/metrics` : '')
+      )
+      if (!signal.aborted) await new Promise((resolve) => signal.addEventListener('abort', resolve, { once: true }))
+      out.info(`p2pd: ${(signal.reason as Error)?.message ?? 'stopping'}; finishing requests in flight`)
+      return 0
+    } finally {
+      await control?.close()
+      await metrics?.close()
+      await node?.stop()
+      await store.close()
+    }
+  }
+}
+
+export function main(argv: string[]): Promise<number> {
+  return runCommand(p2pd, argv)
+}
