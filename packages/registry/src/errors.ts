@@ -136,3 +136,15 @@ export class UnexpectedResponse extends RegistryError {
 
 /** Names of errors worth another attempt. */
 export const RETRYABLE = new Set(['RegistryUnavailable', 'TooManyRequests', 'RegistryTimeout', 'ShortRead'])
+
+/** A layer convert cannot turn into eStargz (zstd, foreign, not a tar). */
+export class LayerNotConvertible extends RegistryError {
+  override name = 'LayerNotConvertible'
+  override code = 'ERR_LAYER_NOT_CONVERTIBLE'
+}
+
+/** A `--prioritized-file` entry that no layer of the image holds (or that an upper layer deletes). */
+export class PrioritizedFileMissing extends RegistryError {
+  override name = 'PrioritizedFileMissing'
+  override code = 'ERR_PRIORITIZED_FILE_MISSING'
+}

@@ -11,17 +11,21 @@ export type {
   RemoteBlob
 } from './client.js'
 export { createRegistryClient, sha256 } from './client.js'
+export type { ConvertEvent, ConvertOptions, ConvertResult, ImageResult, LayerResult } from './convert.js'
+export { convertImage } from './convert.js'
 export {
   BlobUnknown,
   CredentialHelperFailed,
   Denied,
   DigestMismatch,
   InvalidReference,
+  LayerNotConvertible,
   ManifestInvalid,
   ManifestTooLarge,
   ManifestUnknown,
   NameUnknown,
   PlatformNotFound,
+  PrioritizedFileMissing,
   RangeNotSatisfiable,
   RegistryError,
   RegistryTimeout,
@@ -36,3 +40,5 @@ export type { Descriptor, ImageIndex, ImageManifest, Platform } from './manifest
 export { formatPlatform, hostPlatform, isIndexType, isManifestType, MediaType, parsePlatform } from './manifest.js'
 export type { Reference } from './reference.js'
 export { makeReference, parseReference, withDigest } from './reference.js'
+export type { ImageRepo } from './repo.js'
+export { openImageRepo } from './repo.js'
