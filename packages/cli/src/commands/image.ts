@@ -1,4 +1,265 @@
-import type { Command } from '../command.js'
+import { readFile } from 'node:fs/promises'
+import {
+  type ConvertEvent,
+  convertImage,
+  createRegistryClient,
+  type Descriptor,
+  formatPlatform,
+  openImageRepo,
+  parseReference,
+  type RegistryClient
+} from '@strata/registry'
+import { MAX_FOOTER_SIZE, openLayer, parseFooter, TOC_DIGEST_ANNOTATION } from '@strata/stargz'
+import { type Command, type OptionSpec, type Options, parseBytes, UsageError } from '../command.js'
+import { formatBytes, type Output, type Progress } from '../output.js'
+
+const registryOptions: Record<string, OptionSpec> = {
+  'insecure-registry': {
+    type: 'string',
+    multiple: true,
+    value: 'HOST',
+    description: 'talk plain HTTP to this registry host[:port] (loopback registries always are)'
+  },
+  creds: {
+    type: 'string',
+    value: 'USER:PASS',
+    description: 'credentials for the registries named (else ~/.docker/config.json)'
+  },
+  platform: {
+    type: 'string',
+    value: 'OS/ARCH[/VARIANT]',
+    description: 'platform to pick from a multi-platform index, e.g. linux/arm64'
+  },
+  json: { type: 'boolean', description: 'print one JSON object' }
+}
+
+/** A client for the registries these references name, with --creds applied to each of them. */
+function clientFor(opts: Options, references: string[]): RegistryClient {
+  const insecure = (opts['insecure-registry'] as string[] | undefined) ?? []
+  const credentials: Record<string, { username: string; password: string }> = {}
+  if (typeof opts.creds === 'string') {
+    const colon = opts.creds.indexOf(':')
+    if (colon <= 0) throw new UsageError(`--creds must be USER:PASS, not '${opts.creds}'`)
+    const c = { username: opts.creds.slice(0, colon), password: opts.creds.slice(colon + 1) }
+    for (const r of references) if (!r.startsWith('oci:')) credentials[parseReference(r).registry] = c
+  }
+  return createRegistryClient({ insecure, credentials })
+}
+
+interface LayerInfo {
+  digest: string
+  size: number
+  mediaType: string
+  estargz: boolean
+  format?: string
+  tocDigest?: string
+  /** Where the eStargz verdict comes from: the manifest annotation or the blob's footer. */
+  from?: 'annotation' | 'footer'
+}
+
+/** eStargz from the TOC-digest annotation, else from a Range read of the blob's last bytes (and its TOC). */
+async function probeLayer(client: RegistryClient, ref: string, l: Descriptor, signal: AbortSignal): Promise<LayerInfo> {
+  const info: LayerInfo = { digest: l.digest, size: l.size, mediaType: l.mediaType, estargz: false }
+  const toc = l.annotations?.[TOC_DIGEST_ANNOTATION]
+  if (toc !== undefined) return { ...info, estargz: true, format: 'estargz', tocDigest: toc, from: 'annotation' }
+  if (l.size < 47) return info
+  const blob = client.blob(ref, l)
+  const tailLength = Math.min(MAX_FOOTER_SIZE, l.size)
+  const tail = await blob.readAt(l.size - tailLength, tailLength, { signal })
+  try {
+    parseFooter(tail, l.size)
+  } catch (err) {
+    if ((err as Error).name === 'InvalidFooterError') return info
+    throw err
+  }
+  const layer = await openLayer(blob, { signal })
+  return {
+    ...info,
+    estargz: layer.format === 'estargz',
+    format: layer.format,
+    tocDigest: layer.tocDigest,
+    from: 'footer'
+  }
+}
+
+const inspectCommand: Command = {
+  name: 'inspect',
+  summary: "show an image's manifest and layers, and which layers are eStargz",
+  usage: 'IMAGE',
+  description: `Resolves IMAGE (a tag or digest; an index is narrowed to one platform, this machine's unless
+--platform says otherwise) and lists its layers with sizes and media types. A layer is eStargz when the
+manifest carries its TOC digest (annotation ${TOC_DIGEST_ANNOTATION}); without the annotation the last bytes of
+the blob are read to look for an eStargz footer, and the TOC digest is computed from the TOC.
+
+Examples:
+  p2pctl inspect ubuntu:24.04
+  p2pctl inspect localhost:5000/app:1 --platform linux/arm64 --json`,
+  options: registryOptions,
+  args: { min: 1, max: 1 },
+  async run({ args, opts, out, signal }) {
+    const name = args[0]!
+    const client = clientFor(opts, [name])
+    const platform = typeof opts.platform === 'string' ? opts.platform : undefined
+    const image = await client.getImage(name, { signal, ...(platform !== undefined ? { platform } : {}) })
+    const layers: LayerInfo[] = []
+    for (const l of image.layers) layers.push(await probeLayer(client, name, l, signal))
+    const chosen = image.index
+      ? (image.index.manifest as { manifests: Descriptor[] }).manifests.find((d) => d.digest === image.digest)
+      : undefined
+    const result = {
+      image: parseReference(name).toString(),
+      ...(image.index !== undefined ? { index: image.index.digest, 'index-media-type': image.index.mediaType } : {}),
+      ...(chosen?.platform !== undefined ? { platform: formatPlatform(chosen.platform) } : {}),
+      digest: image.digest,
+      'media-type': image.mediaType,
+      config: image.config.digest,
+      layers: layers.length,
+      estargz: `${layers.filter((l) => l.estargz).length}/${layers.length}`
+    }
+    if (out.json) {
+      out.printJson({ ...result, layers })
+      return 0
+    }
+    out.fields(result)
+    for (const [i, l] of layers.entries()) {
+      const kind = l.estargz
+        ? `eStargz toc ${l.tocDigest} (from ${l.from})`
+        : l.format !== undefined
+          ? `${l.format} toc ${l.tocDigest} (from footer)`
+          : 'not eStargz'
+      out.print(`layer ${i}: ${l.digest} ${formatBytes(l.size)} ${l.mediaType} ${kind}`)
+    }
+    return 0
+  }
+}
+
+async function readList(path: string): Promise<string[]> {
+  const text = await readFile(path, 'utf8').catch((err: Error) => {
+    throw new UsageError(`cannot read the prioritized file list ${path}: ${err.message}`)
+  })
+  return text
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '' && !l.startsWith('#'))
+}
+
+/** Turns convert's events into progress bars (on a terminal) or occasional plain lines. */
+function reporter(out: Output): (e: ConvertEvent) => void {
+  const bars = new Map<string, Progress>()
+  const short = (d: string) => d.slice(7, 19)
+  const done = (key: string, message: string) => {
+    const bar = bars.get(key)
+    bars.delete(key)
+    if (bar !== undefined) bar.finish(message)
+    else out.info(message)
+  }
+  return (e) => {
+    switch (e.type) {
+      case 'image':
+        out.info(`image ${e.digest}${e.platform !== undefined ? ` (${e.platform})` : ''}: ${e.layers} layers`)
+        break
+      case 'download': {
+        let bar = bars.get(`dl ${e.digest}`)
+        if (bar === undefined) {
+          bar = out.progress(`download ${short(e.digest)}`, e.size)
+          bars.set(`dl ${e.digest}`, bar)
+        }
+        bar.update(e.bytes)
+        if (e.bytes >= e.size) done(`dl ${e.digest}`, `downloaded ${short(e.digest)} (${formatBytes(e.size)})`)
+        break
+      }
+      case 'convert-start':
+        bars.set(`cv ${e.digest}`, out.progress(`convert ${short(e.digest)}`))
+        break
+      case 'convert':
+        bars.get(`cv ${e.digest}`)?.update(e.bytes)
+        break
+      case 'layer':
+        done(
+          `cv ${e.layer.sourceDigest}`,
+          e.layer.converted
+            ? `layer ${short(e.layer.sourceDigest)} -> ${short(e.layer.digest)} eStargz (${formatBytes(e.layer.size)}, toc ${short(e.layer.tocDigest)})`
+            : `layer ${short(e.layer.sourceDigest)} is eStargz already: kept`
+        )
+        break
+      case 'skip':
+        out.info(`skipped ${short(e.digest)}: ${e.reason}`)
+        break
+      case 'write':
+        out.info(`writing ${e.what} ${short(e.digest)}`)
+        break
+    }
+  }
+}
+
+const convertCommand: Command = {
+  name: 'convert',
+  summary: 'convert an image (every layer, every platform) to eStargz',
+  usage: 'SRC DST',
+  description: `Reads SRC, converts each layer that is not eStargz yet with the stargz builder, and writes the
+result to DST: layers as eStargz (media type application/vnd.oci.image.layer.v1.tar+gzip with the TOC digest
+and uncompressed size annotations), configs with the new diff_ids, then the manifest, then (for a
+multi-platform SRC) the index under DST's tag. Layers that are eStargz already are kept as they are.
+SRC and DST are registry references or OCI layouts (oci:DIR[:TAG]). Everything is built in temporary files
+first ($TMPDIR, about twice the image's size): if anything fails, nothing is written to DST.
+
+Examples:
+  p2pctl convert localhost:5000/app:1 localhost:5000/app:1-esgz
+  p2pctl convert docker.io/library/python:3.12 oci:/tmp/python:esgz --platform linux/amd64
+  p2pctl convert registry.example.com/app:1 registry.example.com/app:1-esgz --prioritized-file start.txt`,
+  options: {
+    ...registryOptions,
+    platform: {
+      type: 'string',
+      value: 'OS/ARCH[/VARIANT]',
+      description: 'convert only this platform of a multi-platform index (default: all)'
+    },
+    'chunk-size': {
+      type: 'string',
+      value: 'N',
+      description: 'largest chunk of a file per gzip member, bytes or 4MiB-style (default: 4MiB)'
+    },
+    'prioritized-file': {
+      type: 'string',
+      value: 'LIST',
+      description: 'file with paths to put first (one per line), each in the topmost layer that has it'
+    }
+  },
+  args: { min: 2, max: 2 },
+  async run({ args, opts, out, signal }) {
+    const [srcName, dstName] = args as [string, string]
+    const chunkSize =
+      typeof opts['chunk-size'] === 'string' ? parseBytes(opts['chunk-size'], '--chunk-size') : undefined
+    if (chunkSize === 0) throw new UsageError('--chunk-size must be at least 1 byte')
+    const prioritizedFiles =
+      typeof opts['prioritized-file'] === 'string' ? await readList(opts['prioritized-file']) : undefined
+    const client = clientFor(opts, [srcName, dstName])
+    const src = openImageRepo(srcName, client)
+    const dst = openImageRepo(dstName, client)
+    const result = await convertImage(src, dst, {
+      signal,
+      ...(typeof opts.platform === 'string' ? { platform: opts.platform } : {}),
+      ...(chunkSize !== undefined ? { chunkSize } : {}),
+      ...(prioritizedFiles !== undefined ? { prioritizedFiles } : {}),
+      ...(out.json ? {} : { onEvent: reporter(out) })
+    })
+    if (out.json) {
+      out.printJson(result)
+      return 0
+    }
+    const layers = result.images.flatMap((i) => i.layers)
+    out.fields({
+      source: result.source,
+      destination: result.destination,
+      digest: result.digest,
+      'media-type': result.mediaType,
+      images: result.images.length,
+      'layers-converted': layers.filter((l) => l.converted).length,
+      'layers-kept': layers.filter((l) => !l.converted).length
+    })
+    return 0
+  }
+}
 
 /** `p2pctl inspect` and `p2pctl convert`: whole images in registries and OCI layouts. */
-export const imageCommands: Command[] = []
+export const imageCommands: Command[] = [inspectCommand, convertCommand]
