@@ -427,7 +427,8 @@ class Client implements RegistryClient {
     if (cached !== undefined && cached.expires > Date.now()) return cached.header
     const challenge = this.challenges.get(registry)
     if (challenge === undefined) return undefined
-    return this.fetchToken(registry, scopes, challenge, options)
+    // A token for new scopes, without waiting for a 401: the challenge's own scope was for another request.
+    return this.fetchToken(registry, scopes, { ...challenge, params: { ...challenge.params, scope: '' } }, options)
   }
 
   private async authenticate(registry: string, scopes: string[], header: string | null, options: RequestSpec) {
