@@ -3,6 +3,7 @@ import { createWriteStream } from 'node:fs'
 import { type FileHandle, mkdtemp, open, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, posix } from 'node:path'
+import type { Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { createGunzip, gzip } from 'node:zlib'
 import {
@@ -97,6 +98,9 @@ export async function buildEstargz(input: Input, output: NodeJS.WritableStream, 
     } finally {
       await handle.close()
     }
+  } catch (err) {
+    ;(output as Partial<Writable>).destroy?.()
+    throw err
   } finally {
     await rm(dir, { recursive: true, force: true })
   }
@@ -122,11 +126,15 @@ async function spool(input: Input, path: string, signal?: AbortSignal): Promise<
     }
     parser.end()
   }
+  const file = createWriteStream(path)
+  let fileError: unknown
+  file.once('error', (err) => {
+    fileError = err
+  })
   try {
-    await pipeline(inflateIfGzip(input as AsyncIterable<Uint8Array>), index, createWriteStream(path), { signal })
+    await pipeline(inflateIfGzip(input as AsyncIterable<Uint8Array>), index, file, { signal })
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code
-    if (typeof code === 'string' && code.startsWith('E') && (err as NodeJS.ErrnoException).syscall !== undefined) {
+    if (err === fileError) {
       throw new BuildSpoolError(`cannot write the build's spool file ${path}: ${(err as Error).message}`, {
         cause: err,
         hint: 'free space in the temporary directory (it needs the uncompressed size of the layer), or point TMPDIR elsewhere'
@@ -169,11 +177,15 @@ async function* inflateIfGzip(input: AsyncIterable<Uint8Array>): AsyncGenerator<
     headLen += r.value.length
   }
   const all = (async function* () {
-    yield* head
-    while (!done) {
-      const r = await it.next()
-      if (r.done === true) return
-      yield r.value
+    try {
+      yield* head
+      while (!done) {
+        const r = await it.next()
+        if (r.done === true) return
+        yield r.value
+      }
+    } finally {
+      if (!done) await it.return?.()
     }
   })()
   const first = Buffer.concat(head)
@@ -219,21 +231,24 @@ function orderEntries(headers: TarHeader[], prioritized: string[]): Item[] {
     live.push(h)
   }
   const first: Item[] = []
+  const visiting = new Set<number>()
   const move = (name: string, required: boolean): void => {
     const clean = cleanEntryName(name)
     const i = byName.get(clean)
-    if (clean === '' || i === undefined) {
-      if (i === undefined && required) throw new PrioritizedFileNotFoundError(name)
-      if (i !== undefined && live[i] !== undefined) first.push({ header: live[i]! })
-      if (i !== undefined) live[i] = undefined
+    if (i === undefined) {
+      if (required && clean !== '') throw new PrioritizedFileNotFoundError(name)
       return
     }
-    move(posix.dirname(clean) === '.' ? '' : posix.dirname(clean), false)
+    if (visiting.has(i)) return // a hardlink cycle in a hostile tar
+    visiting.add(i)
+    if (clean !== '') {
+      const parent = posix.dirname(clean)
+      move(parent === '.' ? '' : parent, false)
+      const h = live[i]
+      if (h !== undefined && h.typeflag === '1') move(h.linkname, true)
+    }
     const h = live[i]
-    if (h === undefined) return
-    if (h.typeflag === '1') move(h.linkname, true)
-    if (live[i] === undefined) return
-    first.push({ header: h })
+    if (h !== undefined) first.push({ header: h })
     live[i] = undefined
   }
   for (const p of prioritized) move(p, true)
