@@ -218,6 +218,9 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     const layer = options?.layer
     const detail: PutEventDetail = { digest, size: bytes.length, ...(layer === undefined ? {} : { layer }) }
     this.dispatchEvent(new CustomEvent('put', { detail }))
+    // Concurrent puts reserve room at once: what they could not free before writing is freed as they land
+    // (outside serial(): two landed puts may each evict the other's chunk).
+    await this.dropEvicted(this.ledger.shrinkTo(this.ledger.maxBytes))
   }
 
   async delete(digest: string, options?: AbortOptions): Promise<boolean> {

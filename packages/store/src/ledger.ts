@@ -91,14 +91,16 @@ export class Ledger {
 
   /**
    * Makes room for a chunk of `size` bytes: takes the least recently used unpinned chunks out of the ledger
-   * and returns them for the caller to delete, and reserves the room until release(). When pinned chunks
-   * leave no room it throws StoreCapError and changes nothing.
+   * and returns them for the caller to delete, and reserves the room until release(). Room still taken by
+   * other puts in flight is freed when they land (shrinkTo). When the chunk cannot fit beside the pinned
+   * chunks at all it throws StoreCapError and changes nothing.
    */
   reserve(digest: string, size: number): Array<[string, ChunkRecord]> {
     const over = this.bytes + this.reserved + size - this.maxBytes
     const victims = over > 0 ? this.oldestUnpinned(over) : []
     if (over > 0 && victims.reduce((n, [, r]) => n + r.size, 0) < over) {
-      throw new StoreCapError(digest, size, this.maxBytes, this.pinnedBytes())
+      const pinned = this.pinnedBytes()
+      if (pinned + size > this.maxBytes) throw new StoreCapError(digest, size, this.maxBytes, pinned)
     }
     this.evict(victims)
     this.reserved += size

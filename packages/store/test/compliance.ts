@@ -147,6 +147,22 @@ export function runStoreCompliance(name: string, factory: StoreFactory): void {
       expect(stats.chunks).toBe((await collect(store.keys())).length)
     })
 
+    it('stays under the cap with many puts at once', async () => {
+      const store = await make({ maxBytes: 10_000 })
+      const pinned = randomChunk(3000)
+      await store.put(pinned.digest, pinned.bytes)
+      await store.pin('image', [pinned.digest])
+      const chunks = Array.from({ length: 60 }, () => randomChunk())
+      await Promise.all(chunks.map((c) => store.put(c.digest, c.bytes)))
+      const stats = await store.stats()
+      expect(stats.bytes).toBeLessThanOrEqual(10_000)
+      expect(stats.evictions).toBeGreaterThanOrEqual(53)
+      const keys = await collect(store.keys())
+      expect(keys).toContain(pinned.digest)
+      expect(keys).toHaveLength(stats.chunks)
+      for (const digest of keys) expect(await store.get(digest)).toBeDefined()
+    })
+
     it('keeps pinned chunks, and evicts them once unpinned', async () => {
       const store = await make({ maxBytes: 3000 })
       const [a, b, c, d, e] = [randomChunk(), randomChunk(), randomChunk(), randomChunk(), randomChunk()]

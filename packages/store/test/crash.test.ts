@@ -74,7 +74,7 @@ describe('crash safety', () => {
     /** Digests the worker on `durable` acknowledged and did not start deleting: all must survive. */
     const acknowledged = new Set<string>()
     const repaired = { tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0 }
-    for (let round = 0; round < 24; round++) {
+    for (let round = 0; round < 20; round++) {
       const useCap = round % 2 === 1
       const dir = useCap ? capped : durable
       const worker = await startWorker(dir, useCap ? cap : undefined)
