@@ -1,9 +1,10 @@
+import { createWriteStream } from 'node:fs'
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { PassThrough, Readable } from 'node:stream'
 import { gzipSync } from 'node:zlib'
-import { run } from '@test/tools.js'
+import { oraclePath, run } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { buildEstargz } from '../src/index.js'
 
@@ -12,9 +13,10 @@ let spoolDir: string
 let good: Buffer
 
 /** A ustar header block; `size` may be raw field bytes to forge hostile numbers. */
-function header(name: string, opts: { size?: number | Buffer; type?: string } = {}): Buffer {
+function header(name: string, opts: { size?: number | Buffer; type?: string; link?: string } = {}): Buffer {
   const b = Buffer.alloc(512)
   b.write(name, 0)
+  b.write(opts.link ?? '', 157)
   b.write('0000644\0', 100, 'latin1')
   b.write('0000000\0', 108, 'latin1')
   b.write('0000000\0', 116, 'latin1')
@@ -124,6 +126,18 @@ describe('buildEstargz on bad input', () => {
     const err = await fail(good, ['d/f', 'd/missing'])
     expect(err.name).toBe('PrioritizedFileNotFoundError')
     expect(err.message).toContain('d/missing')
+  })
+
+  it('survives a hardlink cycle among prioritized files', async () => {
+    const tar = Buffer.concat([
+      header('a', { type: '1', link: 'b' }),
+      header('b', { type: '1', link: 'a' }),
+      Buffer.alloc(1024)
+    ])
+    const blob = join(dir, 'cycle.esgz')
+    await buildEstargz(Readable.from([tar]), createWriteStream(blob), { prioritizedFiles: ['a'], tmpDir: spoolDir })
+    const toc = JSON.parse((await run(oraclePath(), ['toc', blob])).stdout) as { entries: { name: string }[] }
+    expect(toc.entries.map((e) => e.name)).toEqual(['b', 'a', '.prefetch.landmark'])
   })
 
   it('stops when aborted and removes its spool', async () => {
