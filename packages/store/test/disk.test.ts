@@ -145,6 +145,21 @@ describe('disk store', () => {
     await store.close()
   })
 
+  it('abandons a put aborted while writing: nothing stored, no temp file left', async () => {
+    const dir = await tempDir()
+    const store = await openDiskStore(dir)
+    const big = randomChunk(8 << 20)
+    const controller = new AbortController()
+    const putting = store.put(big.digest, big.bytes, { signal: controller.signal })
+    controller.abort()
+    await expect(putting).rejects.toMatchObject({ name: 'AbortError' })
+    expect(await store.has(big.digest)).toBe(false)
+    expect(await expectConsistent(dir, store)).toEqual([])
+    await store.put(big.digest, big.bytes)
+    expect(await store.get(big.digest)).toEqual(big.bytes)
+    await store.close()
+  })
+
   it('removes orphan files in gc, but not a put in flight', async () => {
     const dir = await tempDir()
     const store = await openDiskStore(dir)
