@@ -39,10 +39,13 @@ class Link {
   clear(): void {
     this.freeAt = 0
   }
-  constructor(
-    private readonly delayMs: number,
-    private readonly bytesPerMs: number
-  ) {}
+  private readonly delayMs: number
+  private readonly bytesPerMs: number
+
+  constructor(delayMs: number, bytesPerMs: number) {
+    this.delayMs = delayMs
+    this.bytesPerMs = bytesPerMs
+  }
 
   /** When `n` bytes handed over now arrive at the other end. */
   arrival(n: number): number {
@@ -59,11 +62,18 @@ class Link {
 function pump(from: Socket, to: Socket, link: Link): void {
   const HIGH_WATER = 256 * 1024
   let queued = 0
-  let last = 0
-  const at = (when: number, fn: () => void) => {
-    // Deliveries of one direction stay in order even when timers fire late.
-    last = Math.max(last, when)
-    setTimeout(fn, Math.max(0, last - performance.now()))
+  // One FIFO and one timer per direction: deliveries keep their order however late timers fire.
+  const fifo: Array<{ when: number; deliver: () => void }> = []
+  let timer: NodeJS.Timeout | undefined
+  const drain = () => {
+    timer = undefined
+    const now = performance.now()
+    while (fifo.length > 0 && fifo[0]!.when <= now) fifo.shift()!.deliver()
+    if (fifo.length > 0) timer = setTimeout(drain, fifo[0]!.when - now)
+  }
+  const at = (when: number, deliver: () => void) => {
+    fifo.push({ when: Math.max(when, fifo.at(-1)?.when ?? 0), deliver })
+    if (timer === undefined) timer = setTimeout(drain, Math.max(0, fifo[0]!.when - performance.now()))
   }
   from.on('data', (data: Buffer) => {
     queued += data.length

@@ -125,18 +125,19 @@ class DefaultFetcher extends EventTarget implements Fetcher {
 
   async getMany(chunks: ChunkRef[], options: AbortOptions = {}): Promise<Uint8Array[]> {
     const byDigest = new Map<string, Promise<Uint8Array>>()
+    const unique = [...new Map(chunks.map((c) => [c.digest, c])).values()]
+    const cached = await mapLimit(unique, LOOKUPS_IN_FLIGHT, (chunk) => this.fromStore(chunk, options))
     const missing: ChunkRef[] = []
-    for (const chunk of chunks) {
-      if (byDigest.has(chunk.digest)) continue
-      const cached = await this.fromStore(chunk, options)
-      if (cached !== undefined) byDigest.set(chunk.digest, Promise.resolve(cached))
+    unique.forEach((chunk, i) => {
+      const bytes = cached[i]
+      if (bytes !== undefined) byDigest.set(chunk.digest, Promise.resolve(bytes))
       else if (this.inflight.has(chunk.digest))
         byDigest.set(
           chunk.digest,
           this.join(chunk, () => this.fromSources(chunk))
         )
       else missing.push(chunk)
-    }
+    })
     if (missing.length > 0) {
       const batch = this.fromSourcesMany(missing)
       for (const chunk of missing)
@@ -182,11 +183,14 @@ class DefaultFetcher extends EventTarget implements Fetcher {
   }
 
   async prefetch(image: Image, options: PrefetchOptions = {}): Promise<void> {
-    for (const layer of image.layers) {
-      const refs = layer.toc.prioritized.flatMap((e) => e.chunks.map((c) => chunkRef(layer, c)))
-      if (refs.length > 0) await this.getMany(refs, options)
-      this.emit({ type: 'prefetch', layer: layer.digest, bytes: sum(refs), total: sum(refs) })
-    }
+    // Every layer's prioritized range at once: they are what the workload reads first.
+    await Promise.all(
+      image.layers.map(async (layer) => {
+        const refs = layer.toc.prioritized.flatMap((e) => e.chunks.map((c) => chunkRef(layer, c)))
+        if (refs.length > 0) await this.getMany(refs, options)
+        this.emit({ type: 'prefetch', layer: layer.digest, bytes: sum(refs), total: sum(refs) })
+      })
+    )
     const rate = options.wholeLayerBytesPerSecond ?? 0
     if (rate <= 0) return
     for (const layer of image.layers) {
@@ -261,8 +265,8 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     return p
   }
 
-  /** Verifies bytes from `source`; stores and returns them, or reports the source and returns the reason. */
-  private async accept(source: ChunkSource, chunk: ChunkRef, bytes: Uint8Array): Promise<string | undefined> {
+  /** THE choke point: bytes from `source` are checked here; a failure is counted, reported and returned as a reason. */
+  private check(source: ChunkSource, chunk: ChunkRef, bytes: Uint8Array): string | undefined {
     const bad = verify(chunk, bytes)
     if (bad !== undefined) {
       this.counters.verificationFailure(source.name)
@@ -273,8 +277,20 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     const m = this.counters.source(source.name)
     m.chunks++
     m.bytes += bytes.byteLength
-    await this.store.put(chunk.digest, bytes, { layer: chunk.layer })
     return undefined
+  }
+
+  /**
+   * Keeps verified bytes in the store. A store that fails (a full disk) does not fail the read: the bytes are
+   * good; the failure is counted and announced.
+   */
+  private async keep(chunk: ChunkRef, bytes: Uint8Array): Promise<void> {
+    try {
+      await this.store.put(chunk.digest, bytes, { layer: chunk.layer })
+    } catch (err) {
+      this.counters.source('store').errors++
+      this.emit({ type: 'store:error', digest: chunk.digest, message: describe(err) })
+    }
   }
 
   /**
@@ -323,10 +339,11 @@ class DefaultFetcher extends EventTarget implements Fetcher {
                 return `${source.name}: does not have it`
               }
               if (done) return 'superseded'
-              const bad = await this.accept(source, chunk, bytes)
+              const bad = this.check(source, chunk, bytes)
               if (bad === undefined && !done) {
                 this.counters.observe(source.name, performance.now() - started)
                 finish()
+                await this.keep(chunk, bytes)
                 resolve(bytes)
               }
               return bad ?? 'superseded'
@@ -339,22 +356,11 @@ class DefaultFetcher extends EventTarget implements Fetcher {
               return `${source.name}: ${describe(err)}`
             }
           )
-          .then(
-            (outcome) => {
-              attempts[i] = outcome
-              pending--
-              if (!done) startNext(false)
-            },
-            (err: unknown) => {
-              // store.put failed: the bytes are verified but could not be kept; the read still fails loudly.
-              attempts[i] = `store: ${describe(err)}`
-              pending--
-              if (!done) {
-                finish()
-                reject(new ChunkUnavailableError(chunk.digest, chunk.layer, attempts.filter(Boolean), { cause: err }))
-              }
-            }
-          )
+          .then((outcome) => {
+            attempts[i] = outcome
+            pending--
+            if (!done) startNext(false)
+          })
         if (next < this.sources.length) hedgeTimer = setTimeout(() => startNext(true), this.hedgeDelayMs)
       }
       startNext(false)
@@ -382,16 +388,23 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         const got = new Set<string>()
         const m = this.counters.source(source.name)
         const started = performance.now()
+        // Puts overlap (a disk store syncs each chunk) but stay bounded; a chunk settles once it is kept.
+        const puts = new Set<Promise<void>>()
         const take = async (chunk: ChunkRef, bytes: Uint8Array) => {
           if (got.has(chunk.digest) || !attempts.has(chunk.digest)) return
-          const bad = await this.accept(source, chunk, bytes)
+          const bad = this.check(source, chunk, bytes)
           if (bad !== undefined) {
             attempts.get(chunk.digest)!.push(bad)
             return
           }
           got.add(chunk.digest)
           this.counters.observe(source.name, performance.now() - started)
-          settle.get(chunk.digest)!.resolve(bytes)
+          const put = this.keep(chunk, bytes).then(() => {
+            puts.delete(put)
+            settle.get(chunk.digest)!.resolve(bytes)
+          })
+          puts.add(put)
+          if (puts.size >= PUTS_IN_FLIGHT) await Promise.race(puts)
         }
         const signal = AbortSignal.timeout(this.sourceTimeoutMs * Math.max(1, Math.ceil(missing.length / 64)))
         try {
@@ -414,6 +427,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
           for (const c of missing)
             if (!got.has(c.digest)) attempts.get(c.digest)!.push(`${source.name}: ${describe(err)}`)
         }
+        await Promise.all(puts)
         const left = missing.filter((c) => !got.has(c.digest))
         for (const c of left) {
           const a = attempts.get(c.digest)!
@@ -433,6 +447,12 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     return results
   }
 }
+
+/** Store writes of one batch in flight at once. */
+const PUTS_IN_FLIGHT = 16
+
+/** Store lookups of one batch in flight at once. */
+const LOOKUPS_IN_FLIGHT = 16
 
 function sum(refs: ChunkRef[]): number {
   return refs.reduce((a, r) => a + r.size, 0)
