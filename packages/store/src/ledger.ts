@@ -134,12 +134,21 @@ export class Ledger {
 
   private oldestUnpinned(need: number): Array<[string, ChunkRecord]> {
     const victims: Array<[string, ChunkRecord]> = []
+    const skipped: Array<[string, ChunkRecord]> = []
     let freed = 0
     for (const entry of this.chunks) {
       if (freed >= need) break
-      if (this.pinCounts.has(entry[0])) continue
-      victims.push(entry)
-      freed += entry[1].size
+      if (this.pinCounts.has(entry[0])) skipped.push(entry)
+      else {
+        victims.push(entry)
+        freed += entry[1].size
+      }
+    }
+    // Pinned chunks passed over go to the young end (their last access stays), so the next eviction does not
+    // walk past the same thousands of pinned chunks again.
+    for (const [digest, record] of skipped) {
+      this.chunks.delete(digest)
+      this.chunks.set(digest, record)
     }
     return victims
   }
