@@ -180,7 +180,6 @@ interface RequestSpec {
 class Reply {
   constructor(
     readonly res: Response,
-    readonly url: URL,
     private readonly timer: IdleTimer,
     private readonly subject: ErrorSubject
   ) {}
@@ -389,7 +388,7 @@ class Client implements RegistryClient {
       } finally {
         timer.disarm()
       }
-      const reply = new Reply(res, url, timer, spec.subject)
+      const reply = new Reply(res, timer, spec.subject)
       if (res.status === 401 && toRegistry && authAttempts < 2) {
         await reply.discard()
         authAttempts++
@@ -487,7 +486,7 @@ class Client implements RegistryClient {
     } finally {
       timer.disarm()
     }
-    const reply = new Reply(res, url, timer, subject)
+    const reply = new Reply(res, timer, subject)
     const text = Buffer.from(await reply.bytes(1024 * 1024)).toString('utf8')
     if (res.status === 401 || res.status === 403) {
       throw new Unauthorized(
@@ -743,7 +742,7 @@ class Client implements RegistryClient {
         return readRange(offset, length, options)
       },
       async readRanges(ranges: Range[], options: AbortOptions = {}) {
-        return client.readRanges(ref, digest, ranges, readRange, options)
+        return client.readRanges(ref, ranges, readRange, options)
       }
     }
   }
@@ -776,7 +775,7 @@ class Client implements RegistryClient {
         },
         [200, 206]
       )
-      if (ignoredRange(true, reply.res.status)) {
+      if (ignoredRange(reply.res.status)) {
         this.rangeRefused.add(ref.registry)
         const total = Number(reply.header('content-length') ?? Number.NaN)
         if (!Number.isNaN(total)) known.size = total
@@ -810,7 +809,6 @@ class Client implements RegistryClient {
   /** Coalesces adjacent or overlapping ranges into requests of at most maxCoalesceBytes, then slices. */
   private async readRanges(
     ref: Reference,
-    _digest: string,
     ranges: Range[],
     readRange: (offset: number, length: number, options: AbortOptions) => Promise<Uint8Array>,
     options: AbortOptions

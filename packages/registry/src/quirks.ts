@@ -53,8 +53,8 @@ export function storageUrlExpired(status: number): boolean {
  * asked for from the stream, and remembers the registry so that many ranges of one blob are served from a single
  * full read instead of one full read each.
  */
-export function ignoredRange(requestedRange: boolean, status: number): boolean {
-  return requestedRange && status === 200
+export function ignoredRange(status: number): boolean {
+  return status === 200
 }
 
 /**
