@@ -71,11 +71,15 @@ export class StoreClosedError extends Error {
 export class StoreIOError extends Error {
   override readonly name = 'StoreIOError'
   readonly code = 'STORE_IO'
+  readonly hint: string
   readonly path: string
 
   constructor(operation: string, path: string, options: ErrorOptions) {
-    const reason = (options.cause as { code?: string; message?: string } | undefined)?.code ?? 'error'
-    super(`store ${operation} failed on ${path} (${reason})`, options)
+    // The innermost cause says what the OS or LevelDB saw (e.g. "EACCES: permission denied, open ...").
+    let inner = options.cause
+    while (inner instanceof Error && inner.cause instanceof Error) inner = inner.cause
+    super(`store ${operation} failed on ${path}: ${inner instanceof Error ? inner.message : String(inner)}`, options)
     this.path = path
+    this.hint = `check that ${path} is readable and writable by this user and that its file system is healthy`
   }
 }

@@ -66,6 +66,15 @@ describe('disk store', () => {
     await second.close()
   })
 
+  it('says what failed when the store directory cannot be used', async () => {
+    const dir = await tempDir()
+    await writeFile(join(dir, 'index'), 'a file where the index directory belongs')
+    const err = await openDiskStore(dir).catch((e: unknown) => e)
+    expect(err).toMatchObject({ name: 'StoreIOError', code: 'STORE_IO', path: join(dir, 'index') })
+    expect((err as Error).message).toMatch(new RegExp(`^store open failed on ${join(dir, 'index')}: .+`))
+    expect((err as { hint: string }).hint).toContain(join(dir, 'index'))
+  })
+
   it('repairs by hand-made damage on open', async () => {
     const dir = await tempDir()
     const [kept, lost, stray, wrong] = [randomChunk(), randomChunk(), randomChunk(), randomChunk()]
