@@ -33,8 +33,20 @@ const registryOptions: Record<string, OptionSpec> = {
   json: { type: 'boolean', description: 'print one JSON object' }
 }
 
+/** A malformed image reference on the command line is a usage error (exit 2). */
+function checkReference(name: string): void {
+  if (name.startsWith('oci:')) return
+  try {
+    parseReference(name)
+  } catch (err) {
+    if ((err as Error).name === 'InvalidReference') throw new UsageError((err as Error).message)
+    throw err
+  }
+}
+
 /** A client for the registries these references name, with --creds applied to each of them. */
 function clientFor(opts: Options, references: string[]): RegistryClient {
+  for (const r of references) checkReference(r)
   const insecure = (opts['insecure-registry'] as string[] | undefined) ?? []
   const credentials: Record<string, { username: string; password: string }> = {}
   if (typeof opts.creds === 'string') {
