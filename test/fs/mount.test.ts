@@ -1,0 +1,198 @@
+import { spawn } from 'node:child_process'
+import { mkdir, mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import {
+  buildTree,
+  createOperations,
+  isMounted,
+  type Mount,
+  mountFuse,
+  type ReadFailure,
+  type ReadFile
+} from '@strata/fs'
+import { type FileReadAt, fileReader, type Layer, openLayer, type ReadAt, readFileRange } from '@strata/stargz'
+import { run } from '@test/tools.js'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { describeTree, type Fixture, makeFixture, PROGRAM } from './fixture.js'
+
+// Real FUSE mounts of layers built from real file trees, compared with a reference extraction.
+// Everything that touches a mount runs as a child process: this process serves the mount.
+
+let work: string
+let fixture: Fixture
+let readers: FileReadAt[]
+let layers: Layer[]
+
+beforeAll(async () => {
+  work = await mkdtemp(join(tmpdir(), 'strata-fs-mount-'))
+  fixture = await makeFixture(work)
+  readers = await Promise.all(fixture.blobs.map((b) => fileReader(b.path)))
+  layers = await Promise.all(readers.map((r, i) => openLayer(r, { tocDigest: fixture.blobs[i]!.tocDigest })))
+})
+
+afterAll(async () => {
+  await Promise.all((readers ?? []).map((r) => r.close()))
+  if (work !== undefined) await rm(work, { recursive: true, force: true })
+})
+
+async function mountLayers(
+  name: string,
+  blobs: ReadAt[] = readers,
+  onError?: (f: ReadFailure) => void
+): Promise<Mount & { dir: string }> {
+  const dir = join(work, name)
+  await mkdir(dir)
+  const read: ReadFile = (layer, entry, offset, length, options) =>
+    readFileRange(blobs[layer]!, layers[layer]!, entry, offset, length, options)
+  const ops = createOperations(buildTree(layers), read, onError !== undefined ? { onError } : {})
+  const mount = await mountFuse(ops, dir)
+  return Object.assign(mount, { dir })
+}
+
+/** Runs a command to its end without blocking this process (which serves the mount). */
+function exec(cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (d) => {
+      stdout += d
+    })
+    child.stderr.on('data', (d) => {
+      stderr += d
+    })
+    child.on('error', reject)
+    child.on('close', (code) => resolve({ code, stdout, stderr }))
+  })
+}
+
+describe('FUSE mount of an image', () => {
+  let mount: Mount & { dir: string }
+  beforeAll(async () => {
+    mount = await mountLayers('mnt')
+  })
+  afterAll(async () => {
+    await mount?.unmount()
+  })
+
+  it('shows exactly what a layer-by-layer extraction shows: paths, types, modes, owners, sizes, targets, sha256', async () => {
+    const expected = await describeTree(fixture.reference)
+    const actual = await describeTree(mount.dir)
+    expect(actual).toEqual(expected)
+    // The fixture really has what the comparison is about.
+    expect(expected.find((l) => l.startsWith('data/a-link '))).toMatch(/ f 644 0:0 1 6 /)
+    expect(expected.some((l) => l.startsWith('etc/hostname'))).toBe(false)
+    expect(expected.filter((l) => l.startsWith('data/opq/'))).toHaveLength(1)
+    expect(expected.find((l) => l.startsWith('data/suid '))).toMatch(/ f 4755 /)
+    expect(expected.find((l) => l.startsWith('tmp '))).toMatch(/ d 1777 /)
+    expect(expected.find((l) => l.startsWith('data/fifo '))).toMatch(/ p 644 /)
+    expect(expected.find((l) => l.startsWith('dev/zero '))).toMatch(/ c 644 /)
+    expect(expected.find((l) => l.startsWith('data/n1 '))).toMatch(/ f 644 0:0 2 /)
+  })
+
+  it('runs a dynamically linked program in a chroot', async () => {
+    const r = await exec('chroot', [mount.dir, '/bin/ls', '-1', '/data/opq', '/etc'])
+    expect(r.stderr).toBe('')
+    expect(r.stdout).toBe('/data/opq:\nnew2\n\n/etc:\nmotd\n')
+    expect(r.code).toBe(0)
+    const version = await exec('chroot', [mount.dir, PROGRAM, '--version'])
+    expect(version.stdout).toMatch(/GNU coreutils/)
+  })
+
+  it('keeps one inode for hardlinks, device numbers, xattrs and statfs', async () => {
+    const r = await exec('stat', [
+      '-c',
+      '%i %h %t:%T %u:%g %a',
+      ...['data/n1', 'data/n1-link', 'dev/zero', 'data/owned', 'data/private'].map((p) => join(mount.dir, p))
+    ])
+    const [n1, n1link, zero, owned, priv] = r.stdout.trim().split('\n')
+    expect(n1!.split(' ')[0]).toBe(n1link!.split(' ')[0])
+    expect(n1!.split(' ')[1]).toBe('2')
+    expect(zero!.split(' ')[2]).toBe('1:5')
+    expect(owned!.split(' ')[3]).toBe('1000:1001')
+    expect(priv!.split(' ').slice(3)).toEqual(['1000:1000', '700'])
+    const attrs = await exec('getfattr', ['-d', '-e', 'hex', '-m', '-', join(mount.dir, 'data', 'attrs')])
+    expect(attrs.stdout).toContain('user.strata=0x68656c6c6f')
+    expect(attrs.stdout).toContain('user.other=0x00ff10')
+    const df = await exec('stat', ['-f', '-c', '%T %b %S', mount.dir])
+    expect(df.stdout).toMatch(/^fuseblk|fuse/)
+    expect(Number(df.stdout.trim().split(' ')[1]) * 4096).toBeGreaterThanOrEqual(20 * 1024 * 1024)
+  })
+
+  it('refuses writes with EROFS', async () => {
+    const r = await exec('sh', ['-c', `echo x > ${join(mount.dir, 'etc', 'motd')}`])
+    expect(r.code).not.toBe(0)
+    expect(r.stderr).toMatch(/Read-only file system/)
+    const mk = await exec('mkdir', [join(mount.dir, 'newdir')])
+    expect(mk.stderr).toMatch(/Read-only file system/)
+  })
+
+  it('serves concurrent readers the same bytes', async () => {
+    const files = ['data/big', ...Array.from({ length: 40 }, (_, i) => `usr/share/doc/doc${i}`)]
+    const expected = await exec('sh', ['-c', `cd ${fixture.reference} && sha256sum ${files.join(' ')}`])
+    const readers = Array.from({ length: 6 }, (_, i) =>
+      exec('sh', [
+        '-c',
+        `cd ${mount.dir} && sha256sum ${[...files.slice(i), ...files.slice(0, i)].join(' ')} | sort -k2`
+      ])
+    )
+    const sorted = expected.stdout
+      .trim()
+      .split('\n')
+      .sort((a, b) => a.slice(66).localeCompare(b.slice(66)))
+      .join('\n')
+    for (const r of await Promise.all(readers)) {
+      expect(r.stderr).toBe('')
+      expect(
+        r.stdout
+          .trim()
+          .split('\n')
+          .sort((a, b) => a.slice(66).localeCompare(b.slice(66)))
+          .join('\n')
+      ).toBe(sorted)
+    }
+  })
+})
+
+describe('a chunk that fails verification', () => {
+  it('gives EIO with the reason reported, and the next read succeeds', async () => {
+    // A blob source that corrupts the file's chunk (a bad peer, a flipped bit) for the first two reads: the
+    // kernel retries a failed page read once by itself, so a reader sees EIO only when the retry fails too.
+    const target = layers[1]!.toc.lookup('data/n1')!
+    const chunk = target.chunks[0]!
+    let corrupted = 0
+    const flaky: ReadAt[] = readers.map((r, i) =>
+      i !== 1
+        ? r
+        : {
+            size: r.size,
+            async readAt(offset, length, options) {
+              const bytes = await r.readAt(offset, length, options)
+              if (corrupted < 2 && offset <= chunk.offset && offset + length >= chunk.end) {
+                corrupted++
+                const copy = bytes.slice()
+                copy[chunk.offset - offset + 12]! ^= 0xff
+                return copy
+              }
+              return bytes
+            }
+          }
+    )
+    const failures: ReadFailure[] = []
+    const mount = await mountLayers('mnt-flaky', flaky, (f) => failures.push(f))
+    try {
+      const first = await exec('cat', [join(mount.dir, 'data', 'n1')])
+      expect(first.code).not.toBe(0)
+      expect(first.stderr).toMatch(/Input\/output error/)
+      expect(failures).toHaveLength(2)
+      expect(failures[0]).toMatchObject({ path: '/data/n1', layer: 1 })
+      expect(failures[0]!.error.message).toMatch(/chunk sha256:[0-9a-f]{64} of data\/n1/)
+      const second = await exec('cat', [join(mount.dir, 'data', 'n1')])
+      expect(second).toMatchObject({ code: 0, stdout: 'n1\n' })
+    } finally {
+      await mount.unmount()
+    }
+    expect(await isMounted(mount.dir)).toBe(false)
+  })
+})
