@@ -12,7 +12,6 @@ import {
   type ReadFile
 } from '@strata/fs'
 import { type FileReadAt, fileReader, type Layer, openLayer, type ReadAt, readFileRange } from '@strata/stargz'
-import { run } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { describeTree, type Fixture, makeFixture, PROGRAM } from './fixture.js'
 
