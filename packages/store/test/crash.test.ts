@@ -100,5 +100,5 @@ describe('crash safety', () => {
     expect(acknowledged.size).toBeGreaterThan(0)
     // The kills did land mid-put: interrupted temp files or renamed-but-unindexed chunks were cleaned up.
     expect(repaired.tempRemoved + repaired.reindexed).toBeGreaterThan(0)
-  })
+  }, 120_000)
 })
