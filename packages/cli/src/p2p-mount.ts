@@ -1,0 +1,239 @@
+import { createHash } from 'node:crypto'
+import { mkdir, readFile, writeFile } from 'node:fs/promises'
+import { homedir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { createFetcher, createRegistrySource, type FetchEvent, openImage } from '@strata/fetcher'
+import { forceUnmount, isMounted, type ReadFailure, serveMount } from '@strata/fs'
+import { createControlClient } from '@strata/node'
+import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
+import { openDiskStore } from '@strata/store'
+import { type Command, type Context, runCommand, UsageError } from './command.js'
+import { formatBytes, Progress } from './output.js'
+
+/** The default data directory: p2pd's when root, else a per-user one. */
+function defaultDataDir(): string {
+  if (process.getuid?.() === 0) return '/var/lib/strata'
+  return join(process.env.XDG_DATA_HOME ?? join(homedir(), '.local', 'share'), 'strata')
+}
+
+const command: Command = {
+  name: 'p2p-mount',
+  summary: 'mount a container image lazily: files are fetched chunk by chunk when first read',
+  usage: 'IMAGE MOUNTPOINT | --unmount MOUNTPOINT',
+  description: `Mounts the merged root file system of IMAGE (read-only; --writable puts an overlayfs on top) and
+stays in the foreground until SIGINT or SIGTERM, then unmounts. Prints 'mounted IMAGE at MOUNTPOINT' once
+the mount is ready. eStargz layers are read lazily; other layers are fetched whole first.
+
+Examples:
+  p2p-mount registry.example.com/app:1.2 /mnt/app
+  p2p-mount --record /tmp/app.files --writable ghcr.io/org/app:latest /mnt/app
+  p2p-mount --unmount /mnt/app       # clean up after a p2p-mount that was killed`,
+  args: { min: 1, max: 2 },
+  options: {
+    socket: {
+      type: 'string',
+      value: 'PATH',
+      description: "p2pd's control socket (default: /run/strata/p2pd.sock)"
+    },
+    'data-dir': {
+      type: 'string',
+      value: 'DIR',
+      description: `chunk store and writable layers (default: ${defaultDataDir()})`
+    },
+    platform: { type: 'string', value: 'OS/ARCH', description: 'platform to pick from a multi-platform image' },
+    writable: { type: 'boolean', description: 'overlay a writable layer (kept under the data dir)' },
+    record: {
+      type: 'string',
+      value: 'FILE',
+      description: 'write the files read, in first-read order, to FILE (for p2pctl convert --prioritized-file)'
+    },
+    'insecure-registry': {
+      type: 'string',
+      multiple: true,
+      value: 'HOST',
+      description: 'talk plain HTTP to this registry host[:port] (loopback registries always are)'
+    },
+    creds: { type: 'string', value: 'USER:PASS', description: 'registry credentials (else ~/.docker/config.json)' },
+    'require-verified': {
+      type: 'boolean',
+      description: 'refuse eStargz layers whose TOC digest the manifest does not vouch for'
+    },
+    unmount: { type: 'boolean', description: 'remove the mount at MOUNTPOINT whose p2p-mount died' }
+  },
+  run: (ctx) => (ctx.opts.unmount === true ? unmount(ctx) : mount(ctx))
+}
+
+export function main(argv: string[]): Promise<number> {
+  return runCommand(command, argv)
+}
+
+async function unmount(ctx: Context): Promise<number> {
+  if (ctx.args.length !== 1) throw new UsageError('--unmount takes only MOUNTPOINT')
+  const mountpoint = resolve(ctx.args[0]!)
+  const lower = join(writableDir(dataDir(ctx), mountpoint), 'lower')
+  const removed = await forceUnmount(mountpoint, { signal: ctx.signal })
+  // A writable mount has its FUSE mount under the data dir, below the overlay.
+  const removedLower = (await isMounted(lower)) && (await forceUnmount(lower, { signal: ctx.signal }))
+  if (!removed && !removedLower) {
+    ctx.out.info(`nothing is mounted at ${mountpoint}`)
+    return 0
+  }
+  ctx.out.print(`unmounted ${mountpoint}`)
+  return 0
+}
+
+async function mount(ctx: Context): Promise<number> {
+  if (ctx.args.length !== 2) throw new UsageError('missing MOUNTPOINT')
+  const [image, mountpointArg] = ctx.args as [string, string]
+  const mountpoint = resolve(mountpointArg)
+  const recordFile = typeof ctx.opts.record === 'string' ? resolve(ctx.opts.record) : undefined
+  const client = registryClient(ctx, image)
+  const dir = dataDir(ctx)
+  const { signal, out } = ctx
+
+  const store = await openStore(ctx, dir)
+  try {
+    const pinned = await client.getImage(image, { platform: ctx.opts.platform as string | undefined, signal })
+    const layerIndex = new Map(pinned.layers.map((l, i) => [l.digest, i]))
+    const tocs = new Progress(out.stderr, `opening ${image}`, pinned.layers.length, false)
+    const downloading = new Set<string>()
+    const onProgress = (e: FetchEvent) => {
+      if (e.type === 'layer:toc') tocs.add(1)
+      else if (e.type === 'layer:unverified') out.warn(e.message)
+      else if (e.type === 'layer:download' && !downloading.has(e.layer)) {
+        downloading.add(e.layer)
+        out.info(`layer ${layerIndex.get(e.layer)} is not eStargz: fetching it whole (${formatBytes(e.total)})`)
+      }
+    }
+    const opened = await openImage({
+      client,
+      store,
+      ref: pinned.ref,
+      requireVerified: ctx.opts['require-verified'] === true,
+      signal,
+      onProgress
+    })
+    tocs.finish(`opened ${image}: ${opened.layers.length} layers`)
+
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client, ref: pinned.ref, layers: opened.layers })]
+    })
+    let writable: string | undefined
+    if (ctx.opts.writable === true) writable = await prepareWritable(dir, mountpoint, opened.digest)
+    const onError = (f: ReadFailure) =>
+      out.warn(`read of ${f.path} (layer ${f.layer}, ${f.length} bytes at ${f.offset}) failed: ${f.error.message}`)
+    const served = await serveMount(
+      {
+        image: opened,
+        fetcher,
+        mountpoint,
+        onError,
+        ...(writable !== undefined && { writableDir: writable }),
+        ...(recordFile !== undefined && { recordFile })
+      },
+      { signal }
+    )
+    try {
+      out.print(`mounted ${image} at ${mountpoint}`)
+      // The prioritized files of eStargz layers, in the background: the workload will want them first.
+      fetcher.prefetch(opened, { signal }).catch((err: Error) => {
+        if (!signal.aborted) out.warn(`prefetch of ${image} failed: ${err.message}`)
+      })
+      await new Promise<void>((done) => {
+        if (signal.aborted) done()
+        else signal.addEventListener('abort', () => done(), { once: true })
+      })
+    } finally {
+      await served.unmount()
+    }
+    out.info(`unmounted ${mountpoint}${recordFile !== undefined ? `; recorded reads in ${recordFile}` : ''}`)
+    return 0
+  } finally {
+    await store.close()
+  }
+}
+
+/**
+ * Embedded mode: this process owns the store. When p2pd owns it, say so: serving mounts through p2pd is
+ * its control API's job (serveMount from @strata/fs behind a route), not wired into p2p-mount yet.
+ */
+async function openStore(ctx: Context, dir: string) {
+  try {
+    return await openDiskStore(join(dir, 'store'))
+  } catch (err) {
+    if ((err as Error).name !== 'StoreLockedError') throw err
+    const socket = (ctx.opts.socket as string | undefined) ?? process.env.STRATA_SOCKET ?? '/run/strata/p2pd.sock'
+    const daemon = await createControlClient(socket, { timeoutMs: 2000 })
+      .get('/status', { signal: ctx.signal })
+      .then(
+        () => true,
+        () => false
+      )
+    if (!daemon) throw err
+    throw new DaemonOwnsStoreError(dir, socket, { cause: err })
+  }
+}
+
+/** p2pd runs on this data dir: its store cannot be opened a second time. */
+class DaemonOwnsStoreError extends Error {
+  override name = 'DaemonOwnsStoreError'
+  readonly code = 'ERR_DAEMON_OWNS_STORE'
+  readonly hint = 'give p2p-mount its own --data-dir (it will not share chunks with p2pd), or stop p2pd'
+  constructor(dir: string, socket: string, options?: { cause?: unknown }) {
+    super(`the store in ${dir} belongs to the p2pd answering at ${socket}`, options)
+  }
+}
+
+function dataDir(ctx: Context): string {
+  return resolve((ctx.opts['data-dir'] as string | undefined) ?? defaultDataDir())
+}
+
+/** Where a writable mount's layers live: one directory per mountpoint under the data dir. */
+function writableDir(data: string, mountpoint: string): string {
+  return join(data, 'mounts', createHash('sha256').update(mountpoint).digest('hex').slice(0, 16))
+}
+
+/**
+ * The upper layer outlives the mount (no write is ever thrown away), so it must belong to the same image:
+ * a writable mount of another image at the same mountpoint is refused rather than shown someone else's changes.
+ */
+async function prepareWritable(data: string, mountpoint: string, digest: string): Promise<string> {
+  const dir = writableDir(data, mountpoint)
+  await mkdir(dir, { recursive: true })
+  const marker = join(dir, 'image')
+  const previous = await readFile(marker, 'utf8').catch(() => undefined)
+  if (previous !== undefined && previous.trim() !== digest) {
+    throw new WritableLayerInUseError(mountpoint, dir, previous.trim())
+  }
+  await writeFile(marker, `${digest}\n`)
+  return dir
+}
+
+/** A writable mount would show the changes made to another image. */
+class WritableLayerInUseError extends Error {
+  override name = 'WritableLayerInUseError'
+  readonly code = 'ERR_WRITABLE_LAYER_IN_USE'
+  readonly hint: string
+  constructor(mountpoint: string, dir: string, image: string) {
+    super(`the writable layer for ${mountpoint} in ${dir} holds changes to another image (${image})`)
+    this.hint = `mount at another path, or remove ${dir} if its changes are not needed`
+  }
+}
+
+function registryClient(ctx: Context, image: string): RegistryClient {
+  let registry: string
+  try {
+    registry = parseReference(image).registry
+  } catch (err) {
+    if ((err as Error).name === 'InvalidReference') throw new UsageError((err as Error).message)
+    throw err
+  }
+  const insecure = (ctx.opts['insecure-registry'] as string[] | undefined) ?? []
+  const creds = ctx.opts.creds as string | undefined
+  if (creds === undefined) return createRegistryClient({ insecure })
+  const colon = creds.indexOf(':')
+  if (colon <= 0) throw new UsageError(`--creds must be USER:PASS, not '${creds}'`)
+  const credentials = { [registry]: { username: creds.slice(0, colon), password: creds.slice(colon + 1) } }
+  return createRegistryClient({ insecure, credentials })
+}

@@ -1,0 +1,207 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { isMounted } from '@strata/fs'
+import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
+import { startRegistry, type TestRegistry } from '@test/registry.js'
+import { repoRoot, run } from '@test/tools.js'
+import { startWanProxy, type WanProxy } from '@test/wan-proxy.js'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+
+// The p2p-mount binary against a real registry: mount, read, record, SIGTERM mid-read, --unmount after
+// a kill, --writable, a layer that is not eStargz.
+
+const BIN = join(repoRoot, 'packages', 'cli', 'bin', 'p2p-mount.js')
+
+let work: string
+let registry: TestRegistry
+let slow: WanProxy
+let image: TestImage
+let plain: TestImage
+const running = new Set<ChildProcess>()
+
+beforeAll(async () => {
+  work = await mkdtemp(join(tmpdir(), 'strata-p2p-mount-'))
+  await run('pnpm', ['exec', 'tsc', '-b', 'packages/cli'], { cwd: repoRoot })
+  registry = await startRegistry()
+  const base = await makeTestTree(join(work, 'base'))
+  const top = join(work, 'top')
+  await mkdir(join(top, 'etc'), { recursive: true })
+  await writeFile(join(top, 'etc', '.wh.conf0.txt'), '')
+  await writeFile(join(top, 'etc', 'added.txt'), 'added in layer 1\n')
+  image = await buildTestImage({
+    registry: registry.host,
+    repository: 'fs/app',
+    estargz: true,
+    layers: [{ files: base }, { files: top }]
+  })
+  plain = await buildTestImage({
+    registry: registry.host,
+    repository: 'fs/plain',
+    estargz: false,
+    layers: [{ files: top }]
+  })
+  // 40 Mbit/s: reading the 9 MiB file takes about two seconds, long enough to signal mid-read.
+  slow = await startWanProxy({ target: registry.host, rttMs: 10, bitsPerSecond: 40_000_000 })
+})
+
+afterAll(async () => {
+  for (const p of running) p.kill('SIGKILL')
+  await slow?.stop()
+  await registry?.stop()
+  if (work !== undefined) {
+    for (const d of await readdir(work).catch(() => [])) {
+      if (await isMounted(join(work, d))) await run('umount', ['-l', join(work, d)])
+    }
+    await rm(work, { recursive: true, force: true })
+  }
+})
+
+interface Running {
+  proc: ChildProcess
+  stdout(): string
+  stderr(): string
+  exited: Promise<number | null>
+}
+
+/** Starts p2p-mount and waits for its `mounted IMAGE at MOUNTPOINT` line. */
+async function startMount(args: string[]): Promise<Running> {
+  const proc = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+  running.add(proc)
+  let out = ''
+  let err = ''
+  proc.stdout!.on('data', (d) => {
+    out += d
+  })
+  proc.stderr!.on('data', (d) => {
+    err += d
+  })
+  const exited = new Promise<number | null>((resolve) =>
+    proc.on('exit', (code) => {
+      running.delete(proc)
+      resolve(code)
+    })
+  )
+  const ready = new Promise<void>((resolve, reject) => {
+    const check = () => {
+      if (/^mounted .* at .*$/m.test(out)) resolve()
+    }
+    proc.stdout!.on('data', check)
+    exited.then((code) => reject(new Error(`p2p-mount exited ${code} before mounting: ${err}`)))
+    setTimeout(() => reject(new Error(`p2p-mount did not mount within 60 s: ${err}`)), 60_000).unref()
+  })
+  await ready
+  return { proc, stdout: () => out, stderr: () => err, exited }
+}
+
+async function newDir(name: string): Promise<string> {
+  const dir = join(work, name)
+  await mkdir(dir, { recursive: true })
+  return dir
+}
+
+const hex = (text: string) => text.trim().split(/\s+/)[0]
+
+describe('p2p-mount', () => {
+  it('mounts an image, serves its merged files, records what was read, and unmounts on SIGINT', async () => {
+    const mnt = await newDir('mnt')
+    const record = join(work, 'record.txt')
+    const data = join(work, 'data')
+    const m = await startMount([image.ref, mnt, '--data-dir', data, '--record', record])
+    expect(m.stdout()).toBe(`mounted ${image.ref} at ${mnt}\n`)
+    expect(await isMounted(mnt)).toBe(true)
+
+    const tool = await run('sha256sum', [join(mnt, 'usr', 'bin', 'tool')])
+    expect(hex(tool.stdout)).toBe(image.layers[0]!.files.get('usr/bin/tool'))
+    expect((await run('cat', [join(mnt, 'etc', 'added.txt')])).stdout).toBe('added in layer 1\n')
+    expect((await run('cat', [join(mnt, 'etc', 'conf3.txt')])).stdout).toMatch(/^seed 1 file 3\n/)
+    const etc = (await run('ls', [join(mnt, 'etc')])).stdout.split('\n')
+    expect(etc).not.toContain('conf0.txt')
+    expect(etc).toContain('conf1.txt')
+    expect((await run('readlink', [join(mnt, 'etc', 'tool-link')])).stdout).toBe('../usr/bin/tool\n')
+
+    m.proc.kill('SIGINT')
+    expect(await m.exited).toBe(0)
+    expect(await isMounted(mnt)).toBe(false)
+    expect((await readFile(record, 'utf8')).split('\n')).toEqual(['usr/bin/tool', 'etc/added.txt', 'etc/conf3.txt', ''])
+  })
+
+  it('unmounts cleanly on SIGTERM while reads are in flight', async () => {
+    const mnt = await newDir('mnt-term')
+    const ref = image.ref.replace(registry.host, slow.host)
+    const m = await startMount([ref, mnt, '--data-dir', join(work, 'data-slow')])
+    const readers = [0, 1, 2].map(
+      () =>
+        new Promise<number | null>((resolve) => {
+          const p = spawn('sha256sum', [join(mnt, 'usr', 'bin', 'tool')], { stdio: 'ignore' })
+          p.on('exit', resolve)
+        })
+    )
+    await new Promise((r) => setTimeout(r, 700))
+    expect(slow.bytesDown).toBeGreaterThan(0)
+    m.proc.kill('SIGTERM')
+    expect(await m.exited).toBe(0)
+    expect(m.stderr()).toMatch(/unmounted /)
+    expect(await isMounted(mnt)).toBe(false)
+    // The readers end (with an error or the whole file); none hangs on a dead mount.
+    await Promise.all(readers)
+  })
+
+  it('cleans up after a p2p-mount that was killed, with --unmount', async () => {
+    const mnt = await newDir('mnt-kill')
+    const data = join(work, 'data')
+    const m = await startMount([image.ref, mnt, '--data-dir', data])
+    m.proc.kill('SIGKILL')
+    await m.exited
+    expect(await isMounted(mnt)).toBe(true)
+    const stale = await run('sh', ['-c', `ls ${mnt} 2>&1 || true`])
+    expect(stale.stdout).toMatch(/Transport endpoint is not connected/)
+
+    const r = await run(process.execPath, [BIN, '--unmount', mnt, '--data-dir', data])
+    expect(r.stdout).toBe(`unmounted ${mnt}\n`)
+    expect(await isMounted(mnt)).toBe(false)
+    const again = await run(process.execPath, [BIN, '--unmount', mnt, '--data-dir', data])
+    expect(again.stderr).toBe(`nothing is mounted at ${mnt}\n`)
+  })
+
+  it('mounts writable with an overlay whose changes stay under the data dir', async () => {
+    const mnt = await newDir('mnt-rw')
+    const data = join(work, 'data')
+    const m = await startMount([image.ref, mnt, '--data-dir', data, '--writable'])
+    await run('sh', ['-c', `echo changed > ${mnt}/etc/conf1.txt && mkdir ${mnt}/new && echo hi > ${mnt}/new/file`])
+    expect((await run('cat', [join(mnt, 'etc', 'conf1.txt')])).stdout).toBe('changed\n')
+    expect((await run('cat', [join(mnt, 'etc', 'conf2.txt')])).stdout).toMatch(/^seed 1 file 2\n/)
+    m.proc.kill('SIGTERM')
+    expect(await m.exited).toBe(0)
+    expect(await isMounted(mnt)).toBe(false)
+    const mounts = join(data, 'mounts')
+    const [dir] = await readdir(mounts)
+    expect(await readFile(join(mounts, dir!, 'upper', 'new', 'file'), 'utf8')).toBe('hi\n')
+    expect(await isMounted(join(mounts, dir!, 'lower'))).toBe(false)
+  })
+
+  it('fetches a layer that is not eStargz whole, saying so', async () => {
+    const mnt = await newDir('mnt-plain')
+    const m = await startMount([plain.ref, mnt, '--data-dir', join(work, 'data')])
+    expect(m.stderr()).toMatch(/layer 0 is not eStargz: fetching it whole \(\d+(\.\d)? (B|KiB)\)/)
+    expect((await run('cat', [join(mnt, 'etc', 'added.txt')])).stdout).toBe('added in layer 1\n')
+    m.proc.kill('SIGTERM')
+    expect(await m.exited).toBe(0)
+  })
+
+  it('says what to do with a bad mountpoint or bad arguments', async () => {
+    const missing = await run(process.execPath, [
+      BIN,
+      image.ref,
+      join(work, 'no-such-dir'),
+      '--data-dir',
+      join(work, 'data')
+    ]).catch((err: Error) => err.message)
+    expect(missing).toMatch(/cannot mount at .*no-such-dir: the mountpoint is not usable \(ENOENT\)/)
+    expect(missing).toMatch(/hint: create the directory first/)
+    const usage = await run(process.execPath, [BIN, image.ref]).catch((err: Error) => err.message)
+    expect(usage).toMatch(/failed \(2\)/)
+    expect(usage).toMatch(/missing MOUNTPOINT/)
+  })
+})
