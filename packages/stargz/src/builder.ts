@@ -435,13 +435,13 @@ class BlobWriter {
       if (this.partsLen >= this.chunkSize) yield* this.closeMember()
       return
     }
-    const file = createHash('sha256')
+    const file = h.size > this.chunkSize ? createHash('sha256') : undefined
     let ent = e
     for (let written = 0; written < h.size; ) {
       yield* this.closeMember()
       const n = Math.min(this.chunkSize, h.size - written)
       const data = item.content ?? (await this.reader.read(h.dataOffset + written, n))
-      file.update(data)
+      file?.update(data)
       ent.chunkOffset = written
       if (n === this.chunkSize) ent.chunkSize = n
       ent.chunkDigest = `sha256:${createHash('sha256').update(data).digest('hex')}`
@@ -452,7 +452,7 @@ class BlobWriter {
       ent = { name: h.name, type: 'chunk' }
     }
     this.add(tarPadding(h.size))
-    e.digest = `sha256:${file.digest('hex')}`
+    e.digest = file === undefined ? e.chunkDigest : `sha256:${file.digest('hex')}`
   }
 
   private add(b: Buffer): void {
