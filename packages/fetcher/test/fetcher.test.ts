@@ -7,6 +7,7 @@ import type { Entry } from '@strata/stargz'
 import { createMemoryStore } from '@strata/store'
 import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
+import { startWanProxy } from '@test/wan-proxy.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import {
   type ChunkRef,
@@ -402,5 +403,47 @@ describe('a plain gzip image', () => {
     const bytes = await fetcher.readFile(layer, tool, 0, tool.size)
     expect(hex(bytes)).toBe(plain.layers[0]!.files.get('usr/bin/tool'))
     expect(fetcher.metrics().sources.registry!.chunks).toBe(refs.length)
+  })
+})
+
+describe('registry faults', () => {
+  it('recovers when connections drop in the middle of a read', async () => {
+    const proxy = await startWanProxy({ target: registry.host, rttMs: 2, bitsPerSecond: 40_000_000 })
+    try {
+      const ref = estargz.ref.replace(registry.host, proxy.host)
+      const c = createRegistryClient({ retries: 3, backoffMs: 50 })
+      const store = createMemoryStore()
+      const image = await openImage({ client: c, store, ref })
+      const fetcher = createFetcher({
+        store,
+        sources: [createRegistrySource({ client: c, ref, layers: image.layers })]
+      })
+      const layer = image.layers[0]!
+      const tool = layer.toc.lookup('usr/bin/tool')!
+      proxy.reset()
+      const reading = fetcher.readFile(layer, tool, 0, tool.size)
+      while (proxy.bytesDown < 1024 * 1024) await new Promise((r) => setTimeout(r, 10))
+      proxy.cut()
+      expect(hex(await reading)).toBe(estargz.layers[0]!.files.get('usr/bin/tool'))
+      expect(proxy.connections).toBeGreaterThan(1)
+    } finally {
+      await proxy.stop()
+    }
+  })
+
+  it('fails with the chunk, the layer and the registry error when the registry is gone', async () => {
+    const proxy = await startWanProxy({ target: registry.host, rttMs: 0, bitsPerSecond: 0 })
+    const ref = estargz.ref.replace(registry.host, proxy.host)
+    const c = createRegistryClient({ retries: 1, backoffMs: 10 })
+    const store = createMemoryStore()
+    const image = await openImage({ client: c, store, ref })
+    await proxy.stop()
+    const fetcher = createFetcher({ store, sources: [createRegistrySource({ client: c, ref, layers: image.layers })] })
+    const layer = image.layers[1]!
+    const entry = layer.toc.lookup('etc/conf4.txt')!
+    const err = await fetcher.readFile(layer, entry, 0, entry.size).catch((e: unknown) => e)
+    expect(err).toMatchObject({ name: 'ChunkUnavailableError', digest: entry.chunks[0]!.digest, layer: layer.digest })
+    expect((err as Error).message).toMatch(/registry: .+/)
+    expect((err as { hint?: string }).hint).toBeDefined()
   })
 })
