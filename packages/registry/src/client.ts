@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
 import { createReadStream } from 'node:fs'
-import { open, rename, rm } from 'node:fs/promises'
+import { open, rename, rm, stat } from 'node:fs/promises'
 import type { AbortOptions, ReadAt } from '@strata/stargz'
 import { basicHeader, type Challenge, CredentialStore, type Credentials, parseChallenge } from './auth.js'
 import {
@@ -283,6 +283,27 @@ class IdleTimer {
   }
 }
 
+const BODY_PIECE = 1024 * 1024
+
+/**
+ * A request body that re-arms the idle timer each time the connection takes another piece, so a large upload on a
+ * slow link counts as progress, not as a wait for the response; the wait for headers starts after the last piece.
+ */
+async function* paced(body: Uint8Array | AsyncIterable<Uint8Array>, timer: IdleTimer): AsyncGenerator<Uint8Array> {
+  if (body instanceof Uint8Array) {
+    for (let off = 0; off < body.length; off += BODY_PIECE) {
+      timer.arm()
+      yield body.subarray(off, off + BODY_PIECE)
+    }
+  } else {
+    for await (const piece of body) {
+      timer.arm()
+      yield piece
+    }
+  }
+  timer.arm()
+}
+
 function parseRetryAfter(h: string | null): number | undefined {
   if (h === null) return undefined
   if (/^\d+$/.test(h.trim())) return Number(h) * 1000
@@ -375,7 +396,9 @@ class Client implements RegistryClient {
       let res: Response
       timer.arm()
       try {
-        const body = spec.body?.()
+        const raw = spec.body?.()
+        if (raw instanceof Uint8Array) headers['content-length'] = String(raw.length)
+        const body = raw !== undefined ? paced(raw, timer) : undefined
         res = await fetch(url, {
           method: spec.method,
           headers,
@@ -977,18 +1000,13 @@ class Client implements RegistryClient {
         const url = new URL(location)
         url.searchParams.set('digest', digest)
         const body = () => ('path' in source ? createReadStream(source.path) : source)
-        const done = await this.request(spec({ method: 'PUT', url, headers: octets, body }), [201])
+        const length: Record<string, string> =
+          'path' in source ? { 'content-length': String((await stat(source.path)).size) } : {}
+        const done = await this.request(spec({ method: 'PUT', url, headers: { ...octets, ...length }, body }), [201])
         await done.discard()
         return
       }
-      const size =
-        'path' in source
-          ? await open(source.path, 'r').then(async (f) => {
-              const s = await f.stat()
-              await f.close()
-              return s.size
-            })
-          : source.length
+      const size = 'path' in source ? (await stat(source.path)).size : source.length
       for (let off = 0; off < size; off += options.chunkSize) {
         const n = Math.min(options.chunkSize, size - off)
         const data = await readSlice(source, off, n)
