@@ -97,6 +97,12 @@ const mbit = Number(args.mbit)
 const work = await mkdtemp(join(tmpdir(), 'strata-bench-'))
 const registry = await startRegistry()
 const proxy = await startWanProxy({ target: registry.host, rttMs, bitsPerSecond: mbit * 1e6 })
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    // The registry is a child process and the work directory is large: neither outlives the benchmark.
+    void Promise.all([registry.stop(), rm(work, { recursive: true, force: true })]).finally(() => process.exit(130))
+  })
+}
 try {
   const layers = await layerPaths()
   const wanted = await workload()

@@ -2,7 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Reference, RegistryClient } from '@strata/registry'
-import { inflateChunk } from '@strata/stargz'
+import { type Compression, inflateChunk, type ReadAt } from '@strata/stargz'
 import { decompressedStream, sliceStream } from './indexed.js'
 import type { AbortOptions, ChunkRef, ChunkSource, ImageLayer } from './types.js'
 
@@ -13,49 +13,143 @@ export interface RegistrySourceInit {
   layers: ImageLayer[]
   /** Adjacent missing chunks are read with one Range request of at most this many bytes. Default 8 MiB. */
   maxRangeBytes?: number
-  /** Range requests in flight at once. Default 4. */
+  /** Missing chunks this close (bytes) are read in one request with the gap between them. Default 64 KiB. */
+  maxGapBytes?: number
+  /** Range requests in flight at once per layer. Default 4. */
   concurrency?: number
   /** Source name in metrics and errors. Default `registry`. */
   name?: string
 }
 
+interface Waiter {
+  chunk: ChunkRef
+  deliver(bytes: Uint8Array): void
+  fail(err: unknown): void
+}
+
 interface Run {
   offset: number
   end: number
-  chunks: ChunkRef[]
+  waiters: Waiter[]
 }
 
-/** Sorted chunks of one layer, cut into runs of touching ranges no longer than `max` bytes. */
-export function coalesce(chunks: ChunkRef[], max: number): Run[] {
-  const sorted = [...chunks].sort((a, b) => a.offset - b.offset || a.innerOffset - b.innerOffset)
+/** Waiters sorted by offset, cut into runs no longer than `max` bytes whose pieces are at most `gap` apart. */
+function coalesce(waiters: Waiter[], max: number, gap: number): Run[] {
+  const sorted = [...waiters].sort((a, b) => a.chunk.offset - b.chunk.offset)
   const runs: Run[] = []
-  for (const c of sorted) {
+  for (const w of sorted) {
     const last = runs.at(-1)
-    if (last !== undefined && c.offset <= last.end && Math.max(last.end, c.end) - last.offset <= max) {
-      last.end = Math.max(last.end, c.end)
-      last.chunks.push(c)
+    const { offset, end } = w.chunk
+    if (last !== undefined && offset <= last.end + gap && Math.max(last.end, end) - last.offset <= max) {
+      last.end = Math.max(last.end, end)
+      last.waiters.push(w)
     } else {
-      runs.push({ offset: c.offset, end: c.end, chunks: [c] })
+      runs.push({ offset, end, waiters: [w] })
     }
   }
   return runs
 }
+
+/**
+ * The Range reads of one eStargz layer. Requests from every caller wait in one queue; whenever a read slot is
+ * free, everything waiting is coalesced and the run holding the oldest request is read. Under load requests
+ * pile up while slots are busy and leave together, so concurrent readers of neighbouring files share requests.
+ */
+class LayerReader {
+  private pending: Waiter[] = []
+  private reading = 0
+  private scheduled = false
+
+  constructor(
+    private readonly blob: ReadAt,
+    private readonly compression: Compression,
+    private readonly limits: { maxRangeBytes: number; maxGapBytes: number; concurrency: number }
+  ) {}
+
+  read(chunk: ChunkRef, options: AbortOptions): Promise<Uint8Array> {
+    const signal = options.signal
+    signal?.throwIfAborted()
+    return new Promise((resolve, reject) => {
+      const onAbort = () => {
+        const i = this.pending.indexOf(waiter)
+        if (i >= 0) this.pending.splice(i, 1)
+        reject(signal?.reason)
+      }
+      const waiter: Waiter = {
+        chunk,
+        deliver: (bytes) => {
+          signal?.removeEventListener('abort', onAbort)
+          resolve(bytes)
+        },
+        fail: (err) => {
+          signal?.removeEventListener('abort', onAbort)
+          reject(err)
+        }
+      }
+      signal?.addEventListener('abort', onAbort, { once: true })
+      this.pending.push(waiter)
+      // Pumped once after the caller queued all it asked for, so one caller's chunks leave together.
+      if (!this.scheduled) {
+        this.scheduled = true
+        queueMicrotask(() => {
+          this.scheduled = false
+          this.pump()
+        })
+      }
+    })
+  }
+
+  private pump(): void {
+    while (this.reading < this.limits.concurrency && this.pending.length > 0) {
+      const oldest = this.pending[0]!
+      const run = coalesce(this.pending, this.limits.maxRangeBytes, this.limits.maxGapBytes).find((r) =>
+        r.waiters.includes(oldest)
+      )!
+      const taken = new Set(run.waiters)
+      this.pending = this.pending.filter((w) => !taken.has(w))
+      this.reading++
+      this.blob
+        .readAt(run.offset, run.end - run.offset, { signal: AbortSignal.timeout(READ_TIMEOUT_MS) })
+        .then(
+          (bytes) => {
+            for (const w of run.waiters) {
+              const compressed = bytes.subarray(w.chunk.offset - run.offset, w.chunk.end - run.offset)
+              inflateChunk(this.compression, compressed, w.chunk).then(w.deliver, w.fail)
+            }
+          },
+          (err: unknown) => {
+            for (const w of run.waiters) w.fail(err)
+          }
+        )
+        .finally(() => {
+          this.reading--
+          this.pump()
+        })
+    }
+  }
+}
+
+/** The longest one Range read may take (the registry client also times out each wait for bytes). */
+const READ_TIMEOUT_MS = 120_000
 
 class RegistrySource implements ChunkSource {
   readonly name: string
   private readonly client: RegistryClient
   private readonly ref: Reference | string
   private readonly layers: Map<string, ImageLayer>
-  private readonly maxRangeBytes: number
-  private readonly concurrency: number
+  private readonly limits: { maxRangeBytes: number; maxGapBytes: number; concurrency: number }
+  private readonly readers = new Map<string, LayerReader>()
 
   constructor(init: RegistrySourceInit) {
     this.name = init.name ?? 'registry'
     this.client = init.client
     this.ref = init.ref
     this.layers = new Map(init.layers.map((l) => [l.digest, l]))
-    this.maxRangeBytes = init.maxRangeBytes ?? 8 * 1024 * 1024
-    this.concurrency = init.concurrency ?? 4
+    this.limits = {
+      maxRangeBytes: init.maxRangeBytes ?? 8 * 1024 * 1024,
+      maxGapBytes: init.maxGapBytes ?? 64 * 1024,
+      concurrency: init.concurrency ?? 4
+    }
   }
 
   async get(chunk: ChunkRef, options: AbortOptions = {}): Promise<Uint8Array | undefined> {
@@ -81,41 +175,28 @@ class RegistrySource implements ChunkSource {
     }
   }
 
-  /** eStargz family: Range reads of whole compressed members, adjacent ones coalesced, a few in flight. */
+  /** eStargz family: Range reads of whole compressed members through the layer's shared queue. */
   private async *fromRanges(
     layer: ImageLayer,
     chunks: ChunkRef[],
     options: AbortOptions
   ): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
-    const blob = this.client.blob(this.ref, layer.digest, layer.descriptor.size)
-    const compression = layer.compression === 'zstd' ? 'zstd' : 'gzip'
-    const runs = coalesce(chunks, this.maxRangeBytes)
-    const reading = new Map<number, Promise<{ index: number; bytes: Uint8Array }>>()
-    let next = 0
-    const start = () => {
-      while (next < runs.length && reading.size < this.concurrency) {
-        const index = next++
-        const run = runs[index]!
-        const p = blob.readAt(run.offset, run.end - run.offset, options).then((bytes) => ({ index, bytes }))
-        p.catch(() => {})
-        reading.set(index, p)
-      }
+    let reader = this.readers.get(layer.digest)
+    if (reader === undefined) {
+      const blob = this.client.blob(this.ref, layer.digest, layer.descriptor.size)
+      reader = new LayerReader(blob, layer.compression === 'zstd' ? 'zstd' : 'gzip', this.limits)
+      this.readers.set(layer.digest, reader)
     }
-    start()
-    // A chunk that does not inflate fails after the others are handed over, so one bad member costs one chunk.
+    const sorted = [...chunks].sort((a, b) => a.offset - b.offset)
+    const reads = sorted.map((chunk) => reader.read(chunk, options))
+    for (const p of reads) p.catch(() => {})
+    // A chunk that fails fails after the others are handed over, so one bad member costs one chunk.
     let failure: unknown
-    while (reading.size > 0) {
-      const { index, bytes } = await Promise.race(reading.values())
-      reading.delete(index)
-      start()
-      const run = runs[index]!
-      for (const chunk of run.chunks) {
-        const compressed = bytes.subarray(chunk.offset - run.offset, chunk.end - run.offset)
-        try {
-          yield { chunk, bytes: await inflateChunk(compression, compressed, chunk, options) }
-        } catch (err) {
-          failure ??= err
-        }
+    for (const [i, p] of reads.entries()) {
+      try {
+        yield { chunk: sorted[i]!, bytes: await p }
+      } catch (err) {
+        failure ??= err
       }
     }
     if (failure !== undefined) throw failure

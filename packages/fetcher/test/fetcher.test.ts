@@ -307,6 +307,22 @@ describe('reading an eStargz image', () => {
     for (const ch of tool.chunks) expect(await store.has(ch.digest)).toBe(true)
   })
 
+  it('lets concurrent readers of neighbouring files share Range requests', async () => {
+    const store = createMemoryStore()
+    const c = counting(client)
+    const image = await openImage({ client: c, store, ref: estargz.ref })
+    const layer = image.layers[1]!
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client: c, ref: estargz.ref, layers: image.layers })]
+    })
+    const names = Array.from({ length: 20 }, (_, i) => `etc/conf${i}.txt`)
+    c.reads = 0
+    const got = await Promise.all(names.map((n) => fetcher.readFile(layer, layer.toc.lookup(n)!, 0, 1 << 20)))
+    got.forEach((bytes, i) => expect(hex(bytes)).toBe(estargz.layers[1]!.files.get(names[i]!)))
+    expect(c.reads).toBeLessThanOrEqual(names.length / 4)
+  })
+
   it('keeps reads correct under a store cap smaller than the image', async () => {
     const store = createMemoryStore({ maxBytes: 6 * 1024 * 1024 })
     const image = await openImage({ client, store, ref: estargz.ref })
