@@ -343,6 +343,7 @@ class Client implements RegistryClient {
   private readonly tokens = new Map<string, { header: string; expires: number }>()
   /** The last Bearer challenge per registry, to fetch tokens for new scopes without a 401 first. */
   private readonly challenges = new Map<string, Challenge>()
+  private readonly tokenFlights = new Map<string, Promise<string>>()
   private readonly basic = new Map<string, string>()
   /** Where blobs redirected to (signed storage URLs), by `registry/repository@digest`. */
   private readonly locations = new Map<string, URL>()
@@ -415,7 +416,7 @@ class Client implements RegistryClient {
       if (res.status === 401 && toRegistry && authAttempts < 2) {
         await reply.discard()
         authAttempts++
-        await this.authenticate(registry, scopes, res.headers.get('www-authenticate'), spec)
+        await this.authenticate(registry, scopes, res.headers.get('www-authenticate'), headers.authorization, spec)
         continue
       }
       if (!toRegistry && storageUrlExpired(res.status) && !reresolved) {
@@ -450,10 +451,17 @@ class Client implements RegistryClient {
     const challenge = this.challenges.get(registry)
     if (challenge === undefined) return undefined
     // A token for new scopes, without waiting for a 401: the challenge's own scope was for another request.
-    return this.fetchToken(registry, scopes, { ...challenge, params: { ...challenge.params, scope: '' } }, options)
+    return this.tokenFor(registry, scopes, { ...challenge, params: { ...challenge.params, scope: '' } }, options)
   }
 
-  private async authenticate(registry: string, scopes: string[], header: string | null, options: RequestSpec) {
+  /** Answers a 401: `sent` is the Authorization the refused request carried. */
+  private async authenticate(
+    registry: string,
+    scopes: string[],
+    header: string | null,
+    sent: string | undefined,
+    options: RequestSpec
+  ) {
     const challenge = parseChallenge(header)
     const subject = options.subject
     if (challenge === undefined) {
@@ -478,8 +486,31 @@ class Client implements RegistryClient {
       return
     }
     this.challenges.set(registry, challenge)
-    this.tokens.delete(`${registry}|${scopes.join(' ')}`)
-    await this.fetchToken(registry, scopes, challenge, options)
+    const key = `${registry}|${scopes.join(' ')}`
+    const cached = this.tokens.get(key)
+    // Another request got a new token while this one was refused: use it rather than fetch yet another.
+    if (cached !== undefined && cached.header !== sent && cached.expires > Date.now()) return
+    this.tokens.delete(key)
+    await this.tokenFor(registry, scopes, challenge, options)
+  }
+
+  /** One token request at a time per registry and scopes: concurrent requests that need it share it. */
+  private tokenFor(registry: string, scopes: string[], challenge: Challenge, options: Options): Promise<string> {
+    const key = `${registry}|${scopes.join(' ')}`
+    let flight = this.tokenFlights.get(key)
+    if (flight === undefined) {
+      // Shared, so not tied to one caller's signal: it has its own timeout.
+      flight = this.fetchToken(registry, scopes, challenge, {}).finally(() => this.tokenFlights.delete(key))
+      this.tokenFlights.set(key, flight)
+    }
+    const signal = options.signal
+    if (signal === undefined) return flight
+    return new Promise<string>((resolve, reject) => {
+      const onAbort = () => reject(signal.reason)
+      if (signal.aborted) return onAbort()
+      signal.addEventListener('abort', onAbort, { once: true })
+      flight.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort))
+    })
   }
 
   /** Bearer token flow: GET realm?service=...&scope=..., with Basic credentials when there are any. */

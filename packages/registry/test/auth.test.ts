@@ -154,6 +154,16 @@ describe.each(['RS256', 'ES256'] as const)('Bearer token auth (%s)', (alg) => {
     expect(tokens.requests.length - before).toBe(1)
   })
 
+  it('shares one token request between concurrent requests', async () => {
+    const anon = createRegistryClient({ dockerConfig: false })
+    const img = await createRegistryClient({ dockerConfig: false }).getImage(`${reg.host}/tok/app:1`)
+    const before = tokens.requests.length
+    const blob = anon.blob(`${reg.host}/tok/app`, img.layers[0]!)
+    const parts = await Promise.all(Array.from({ length: 8 }, (_, i) => blob.readAt(i * 100, 100)))
+    expect(parts.every((p) => p.length === 100)).toBe(true)
+    expect(tokens.requests.length - before).toBe(1)
+  })
+
   it('refreshes a token the registry no longer accepts (401) and goes on', async () => {
     const anon = createRegistryClient({ dockerConfig: false })
     tokens.issueExpired = 1
