@@ -181,8 +181,8 @@ async function* inflateIfGzip(input: AsyncIterable<Uint8Array>): AsyncGenerator<
       yield* head
       while (!done) {
         const r = await it.next()
-        if (r.done === true) return
-        yield r.value
+        done = r.done === true
+        if (!done) yield r.value
       }
     } finally {
       if (!done) await it.return?.()
