@@ -109,6 +109,32 @@ describe('p2pctl inspect and convert', () => {
     expect(i2.stdout).toContain(`eStargz toc ${toc} (from footer)`)
   })
 
+  it('inspect narrows an index to a platform and lists the others', async () => {
+    const img = await client.getImage(`${reg.host}/cli/app:1`)
+    const entry = { mediaType: MediaType.ociManifest, digest: img.digest, size: img.manifestBytes.length }
+    const index = Buffer.from(
+      JSON.stringify({
+        schemaVersion: 2,
+        mediaType: MediaType.ociIndex,
+        manifests: [
+          { ...entry, platform: { os: 'linux', architecture: 'amd64' } },
+          { ...entry, platform: { os: 'linux', architecture: 'arm64', variant: 'v8' } }
+        ]
+      })
+    )
+    await client.putManifest(`${reg.host}/cli/app:multi`, index, MediaType.ociIndex)
+    const r = await p2p('inspect', `${reg.host}/cli/app:multi`, '--platform', 'linux/arm64')
+    expect(r.code).toBe(0)
+    expect(r.stdout).toMatch(/^index: sha256:[a-f0-9]{64}$/m)
+    expect(r.stdout).toMatch(/^platforms: linux\/amd64, linux\/arm64\/v8$/m)
+    expect(r.stdout).toMatch(/^platform: linux\/arm64\/v8$/m)
+    expect(r.stdout).toContain(`digest: ${img.digest}`)
+    const none = await p2p('inspect', `${reg.host}/cli/app:multi`, '--platform', 'linux/s390x')
+    expect(none.code).toBe(1)
+    expect(none.stderr).toContain('no image for platform linux/s390x')
+    expect(none.stderr).toContain('hint: choose one of those with --platform')
+  })
+
   it('convert prints a summary and progress lines; bad words are usage errors', async () => {
     const layout = join(dir, 'oci')
     const r = await p2p('convert', `${reg.host}/cli/app:1`, `oci:${layout}:v1`)

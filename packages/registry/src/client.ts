@@ -29,6 +29,7 @@ import {
   type ImageManifest,
   isIndexType,
   MANIFEST_ACCEPT,
+  type Platform,
   parseManifest,
   parsePlatform,
   selectPlatform
@@ -101,6 +102,8 @@ export interface Image {
   layers: Descriptor[]
   /** The index the image was chosen from, when the reference named one. */
   index?: Manifest
+  /** The platform of the index entry chosen. */
+  platform?: Platform
 }
 
 export type BlobSource = Uint8Array | { path: string }
@@ -713,6 +716,7 @@ class Client implements RegistryClient {
     const ref = toRef(input)
     let m = await this.getManifest(ref, options)
     let index: Manifest | undefined
+    let platform: Platform | undefined
     if (isIndexType(m.mediaType)) {
       index = m
       const want = options.platform !== undefined ? parsePlatform(options.platform) : hostPlatform()
@@ -721,6 +725,7 @@ class Client implements RegistryClient {
         repository: ref.repository,
         digest: m.digest
       })
+      platform = chosen.platform
       m = await this.getManifest(withDigest(ref, chosen.digest), options)
       if (isIndexType(m.mediaType)) {
         throw new UnsupportedMediaType('the index points to another index for this platform', {
@@ -741,6 +746,7 @@ class Client implements RegistryClient {
       layers: manifest.layers
     }
     if (index !== undefined) image.index = index
+    if (platform !== undefined) image.platform = platform
     return image
   }
 

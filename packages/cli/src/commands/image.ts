@@ -115,13 +115,18 @@ Examples:
     const image = await client.getImage(name, { signal, ...(platform !== undefined ? { platform } : {}) })
     const layers: LayerInfo[] = []
     for (const l of image.layers) layers.push(await probeLayer(client, name, l, signal))
-    const chosen = image.index
-      ? (image.index.manifest as { manifests: Descriptor[] }).manifests.find((d) => d.digest === image.digest)
-      : undefined
     const result = {
       image: parseReference(name).toString(),
       ...(image.index !== undefined ? { index: image.index.digest, 'index-media-type': image.index.mediaType } : {}),
-      ...(chosen?.platform !== undefined ? { platform: formatPlatform(chosen.platform) } : {}),
+      ...(image.index !== undefined
+        ? {
+            platforms: (image.index.manifest as { manifests: Descriptor[] }).manifests
+              .filter((d) => d.platform !== undefined)
+              .map((d) => formatPlatform(d.platform!))
+              .join(', ')
+          }
+        : {}),
+      ...(image.platform !== undefined ? { platform: formatPlatform(image.platform) } : {}),
       digest: image.digest,
       'media-type': image.mediaType,
       config: image.config.digest,
