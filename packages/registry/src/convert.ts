@@ -2,7 +2,15 @@ import { createReadStream, createWriteStream } from 'node:fs'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, posix } from 'node:path'
-import { buildEstargz, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION } from '@strata/stargz'
+import { pipeline } from 'node:stream/promises'
+import { createGunzip } from 'node:zlib'
+import {
+  buildEstargz,
+  fileReader,
+  openLayer,
+  TOC_DIGEST_ANNOTATION,
+  UNCOMPRESSED_SIZE_ANNOTATION
+} from '@strata/stargz'
 import { type Manifest, sha256 } from './client.js'
 import { LayerNotConvertible, ManifestInvalid, PrioritizedFileMissing } from './errors.js'
 import {
@@ -313,6 +321,33 @@ async function buildLayer(
     options.onEvent?.({ type: 'layer', layer: result })
     return { descriptor: l, path, result }
   }
+  const existing = await existingLazyLayer(path, options.signal)
+  if (existing !== undefined) {
+    if (files.length > 0) {
+      throw new PrioritizedFileMissing(
+        `prioritized files ${files.join(', ')} are in layer ${l.digest}, which is ${existing.format} already and kept as it is`,
+        { hint: 'convert the original (non-eStargz) image to prioritize files' }
+      )
+    }
+    // eStargz without the manifest annotations (pushed by a tool that dropped them): keep it, annotate it.
+    const annotations: Record<string, string> = { ...l.annotations }
+    if (existing.format === 'estargz') {
+      annotations[TOC_DIGEST_ANNOTATION] = existing.tocDigest
+      annotations[UNCOMPRESSED_SIZE_ANNOTATION] = String(existing.uncompressedSize)
+    }
+    const result: LayerResult = {
+      sourceDigest: l.digest,
+      digest: l.digest,
+      size: l.size,
+      mediaType: l.mediaType,
+      tocDigest: existing.tocDigest,
+      uncompressedSize: existing.uncompressedSize,
+      converted: false,
+      prioritizedFiles: []
+    }
+    options.onEvent?.({ type: 'layer', layer: result })
+    return { descriptor: { ...l, annotations }, path, result }
+  }
   options.onEvent?.({ type: 'convert-start', digest: l.digest, size: l.size })
   const out = join(work, `out-${l.digest.replace(':', '-')}-${files.length}`)
   const built = await buildEstargz(createReadStream(path), createWriteStream(out), {
@@ -346,6 +381,33 @@ async function buildLayer(
     result,
     diffId: built.diffId
   }
+}
+
+/** The format, TOC digest and uncompressed size of a downloaded layer that has a stargz footer; else undefined. */
+async function existingLazyLayer(
+  path: string,
+  signal?: AbortSignal
+): Promise<{ format: string; tocDigest: string; uncompressedSize: number } | undefined> {
+  const reader = await fileReader(path)
+  let layer: Awaited<ReturnType<typeof openLayer>>
+  try {
+    layer = await openLayer(reader, signal !== undefined ? { signal } : {})
+  } catch (err) {
+    if ((err as Error).name === 'InvalidFooterError') return undefined
+    throw err
+  } finally {
+    await reader.close()
+  }
+  let uncompressedSize = 0
+  await pipeline(
+    createReadStream(path),
+    createGunzip(),
+    async (chunks: AsyncIterable<Buffer>) => {
+      for await (const c of chunks) uncompressedSize += c.length
+    },
+    { signal }
+  )
+  return { format: layer.format, tocDigest: layer.tocDigest, uncompressedSize }
 }
 
 /**

@@ -200,6 +200,19 @@ describe('convertImage', () => {
     expect(again.images[0]!.layers.map((l) => l.converted)).toEqual([false, false])
     expect(again.images[0]!.layers.map((l) => l.digest)).toEqual(first.layers.map((l) => l.digest))
     expect(again.digest).toBe(first.digest)
+
+    // The same eStargz blobs under a manifest that lost the annotations: found by their footer, kept, annotated.
+    const bare = Buffer.from(
+      JSON.stringify({ ...first.manifest, layers: first.layers.map(({ annotations: _, ...l }) => l) })
+    )
+    await client.putManifest(`${reg.host}/dst/app:bare`, bare, MediaType.ociManifest)
+    const kept = await convertImage(
+      openImageRepo(`${reg.host}/dst/app:bare`, client),
+      openImageRepo(`${reg.host}/dst/app:annotated`, client)
+    )
+    expect(kept.images[0]!.layers.map((l) => l.converted)).toEqual([false, false])
+    const annotated = await client.getImage(`${reg.host}/dst/app:annotated`)
+    expect(annotated.layers).toEqual(first.layers)
   })
 
   it('converts every platform of an index, each shared layer once, into an OCI layout', async () => {
