@@ -114,6 +114,13 @@ export interface RegistryClient {
   /** Resolves a tag or index to one platform's image manifest (default: this machine's; `os/arch[/variant]`). */
   getImage(ref: Reference | string, options?: Options & { platform?: string }): Promise<Image>
   blob(ref: Reference | string, digest: string | Descriptor, size?: number): RemoteBlob
+  /** Many ranges of one blob: adjacent ones coalesced into one request (at most maxCoalesceBytes each). */
+  readRanges(
+    ref: Reference | string,
+    digest: string | Descriptor,
+    ranges: Range[],
+    options?: Options & { size?: number }
+  ): Promise<Uint8Array[]>
   /** A small blob (a config) read whole and digest-checked (default cap 64 MiB). */
   fetchBlob(ref: Reference | string, digest: string, options?: Options & { maxBytes?: number }): Promise<Uint8Array>
   /** Streams a blob to `path` (via a temp file, renamed once the digest checks). `onProgress` gets bytes so far. */
@@ -802,9 +809,18 @@ class Client implements RegistryClient {
         return readRange(offset, length, options)
       },
       async readRanges(ranges: Range[], options: AbortOptions = {}) {
-        return client.readRanges(ref, ranges, readRange, options)
+        return client.coalescedRead(ref, ranges, readRange, options)
       }
     }
+  }
+
+  readRanges(
+    ref: Reference | string,
+    digest: string | Descriptor,
+    ranges: Range[],
+    options: Options & { size?: number } = {}
+  ): Promise<Uint8Array[]> {
+    return this.blob(ref, digest, options.size).readRanges(ranges, options)
   }
 
   private async readRange(
@@ -867,7 +883,7 @@ class Client implements RegistryClient {
   }
 
   /** Coalesces adjacent or overlapping ranges into requests of at most maxCoalesceBytes, then slices. */
-  private async readRanges(
+  private async coalescedRead(
     ref: Reference,
     ranges: Range[],
     readRange: (offset: number, length: number, options: AbortOptions) => Promise<Uint8Array>,

@@ -92,6 +92,8 @@ describe('push and pull against a real registry', () => {
     })
     const gets = proxy.requests.slice(before).filter((r) => r.method === 'GET')
     expect(gets.map((r) => r.range).sort()).toEqual(['bytes=0-1599', 'bytes=150000-150009'])
+    const again = await client.readRanges(ref, digest, ranges)
+    expect(again.map((b) => b.length)).toEqual([500, 1000, 100, 10])
   })
 
   it('bounds a coalesced request by maxCoalesceBytes', async () => {
