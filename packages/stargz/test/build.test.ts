@@ -24,7 +24,7 @@ const LONG_DIR = `${'d'.repeat(120)}`
 const LONG_FILE = `${LONG_DIR}/${'f'.repeat(150)}.txt`
 const UNICODE = 'ünïcødé-文件-🙂.txt'
 const ESCAPED = 'a<b>&c "q".txt'
-const SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK + 1, 100_000]
+const SIZES = [0, 1, 2, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK + 1, 100_000]
 
 let dir: string
 let src: string
@@ -49,6 +49,11 @@ async function makeTree(root: string): Promise<void> {
   await run('setfattr', ['-n', 'user.text', '-v', 'v<&>', join(root, 'dir/size-1.bin')])
   await run('setfattr', ['-n', 'user.bin', '-v', '0x00ff10', join(root, 'dir/size-1.bin')])
   await run('setfattr', ['-n', 'user.empty', join(root, ESCAPED)])
+  // ids past the octal field (base-256 in gnu tars), and times to round, before 1970, and at the epoch
+  await run('chown', ['-h', '3000000:3000001', join(root, 'dir/size-0.bin')])
+  await run('touch', ['-d', '2020-01-01 00:00:00.7', join(root, UNICODE)])
+  await run('touch', ['-d', '1960-06-01 12:00:00', join(root, 'dir/size-2.bin')])
+  await run('touch', ['-d', '@0', join(root, ESCAPED)])
 }
 
 async function build(input: string, output: string, options?: BuildOptions) {
