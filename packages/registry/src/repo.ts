@@ -4,8 +4,16 @@ import { copyFile, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/
 import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import type { Manifest, RegistryClient } from './client.js'
-import { BlobUnknown, DigestMismatch, InvalidReference, ManifestUnknown, RegistryError } from './errors.js'
+import {
+  BlobUnknown,
+  DigestMismatch,
+  InvalidReference,
+  ManifestInvalid,
+  ManifestUnknown,
+  RegistryError
+} from './errors.js'
 import { type Descriptor, type ImageIndex, parseManifest } from './manifest.js'
+import { manifestMediaType } from './quirks.js'
 import { makeReference, parseReference, type Reference, withDigest } from './reference.js'
 
 /**
@@ -121,8 +129,13 @@ function ociLayout(spec: string): ImageRepo {
     },
     async manifest(digest) {
       const bytes = await readBlob(digest)
-      const mediaType = (JSON.parse(Buffer.from(bytes).toString()) as { mediaType?: string }).mediaType
-      return loadManifest({ digest, mediaType: mediaType ?? '', size: bytes.length })
+      let body: unknown
+      try {
+        body = JSON.parse(Buffer.from(bytes).toString('utf8'))
+      } catch (err) {
+        throw new ManifestInvalid(`manifest ${digest} in OCI layout ${dir} is not JSON`, { cause: err })
+      }
+      return loadManifest({ digest, mediaType: manifestMediaType(null, body) ?? '', size: bytes.length })
     },
     fetchBlob: readBlob,
     async downloadBlob(digest, path, options) {

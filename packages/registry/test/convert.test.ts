@@ -235,6 +235,23 @@ describe('convertImage', () => {
     ])
     for (const img of result.images) await checkLayout(join(dir, 'multi'), img.digest)
 
+    // Back from the OCI layout into a registry: every layer is eStargz now, so the same index comes out.
+    const back = await convertImage(
+      openImageRepo(`oci:${join(dir, 'multi')}:esgz`, client),
+      openImageRepo(`${reg.host}/dst/from-oci:1`, client)
+    )
+    expect(back.images.flatMap((i) => i.layers).every((l) => !l.converted)).toBe(true)
+    expect(back.digest).toBe(result.digest)
+    expect((await client.getManifest(`${reg.host}/dst/from-oci:1`)).digest).toBe(result.digest)
+    const missingTag = await rejection(
+      convertImage(
+        openImageRepo(`oci:${join(dir, 'multi')}:nope`, client),
+        openImageRepo(`${reg.host}/dst/x:1`, client)
+      )
+    )
+    expect(missingTag.name).toBe('ManifestUnknown')
+    expect(missingTag.message).toContain("no image tagged 'nope'")
+
     const one = await convertImage(
       openImageRepo(`${reg.host}/src/multi:all`, client),
       openImageRepo(`${reg.host}/dst/multi:arm`, client),
