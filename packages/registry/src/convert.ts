@@ -150,6 +150,12 @@ export async function convertImage(
     } else {
       targets.push({ manifest: root })
     }
+    if (targets.length === 0) {
+      throw new LayerNotConvertible('the index holds no image manifest to convert', {
+        registry: src.name,
+        digest: root.digest
+      })
+    }
 
     const builtLayers = new Map<string, Promise<Output>>()
     const pending: Pending[] = []
