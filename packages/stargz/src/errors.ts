@@ -58,9 +58,9 @@ export class TOCDigestMismatchError extends StargzError {
   constructor(
     readonly expected: string,
     readonly actual: string,
-    options: StargzErrorOptions = {}
+    options: StargzErrorOptions & { what?: string } = {}
   ) {
-    super(`TOC digest mismatch: expected ${expected}, the blob's TOC is ${actual}`, {
+    super(`${options.what ?? 'TOC digest'} mismatch: expected ${expected}, the blob's TOC is ${actual}`, {
       hint:
         options.hint ??
         'the blob does not belong to the manifest that names this TOC digest, or it is corrupted: pull the layer again',

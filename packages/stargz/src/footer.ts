@@ -16,12 +16,13 @@ export interface Footer {
 }
 
 /** The most bytes any footer takes: read at least this many from the end of a blob for parseFooter. */
-export const MAX_FOOTER_SIZE = 51
+export const MAX_FOOTER_SIZE = 72
 
 const ESTARGZ_FOOTER_SIZE = 51
 const LEGACY_FOOTER_SIZE = 47
-/** A zstd skippable frame header (8 bytes) + offset, compressed size, uncompressed size, type, magic (5 x 8 bytes). */
-const ZSTD_FOOTER_SIZE = 48
+const ZSTD_SKIPPABLE_HEADER_SIZE = 8
+/** Sizes of the zstd:chunked footer's data: 5 x 8 bytes (eStargz reference), 8 x 8 bytes (containers/storage). */
+const ZSTD_FOOTER_DATA_SIZES = [40, 64]
 /** Magic of a zstd skippable frame (0x184D2A50), as stored (little endian). */
 const ZSTD_SKIPPABLE_MAGIC = 0x184d2a50
 const ZSTD_CHUNKED_MAGIC = 'GnUlInUx'
@@ -29,8 +30,8 @@ const ZSTD_CHUNKED_MANIFEST_TYPE = 1n
 
 /**
  * Parses the footer of a blob of `blobSize` bytes from `tail`, its last bytes (at least MAX_FOOTER_SIZE of
- * them, or the whole blob if it is smaller). Tries zstd:chunked, then eStargz (51 bytes), then legacy stargz
- * (47 bytes). Throws InvalidFooterError when none fits or when the TOC would lie outside the blob.
+ * them, or the whole blob if it is smaller). Tries zstd:chunked (48 or 72 bytes), then eStargz (51 bytes), then
+ * legacy stargz (47 bytes). Throws InvalidFooterError when none fits or when the TOC would lie outside the blob.
  */
 export function parseFooter(tail: Uint8Array, blobSize: number): Footer {
   if (!Number.isSafeInteger(blobSize) || blobSize < tail.length) {
@@ -62,26 +63,35 @@ export function parseFooter(tail: Uint8Array, blobSize: number): Footer {
 /** A footer as found, before its TOC range is checked against the blob (gzip footers do not store the TOC size). */
 type Found = Omit<Footer, 'tocSize'> & { tocSize?: number }
 
+/**
+ * A zstd skippable frame at the very end holding little-endian uint64s: TOC offset, compressed size,
+ * uncompressed size, manifest type (1), then the magic `GnUlInUx`. The eStargz reference writes these 40 bytes;
+ * containers/storage writes 64, with the tar-split position between the type and the magic.
+ */
 function zstdChunkedFooter(tail: Uint8Array): Found | undefined {
-  if (tail.length < ZSTD_FOOTER_SIZE) return undefined
-  const f = tail.subarray(tail.length - ZSTD_FOOTER_SIZE)
-  if (ascii(f.subarray(40)) !== ZSTD_CHUNKED_MAGIC) return undefined
-  const view = new DataView(f.buffer, f.byteOffset, f.byteLength)
-  if (view.getUint32(0, true) !== ZSTD_SKIPPABLE_MAGIC || view.getUint32(4, true) !== 40) {
-    throw new InvalidFooterError('zstd:chunked footer is not in a 40-byte zstd skippable frame')
+  if (tail.length < 16 || ascii(tail.subarray(tail.length - 8)) !== ZSTD_CHUNKED_MAGIC) return undefined
+  for (const dataSize of ZSTD_FOOTER_DATA_SIZES) {
+    const size = ZSTD_SKIPPABLE_HEADER_SIZE + dataSize
+    if (tail.length < size) continue
+    const f = tail.subarray(tail.length - size)
+    const view = new DataView(f.buffer, f.byteOffset, f.byteLength)
+    if (view.getUint32(0, true) !== ZSTD_SKIPPABLE_MAGIC || view.getUint32(4, true) !== dataSize) continue
+    const manifestType = view.getBigUint64(32, true)
+    if (manifestType !== ZSTD_CHUNKED_MANIFEST_TYPE) {
+      throw new InvalidFooterError(`zstd:chunked footer has manifest type ${manifestType}, expected 1 (a TOC)`)
+    }
+    return {
+      format: 'zstd:chunked',
+      compression: 'zstd',
+      size,
+      tocOffset: safeU64(view, 8, 'TOC offset'),
+      tocSize: safeU64(view, 16, 'compressed TOC size'),
+      tocUncompressedSize: safeU64(view, 24, 'uncompressed TOC size')
+    }
   }
-  const manifestType = view.getBigUint64(32, true)
-  if (manifestType !== ZSTD_CHUNKED_MANIFEST_TYPE) {
-    throw new InvalidFooterError(`zstd:chunked footer has manifest type ${manifestType}, expected 1 (a TOC)`)
-  }
-  return {
-    format: 'zstd:chunked',
-    compression: 'zstd',
-    size: ZSTD_FOOTER_SIZE,
-    tocOffset: safeU64(view, 8, 'TOC offset'),
-    tocSize: safeU64(view, 16, 'compressed TOC size'),
-    tocUncompressedSize: safeU64(view, 24, 'uncompressed TOC size')
-  }
+  throw new InvalidFooterError(
+    `zstd:chunked footer is not in a zstd skippable frame of ${ZSTD_FOOTER_DATA_SIZES.join(' or ')} bytes`
+  )
 }
 
 /**

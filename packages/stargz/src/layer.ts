@@ -15,6 +15,12 @@ import type { AbortOptions, Layer, ReadAt } from './types.js'
 export interface OpenLayerOptions extends AbortOptions {
   /** Expected TOC digest (the manifest's `containerd.io/snapshot/stargz/toc.digest`): a mismatch is refused. */
   tocDigest?: string
+  /**
+   * Expected sha256 of the compressed TOC bytes: zstd:chunked layers carry it as the annotation
+   * `io.github.containers.zstd-chunked.manifest-checksum` (`io.containers.zstd-chunked.manifest-checksum` from
+   * older writers) and often no TOC digest. A mismatch is refused.
+   */
+  manifestChecksum?: string
   /** Largest TOC accepted, compressed and uncompressed (default 64 MiB). */
   maxTocBytes?: number
 }
@@ -53,6 +59,12 @@ export async function openLayer(blob: ReadAt, options?: OpenLayerOptions): Promi
     footer.tocOffset >= tailStart
       ? tail.subarray(footer.tocOffset - tailStart, footer.tocOffset - tailStart + footer.tocSize)
       : await readExactly(blob, footer.tocOffset, footer.tocSize, 'the TOC', options)
+  if (options?.manifestChecksum !== undefined) {
+    const actual = sha256Digest(compressed)
+    if (actual !== options.manifestChecksum) {
+      throw new TOCDigestMismatchError(options.manifestChecksum, actual, { what: 'compressed TOC (manifest checksum)' })
+    }
+  }
   const tocBytes = await inflateTOC(compressed, footer, maxTocBytes)
   options?.signal?.throwIfAborted()
   const tocDigest = sha256Digest(tocBytes)

@@ -17,6 +17,7 @@ export const NO_PREFETCH_LANDMARK = '.no.prefetch.landmark'
 const ZSTD_SKIPPABLE_HEADER_SIZE = 8
 
 const ENTRY_TYPES = new Set<string>(['dir', 'reg', 'symlink', 'hardlink', 'char', 'block', 'fifo', 'chunk'])
+const CHUNK_TYPES = new Set(['', 'data', 'zeros'])
 const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/
 
@@ -298,7 +299,8 @@ class Builder {
       }
       part.endOffset = endOffset
     }
-    if (e.chunkType !== undefined && e.chunkType !== 'data') {
+    // containers/storage marks runs of zeros "zeros"; their bytes are in the blob like any other chunk's.
+    if (e.chunkType !== undefined && !CHUNK_TYPES.has(e.chunkType as string)) {
       throw new UnsupportedTOCError(`${where}: chunkType ${JSON.stringify(e.chunkType)} is not supported`)
     }
     if (e.chunkDigest !== undefined) {
@@ -327,6 +329,15 @@ class Builder {
       }
       last.size = entry.size - last.chunkOffset
     }
+    // On a chunked file the reg entry's endOffset (containers/storage) is where the whole file's payload ends.
+    const first = parts[0]!
+    if (parts.length > 1 && first.endOffset !== undefined) {
+      last.endOffset ??= first.endOffset
+      delete first.endOffset
+      if (last.endOffset <= last.offset) {
+        throw new InvalidTOCError(`${where}: endOffset ${last.endOffset} is before the last chunk at ${last.offset}`)
+      }
+    }
     const covered = last.chunkOffset + last.size
     if (!Number.isSafeInteger(covered) || covered !== entry.size) {
       throw new InvalidTOCError(`${where}: chunks cover ${covered} bytes of a ${entry.size}-byte file`)
@@ -352,7 +363,6 @@ class Builder {
     if (entry.digest === undefined) {
       throw new InvalidTOCError(`${where}: a file without chunk digests needs a whole-file digest to be verified`)
     }
-    const first = parts[0]!
     entry.chunks = [
       {
         digest: entry.digest,

@@ -6,8 +6,8 @@
 import { readFile } from 'node:fs/promises'
 import fc from 'fast-check'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { bufferReader, type Layer, openLayer, parseFooter, parseTOC, type TOC } from '../src/index.js'
-import { estargzFooter, legacyFooter, zstdChunkedFooter } from './blobs.js'
+import { bufferReader, type Layer, MAX_FOOTER_SIZE, openLayer, parseFooter, parseTOC, type TOC } from '../src/index.js'
+import { containersZstdBlob, estargzFooter, legacyFooter, zstdChunkedFooter } from './blobs.js'
 import { CHUNK, makeSourceTree, oracleBuild, type SourceTree } from './fixture.js'
 
 let tree: SourceTree
@@ -112,25 +112,32 @@ describe('fuzzing', () => {
   })
 
   it('parseFooter: mutated real footers', () => {
+    // Real footers as the last MAX_FOOTER_SIZE bytes of a blob.
     const footers = [
       estargzFooter(layer.tocOffset),
-      Buffer.concat([Buffer.alloc(4), legacyFooter(layer.tocOffset)]),
-      Buffer.concat([Buffer.alloc(3), zstdChunkedFooter(layer.tocOffset, 1000, 5000)])
-    ]
+      legacyFooter(layer.tocOffset),
+      zstdChunkedFooter(layer.tocOffset, 1000, 5000),
+      containersZstdBlob([{ name: 'f', content: new Uint8Array(10) }]).blob.subarray(-MAX_FOOTER_SIZE)
+    ].map((f) => Buffer.concat([Buffer.alloc(MAX_FOOTER_SIZE - f.length), f]))
+    const formats = new Set<string>()
     fc.assert(
       fc.property(
         fc.constantFrom(...footers),
-        fc.array(fc.tuple(fc.nat(50), fc.integer({ min: 0, max: 255 })), { maxLength: 4 }),
+        fc.array(fc.tuple(fc.nat(MAX_FOOTER_SIZE - 1), fc.integer({ min: 0, max: 255 })), { maxLength: 4 }),
         fc.integer({ min: 0, max: 2 * blob.length }),
         (footer, mutations, size) => {
           const f = Buffer.from(footer)
           for (const [at, v] of mutations) f[at % f.length] = v
           const r = onlyStargzErrors(() => parseFooter(f, Math.max(size, f.length)))
-          if (r !== undefined) expect(r.tocOffset).toBeLessThan(Math.max(size, f.length))
+          if (r !== undefined) {
+            expect(r.tocOffset).toBeLessThan(Math.max(size, f.length))
+            formats.add(r.format)
+          }
         }
       ),
       { numRuns: 3000 }
     )
+    expect([...formats].sort()).toEqual(['estargz', 'stargz', 'zstd:chunked'])
   })
 
   it('parseTOC: arbitrary JSON and arbitrary entries', () => {
