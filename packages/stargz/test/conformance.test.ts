@@ -4,9 +4,10 @@
  */
 
 import { execFile } from 'node:child_process'
-import { lstat, readdir, readFile, readlink } from 'node:fs/promises'
+import { lstat, readdir, readFile, readlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
+import { gzipSync } from 'node:zlib'
 import { oraclePath } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import {
@@ -18,6 +19,7 @@ import {
   readFileRange,
   verifyLayer
 } from '../src/index.js'
+import { legacyFooter, tarEntry } from './blobs.js'
 import {
   CHUNK,
   LONG_NAME,
@@ -126,6 +128,34 @@ describe('blobs built by the reference', () => {
       }
     })
   }
+
+  it('reads a legacy stargz TOC without chunk digests: each file is one chunk spanning its gzip members', async () => {
+    const built = await oracleBuild(tree, 'legacy-nodigest.blob', ['--chunk-size', String(CHUNK), '--legacy-footer'])
+    const original = await readFile(built.path)
+    const json = JSON.parse((await oracleBytes(['toc', built.path])).toString()) as {
+      entries: Record<string, unknown>[]
+    }
+    for (const e of json.entries) delete e.chunkDigest
+    const toc = gzipSync(tarEntry('stargz.index.json', Buffer.from(JSON.stringify(json))))
+    const legacy = Buffer.concat([original.subarray(0, built.tocOffset), toc, legacyFooter(built.tocOffset)])
+    const path = join(tree.dir, 'legacy-rewritten.blob')
+    await writeFile(path, legacy)
+    const blob = await fileReader(path)
+    try {
+      const layer = await openLayer(blob)
+      expect(layer.format).toBe('stargz')
+      const big = layer.toc.lookup('sizes/random-200000')!
+      expect(big.chunks).toHaveLength(1)
+      expect(big.chunks[0]).toMatchObject({ digest: big.digest, fileOffset: 0, size: 200_000 })
+      await expectLayerEqualsSource(blob, layer)
+      expect(Buffer.from(await readFileRange(blob, layer, big, CHUNK - 5, 10))).toEqual(
+        (await readFile(join(tree.src, 'sizes/random-200000'))).subarray(CHUNK - 5, CHUNK + 5)
+      )
+      expect((await verifyLayer(blob, layer)).files).toBeGreaterThan(10)
+    } finally {
+      await blob.close()
+    }
+  })
 
   it('reads ranges across chunk boundaries the same as the reference `oracle cat`', async () => {
     const built = await oracleBuild(tree, 'ranges.blob', ['--chunk-size', String(CHUNK)])
