@@ -1,5 +1,5 @@
 import { constants } from 'node:fs'
-import type { AbortOptions, Entry } from '@strata/stargz'
+import type { AbortOptions, Chunk, Entry } from '@strata/stargz'
 import { FsError } from './errors.js'
 import type { Node, NodeType, Tree } from './tree.js'
 
@@ -57,6 +57,11 @@ export interface OperationsInit {
   onError?: (failure: ReadFailure) => void
   /** Called before every read with the path it reads (the read recorder listens here). */
   onRead?: (path: string) => void
+  /**
+   * Memory for whole chunks recently read (default 64 MiB). The kernel reads at most 128 KiB at a time; a
+   * chunk is usually MiBs, and without this every piece would fetch (and copy) the whole chunk again.
+   */
+  chunkBufferBytes?: number
 }
 
 /** The FUSE operations as plain functions. They throw FsError, whose `errno` the FUSE layer returns. */
@@ -85,9 +90,12 @@ const TYPE_BITS: Record<NodeType, number> = {
 }
 
 const BLOCK = 4096
+/** Chunks larger than this (a whole-file chunk of a legacy layer) are read piecewise, not buffered. */
+const MAX_BUFFERED_CHUNK = 16 * 1024 * 1024
 const WRITE_FLAGS = constants.O_WRONLY | constants.O_RDWR | constants.O_TRUNC | constants.O_CREAT | constants.O_APPEND
 
 export function createOperations(tree: Tree, read: ReadFile, init: OperationsInit = {}): Operations {
+  const buffer = new ChunkBuffer(init.chunkBufferBytes ?? 64 * 1024 * 1024)
   const resolve = (path: string): Node => {
     const node = tree.lookup(path)
     if (node !== undefined) return node
@@ -139,8 +147,30 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
       const n = Math.max(0, Math.min(length, node.size - offset))
       if (n === 0) return new Uint8Array(0)
       init.onRead?.(path)
+      const { layer, entry } = node.source
       try {
-        return await read(node.source.layer, node.source.entry, offset, n, options)
+        const [first, last] = chunkRange(entry, offset, n)
+        const touched = entry.chunks.slice(first, last)
+        if (touched.length === 0 || touched.some((c) => c.size > MAX_BUFFERED_CHUNK)) {
+          return await read(layer, entry, offset, n, options)
+        }
+        const load = (c: Chunk) => buffer.get(c, () => read(layer, entry, c.fileOffset, c.size, options))
+        const parts = await Promise.all(touched.map(load))
+        // A reader in the second half of a chunk most likely wants the next ones: have two ready.
+        const end = touched[touched.length - 1]!
+        if (offset + n > end.fileOffset + end.size / 2) {
+          for (const next of entry.chunks.slice(last, last + 2))
+            if (next.size <= MAX_BUFFERED_CHUNK) load(next).catch(() => {})
+        }
+        if (parts.length === 1) return parts[0]!.subarray(offset - end.fileOffset, offset - end.fileOffset + n)
+        const out = new Uint8Array(n)
+        parts.forEach((bytes, i) => {
+          const c = touched[i]!
+          const from = Math.max(offset, c.fileOffset)
+          const to = Math.min(offset + n, c.fileOffset + c.size)
+          out.set(bytes.subarray(from - c.fileOffset, to - c.fileOffset), from - offset)
+        })
+        return out
       } catch (err) {
         const error = err instanceof Error ? err : new Error(String(err))
         init.onError?.({ path, layer: node.source.layer, offset, length: n, error })
@@ -187,6 +217,57 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
     modify(path) {
       throw new FsError('EROFS', `read-only image: cannot change ${path}`)
     }
+  }
+}
+
+/** Indexes [first, last) of the chunks of `entry` that hold [offset, offset + length), by binary search. */
+function chunkRange(entry: Entry, offset: number, length: number): [number, number] {
+  const chunks = entry.chunks
+  let lo = 0
+  let hi = chunks.length - 1
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1
+    if (chunks[mid]!.fileOffset <= offset) lo = mid
+    else hi = mid - 1
+  }
+  let last = lo
+  while (last < chunks.length && chunks[last]!.fileOffset < offset + length) last++
+  return [lo, last]
+}
+
+/**
+ * Whole chunks recently read, by digest (content-addressed, so one copy serves every file that has it),
+ * least recently used first out. A read in flight is shared; a failed one is forgotten, so the next read
+ * tries again.
+ */
+class ChunkBuffer {
+  private readonly chunks = new Map<string, { bytes: Promise<Uint8Array>; size: number }>()
+  private bytes = 0
+
+  constructor(private readonly maxBytes: number) {}
+
+  get(chunk: Chunk, load: () => Promise<Uint8Array>): Promise<Uint8Array> {
+    const hit = this.chunks.get(chunk.digest)
+    if (hit !== undefined) {
+      this.chunks.delete(chunk.digest)
+      this.chunks.set(chunk.digest, hit)
+      return hit.bytes
+    }
+    const slot = { bytes: load(), size: chunk.size }
+    this.chunks.set(chunk.digest, slot)
+    this.bytes += slot.size
+    slot.bytes.catch(() => this.forget(chunk.digest, slot))
+    for (const [digest, old] of this.chunks) {
+      if (this.bytes <= this.maxBytes || old === slot) break
+      this.forget(digest, old)
+    }
+    return slot.bytes
+  }
+
+  private forget(digest: string, slot: { size: number }): void {
+    if (this.chunks.get(digest) !== slot) return
+    this.chunks.delete(digest)
+    this.bytes -= slot.size
   }
 }
 

@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import type { Entry } from '@strata/stargz'
 import { describe, expect, it } from 'vitest'
 import { buildTree, createOperations, createReadRecorder, type ReadFailure, type ReadFile } from '../src/index.js'
-import { contentOf, makeToc } from './toc.js'
+import { CHUNK, contentOf, makeToc } from './toc.js'
 
 const layers = [
   makeToc([
@@ -20,6 +20,8 @@ const layers = [
   ]),
   makeToc([{ path: 'etc/conf', size: 5, uid: 1000, gid: 100 }])
 ]
+
+const content = (path: string, size: number) => contentOf({ path, size } as Entry)
 
 const readContent: ReadFile = async (_layer, entry, offset, length) =>
   contentOf(entry).subarray(offset, offset + length)
@@ -95,22 +97,53 @@ describe('operations', () => {
     expect(s.files).toBe(12) // root, 6 top-level dirs and links, tool (= alias), conf, null, big, pipe
   })
 
-  it('reads through the callback with the right layer and entry, clamped to the file size', async () => {
+  it('reads whole chunks through the callback with the right layer and entry, clamped to the file size', async () => {
     const calls: [number, string, number, number][] = []
     const { ops, reads } = setUp(async (layer, entry: Entry, offset, length) => {
       calls.push([layer, entry.path, offset, length])
       return readContent(layer, entry, offset, length)
     })
     expect(new TextDecoder().decode(await ops.read('/etc/conf', 0, 4096))).toBe('etc/c')
-    expect((await ops.read('/bin/alias', 90, 4096)).length).toBe(10)
+    expect(await ops.read('/bin/alias', 90, 4096)).toEqual(content('bin/tool', 100).subarray(90))
     expect((await ops.read('/bin/tool', 100, 10)).length).toBe(0)
+    // Across a chunk boundary: the second chunk comes from the buffer, the first is fetched.
+    expect(await ops.read('/bin/tool', 30, 60)).toEqual(content('bin/tool', 100).subarray(30, 90))
     expect(calls).toEqual([
       [1, 'etc/conf', 0, 5],
-      [0, 'bin/tool', 90, 10]
+      [0, 'bin/tool', 80, 20],
+      [0, 'bin/tool', 0, 40],
+      [0, 'bin/tool', 40, 40]
     ])
-    expect(reads).toEqual(['/etc/conf', '/bin/alias'])
+    expect(reads).toEqual(['/etc/conf', '/bin/alias', '/bin/tool'])
     await expect(ops.read('/etc', 0, 1)).rejects.toMatchObject({ code: 'EISDIR' })
     await expect(ops.read('/dev/null', 0, 1)).rejects.toMatchObject({ code: 'EINVAL' })
+  })
+
+  it('fetches a chunk once for many small reads, and the next ones ahead of a sequential reader', async () => {
+    const calls: number[] = []
+    const read: ReadFile = async (layer, entry, offset, length) => {
+      calls.push(offset)
+      return readContent(layer, entry, offset, length)
+    }
+    const ops = createOperations(buildTree(layers), read, { chunkBufferBytes: 3 * CHUNK })
+    const whole = new Uint8Array(100)
+    for (let at = 0; at < 100; at += 8) whole.set(await ops.read('/bin/tool', at, 8), at)
+    expect(whole).toEqual(content('bin/tool', 100))
+    expect(calls).toEqual([0, 40, 80])
+  })
+
+  it('shares a chunk read in flight and evicts the least recently used chunk', async () => {
+    const calls: number[] = []
+    const read: ReadFile = async (layer, entry, offset, length) => {
+      calls.push(offset)
+      return readContent(layer, entry, offset, length)
+    }
+    const ops = createOperations(buildTree(layers), read, { chunkBufferBytes: CHUNK })
+    await Promise.all([ops.read('/bin/tool', 0, 1), ops.read('/bin/tool', 1, 1)])
+    expect(calls).toEqual([0])
+    await ops.read('/bin/tool', 45, 1)
+    await ops.read('/bin/tool', 2, 1)
+    expect(calls).toEqual([0, 40, 0])
   })
 
   it('turns a failed fetch or verification into EIO and tells onError why', async () => {
@@ -121,6 +154,17 @@ describe('operations', () => {
     expect(failures).toHaveLength(1)
     expect(failures[0]).toMatchObject({ path: '/bin/tool', layer: 0, offset: 0, length: 10 })
     expect(failures[0]!.error.name).toBe('ChunkVerificationError')
+  })
+
+  it('forgets a failed chunk read, so the next read tries again', async () => {
+    let fail = true
+    const { ops } = setUp(async (layer, entry, offset, length) => {
+      if (fail) throw new Error('bad bytes from a peer')
+      return readContent(layer, entry, offset, length)
+    })
+    await expect(ops.read('/etc/conf', 0, 5)).rejects.toMatchObject({ code: 'EIO' })
+    fail = false
+    expect(new TextDecoder().decode(await ops.read('/etc/conf', 0, 5))).toBe('etc/c')
   })
 })
 

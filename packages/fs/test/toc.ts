@@ -1,11 +1,23 @@
 import type { Entry, TOC } from '@strata/stargz'
 
+/** Regular files of a test TOC are cut into chunks of this many bytes. */
+export const CHUNK = 40
+
 /** A TOC from a few entries, as the stargz parser would give it (implicit parents added, root included). */
 export function makeToc(entries: (Partial<Entry> & { path: string })[]): { toc: TOC } {
   const map = new Map<string, Entry>()
   const add = (e: Partial<Entry> & { path: string }) => {
     const parent = e.path.includes('/') ? e.path.slice(0, e.path.lastIndexOf('/')) : ''
     if (e.path !== '' && !map.has(parent)) add({ path: parent, type: 'dir' })
+    const size = e.size ?? 0
+    const chunks = Array.from({ length: (e.type ?? 'reg') === 'reg' ? Math.ceil(size / CHUNK) : 0 }, (_, i) => ({
+      digest: `sha256:${e.path}#${i}`,
+      fileOffset: i * CHUNK,
+      size: Math.min(CHUNK, size - i * CHUNK),
+      offset: 0,
+      end: 0,
+      innerOffset: 0
+    }))
     map.set(e.path, {
       type: 'reg',
       mode: e.type === 'dir' ? 0o755 : 0o644,
@@ -16,7 +28,7 @@ export function makeToc(entries: (Partial<Entry> & { path: string })[]): { toc: 
       devMajor: 0,
       devMinor: 0,
       xattrs: {},
-      chunks: [],
+      chunks,
       ...e
     })
   }

@@ -1,0 +1,115 @@
+#!/usr/bin/env node
+// FUSE sequential read throughput of a large file whose chunks are all in the local store (no network),
+// against the same file read from local disk, each with a cold and a warm page cache.
+//
+//   pnpm exec tsc -b packages/fs packages/fetcher packages/store && node packages/fs/bench/read.mjs [--mib N]
+//
+// Runs as root (FUSE). The file (default 256 MiB of random bytes) is made an eStargz layer by the reference
+// builder (default 4 MiB chunks), its chunks are put in a disk store, and the layer is mounted through the
+// fetcher with no source but the store. Readers are `dd bs=1M` child processes (the kernel splits reads into
+// 128 KiB FUSE requests). "Cold" drops the page cache of the file read (local) or of the store's chunk files
+// (FUSE) with `dd iflag=nocache count=0`; each FUSE run uses a fresh mount, so the mount's page cache is empty.
+import { execFile } from 'node:child_process'
+import { createHash, randomBytes } from 'node:crypto'
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { dirname, join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
+import { fileReader, openLayer, readChunk } from '@strata/stargz'
+// Not dependencies of fs: the store and the fetcher are what production mounts read through.
+import { createFetcher } from '../../fetcher/dist/index.js'
+import { openDiskStore } from '../../store/dist/index.js'
+import { serveMount } from '../dist/index.js'
+
+const exec = promisify(execFile)
+const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '../../..')
+const args = process.argv.slice(2)
+const mib = args.includes('--mib') ? Number(args[args.indexOf('--mib') + 1]) : 256
+const RUNS = 3
+
+const work = await mkdtemp(join(tmpdir(), 'strata-fs-bench-'))
+const sh = async (script) => (await exec('sh', ['-c', script], { maxBuffer: 1 << 26 })).stdout
+
+/** MiB/s of one `dd` read of `path` (its own timing, from its summary line). */
+async function ddRead(path) {
+  const { stderr } = await exec('dd', [`if=${path}`, 'of=/dev/null', 'bs=1M'])
+  const m = /(\d+) bytes .* copied, ([\d.e-]+) s/.exec(stderr)
+  if (m === null) throw new Error(`unexpected dd output: ${stderr}`)
+  return Number(m[1]) / Number(m[2]) / 2 ** 20
+}
+
+const dropCache = (paths) => sh(`for f in ${paths.join(' ')}; do dd if="$f" iflag=nocache count=0 status=none; done`)
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b)
+  return s[Math.floor(s.length / 2)]
+}
+
+try {
+  const root = join(work, 'root')
+  await mkdir(root)
+  const file = join(root, 'big')
+  await writeFile(file, randomBytes(mib * 2 ** 20))
+  await exec('tar', ['--numeric-owner', '-C', root, '-cf', join(work, 'layer.tar'), '.'])
+  const blobPath = join(work, 'layer.blob')
+  await exec(join(repoRoot, '.tools/oracle/oracle'), ['build', join(work, 'layer.tar'), blobPath, '--gzip-level', '1'])
+  const blobDigest = `sha256:${createHash('sha256')
+    .update(await readFile(blobPath))
+    .digest('hex')}`
+
+  const blob = await fileReader(blobPath)
+  const layer = await openLayer(blob)
+  const storeDir = join(work, 'store')
+  const store = await openDiskStore(storeDir)
+  const entry = layer.toc.lookup('big')
+  for (const chunk of entry.chunks)
+    await store.put(chunk.digest, await readChunk(blob, layer, chunk), { layer: blobDigest })
+  await blob.close()
+  const imageLayer = {
+    descriptor: { mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: blobDigest, size: layer.size },
+    digest: blobDigest,
+    format: layer.format,
+    toc: layer.toc,
+    tocDigest: layer.tocDigest,
+    verified: true,
+    compression: layer.compression
+  }
+  const fetcher = createFetcher({ store, sources: [] })
+  const chunkFiles = (await sh(`find ${storeDir}/chunks -type f`)).trim().split('\n')
+
+  const results = {}
+  const record = (name, value) => {
+    results[name] ??= []
+    results[name].push(value)
+  }
+  for (let run = 0; run < RUNS; run++) {
+    await dropCache([file])
+    record('local disk, cold page cache', await ddRead(file))
+    record('local disk, warm page cache', await ddRead(file))
+    for (const cold of [true, false]) {
+      const mnt = join(work, `mnt-${run}-${cold}`)
+      await mkdir(mnt)
+      const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher, mountpoint: mnt })
+      try {
+        if (cold) await dropCache(chunkFiles)
+        record(`FUSE, store ${cold ? 'cold' : 'warm'}, first read`, await ddRead(join(mnt, 'big')))
+        if (!cold) record('FUSE, second read (kernel page cache)', await ddRead(join(mnt, 'big')))
+      } finally {
+        await mount.unmount()
+      }
+    }
+  }
+  await store.close()
+
+  console.log(
+    `${mib} MiB file, ${entry.chunks.length} chunks of ${entry.chunks[0].size >> 20} MiB, median of ${RUNS} runs`
+  )
+  console.log('| read | MiB/s |\n| --- | ---: |')
+  for (const [name, values] of Object.entries(results)) console.log(`| ${name} | ${median(values).toFixed(0)} |`)
+  const ratio = (a, b) => ((median(results[a]) / median(results[b])) * 100).toFixed(0)
+  console.log(`\nFUSE / local, cold: ${ratio('FUSE, store cold, first read', 'local disk, cold page cache')}%`)
+  console.log(`FUSE / local, warm: ${ratio('FUSE, store warm, first read', 'local disk, warm page cache')}%`)
+} finally {
+  await rm(work, { recursive: true, force: true })
+}
