@@ -71,12 +71,7 @@ export async function openLayer(blob: ReadAt, options?: OpenLayerOptions): Promi
   if (options?.tocDigest !== undefined && options.tocDigest !== tocDigest) {
     throw new TOCDigestMismatchError(options.tocDigest, tocDigest)
   }
-  const toc = parseTOC(tocBytes, {
-    format: footer.format,
-    compression: footer.compression,
-    tocOffset: footer.tocOffset,
-    blobSize: size
-  })
+  const toc = parseTOC(tocBytes, { format: footer.format, tocOffset: footer.tocOffset, blobSize: size })
   return {
     format: footer.format,
     compression: footer.compression,

@@ -1,11 +1,10 @@
 import { isSha256Digest } from './digest.js'
 import { InvalidTOCError, UnsupportedTOCError } from './errors.js'
-import type { Chunk, Compression, Entry, EntryType, LayerFormat, TOC } from './types.js'
+import type { Chunk, Entry, EntryType, LayerFormat, TOC } from './types.js'
 
 export interface ParseTOCOptions {
+  /** zstd:chunked payload ends 8 bytes before tocOffset (the TOC's skippable frame header). */
   format: LayerFormat
-  /** Defaults from the format: zstd for zstd:chunked, else gzip. */
-  compression?: Compression
   /** Compressed offset of the TOC in the blob: every payload lies before it. */
   tocOffset: number
   blobSize: number
@@ -61,7 +60,7 @@ export function parseTOC(json: Uint8Array, options: ParseTOCOptions): TOC {
     })
   }
   if (!Array.isArray(doc.entries)) throw new InvalidTOCError('TOC has no "entries" array')
-  return new Builder(payloadEnd).build(doc.entries as unknown[])
+  return new TOCParser(payloadEnd).build(doc.entries as unknown[])
 }
 
 function decodeJSON(json: Uint8Array): Record<string, unknown> {
@@ -78,7 +77,7 @@ function decodeJSON(json: Uint8Array): Record<string, unknown> {
 }
 
 /** Normalises a TOC name: no `./`, no leading or trailing `/`; the root is ''. Refuses `..`, absolute names, NUL. */
-export function normaliseName(name: string, where: string): string {
+function normaliseName(name: string, where: string): string {
   if (name === '') throw new InvalidTOCError(`${where}: empty name`)
   if (name.includes('\0')) throw new InvalidTOCError(`${where}: name contains a NUL byte`)
   if (name.startsWith('/')) throw new InvalidTOCError(`${where}: absolute name ${JSON.stringify(name)} is refused`)
@@ -116,7 +115,7 @@ function implicitDir(path: string): Entry {
   }
 }
 
-class Builder {
+class TOCParser {
   private readonly entries = new Map<string, Entry>([['', implicitDir('')]])
   private readonly implicit = new Set<string>([''])
   private readonly children = new Map<string, Set<string>>()
