@@ -5,6 +5,7 @@ import {
   BlobTruncatedError,
   ChunkDecompressError,
   ChunkDigestMismatchError,
+  ChunkTooLargeError,
   ChunkTruncatedError,
   FileDigestMismatchError,
   NotAFileError
@@ -35,7 +36,15 @@ export function inflateChunk(
   const signal = options?.signal
   return new Promise((resolve, reject) => {
     signal?.throwIfAborted()
-    const out = Buffer.allocUnsafeSlow(chunk.size)
+    let out: Buffer
+    try {
+      out = Buffer.allocUnsafeSlow(chunk.size)
+    } catch (err) {
+      throw new ChunkTooLargeError(`${what} is ${chunk.size} bytes: cannot hold it in memory`, {
+        cause: err,
+        hint: 'layers without chunk digests verify each file as one chunk: convert the layer to eStargz'
+      })
+    }
     let skip = chunk.innerOffset
     let got = 0
     const z =

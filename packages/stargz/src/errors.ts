@@ -87,6 +87,12 @@ export class ChunkDecompressError extends StargzError {
   override readonly code = 'ERR_STARGZ_CHUNK_DECOMPRESS'
 }
 
+/** A chunk is too large to hold in memory (a whole file of a layer without chunk digests, or a hostile TOC). */
+export class ChunkTooLargeError extends StargzError {
+  override name = 'ChunkTooLargeError'
+  override readonly code = 'ERR_STARGZ_CHUNK_TOO_LARGE'
+}
+
 /** A chunk's compressed bytes inflate to fewer bytes than the TOC says the chunk holds. */
 export class ChunkTruncatedError extends StargzError {
   override name = 'ChunkTruncatedError'
