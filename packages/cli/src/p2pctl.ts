@@ -2,6 +2,7 @@ import type { Command } from './command.js'
 import { runCommand } from './command.js'
 import { daemonCommands } from './commands/daemon.js'
 import { imageCommands } from './commands/image.js'
+import { pskCommand } from './commands/psk.js'
 import { stargzCommand } from './commands/stargz.js'
 
 /** The operator's tool. Each command group lives in its own file under commands/. */
@@ -15,7 +16,7 @@ export const p2pctl: Command = {
       description: "p2pd's control socket (default: $STRATA_SOCKET or /run/strata/p2pd.sock)"
     }
   },
-  subcommands: [...daemonCommands, ...imageCommands, stargzCommand]
+  subcommands: [...daemonCommands, ...imageCommands, stargzCommand, pskCommand]
 }
 
 export function main(argv: string[]): Promise<number> {
