@@ -16,6 +16,8 @@ export const NO_PREFETCH_LANDMARK = '.no.prefetch.landmark'
 const ZSTD_SKIPPABLE_HEADER_SIZE = 8
 
 const ENTRY_TYPES = new Set<string>(['dir', 'reg', 'symlink', 'hardlink', 'char', 'block', 'fifo', 'chunk'])
+/** A name part that is empty, `.` or `..` (after stripping one leading `./` and one trailing `/`). */
+const ODD_NAME = /(^|\/)\.{0,2}(\/|$)/
 const CHUNK_TYPES = new Set(['', 'data', 'zeros'])
 const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/
@@ -34,7 +36,7 @@ interface PendingFile {
   entry: Entry
   parts: Part[]
   /** Where the TOC names this file, for messages. */
-  where: string
+  where: Where
   /** The chunkSize of the last part, when the TOC gives one. */
   lastChunkSize: number | undefined
 }
@@ -77,10 +79,13 @@ function decodeJSON(json: Uint8Array): Record<string, unknown> {
 }
 
 /** Normalises a TOC name: no `./`, no leading or trailing `/`; the root is ''. Refuses `..`, absolute names, NUL. */
-function normaliseName(name: string, where: string): string {
+function normaliseName(name: string, where: Where | string): string {
   if (name === '') throw new InvalidTOCError(`${where}: empty name`)
   if (name.includes('\0')) throw new InvalidTOCError(`${where}: name contains a NUL byte`)
   if (name.startsWith('/')) throw new InvalidTOCError(`${where}: absolute name ${JSON.stringify(name)} is refused`)
+  // Fast path for the usual `./dir/file` and `dir/`: no empty, `.` or `..` parts once those are stripped.
+  const stripped = name.slice(name.startsWith('./') ? 2 : 0, name.endsWith('/') ? -1 : undefined)
+  if (!ODD_NAME.test(stripped)) return stripped
   const parts = name.split('/').filter((p) => p !== '' && p !== '.')
   if (parts.includes('..')) {
     throw new InvalidTOCError(`${where}: name ${JSON.stringify(name)} contains '..' and could escape the layer`)
@@ -115,12 +120,24 @@ function implicitDir(path: string): Entry {
   }
 }
 
+/** Names a TOC entry in messages; the text is made only when an error needs it. */
+class Where {
+  constructor(
+    private readonly index: number,
+    private readonly name: string
+  ) {}
+
+  toString(): string {
+    return `TOC entry #${this.index} (${JSON.stringify(this.name.slice(0, 200))})`
+  }
+}
+
 class TOCParser {
   private readonly entries = new Map<string, Entry>([['', implicitDir('')]])
   private readonly implicit = new Set<string>([''])
   private readonly children = new Map<string, Set<string>>()
   private readonly files: PendingFile[] = []
-  private readonly hardlinks: { entry: Entry; where: string }[] = []
+  private readonly hardlinks: { entry: Entry; where: Where }[] = []
   /** Start offsets of every payload in the blob: a payload's compressed range ends at the next one. */
   private readonly payloadOffsets: number[] = []
   private current: PendingFile | undefined
@@ -148,7 +165,7 @@ class TOCParser {
     }
     const e = raw as Record<string, unknown>
     if (typeof e.name !== 'string') throw new InvalidTOCError(`TOC entry #${index} has no string "name"`)
-    const where = `TOC entry #${index} (${JSON.stringify(e.name.slice(0, 200))})`
+    const where = new Where(index, e.name)
     const type = e.type
     if (typeof type !== 'string' || !ENTRY_TYPES.has(type)) {
       throw new InvalidTOCError(`${where}: unknown type ${JSON.stringify(type)}`)
@@ -170,7 +187,7 @@ class TOCParser {
     if (entry.type === 'hardlink') this.hardlinks.push({ entry, where })
   }
 
-  private entry(e: Record<string, unknown>, type: EntryType, path: string, where: string): Entry {
+  private entry(e: Record<string, unknown>, type: EntryType, path: string, where: Where): Entry {
     const entry: Entry = {
       path,
       type,
@@ -192,7 +209,7 @@ class TOCParser {
       const link = str(e, 'linkName', where)
       if (link === undefined || link === '') throw new InvalidTOCError(`${where}: ${type} without a linkName`)
       if (link.includes('\0')) throw new InvalidTOCError(`${where}: linkName contains a NUL byte`)
-      entry.linkName = type === 'hardlink' ? normaliseName(link, `${where} linkName`) : link
+      entry.linkName = type === 'hardlink' ? normaliseName(link, `${where}: linkName`) : link
     }
     if (type === 'reg') {
       const digest = e.digest
@@ -204,7 +221,7 @@ class TOCParser {
     return entry
   }
 
-  private insert(entry: Entry, where: string): void {
+  private insert(entry: Entry, where: Where): void {
     const existing = this.entries.get(entry.path)
     if (existing !== undefined) {
       if (!this.implicit.has(entry.path)) {
@@ -238,7 +255,7 @@ class TOCParser {
     }
   }
 
-  private addLandmark(e: Record<string, unknown>, path: string, where: string): void {
+  private addLandmark(e: Record<string, unknown>, path: string, where: Where): void {
     const offset = uint(e, 'offset', where)
     if (offset !== undefined && (uint(e, 'size', where) ?? 0) > 0) this.addPayloadOffset(offset, where)
     if (path === PREFETCH_LANDMARK) {
@@ -249,7 +266,7 @@ class TOCParser {
     }
   }
 
-  private startFile(e: Record<string, unknown>, entry: Entry, where: string): void {
+  private startFile(e: Record<string, unknown>, entry: Entry, where: Where): void {
     if (entry.size === 0) return
     const chunkSize = uint(e, 'chunkSize', where)
     const chunkOffset = uint(e, 'chunkOffset', where) ?? 0
@@ -261,7 +278,7 @@ class TOCParser {
     this.current = file
   }
 
-  private addChunk(e: Record<string, unknown>, path: string, where: string): void {
+  private addChunk(e: Record<string, unknown>, path: string, where: Where): void {
     const file = this.current
     if (file === undefined || file.entry.path !== path) {
       throw new InvalidTOCError(`${where}: chunk entry does not follow the regular file or chunks of ${path}`)
@@ -285,7 +302,7 @@ class TOCParser {
   }
 
   /** A piece of payload; its size is known now unless it is the last one, which runs to the end of the file. */
-  private part(e: Record<string, unknown>, chunkOffset: number, chunkSize: number | undefined, where: string): Part {
+  private part(e: Record<string, unknown>, chunkOffset: number, chunkSize: number | undefined, where: Where): Part {
     const offset = uint(e, 'offset', where)
     if (offset === undefined) throw new InvalidTOCError(`${where}: file content without an "offset" in the blob`)
     this.addPayloadOffset(offset, where)
@@ -311,7 +328,7 @@ class TOCParser {
     return part
   }
 
-  private addPayloadOffset(offset: number, where: string): void {
+  private addPayloadOffset(offset: number, where: Where): void {
     if (offset >= this.payloadEnd) {
       throw new InvalidTOCError(`${where}: offset ${offset} is past the payload, which ends at ${this.payloadEnd}`)
     }
@@ -388,7 +405,7 @@ class TOCParser {
     return offsets[lo] ?? this.payloadEnd
   }
 
-  private resolveHardlink(entry: Entry, where: string): void {
+  private resolveHardlink(entry: Entry, where: Where): void {
     let target = this.entries.get(entry.linkName!)
     for (let hops = 0; target?.type === 'hardlink' && hops < this.hardlinks.length; hops++) {
       target = this.entries.get(target.linkName!)
@@ -451,7 +468,7 @@ export function chunkIndexAt(entry: Entry, fileOffset: number): number {
   return -1
 }
 
-function uint(e: Record<string, unknown>, key: string, where: string): number | undefined {
+function uint(e: Record<string, unknown>, key: string, where: Where): number | undefined {
   const v = e[key]
   if (v === undefined) return undefined
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
@@ -460,21 +477,21 @@ function uint(e: Record<string, unknown>, key: string, where: string): number | 
   return v
 }
 
-function str(e: Record<string, unknown>, key: string, where: string): string | undefined {
+function str(e: Record<string, unknown>, key: string, where: Where): string | undefined {
   const v = e[key]
   if (v === undefined) return undefined
   if (typeof v !== 'string') throw new InvalidTOCError(`${where}: "${key}" must be a string`)
   return v
 }
 
-function mtime(v: unknown, where: string): number {
+function mtime(v: unknown, where: Where): number {
   if (v === undefined) return 0
   const ms = typeof v === 'string' && RFC3339.test(v) ? Date.parse(v) : Number.NaN
   if (!Number.isFinite(ms)) throw new InvalidTOCError(`${where}: modtime ${JSON.stringify(v)} is not an RFC 3339 time`)
   return ms
 }
 
-function xattrs(v: unknown, where: string): Record<string, Uint8Array> {
+function xattrs(v: unknown, where: Where): Record<string, Uint8Array> {
   if (v === undefined) return {}
   if (typeof v !== 'object' || v === null || Array.isArray(v)) {
     throw new InvalidTOCError(`${where}: "xattrs" must be an object`)
