@@ -9,6 +9,7 @@
 // fetcher with no source but the store. Readers are `dd bs=1M` child processes (the kernel splits reads into
 // 128 KiB FUSE requests). "Cold" drops the page cache of the file read (local) or of the store's chunk files
 // (FUSE) with `dd iflag=nocache count=0`; each FUSE run uses a fresh mount, so the mount's page cache is empty.
+// A last mount answers reads from memory without the fetcher: the ceiling of FUSE through Node here.
 import { execFile } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
@@ -98,6 +99,17 @@ try {
       } finally {
         await mount.unmount()
       }
+    }
+    // The same mount with reads answered from memory: what FUSE through Node allows at most.
+    const mnt = join(work, `mnt-${run}-memory`)
+    await mkdir(mnt)
+    const zeros = new Uint8Array(entry.chunks[0].size)
+    const memory = { readFile: async (_layer, _entry, _offset, length) => zeros.subarray(0, length) }
+    const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher: memory, mountpoint: mnt })
+    try {
+      record('FUSE, reads answered from memory (the ceiling)', await ddRead(join(mnt, 'big')))
+    } finally {
+      await mount.unmount()
     }
   }
   await store.close()
