@@ -119,6 +119,16 @@ describe('FUSE mount of an image', () => {
     expect(Number(df.stdout.trim().split(' ')[1]) * 4096).toBeGreaterThanOrEqual(20 * 1024 * 1024)
   })
 
+  it('refuses a second mount on the same mountpoint, saying what to do', async () => {
+    const ops = createOperations(buildTree(layers), async () => new Uint8Array(0))
+    await expect(mountFuse(ops, mount.dir)).rejects.toMatchObject({
+      name: 'MountError',
+      code: 'ERR_MOUNT',
+      message: `cannot mount at ${mount.dir}: something is mounted there already`,
+      hint: expect.stringContaining(`p2p-mount --unmount ${mount.dir}`)
+    })
+  })
+
   it('refuses writes with EROFS', async () => {
     const r = await exec('sh', ['-c', `echo x > ${join(mount.dir, 'etc', 'motd')}`])
     expect(r.code).not.toBe(0)

@@ -181,6 +181,22 @@ describe('p2p-mount', () => {
     expect(await isMounted(join(mounts, dir!, 'lower'))).toBe(false)
   })
 
+  it('cleans up a writable mount (overlay and the FUSE mount under it) after a kill', async () => {
+    const mnt = await newDir('mnt-rw-kill')
+    const data = join(work, 'data-rw-kill')
+    const m = await startMount([image.ref, mnt, '--data-dir', data, '--writable'])
+    m.proc.kill('SIGKILL')
+    await m.exited
+    const [dir] = await readdir(join(data, 'mounts'))
+    const lower = join(data, 'mounts', dir!, 'lower')
+    expect(await isMounted(mnt)).toBe(true)
+    expect(await isMounted(lower)).toBe(true)
+    const r = await run(process.execPath, [BIN, '--unmount', mnt, '--data-dir', data])
+    expect(r.stdout).toBe(`unmounted ${mnt}\n`)
+    expect(await isMounted(mnt)).toBe(false)
+    expect(await isMounted(lower)).toBe(false)
+  })
+
   it('fetches a layer that is not eStargz whole, saying so', async () => {
     const mnt = await newDir('mnt-plain')
     const m = await startMount([plain.ref, mnt, '--data-dir', join(work, 'data')])

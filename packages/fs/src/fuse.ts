@@ -71,6 +71,13 @@ export async function mountFuse(
     })
   }
   if (!info.isDirectory()) throw new MountError(mountpoint, 'the mountpoint is not a directory')
+  if (await isMounted(mountpoint)) {
+    throw new MountError(
+      mountpoint,
+      'something is mounted there already',
+      `unmount it first ('p2p-mount --unmount ${mountpoint}' if it is a p2p-mount that died)`
+    )
+  }
 
   const Fuse = loadFuse()
   const timeout = init.cacheTimeout ?? 86_400
