@@ -135,7 +135,7 @@ async function mount(ctx: Context): Promise<number> {
       { signal }
     )
     try {
-      out.print(`mounted ${image} at ${mountpoint}`)
+      out.print(`mounted ${image} at ${mountpointArg}`)
       // The prioritized files of eStargz layers, in the background: the workload will want them first.
       fetcher.prefetch(opened, { signal }).catch((err: Error) => {
         if (!signal.aborted) out.warn(`prefetch of ${image} failed: ${err.message}`)
