@@ -22,7 +22,7 @@ export interface FetcherInit {
   hedgeDelayMs?: number
   /** A source that has not answered after this long is given up for that chunk. Default 30 s. */
   sourceTimeoutMs?: number
-  /** Chunks fetched at once by one `readFile` or per-chunk `getMany` fallback. Default 8. */
+  /** Per-chunk requests in flight for one batch, to sources without `getMany`. Default 8. */
   concurrency?: number
   /** After the first read of a file, at most this many bytes of the rest of it are fetched in the background. Default 64 MiB; 0 disables. */
   readAheadBytes?: number

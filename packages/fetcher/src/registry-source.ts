@@ -15,7 +15,7 @@ export interface RegistrySourceInit {
   maxRangeBytes?: number
   /** Missing chunks this close (bytes) are read in one request with the gap between them. Default 64 KiB. */
   maxGapBytes?: number
-  /** Range requests in flight at once per layer. Default 4. */
+  /** Range requests in flight at once per layer. Default 8. */
   concurrency?: number
   /** Source name in metrics and errors. Default `registry`. */
   name?: string
@@ -148,7 +148,7 @@ class RegistrySource implements ChunkSource {
     this.limits = {
       maxRangeBytes: init.maxRangeBytes ?? 8 * 1024 * 1024,
       maxGapBytes: init.maxGapBytes ?? 64 * 1024,
-      concurrency: init.concurrency ?? 4
+      concurrency: init.concurrency ?? 8
     }
   }
 

@@ -65,7 +65,10 @@ export type FetchEvent =
 
 /** Counters and fixed-bucket latency histograms; a snapshot, safe to serialise. */
 export interface FetcherMetrics {
-  /** Per source name, plus `store` for hits: bytes served and requests made. */
+  /**
+   * Per source name, plus `store`: chunks and bytes served, requests made (a batched call counts once),
+   * misses (`does not have it`), errors (for `store`: failed lookups are misses, failed writes errors).
+   */
   sources: Record<string, { requests: number; chunks: number; bytes: number; misses: number; errors: number }>
   /** Chunks whose bytes failed sha256 verification, per source name. */
   verificationFailures: Record<string, number>
