@@ -174,9 +174,15 @@ class Node implements StrataNode {
     this.server = new ChunkServer(
       {
         store: init.store,
-        fetch: async (chunk, ref, options) => {
-          if (ref !== undefined && !this.router.has(chunk.layer)) await this.openImage(ref, options)
-          return runForwarded(() => this.fetcher.get(chunk, options))
+        fetch: async (chunks, ref, options) => {
+          if (ref !== undefined && chunks.some((c) => !this.router.has(c.layer))) {
+            await this.openImage(ref, options).catch(() => undefined)
+          }
+          return runForwarded(() =>
+            this.fetcher
+              .getMany(chunks, options)
+              .catch(() => Promise.all(chunks.map((c) => this.fetcher.get(c, options).catch(() => undefined))))
+          )
         },
         onServed: (_peer, bytes) => {
           this.served += bytes
@@ -340,7 +346,7 @@ class Node implements StrataNode {
     }
     let result: WarmResult
     try {
-      result = await warmImage(this.fetcher, image, { ...options, self: this.peerId })
+      result = await warmImage(this.fetcher, image, { ...options, homeOf: (c) => this.source.home(c) })
     } catch (err) {
       throw new WarmError(`warming ${ref} failed: ${(err as Error).message}`, { cause: err })
     }

@@ -57,8 +57,15 @@ export type ChunkAnswer = { index: number; bytes: Uint8Array } | { index: number
 
 export interface ServerComponents {
   store: ChunkStore
-  /** Gets a chunk this node is the home of, from wherever the node's fetcher finds it (for `fetch`). */
-  fetch?: (chunk: ChunkRef, ref: string | undefined, options?: AbortOptions) => Promise<Uint8Array | undefined>
+  /**
+   * Gets chunks this node is the home of, from wherever the node's fetcher finds them (for `fetch`): verified
+   * bytes, or undefined for each chunk it could not get. `ref` names the image the chunks come from.
+   */
+  fetch?: (
+    chunks: ChunkRef[],
+    ref: string | undefined,
+    options?: AbortOptions
+  ) => Promise<Array<Uint8Array | undefined>>
   /** Told about each chunk served. */
   onServed?: (peer: string, bytes: number) => void
   /** Told about each failed request. */
@@ -146,24 +153,24 @@ export class ChunkServer {
     ref: string | undefined,
     signal: AbortSignal
   ): Promise<void> {
-    const fetch = this.components.fetch
     let budget = this.limits.maxResponseBytes
-    // Bounded concurrency: the home node fetches a few chunks at once and answers as each arrives.
-    let next = 0
-    const worker = async () => {
-      while (next < chunks.length) {
-        const i = next++
-        const chunk = chunks[i]!
-        let bytes: Uint8Array | undefined
-        if (budget > 0) {
-          bytes = await this.components.store.get(chunk.digest, { signal })
-          if (bytes === undefined && fetch !== undefined)
-            bytes = await fetch(chunk, ref, { signal }).catch(() => undefined)
-        }
-        budget = await this.answerOne(stream, peer, i, bytes, budget, signal)
-      }
+    // What the store holds goes out at once; the rest is fetched as one batch (the registry coalesces ranges).
+    const lacking: number[] = []
+    for (const [i, chunk] of chunks.entries()) {
+      const bytes = await this.components.store.get(chunk.digest, { signal })
+      if (bytes === undefined) lacking.push(i)
+      else budget = await this.answerOne(stream, peer, i, bytes, budget, signal)
     }
-    await Promise.all(Array.from({ length: Math.min(8, chunks.length) }, worker))
+    const fetch = this.components.fetch
+    const fetched =
+      lacking.length > 0 && fetch !== undefined
+        ? await fetch(
+            lacking.map((i) => chunks[i]!),
+            ref,
+            { signal }
+          )
+        : []
+    for (const [j, i] of lacking.entries()) budget = await this.answerOne(stream, peer, i, fetched[j], budget, signal)
   }
 
   private async answerOne(

@@ -44,12 +44,22 @@ export function runWithMembers<T>(members: string[], fn: () => Promise<T>): Prom
   return context.run({ ...context.getStore(), members }, fn)
 }
 
-/** The member that is home of `digest`: rendezvous (highest random weight) hashing, so all agree without talking. */
-export function homeOf(digest: string, members: string[]): string | undefined {
+/**
+ * Chunks are homed by segment (a layer's compressed range cut into SEGMENT-byte pieces), not one by one: a home
+ * then reads runs of adjacent chunks, which the registry source coalesces into few Range requests.
+ */
+const SEGMENT = 1 << 20
+
+export function homeKey(chunk: ChunkRef): string {
+  return `${chunk.layer}/${Math.floor(chunk.offset / SEGMENT)}`
+}
+
+/** The member that is home of `key`: rendezvous (highest random weight) hashing, so all agree without talking. */
+export function homeOf(key: string, members: string[]): string | undefined {
   let best: string | undefined
   let bestWeight = -1n
   for (const m of members) {
-    const weight = createHash('sha256').update(m).update(digest).digest().readBigUInt64BE(0)
+    const weight = createHash('sha256').update(m).update(key).digest().readBigUInt64BE(0)
     if (weight > bestWeight || (weight === bestWeight && best !== undefined && m < best)) {
       best = m
       bestWeight = weight
@@ -63,7 +73,9 @@ const NO_PROVIDER_TTL_MS = 2_000
 const LOOKUP_TIMEOUT_MS = 5_000
 const MAX_PROVIDERS = 8
 const MAX_TRIES = 3
+/** Chunks per `get` request to a holder, and per `fetch` request to a home (which may have to go to the registry). */
 const BATCH = 256
+const FETCH_BATCH = 64
 
 /**
  * The `peer` ChunkSource. For a chunk: providers of its layer first, then of the chunk itself (both cached),
@@ -83,7 +95,9 @@ export class PeerSource implements ChunkSource {
 
   async get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array | undefined> {
     const tried = new Set<string>()
-    for (const key of [chunk.layer, chunk.digest]) {
+    // A home node serving a forwarded request asks only the layer's providers: it is the one to go to the registry.
+    const keys = context.getStore()?.forwarded === true ? [chunk.layer] : [chunk.layer, chunk.digest]
+    for (const key of keys) {
       const peers = this.components.book.rank(await this.providersOf(key, options)).filter((p) => !tried.has(p))
       for (const p of peers.slice(0, MAX_TRIES)) tried.add(p)
       const got = await this.firstOf(
@@ -93,7 +107,7 @@ export class PeerSource implements ChunkSource {
       )
       if (got !== undefined) return got
     }
-    const home = this.home(chunk.digest)
+    const home = this.home(chunk)
     if (home === undefined || tried.has(home)) return undefined
     const request = { op: 'fetch' as const, chunks: [chunk], ...this.refOf(chunk.layer) }
     return this.firstOf([home], (peer, signal) => this.ask(peer, request, signal), options)
@@ -124,8 +138,8 @@ export class PeerSource implements ChunkSource {
     // What no holder sent: ask each chunk's home node to fetch it once for the cluster.
     // One stream per (home, image): a forwarded request names the image its chunks come from.
     const homes = new Map<string, { peer: string; refs: ChunkRef[] }>()
-    for (const [digest, refs] of left) {
-      const peer = this.home(digest)
+    for (const refs of left.values()) {
+      const peer = this.home(refs[0]!)
       if (peer === undefined) continue
       const key = `${peer} ${this.refOf(refs[0]!.layer).ref ?? ''}`
       const group = homes.get(key) ?? { peer, refs: [] }
@@ -152,13 +166,13 @@ export class PeerSource implements ChunkSource {
   }
 
   /** The chunk's home among the cluster, unless it is this node or we are serving a forwarded request. */
-  private home(digest: string): string | undefined {
+  home(chunk: ChunkRef): string | undefined {
     const ctx = context.getStore()
     if (ctx?.forwarded === true) return undefined
     const members = (ctx?.members ?? [this.components.self, ...this.components.members()]).filter(
       (m) => m === this.components.self || !this.components.book.isBanned(m)
     )
-    const home = homeOf(digest, members)
+    const home = homeOf(homeKey(chunk), members)
     return home === this.components.self ? undefined : home
   }
 
@@ -276,8 +290,9 @@ export class PeerSource implements ChunkSource {
     left: Map<string, ChunkRef[]>,
     options?: AbortOptions
   ): AsyncGenerator<{ peer: string; digest: string; bytes: Uint8Array }> {
-    for (let i = 0; i < items.length; i += BATCH) {
-      const batch = items.slice(i, i + BATCH)
+    const size = op === 'get' ? BATCH : FETCH_BATCH
+    for (let i = 0; i < items.length; i += size) {
+      const batch = items.slice(i, i + size)
       const digests = batch.map((x) => (typeof x === 'string' ? x : x.digest))
       const refs = batch.filter((x): x is ChunkRef => typeof x !== 'string')
       const request = op === 'get' ? { op, digests } : { op, chunks: refs, ...this.refOf(refs[0]!.layer) }

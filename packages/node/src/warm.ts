@@ -1,6 +1,6 @@
 import type { ChunkRef, Fetcher, Image } from '@strata/fetcher'
 import type { AbortOptions } from '@strata/store'
-import { homeOf, runWithMembers } from './source.js'
+import { runWithMembers } from './source.js'
 
 export interface WarmProgress {
   chunks: number
@@ -17,14 +17,14 @@ export interface WarmResult extends WarmProgress {
 }
 
 export interface WarmOptions extends AbortOptions {
-  /** The cluster this warm-up is part of: this node fetches its own share (rendezvous) first, then the rest. */
+  /** The cluster this warm-up is part of (chunk homes are chosen among these peer ids). */
   members?: string[]
-  /** This node's peer id (with `members`). */
-  self?: string
+  /** The node that is home of a chunk: undefined for this node. */
+  homeOf?: (chunk: ChunkRef) => string | undefined
   onProgress?: (progress: WarmProgress) => void
 }
 
-/** Every chunk of every layer of an image, once per digest. */
+/** Every chunk of every layer of an image, once per digest, in blob order (adjacent reads coalesce). */
 export function imageChunks(image: Image): ChunkRef[] {
   const seen = new Set<string>()
   const out: ChunkRef[] = []
@@ -37,45 +37,61 @@ export function imageChunks(image: Image): ChunkRef[] {
       }
     }
   }
-  return out
+  const layerIndex = new Map(image.layers.map((l, i) => [l.digest, i]))
+  return out.sort((a, b) => layerIndex.get(a.layer)! - layerIndex.get(b.layer)! || a.offset - b.offset)
 }
 
 const BATCH = 256
 const PARALLEL_BATCHES = 4
 
-/** Fills the local store with every chunk of `image` through the fetcher (store, peers, registry; verified). */
+/**
+ * Fills the local store with every chunk of `image` through the fetcher (store, peers, registry; verified).
+ * Batches never mix homes: a batch of this node's own share goes to the registry without waiting on peers, so
+ * a peer whose forwarded request joins it is never stuck behind this node's requests to that peer.
+ */
 export async function warmImage(fetcher: Fetcher, image: Image, options: WarmOptions = {}): Promise<WarmResult> {
   const started = Date.now()
-  let chunks = imageChunks(image)
-  const members = options.members
-  if (members !== undefined && options.self !== undefined) {
-    const self = options.self
-    const mine = chunks.filter((c) => homeOf(c.digest, members) === self)
-    const others = chunks.filter((c) => homeOf(c.digest, members) !== self)
-    chunks = [...mine, ...others]
-  }
-  const progress: WarmProgress = {
-    chunks: 0,
-    totalChunks: chunks.length,
-    bytes: 0,
-    totalBytes: chunks.reduce((n, c) => n + c.size, 0)
-  }
-  options.onProgress?.({ ...progress })
-  const batches: ChunkRef[][] = []
-  for (let i = 0; i < chunks.length; i += BATCH) batches.push(chunks.slice(i, i + BATCH))
-  let next = 0
-  const worker = async () => {
-    while (next < batches.length) {
-      options.signal?.throwIfAborted()
-      const batch = batches[next++]!
-      await fetcher.getMany(batch, options)
-      progress.chunks += batch.length
-      progress.bytes += batch.reduce((n, c) => n + c.size, 0)
-      options.onProgress?.({ ...progress })
+  const run = async () => {
+    const chunks = imageChunks(image)
+    const groups = new Map<string | undefined, ChunkRef[]>()
+    for (const c of chunks) {
+      const home = options.homeOf?.(c)
+      groups.set(home, [...(groups.get(home) ?? []), c])
     }
+    // This node's share first, then the others' shares interleaved.
+    const own = toBatches(groups.get(undefined) ?? [])
+    const foreign = [...groups].filter(([home]) => home !== undefined).map(([, list]) => toBatches(list))
+    const batches = [...own]
+    for (let i = 0; foreign.some((f) => i < f.length); i++)
+      for (const f of foreign) if (i < f.length) batches.push(f[i]!)
+    const progress: WarmProgress = {
+      chunks: 0,
+      totalChunks: chunks.length,
+      bytes: 0,
+      totalBytes: chunks.reduce((n, c) => n + c.size, 0)
+    }
+    options.onProgress?.({ ...progress })
+    let next = 0
+    const worker = async () => {
+      while (next < batches.length) {
+        options.signal?.throwIfAborted()
+        const batch = batches[next++]!
+        await fetcher.getMany(batch, options)
+        progress.chunks += batch.length
+        progress.bytes += batch.reduce((n, c) => n + c.size, 0)
+        options.onProgress?.({ ...progress })
+      }
+    }
+    await Promise.all(Array.from({ length: PARALLEL_BATCHES }, worker))
+    return progress
   }
-  const run = () => Promise.all(Array.from({ length: PARALLEL_BATCHES }, worker))
-  if (members !== undefined) await runWithMembers(members, run)
-  else await run()
+  const members = options.members
+  const progress = members !== undefined ? await runWithMembers(members, run) : await run()
   return { image: image.ref, digest: image.digest, layers: image.layers.length, ...progress, ms: Date.now() - started }
+}
+
+function toBatches(chunks: ChunkRef[]): ChunkRef[][] {
+  const out: ChunkRef[][] = []
+  for (let i = 0; i < chunks.length; i += BATCH) out.push(chunks.slice(i, i + BATCH))
+  return out
 }

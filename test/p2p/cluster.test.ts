@@ -1,0 +1,226 @@
+import { createHash } from 'node:crypto'
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createNode, type NodeStatus, type PeerStatus, type StrataNode } from '@strata/node'
+import { createMemoryStore } from '@strata/store'
+import { buildCli, type Cluster, startCluster, startP2pd, waitForMesh } from '@test/cluster.js'
+import { type CountingProxy, startCountingProxy } from '@test/counting-proxy.js'
+import { buildTestImage, type TestImage } from '@test/images.js'
+import { startRegistry, type TestRegistry } from '@test/registry.js'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+
+/** Deterministic incompressible bytes. */
+function noise(size: number, seed: number): Buffer {
+  const words = new Uint32Array(Math.ceil(size / 4))
+  let x = seed >>> 0 || 1
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13
+    x ^= x >>> 17
+    x ^= x << 5
+    words[i] = x >>> 0
+  }
+  return Buffer.from(words.buffer, 0, size)
+}
+
+async function makeTree(root: string, files: number, seed: number): Promise<string> {
+  for (let i = 0; i < files; i++) {
+    const dir = join(root, `d${i % 10}`)
+    await mkdir(dir, { recursive: true })
+    await writeFile(join(dir, `f${i}.bin`), noise(2_000 + ((i * 7919) % 120_000), seed * 100_000 + i))
+  }
+  return root
+}
+
+/** The compressed offset where a layer's TOC starts, from the eStargz footer (`%016x` + `STARGZ`). */
+function tocOffset(blob: Buffer): number {
+  const footer = blob.subarray(blob.byteLength - 51).toString('latin1')
+  const at = footer.indexOf('STARGZ')
+  return Number.parseInt(footer.slice(at - 16, at), 16)
+}
+
+let registry: TestRegistry
+let proxy: CountingProxy
+let image: TestImage
+let ref: string
+let work: string
+/** Chunk payload (what precedes the TOC) per layer digest. */
+const payloadEnd = new Map<string, number>()
+let imageBytes = 0
+let totalChunks = 0
+
+/**
+ * Registry bytes of chunk reads since request #from: ranges that end before the layer's TOC. (Opening an image
+ * reads the blob's tail, footer and TOC, and a little payload before them: that is not a chunk read.)
+ */
+function payloadBytes(from: number): number {
+  return proxy.requests
+    .slice(from)
+    .filter((r) => r.method === 'GET' && r.path.includes('/blobs/'))
+    .filter((r) => {
+      const digest = /\/blobs\/(sha256:[0-9a-f]{64})/.exec(r.path)?.[1] ?? ''
+      const end = payloadEnd.get(digest)
+      return end !== undefined && (r.rangeEnd === undefined || r.rangeEnd < end)
+    })
+    .reduce((n, r) => n + r.bytes, 0)
+}
+
+const blobBytesSince = (from: number) => proxy.blobBytes() - blobBytes(proxy.requests.slice(0, from))
+function blobBytes(list: CountingProxy['requests']): number {
+  return list.filter((r) => r.method === 'GET' && r.path.includes('/blobs/')).reduce((n, r) => n + r.bytes, 0)
+}
+
+const status = (c: Cluster, i: number) => c.nodes[i]!.client.get<NodeStatus>('/status')
+
+async function warm(c: Cluster, i: number, cluster = false) {
+  const r = await c.nodes[i]!.p2pctl(['warm', ref, ...(cluster ? ['--cluster'] : []), '--json'])
+  if (r.code !== 0) throw new Error(`p2pctl warm on node ${i} failed (${r.code}): ${r.stderr}`)
+  return JSON.parse(r.stdout) as { totalChunks: number; totalBytes: number }
+}
+
+beforeAll(async () => {
+  work = await mkdtemp(join(tmpdir(), 'strata-p2p-'))
+  const [reg] = await Promise.all([startRegistry(), buildCli()])
+  registry = reg
+  image = await buildTestImage({
+    registry: registry.host,
+    estargz: true,
+    gzipLevel: 1,
+    // Large enough that the fixed cost of opening the image on each node (a 512 KiB read of the blob's tail for
+    // its TOC) stays small next to the chunks.
+    layers: [{ files: await makeTree(join(work, 'l0'), 500, 1) }]
+  })
+  proxy = await startCountingProxy(registry.host)
+  ref = image.ref.replace(registry.host, proxy.host)
+  for (const layer of image.layers) {
+    const res = await fetch(`http://${registry.host}/v2/test/image/blobs/${layer.digest}`)
+    const blob = Buffer.from(await res.arrayBuffer())
+    payloadEnd.set(layer.digest, tocOffset(blob))
+    imageBytes += blob.byteLength
+    totalChunks += layer.files.size
+  }
+}, 180_000)
+
+afterAll(async () => {
+  await proxy?.stop()
+  await registry?.stop()
+  await rm(work, { recursive: true, force: true })
+})
+
+describe('p2pd cluster on loopback', () => {
+  it('node A warms from the registry; B..E then read every chunk from peers, no payload from the registry', async () => {
+    const c = await startCluster(5, { insecureRegistry: [proxy.host] })
+    try {
+      await waitForMesh(c.nodes, 1)
+      const before = proxy.requests.length
+      let t = Date.now()
+      const a = await warm(c, 0)
+      console.log('warm A', Date.now() - t)
+      t = Date.now()
+      expect(a.totalChunks).toBeGreaterThanOrEqual(totalChunks)
+      expect(payloadBytes(before)).toBeGreaterThan(0)
+      // Coarse keys (layer, TOC) are announced on the critical path; give them a moment to land.
+      await expect.poll(async () => (await status(c, 0)).announce.landed, { timeout: 10_000 }).toBeGreaterThanOrEqual(2)
+      console.log('landed', Date.now() - t)
+      t = Date.now()
+      // (A's warm-up asked each chunk's home node to fetch it: the cluster, not A alone, went to the registry.)
+      const mark = proxy.requests.length
+      await Promise.all([1, 2, 3, 4].map((i) => warm(c, i)))
+      expect(payloadBytes(mark)).toBe(0)
+      console.log('B..E', Date.now() - t)
+      for (const i of [1, 2, 3, 4]) expect((await status(c, i)).store.chunks).toBe(a.totalChunks)
+      expect((await status(c, 0)).bytes.served).toBeGreaterThan(0)
+    } finally {
+      await c.stop()
+    }
+  })
+
+  it('five cold nodes read the same image at once: registry egress <= 1.3x the bytes read', async () => {
+    const c = await startCluster(5, { insecureRegistry: [proxy.host] })
+    try {
+      await waitForMesh(c.nodes, 4)
+      const mark = proxy.requests.length
+      const results = await Promise.all(c.nodes.map((_, i) => warm(c, i)))
+      const egress = blobBytesSince(mark)
+      expect(egress).toBeLessThanOrEqual(1.3 * imageBytes)
+      for (const [i] of c.nodes.entries()) expect((await status(c, i)).store.chunks).toBe(results[0]!.totalChunks)
+    } finally {
+      await c.stop()
+    }
+  })
+
+  it('p2pctl warm --cluster on 5 nodes: every node holds the image, registry egress <= 1.2x its size', async () => {
+    const c = await startCluster(5, { insecureRegistry: [proxy.host] })
+    try {
+      await waitForMesh(c.nodes, 4)
+      const mark = proxy.requests.length
+      const r = await c.nodes[2]!.p2pctl(['warm', ref, '--cluster', '--json'])
+      expect(r.code, r.stderr).toBe(0)
+      const result = JSON.parse(r.stdout) as { nodes: Record<string, { ok: boolean }> }
+      expect(Object.values(result.nodes).filter((n) => n.ok)).toHaveLength(5)
+      expect(blobBytesSince(mark)).toBeLessThanOrEqual(1.2 * imageBytes)
+      const chunks = await Promise.all(c.nodes.map(async (_, i) => (await status(c, i)).store.chunks))
+      expect(new Set(chunks).size).toBe(1)
+      expect(chunks[0]).toBeGreaterThanOrEqual(totalChunks)
+    } finally {
+      await c.stop()
+    }
+  })
+
+  it('a hostile peer serving corrupted chunks: the read is still correct and the peer is banned', async () => {
+    const c = await startCluster(2, { insecureRegistry: [proxy.host] })
+    const dir = await mkdtemp(join(tmpdir(), 'strata-hostile-'))
+    const store = createMemoryStore()
+    let hostile: StrataNode | undefined
+    try {
+      // A real node whose store holds wrong bytes under the image's chunk digests: it announces and serves them.
+      await warm(c, 0)
+      const honest = c.nodes[0]!
+      await honest.stop()
+      hostile = await createNode({
+        store,
+        dataDir: dir,
+        listen: ['/ip4/127.0.0.1/tcp/0'],
+        bootstrap: c.nodes[1]!.addrs
+      })
+      const { createDiskStoreView } = await diskChunks(honest.dataDir)
+      for (const { digest, size, layer } of createDiskStoreView) {
+        await store.put(digest, noise(size, 7), { layer })
+      }
+      await hostile.announced()
+      const mark = proxy.requests.length
+      await warm(c, 1)
+      const s = await status(c, 1)
+      expect(s.store.chunks).toBeGreaterThanOrEqual(totalChunks)
+      expect(payloadBytes(mark)).toBeGreaterThan(0)
+      const peers = await c.nodes[1]!.client.get<PeerStatus[]>('/peers')
+      const seen = peers.find((p) => p.peer === hostile!.peerId)
+      expect(seen?.bad).toBeGreaterThanOrEqual(1)
+      expect(seen?.bannedUntil).toBeGreaterThan(Date.now())
+    } finally {
+      await hostile?.stop()
+      await store.close()
+      await c.stop()
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+})
+
+/** Every chunk a stopped node's disk store holds, read back through the store package. */
+async function diskChunks(dataDir: string) {
+  const { openDiskStore } = await import('@strata/store')
+  const disk = await openDiskStore(join(dataDir, 'store'))
+  const out: Array<{ digest: string; size: number; layer: string }> = []
+  try {
+    const layers = [...payloadEnd.keys()]
+    for await (const digest of disk.keys()) {
+      const bytes = await disk.get(digest)
+      if (bytes === undefined) continue
+      expect(`sha256:${createHash('sha256').update(bytes).digest('hex')}`).toBe(digest)
+      out.push({ digest, size: bytes.byteLength, layer: layers[0]! })
+    }
+  } finally {
+    await disk.close()
+  }
+  return { createDiskStoreView: out }
+}
