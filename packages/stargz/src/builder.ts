@@ -85,23 +85,33 @@ export async function buildEstargz(input: Input, output: NodeJS.WritableStream, 
   if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) throw new RangeError(`chunk size ${chunkSize} is not positive`)
   if (!Number.isInteger(level) || level < 0 || level > 9) throw new RangeError(`gzip level ${level} is not 0-9`)
   options.signal?.throwIfAborted()
+  // An output that fails early (say, its file cannot be created) stops the build instead of waiting for phase 2.
+  const stop = new AbortController()
+  const signal = options.signal === undefined ? stop.signal : AbortSignal.any([options.signal, stop.signal])
+  let outputError: unknown
+  const onOutputError = (err: unknown) => {
+    outputError ??= err
+    stop.abort(err)
+  }
+  output.on('error', onOutputError)
   const dir = await mkdtemp(join(options.tmpDir ?? tmpdir(), 'strata-build-'))
   try {
     const spoolPath = join(dir, 'input.tar')
-    const entries = await spool(input, spoolPath, options.signal)
+    const entries = await spool(input, spoolPath, signal)
     const order = orderEntries(entries, options.prioritizedFiles ?? [])
     const handle = await open(spoolPath, 'r')
     try {
-      const writer = new BlobWriter(new SpoolReader(handle, spoolPath), chunkSize, level, options)
-      await pipeline(writer.blob(order), output, { signal: options.signal })
+      const writer = new BlobWriter(new SpoolReader(handle, spoolPath), chunkSize, level, { ...options, signal })
+      await pipeline(writer.blob(order), output, { signal })
       return writer.result()
     } finally {
       await handle.close()
     }
   } catch (err) {
     ;(output as Partial<Writable>).destroy?.()
-    throw err
+    throw outputError ?? err
   } finally {
+    output.off('error', onOutputError)
     await rm(dir, { recursive: true, force: true })
   }
 }

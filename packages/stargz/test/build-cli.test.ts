@@ -94,5 +94,8 @@ describe('p2pctl stargz build', () => {
     const missing = await p2pctlRun('stargz', 'build', join(dir, 'nope.tar'), out)
     expect(missing.code).toBe(1)
     expect(missing.stderr).toContain('nope.tar')
+    const nowhere = await p2pctlRun('stargz', 'build', join(dir, 'in.tar'), join(dir, 'no/such/dir/x.esgz'))
+    expect(nowhere.code).toBe(1)
+    expect(nowhere.stderr).toMatch(/cannot create .*x\.esgz/)
   })
 })

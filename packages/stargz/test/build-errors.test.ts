@@ -140,6 +140,15 @@ describe('buildEstargz on bad input', () => {
     expect(toc.entries.map((e) => e.name)).toEqual(['b', 'a', '.prefetch.landmark'])
   })
 
+  it('fails with the error of the output when the output cannot be written', async () => {
+    const out = createWriteStream(join(dir, 'no/such/dir/out.esgz'))
+    const err = await buildEstargz(Readable.from([good]), out, { tmpDir: spoolDir }).catch(
+      (e: NodeJS.ErrnoException) => e
+    )
+    expect((err as NodeJS.ErrnoException).code).toBe('ENOENT')
+    expect(await readdir(spoolDir)).toEqual([])
+  })
+
   it('stops when aborted and removes its spool', async () => {
     const controller = new AbortController()
     controller.abort(new Error('stop'))

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto'
-import { createReadStream, createWriteStream } from 'node:fs'
-import { readFile, rename, stat, unlink } from 'node:fs/promises'
+import { createReadStream } from 'node:fs'
+import { open, readFile, rename, stat, unlink } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { buildEstargz } from '@strata/stargz'
 import { type Command, parseBytes, parseInteger, UsageError } from '../command.js'
@@ -45,9 +45,12 @@ Examples:
 
     const size = await inputSize(input)
     const tmp = join(dirname(output), `.${basename(output)}.${randomBytes(4).toString('hex')}.tmp`)
+    const file = await open(tmp, 'wx').catch((err: Error) => {
+      throw new Error(`cannot create ${output}: ${err.message}`, { cause: err })
+    })
     const progress = out.stderr.isTTY === true && !out.json ? out.progress(`building ${output}`, size) : undefined
     try {
-      const result = await buildEstargz(createReadStream(input), createWriteStream(tmp, { flush: true }), {
+      const result = await buildEstargz(createReadStream(input), file.createWriteStream({ flush: true }), {
         chunkSize,
         gzipLevel,
         prioritizedFiles,
