@@ -4,6 +4,7 @@
  */
 
 import { execFile } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
 import { lstat, readdir, readFile, readlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
@@ -11,6 +12,7 @@ import { gzipSync } from 'node:zlib'
 import { oraclePath } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import {
+  bufferReader,
   type Entry,
   type FileReadAt,
   fileReader,
@@ -19,7 +21,7 @@ import {
   readFileRange,
   verifyLayer
 } from '../src/index.js'
-import { legacyFooter, tarEntry } from './blobs.js'
+import { gzipBlob, legacyFooter, tarEntry } from './blobs.js'
 import {
   CHUNK,
   LONG_NAME,
@@ -155,6 +157,35 @@ describe('blobs built by the reference', () => {
     } finally {
       await blob.close()
     }
+  })
+
+  it('opens a layer with one read of the blob when the TOC fits in the tail read, two when it does not', async () => {
+    const built = await oracleBuild(tree, 'reads.blob', ['--chunk-size', String(CHUNK)])
+    const bytes = await readFile(built.path)
+    const counting = (b: Uint8Array) => {
+      const inner = bufferReader(b)
+      const reads: [number, number][] = []
+      return {
+        reads,
+        size: inner.size,
+        readAt: (offset: number, length: number) => {
+          reads.push([offset, length])
+          return inner.readAt(offset, length)
+        }
+      }
+    }
+    const one = counting(bytes)
+    expect((await openLayer(one, { tocDigest: built.tocDigest })).tocDigest).toBe(built.tocDigest)
+    expect(one.reads).toHaveLength(1)
+    // A TOC whose compressed size passes the 512 KiB tail guess (an unknown field of random base64).
+    const json = JSON.parse((await oracleBytes(['toc', built.path])).toString()) as Record<string, unknown>
+    json.padding = randomBytes(600 * 1024).toString('base64')
+    const big = gzipBlob(bytes.subarray(0, built.tocOffset), JSON.stringify(json))
+    const two = counting(big)
+    const layer = await openLayer(two)
+    expect(two.reads).toHaveLength(2)
+    expect(two.reads[1]).toEqual([built.tocOffset, big.length - 51 - built.tocOffset])
+    expect(layer.toc.lookup('sizes/chunk')?.size).toBe(CHUNK)
   })
 
   it('reads ranges across chunk boundaries the same as the reference `oracle cat`', async () => {
