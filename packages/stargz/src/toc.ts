@@ -443,6 +443,9 @@ class TOCParser {
         return key === undefined ? [] : [...(children.get(key) ?? [])]
       },
       lookup: (path) => {
+        // Keys are normalised, so a hit on the path as given is the answer; else normalise it.
+        const hit = entries.get(path)
+        if (hit !== undefined) return hit
         const key = lookupKey(path)
         return key === undefined ? undefined : entries.get(key)
       },
