@@ -79,7 +79,11 @@ type Input = AsyncIterable<Uint8Array> | NodeJS.ReadableStream
  * converted from there. Chunks are compressed on the threadpool, several at once, and written in order.
  * `output` is ended when the blob is complete; on failure it is destroyed.
  */
-export async function buildEstargz(input: Input, output: NodeJS.WritableStream, options: BuildOptions = {}) {
+export async function buildEstargz(
+  input: Input,
+  output: NodeJS.WritableStream,
+  options: BuildOptions = {}
+): Promise<BuildResult> {
   const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE
   const level = options.gzipLevel ?? DEFAULT_GZIP_LEVEL
   if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) throw new RangeError(`chunk size ${chunkSize} is not positive`)

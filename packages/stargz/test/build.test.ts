@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { oracle, oraclePath, run } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { type BuildOptions, buildEstargz } from '../src/index.js'
+import { type BuildOptions, buildEstargz, fileReader, openLayer, verifyLayer } from '../src/index.js'
 
 const CHUNK = 4096
 const LONG_DIR = `${'d'.repeat(120)}`
@@ -160,6 +160,20 @@ describe('buildEstargz', () => {
       `./${LONG_FILE}`,
       `./${UNICODE}`
     ])
+    // strata's own reader opens it, finds the prioritized files, and every chunk verifies
+    const reader = await fileReader(blob)
+    try {
+      const layer = await openLayer(reader, { tocDigest: r.tocDigest })
+      expect(layer.tocOffset).toBe(r.tocOffset)
+      const paths = layer.toc.prioritized.map((e) => e.path)
+      expect(paths).toEqual(expect.arrayContaining([LONG_FILE, UNICODE, hardlink!.replace(/^\.\//, '')]))
+      expect(layer.toc.prefetchEnd).toBeGreaterThan(0)
+      expect(layer.toc.prefetchEnd).toBeLessThan(r.tocOffset)
+      const checked = await verifyLayer(reader, layer)
+      expect(checked.bytes).toBe(SIZES.reduce((a, b) => a + b, 0) + 'long name\nunicode\nescapes\n#!/bin/sh\n'.length)
+    } finally {
+      await reader.close()
+    }
     await writeFile(join(dir, 'prio.txt'), prioritized.join('\n'))
     await oracle([
       'build',
