@@ -3,11 +3,16 @@ import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promis
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { isMounted } from '@strata/fs'
+import { type ControlServer, createNode, type StrataNode, startControlServer } from '@strata/node'
+import { createRegistryClient } from '@strata/registry'
+import { createMemoryStore } from '@strata/store'
 import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { repoRoot, run } from '@test/tools.js'
 import { startWanProxy, type WanProxy } from '@test/wan-proxy.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+// p2pd's side of daemon mode, run in this process (p2pd.ts wires the same function).
+import { addMountRoutes } from '../../packages/cli/src/mount-routes.js'
 
 // The p2p-mount binary against a real registry: mount, read, record, SIGTERM mid-read, --unmount after
 // a kill, --writable, a layer that is not eStargz.
@@ -65,9 +70,9 @@ interface Running {
   exited: Promise<number | null>
 }
 
-/** Starts p2p-mount and waits for its `mounted IMAGE at MOUNTPOINT` line. */
-async function startMount(args: string[]): Promise<Running> {
-  const proc = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+/** Starts p2p-mount and waits for its `mounted IMAGE at MOUNTPOINT` line. Embedded mode: no p2pd answers. */
+async function startMount(args: string[], socket = join(work, 'no-p2pd.sock')): Promise<Running> {
+  const proc = spawn(process.execPath, [BIN, ...args, '--socket', socket], { stdio: ['ignore', 'pipe', 'pipe'] })
   running.add(proc)
   let out = ''
   let err = ''
@@ -219,5 +224,61 @@ describe('p2p-mount', () => {
     const usage = await run(process.execPath, [BIN, image.ref]).catch((err: Error) => err.message)
     expect(usage).toMatch(/failed \(2\)/)
     expect(usage).toMatch(/missing MOUNTPOINT/)
+  })
+})
+
+describe('p2p-mount through a p2pd (daemon mode)', () => {
+  // This process is the p2pd here: it serves the mounts, so only child processes touch them.
+  let node: StrataNode
+  let control: ControlServer
+  let socket: string
+
+  beforeAll(async () => {
+    const dataDir = await newDir('p2pd')
+    socket = join(dataDir, 'p2pd.sock')
+    node = await createNode({
+      store: createMemoryStore(),
+      dataDir,
+      listen: ['/ip4/127.0.0.1/tcp/0'],
+      registry: createRegistryClient({})
+    })
+    control = await startControlServer(node, { socket })
+    addMountRoutes(control, node, { dataDir })
+  })
+
+  afterAll(async () => {
+    await control?.close()
+    await node?.stop()
+  })
+
+  it('has p2pd serve the mount, and unmount it on SIGTERM', async () => {
+    const mnt = await newDir('mnt-daemon')
+    const record = join(work, 'record-daemon.txt')
+    const m = await startMount([image.ref, mnt, '--record', record], socket)
+    expect(m.stdout()).toBe(`mounted ${image.ref} at ${mnt}\n`)
+    expect(m.stderr()).toContain(`opened ${image.ref} through p2pd at ${socket}: 2 layers`)
+    expect((await run('cat', [join(mnt, 'etc', 'added.txt')])).stdout).toBe('added in layer 1\n')
+    const tool = await run('sha256sum', [join(mnt, 'usr', 'bin', 'tool')])
+    expect(hex(tool.stdout)).toBe(image.layers[0]!.files.get('usr/bin/tool'))
+    expect(node.fetcher.metrics().sources.registry?.bytes).toBeGreaterThan(9 * 1024 * 1024)
+    m.proc.kill('SIGTERM')
+    expect(await m.exited).toBe(0)
+    expect(m.stderr()).toContain(`unmounted ${mnt}`)
+    expect(await isMounted(mnt)).toBe(false)
+    expect(await readFile(record, 'utf8')).toBe('etc/added.txt\nusr/bin/tool\n')
+  })
+
+  it('unmounts when the p2p-mount holding the mount is killed', async () => {
+    const mnt = await newDir('mnt-daemon-kill')
+    const m = await startMount([image.ref, mnt], socket)
+    expect(await isMounted(mnt)).toBe(true)
+    m.proc.kill('SIGKILL')
+    await m.exited
+    for (let i = 0; i < 50 && (await isMounted(mnt)); i++) await new Promise((r) => setTimeout(r, 100))
+    expect(await isMounted(mnt)).toBe(false)
+    // The mountpoint is free again: a new mount there works.
+    const again = await startMount([image.ref, mnt], socket)
+    again.proc.kill('SIGINT')
+    expect(await again.exited).toBe(0)
   })
 })

@@ -1,5 +1,3 @@
-import { createHash } from 'node:crypto'
-import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { homedir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { createFetcher, createRegistrySource, type FetchEvent, openImage } from '@strata/fetcher'
@@ -8,6 +6,7 @@ import { createControlClient } from '@strata/node'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
 import { openDiskStore } from '@strata/store'
 import { type Command, type Context, runCommand, UsageError } from './command.js'
+import { type MountEvent, type MountRequest, writableDir, writableDirOf } from './mount-routes.js'
 import { formatBytes, Progress } from './output.js'
 
 /** The default data directory: p2pd's when root, else a per-user one. */
@@ -33,7 +32,8 @@ Examples:
     socket: {
       type: 'string',
       value: 'PATH',
-      description: "p2pd's control socket (default: /run/strata/p2pd.sock)"
+      description:
+        "p2pd's control socket: when p2pd answers there, it serves the mount (default: /run/strata/p2pd.sock)"
     },
     'data-dir': {
       type: 'string',
@@ -70,7 +70,7 @@ export function main(argv: string[]): Promise<number> {
 async function unmount(ctx: Context): Promise<number> {
   if (ctx.args.length !== 1) throw new UsageError('--unmount takes only MOUNTPOINT')
   const mountpoint = resolve(ctx.args[0]!)
-  const lower = join(writableDir(dataDir(ctx), mountpoint), 'lower')
+  const lower = join(writableDirOf(dataDir(ctx), mountpoint), 'lower')
   const removed = await forceUnmount(mountpoint, { signal: ctx.signal })
   // A writable mount has its FUSE mount under the data dir, below the overlay.
   const removedLower = (await isMounted(lower)) && (await forceUnmount(lower, { signal: ctx.signal }))
@@ -88,10 +88,104 @@ async function mount(ctx: Context): Promise<number> {
   const mountpoint = resolve(mountpointArg)
   const recordFile = typeof ctx.opts.record === 'string' ? resolve(ctx.opts.record) : undefined
   const client = registryClient(ctx, image)
+  const socket = (ctx.opts.socket as string | undefined) ?? process.env.STRATA_SOCKET ?? DEFAULT_SOCKET
+  if (await daemonAnswers(socket, ctx.signal)) {
+    const request: MountRequest = {
+      image,
+      mountpoint,
+      ...(ctx.opts.writable === true && { writable: true }),
+      ...(recordFile !== undefined && { record: recordFile })
+    }
+    const code = await mountThroughDaemon(ctx, socket, request, mountpointArg)
+    if (code !== undefined) return code
+  }
+  return mountHere(ctx, image, mountpoint, mountpointArg, recordFile, client)
+}
+
+const DEFAULT_SOCKET = '/run/strata/p2pd.sock'
+
+function daemonAnswers(socket: string, signal: AbortSignal): Promise<boolean> {
+  return createControlClient(socket, { timeoutMs: 2000 })
+    .get('/status', { signal })
+    .then(
+      () => true,
+      () => false
+    )
+}
+
+/**
+ * Daemon mode: p2pd serves the mount (its store, its peers) for as long as this process holds the request
+ * open. Undefined when this p2pd does not serve mounts: the caller mounts in this process instead.
+ */
+async function mountThroughDaemon(
+  ctx: Context,
+  socket: string,
+  request: MountRequest,
+  shownMountpoint: string
+): Promise<number | undefined> {
+  const { out, signal } = ctx
+  for (const flag of ['platform', 'require-verified', 'insecure-registry', 'creds']) {
+    const v = ctx.opts[flag]
+    if (v !== undefined && v !== false && !(Array.isArray(v) && v.length === 0)) {
+      out.warn(`--${flag} is ignored: p2pd at ${socket} opens the image with its own settings`)
+    }
+  }
+  const control = createControlClient(socket)
+  const stream = new AbortController()
+  let mounted = false
+  let unmounting: Promise<unknown> | undefined
+  const onAbort = () => {
+    if (mounted) unmounting ??= control.post('/unmount', { mountpoint: request.mountpoint })
+    else stream.abort(signal.reason)
+  }
+  signal.addEventListener('abort', onAbort, { once: true })
+  try {
+    await control.stream(
+      '/mount',
+      request,
+      (event) => {
+        const e = event as MountEvent
+        if (e.type === 'opened') out.info(`opened ${request.image} through p2pd at ${socket}: ${e.layers} layers`)
+        else if (e.type === 'read-error') out.warn(`read of ${e.path} (layer ${e.layer}) failed: ${e.message}`)
+        else if (e.type === 'mounted') {
+          mounted = true
+          out.print(`mounted ${request.image} at ${shownMountpoint}`)
+          if (signal.aborted) onAbort()
+        }
+      },
+      { signal: stream.signal }
+    )
+  } catch (err) {
+    if ((err as Error).name === 'NotFound' && !mounted) {
+      out.warn(`p2pd at ${socket} does not serve mounts: mounting in this process`)
+      return undefined
+    }
+    throw err
+  } finally {
+    signal.removeEventListener('abort', onAbort)
+  }
+  await unmounting
+  if (!signal.aborted) {
+    out.error(`p2pd at ${socket} ended the mount at ${request.mountpoint} (is it stopping?)`)
+    return 1
+  }
+  out.info(`unmounted ${request.mountpoint}`)
+  return 0
+}
+
+/** Embedded mode: this process owns the store and serves the mount itself. */
+async function mountHere(
+  ctx: Context,
+  image: string,
+  mountpoint: string,
+  mountpointArg: string,
+  recordFile: string | undefined,
+  client: RegistryClient
+): Promise<number> {
   const dir = dataDir(ctx)
   const { signal, out } = ctx
 
-  const store = await openStore(ctx, dir)
+  const store = await openDiskStore(join(dir, 'store'))
   try {
     const pinned = await client.getImage(image, { platform: ctx.opts.platform as string | undefined, signal })
     const layerIndex = new Map(pinned.layers.map((l, i) => [l.digest, i]))
@@ -120,7 +214,7 @@ async function mount(ctx: Context): Promise<number> {
       sources: [createRegistrySource({ client, ref: pinned.ref, layers: opened.layers })]
     })
     let writable: string | undefined
-    if (ctx.opts.writable === true) writable = await prepareWritable(dir, mountpoint, opened.digest)
+    if (ctx.opts.writable === true) writable = await writableDir(dir, mountpoint, opened.digest)
     const onError = (f: ReadFailure) =>
       out.warn(`read of ${f.path} (layer ${f.layer}, ${f.length} bytes at ${f.offset}) failed: ${f.error.message}`)
     const served = await serveMount(
@@ -154,71 +248,8 @@ async function mount(ctx: Context): Promise<number> {
   }
 }
 
-/**
- * Embedded mode: this process owns the store. When p2pd owns it, say so: serving mounts through p2pd is
- * its control API's job (serveMount from @strata/fs behind a route), not wired into p2p-mount yet.
- */
-async function openStore(ctx: Context, dir: string) {
-  try {
-    return await openDiskStore(join(dir, 'store'))
-  } catch (err) {
-    if ((err as Error).name !== 'StoreLockedError') throw err
-    const socket = (ctx.opts.socket as string | undefined) ?? process.env.STRATA_SOCKET ?? '/run/strata/p2pd.sock'
-    const daemon = await createControlClient(socket, { timeoutMs: 2000 })
-      .get('/status', { signal: ctx.signal })
-      .then(
-        () => true,
-        () => false
-      )
-    if (!daemon) throw err
-    throw new DaemonOwnsStoreError(dir, socket, { cause: err })
-  }
-}
-
-/** p2pd runs on this data dir: its store cannot be opened a second time. */
-class DaemonOwnsStoreError extends Error {
-  override name = 'DaemonOwnsStoreError'
-  readonly code = 'ERR_DAEMON_OWNS_STORE'
-  readonly hint = 'give p2p-mount its own --data-dir (it will not share chunks with p2pd), or stop p2pd'
-  constructor(dir: string, socket: string, options?: { cause?: unknown }) {
-    super(`the store in ${dir} belongs to the p2pd answering at ${socket}`, options)
-  }
-}
-
 function dataDir(ctx: Context): string {
   return resolve((ctx.opts['data-dir'] as string | undefined) ?? defaultDataDir())
-}
-
-/** Where a writable mount's layers live: one directory per mountpoint under the data dir. */
-function writableDir(data: string, mountpoint: string): string {
-  return join(data, 'mounts', createHash('sha256').update(mountpoint).digest('hex').slice(0, 16))
-}
-
-/**
- * The upper layer outlives the mount (no write is ever thrown away), so it must belong to the same image:
- * a writable mount of another image at the same mountpoint is refused rather than shown someone else's changes.
- */
-async function prepareWritable(data: string, mountpoint: string, digest: string): Promise<string> {
-  const dir = writableDir(data, mountpoint)
-  await mkdir(dir, { recursive: true })
-  const marker = join(dir, 'image')
-  const previous = await readFile(marker, 'utf8').catch(() => undefined)
-  if (previous !== undefined && previous.trim() !== digest) {
-    throw new WritableLayerInUseError(mountpoint, dir, previous.trim())
-  }
-  await writeFile(marker, `${digest}\n`)
-  return dir
-}
-
-/** A writable mount would show the changes made to another image. */
-class WritableLayerInUseError extends Error {
-  override name = 'WritableLayerInUseError'
-  readonly code = 'ERR_WRITABLE_LAYER_IN_USE'
-  readonly hint: string
-  constructor(mountpoint: string, dir: string, image: string) {
-    super(`the writable layer for ${mountpoint} in ${dir} holds changes to another image (${image})`)
-    this.hint = `mount at another path, or remove ${dir} if its changes are not needed`
-  }
 }
 
 function registryClient(ctx: Context, image: string): RegistryClient {

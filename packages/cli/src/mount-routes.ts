@@ -1,0 +1,143 @@
+import { createHash } from 'node:crypto'
+import { mkdir, readFile, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { type ServedMount, serveMount } from '@strata/fs'
+import type { ControlServer, StrataNode } from '@strata/node'
+
+/** What p2p-mount sends to `POST /mount`. Paths are absolute (the daemon's working directory is not the caller's). */
+export interface MountRequest {
+  image: string
+  mountpoint: string
+  writable?: boolean
+  record?: string
+}
+
+/** Events of `POST /mount`, one JSON object a line. */
+export type MountEvent =
+  | { type: 'opened'; image: string; digest: string; layers: number }
+  | { type: 'mounted'; mountpoint: string }
+  | { type: 'read-error'; path: string; layer: number; message: string }
+  | { type: 'result'; unmounted: string }
+
+/**
+ * Daemon mode of p2p-mount: p2pd serves the mount, so reads go through its fetcher (its store, then its
+ * peers, then the registry). `POST /mount` mounts and holds the mount while the request stays open: when
+ * p2p-mount asks `POST /unmount` or its connection goes away (it was killed), the mount is removed.
+ * p2pd wires it with `addMountRoutes(control, node, { dataDir })`.
+ */
+export function addMountRoutes(control: ControlServer, node: StrataNode, init: { dataDir: string }): void {
+  const mounts = new Map<string, { served: ServedMount; release: () => void }>()
+
+  control.route('POST', /\/mount/, ({ body, signal }) => {
+    const req = parseRequest(body)
+    if (mounts.has(req.mountpoint)) {
+      return Promise.reject(
+        Object.assign(new Error(`p2pd already serves a mount at ${req.mountpoint}`), {
+          name: 'MountBusy',
+          status: 409,
+          hint: `unmount it first: p2p-mount --unmount ${req.mountpoint}`
+        })
+      )
+    }
+    return mountEvents(req, signal)
+  })
+
+  control.route('POST', /\/unmount/, async ({ body }) => {
+    const mountpoint = (body as { mountpoint?: unknown } | undefined)?.mountpoint
+    const mount = typeof mountpoint === 'string' ? mounts.get(mountpoint) : undefined
+    if (mount === undefined) return { unmounted: false }
+    mount.release()
+    await mount.served.unmount()
+    return { unmounted: true }
+  })
+
+  async function* mountEvents(req: MountRequest, signal: AbortSignal): AsyncGenerator<MountEvent> {
+    const image = await node.openImage(req.image, { signal })
+    yield { type: 'opened', image: req.image, digest: image.digest, layers: image.layers.length }
+    const failures: MountEvent[] = []
+    const served = await serveMount(
+      {
+        image,
+        fetcher: node.fetcher,
+        mountpoint: req.mountpoint,
+        onError: (f) => failures.push({ type: 'read-error', path: f.path, layer: f.layer, message: f.error.message }),
+        ...(req.writable === true && { writableDir: await writableDir(init.dataDir, req.mountpoint, image.digest) }),
+        ...(req.record !== undefined && { recordFile: req.record })
+      },
+      { signal }
+    )
+    let release = () => {}
+    const released = new Promise<void>((resolve) => {
+      release = resolve
+    })
+    mounts.set(req.mountpoint, { served, release })
+    const onAbort = () => release()
+    signal.addEventListener('abort', onAbort, { once: true })
+    try {
+      yield { type: 'mounted', mountpoint: req.mountpoint }
+      while (!signal.aborted) {
+        const woke = await Promise.race([released.then(() => 'released' as const), tick(5000)])
+        yield* failures.splice(0)
+        if (woke === 'released') break
+      }
+    } finally {
+      signal.removeEventListener('abort', onAbort)
+      await served.unmount()
+      mounts.delete(req.mountpoint)
+    }
+    yield { type: 'result', unmounted: req.mountpoint }
+  }
+}
+
+const tick = (ms: number) => new Promise<'tick'>((resolve) => setTimeout(() => resolve('tick'), ms).unref())
+
+function parseRequest(body: unknown): MountRequest {
+  const b = body as Partial<MountRequest> | undefined
+  const absolute = (p: unknown) => typeof p === 'string' && p.startsWith('/')
+  if (typeof b?.image !== 'string' || b.image === '' || !absolute(b.mountpoint)) {
+    throw Object.assign(new Error('POST /mount needs {"image": "REF", "mountpoint": "/ABSOLUTE/PATH"}'), {
+      name: 'BadRequest',
+      status: 400
+    })
+  }
+  if (b.record !== undefined && !absolute(b.record)) {
+    throw Object.assign(new Error('"record" must be an absolute path'), { name: 'BadRequest', status: 400 })
+  }
+  return {
+    image: b.image,
+    mountpoint: b.mountpoint!,
+    ...(b.writable === true && { writable: true }),
+    ...(b.record !== undefined && { record: b.record })
+  }
+}
+
+/** Where a writable mount's layers live: one directory per mountpoint under the data dir. */
+export function writableDirOf(dataDir: string, mountpoint: string): string {
+  return join(dataDir, 'mounts', createHash('sha256').update(mountpoint).digest('hex').slice(0, 16))
+}
+
+/**
+ * The upper layer outlives the mount (no write is ever thrown away), so it must belong to the same image:
+ * a writable mount of another image at the same mountpoint is refused rather than shown someone else's changes.
+ */
+export async function writableDir(dataDir: string, mountpoint: string, digest: string): Promise<string> {
+  const dir = writableDirOf(dataDir, mountpoint)
+  await mkdir(dir, { recursive: true })
+  const marker = join(dir, 'image')
+  const previous = await readFile(marker, 'utf8').catch(() => undefined)
+  if (previous !== undefined && previous.trim() !== digest)
+    throw new WritableLayerInUseError(mountpoint, dir, previous.trim())
+  await writeFile(marker, `${digest}\n`)
+  return dir
+}
+
+/** A writable mount would show the changes made to another image. */
+class WritableLayerInUseError extends Error {
+  override name = 'WritableLayerInUseError'
+  readonly code = 'ERR_WRITABLE_LAYER_IN_USE'
+  readonly hint: string
+  constructor(mountpoint: string, dir: string, image: string) {
+    super(`the writable layer for ${mountpoint} in ${dir} holds changes to another image (${image})`)
+    this.hint = `mount at another path, or remove ${dir} if its changes are not needed`
+  }
+}
