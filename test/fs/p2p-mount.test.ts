@@ -230,7 +230,7 @@ describe('p2p-mount', () => {
 describe('p2p-mount through a p2pd (daemon mode)', () => {
   // This process is the p2pd here: it serves the mounts, so only child processes touch them.
   let node: StrataNode
-  let control: ControlServer
+  let control: ControlServer | undefined
   let socket: string
 
   beforeAll(async () => {
@@ -280,5 +280,15 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
     const again = await startMount([image.ref, mnt], socket)
     again.proc.kill('SIGINT')
     expect(await again.exited).toBe(0)
+  })
+
+  it('ends the mount and says so when p2pd stops', async () => {
+    const mnt = await newDir('mnt-daemon-stop')
+    const m = await startMount([image.ref, mnt], socket)
+    await control!.close()
+    control = undefined
+    expect(await m.exited).toBe(1)
+    expect(m.stderr()).toContain(`p2pd at ${socket} ended the mount at ${mnt} (is it stopping?)`)
+    expect(await isMounted(mnt)).toBe(false)
   })
 })

@@ -160,6 +160,7 @@ async function mountThroughDaemon(
       out.warn(`p2pd at ${socket} does not serve mounts: mounting in this process`)
       return undefined
     }
+    if (mounted && !signal.aborted) throw new DaemonLostError(socket, request.mountpoint, { cause: err })
     throw err
   } finally {
     signal.removeEventListener('abort', onAbort)
@@ -245,6 +246,17 @@ async function mountHere(
     return 0
   } finally {
     await store.close()
+  }
+}
+
+/** The p2pd serving this mount went away mid-mount (it crashed or was killed). */
+class DaemonLostError extends Error {
+  override name = 'DaemonLostError'
+  readonly code = 'ERR_DAEMON_LOST'
+  readonly hint: string
+  constructor(socket: string, mountpoint: string, options?: { cause?: unknown }) {
+    super(`lost p2pd at ${socket}, which served the mount at ${mountpoint}`, options)
+    this.hint = `if ${mountpoint} is left stale, run 'p2p-mount --unmount ${mountpoint}'`
   }
 }
 
