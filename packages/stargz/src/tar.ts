@@ -31,6 +31,8 @@ export interface TarHeader {
 const BLOCK = 512
 /** Go's archive/tar limit for PAX and GNU long-name payloads. */
 const MAX_SPECIAL_FILE_SIZE = 1 << 20
+/** Most header bytes (all extended headers and the header) of one entry: a chain of them is refused past this. */
+const MAX_ENTRY_HEADERS = 4 * MAX_SPECIAL_FILE_SIZE
 const HEADER_ONLY_TYPES = new Set(['1', '2', '3', '4', '5', '6'])
 const utf8 = new TextDecoder()
 
@@ -127,6 +129,9 @@ export class TarParser {
     if (typeflag === 'x' || typeflag === 'L' || typeflag === 'K') {
       if (size > MAX_SPECIAL_FILE_SIZE) {
         throw new TarHeaderError(`extended header of ${size} bytes (limit ${MAX_SPECIAL_FILE_SIZE})`, at)
+      }
+      if (this.pos + padded(size) - this.entryStart > MAX_ENTRY_HEADERS) {
+        throw new TarHeaderError(`extended headers of more than ${MAX_ENTRY_HEADERS} bytes for one entry`, at)
       }
       this.metaType = typeflag
       this.metaSize = size

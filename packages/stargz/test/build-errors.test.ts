@@ -98,6 +98,12 @@ describe('buildEstargz on bad input', () => {
     const bigPax = await fail(header('PaxHeaders/f', { type: 'x', size: 2 << 20 }))
     expect(bigPax.name).toBe('TarHeaderError')
     expect(bigPax.message).toMatch(/extended header/)
+    const comment = `1048576 comment=${'c'.repeat((1 << 20) - 17)}\n` // one valid 1 MiB PAX record
+    const chain = Array.from({ length: 5 }, () =>
+      Buffer.concat([header('PaxHeaders/f', { type: 'x', size: 1 << 20 }), Buffer.from(comment)])
+    )
+    const chained = await fail(Buffer.concat(chain))
+    expect(chained.message).toMatch(/extended headers of more than/)
     const record = '30 size=99999999999999999999\n'
     const paxSize = Buffer.concat([header('PaxHeaders/f', { type: 'x', size: record.length }), Buffer.alloc(512)])
     paxSize.write(record, 512)
