@@ -22,6 +22,8 @@ const command: Command = {
   description: `Mounts the merged root file system of IMAGE (read-only; --writable puts an overlayfs on top) and
 stays in the foreground until SIGINT or SIGTERM, then unmounts. Prints 'mounted IMAGE at MOUNTPOINT' once
 the mount is ready. eStargz layers are read lazily; other layers are fetched whole first.
+When a p2pd answers on --socket, it serves the mount (its store, then its peers, then the registry);
+otherwise p2p-mount opens the store in --data-dir itself and reads from the registry.
 
 Examples:
   p2p-mount registry.example.com/app:1.2 /mnt/app
