@@ -155,6 +155,23 @@ describe('buildEstargz on bad input', () => {
     expect(await readdir(spoolDir)).toEqual([])
   })
 
+  it('stops when aborted in the middle, destroys the output and removes its spool', async () => {
+    const size = 16 << 20
+    const tar = Buffer.concat([header('big', { size }), Buffer.alloc(size, 0x61), Buffer.alloc(1024)])
+    const controller = new AbortController()
+    const out = new PassThrough()
+    out.resume()
+    const err = await buildEstargz(Readable.from([tar]), out, {
+      chunkSize: 1 << 20,
+      tmpDir: spoolDir,
+      signal: controller.signal,
+      onProgress: () => controller.abort(new Error('enough'))
+    }).catch((e: Error) => e)
+    expect((err as Error).name).toBe('AbortError')
+    expect(out.destroyed).toBe(true)
+    expect(await readdir(spoolDir)).toEqual([])
+  })
+
   it('stops when aborted and removes its spool', async () => {
     const controller = new AbortController()
     controller.abort(new Error('stop'))
