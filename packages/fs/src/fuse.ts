@@ -250,6 +250,8 @@ function handlers(ops: Operations, signal: AbortSignal): Record<string, unknown>
 }
 
 function toFuseStat(s: ReturnType<Operations['getattr']>): Record<string, number> {
+  // fuse-native carries times as unsigned milliseconds: a time before 1970 shows as the epoch.
+  const time = Math.max(0, s.mtimeMs)
   return {
     mode: s.mode,
     uid: s.uid,
@@ -260,8 +262,8 @@ function toFuseStat(s: ReturnType<Operations['getattr']>): Record<string, number
     rdev: s.rdev,
     blksize: s.blksize,
     blocks: s.blocks,
-    atime: s.mtimeMs,
-    mtime: s.mtimeMs,
-    ctime: s.mtimeMs
+    atime: time,
+    mtime: time,
+    ctime: time
   }
 }
