@@ -41,7 +41,7 @@ export function imageChunks(image: Image): ChunkRef[] {
   return out.sort((a, b) => layerIndex.get(a.layer)! - layerIndex.get(b.layer)! || a.offset - b.offset)
 }
 
-const BATCH = 256
+const BATCH = 64
 const PARALLEL_BATCHES = 4
 
 /**
