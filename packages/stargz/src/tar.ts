@@ -19,7 +19,7 @@ export interface TarHeader {
   devmajor: number
   devminor: number
   /** PAX records of the entry's extended header, values as raw bytes. */
-  pax: Map<string, Uint8Array>
+  pax: ReadonlyMap<string, Uint8Array>
   /** Offset of the entry's first header block (including PAX and GNU extension headers) in the tar stream. */
   offset: number
   /** Offset of the entry's content in the tar stream. */
@@ -34,6 +34,8 @@ const MAX_SPECIAL_FILE_SIZE = 1 << 20
 /** Most header bytes (all extended headers and the header) of one entry: a chain of them is refused past this. */
 const MAX_ENTRY_HEADERS = 4 * MAX_SPECIAL_FILE_SIZE
 const HEADER_ONLY_TYPES = new Set(['1', '2', '3', '4', '5', '6'])
+/** Shared by every entry without an extended header (most of them): one map less per entry in a big index. */
+const NO_PAX: ReadonlyMap<string, Uint8Array> = new Map()
 const utf8 = new TextDecoder()
 
 type State = 'header' | 'meta' | 'afterZero' | 'end'
@@ -150,7 +152,7 @@ export class TarParser {
       const prefix = cString(blk, 345, 155)
       if (prefix !== '') name = `${prefix}/${name}`
     }
-    const pax = this.pax ?? new Map<string, Uint8Array>()
+    const pax = this.pax ?? NO_PAX
     const h: TarHeader = {
       name,
       typeflag,
@@ -292,7 +294,7 @@ function parsePax(data: Buffer, at: number): Map<string, Uint8Array> {
   return records
 }
 
-function mergePax(h: TarHeader, pax: Map<string, Uint8Array>, at: number): void {
+function mergePax(h: TarHeader, pax: ReadonlyMap<string, Uint8Array>, at: number): void {
   for (const [key, raw] of pax) {
     if (raw.length === 0) continue
     const v = utf8.decode(raw)
