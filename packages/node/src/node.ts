@@ -312,7 +312,7 @@ class Node implements StrataNode {
   }
 
   async status(options?: AbortOptions): Promise<NodeStatus> {
-    const fetched: Record<string, number> = {}
+    const fetched: Record<string, number> = { peer: 0, registry: 0 }
     for (const [name, s] of Object.entries(this.fetcher.metrics().sources)) fetched[name] = s.bytes
     return {
       peerId: this.peerId,
