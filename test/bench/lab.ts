@@ -1,0 +1,296 @@
+import { mkdir, readFile, rm } from 'node:fs/promises'
+import { request } from 'node:http'
+import { join } from 'node:path'
+import { startRegistry, type TestRegistry } from '../helpers/registry.js'
+import { repoRoot } from '../helpers/tools.js'
+import { startWanProxy, type WanProxy } from '../helpers/wan-proxy.js'
+import type { Layout, Workload } from './images.js'
+import { type Daemon, run, startDaemon } from './proc.js'
+
+/**
+ * The bench's world: a real registry behind the WAN emulator (every node reaches the registry through the
+ * same emulated uplink; peers talk over loopback), and the operations it times, each run through the
+ * product's CLIs as separate processes.
+ */
+export interface Lab {
+  registry: TestRegistry
+  wan: WanProxy
+  /** Scratch space of this run. */
+  work: string
+  signal: AbortSignal
+  stop(): Promise<void>
+}
+
+export interface LabOptions {
+  rttMs: number
+  mbit: number
+  work: string
+  signal: AbortSignal
+}
+
+export async function startLab(options: LabOptions): Promise<Lab> {
+  await mkdir(options.work, { recursive: true })
+  const registry = await startRegistry()
+  const wan = await startWanProxy({
+    target: registry.host,
+    rttMs: options.rttMs,
+    bitsPerSecond: options.mbit * 1_000_000
+  })
+  return {
+    registry,
+    wan,
+    work: options.work,
+    signal: options.signal,
+    async stop() {
+      await wan.stop()
+      await registry.stop()
+    }
+  }
+}
+
+const cli = (name: string) => join(repoRoot, 'packages', 'cli', 'bin', `${name}.js`)
+
+/** Pushes an OCI layout to the registry directly (setting up is not measured); returns its ref through the WAN. */
+export async function push(lab: Lab, layout: Layout, repository: string, tag: string): Promise<string> {
+  await run(
+    'skopeo',
+    [
+      'copy',
+      '--quiet',
+      '--dest-tls-verify=false',
+      `oci:${layout.dir}:${layout.tag}`,
+      `docker://${lab.registry.host}/${repository}:${tag}`
+    ],
+    { signal: lab.signal }
+  )
+  return `${lab.wan.host}/${repository}:${tag}`
+}
+
+/** The workload's command did not print what it should: the image (or the mount) is broken. */
+export class WorkloadOutputError extends Error {
+  override name = 'WorkloadOutputError'
+  readonly code = 'ERR_BENCH_WORKLOAD_OUTPUT'
+  constructor(workload: string, root: string, stdout: string, expected: string) {
+    super(`${workload} in ${root} printed '${stdout.trim()}', not '${expected}'`)
+  }
+}
+
+/** Runs the workload's command in `root` with chroot and checks what it printed. */
+export async function runWorkload(lab: Lab, workload: Workload, root: string): Promise<void> {
+  const { stdout } = await run('chroot', [root, ...workload.argv], {
+    signal: lab.signal,
+    ...(workload.stdin !== undefined ? { stdin: workload.stdin } : {}),
+    env: { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', HOME: '/root', LANG: 'C.UTF-8' }
+  })
+  if (stdout.trim() !== workload.stdout) throw new WorkloadOutputError(workload.name, root, stdout, workload.stdout)
+}
+
+/** One timed start: total milliseconds, its phases, and the registry's bytes sent meanwhile. */
+export interface Timing {
+  ms: number
+  phases: Record<string, number>
+  /** Bytes the registry sent (through the WAN) during the run. */
+  egress: number
+}
+
+/** Times `body`, which reports its phases by calling `mark(name)` at the end of each. */
+export async function timed(lab: Lab, body: (mark: (phase: string) => void) => Promise<void>): Promise<Timing> {
+  const egress0 = lab.wan.bytesDown
+  const start = performance.now()
+  let last = start
+  const phases: Record<string, number> = {}
+  await body((phase) => {
+    const now = performance.now()
+    phases[phase] = Math.round(now - last)
+    last = now
+  })
+  return { ms: Math.round(performance.now() - start), phases, egress: lab.wan.bytesDown - egress0 }
+}
+
+/**
+ * Full pull, what a runtime does without lazy pulling: download every layer through the WAN
+ * (`skopeo copy` to an OCI layout), extract each with tar into a directory, run the command there.
+ */
+export async function fullPull(lab: Lab, ref: string, workload: Workload, dir: string): Promise<Timing> {
+  const oci = join(dir, 'oci')
+  const rootfs = join(dir, 'rootfs')
+  await mkdir(rootfs, { recursive: true })
+  try {
+    return await timed(lab, async (mark) => {
+      await run('skopeo', ['copy', '--quiet', '--src-tls-verify=false', `docker://${ref}`, `oci:${oci}:latest`], {
+        signal: lab.signal
+      })
+      mark('download')
+      const index = JSON.parse(await readFile(join(oci, 'index.json'), 'utf8')) as {
+        manifests: Array<{ digest: string }>
+      }
+      const blob = (digest: string) => join(oci, 'blobs', 'sha256', digest.replace('sha256:', ''))
+      const manifest = JSON.parse(await readFile(blob(index.manifests[0]!.digest), 'utf8')) as {
+        layers: Array<{ digest: string }>
+      }
+      for (const layer of manifest.layers) {
+        await run('tar', ['-xzf', blob(layer.digest), '-C', rootfs, '--numeric-owner'], { signal: lab.signal })
+      }
+      mark('extract')
+      await runWorkload(lab, workload, rootfs)
+      mark('run')
+    })
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
+/** A running `p2p-mount IMAGE MOUNTPOINT --data-dir DIR --writable`. */
+export async function mount(
+  lab: Lab,
+  ref: string,
+  mountpoint: string,
+  dataDir: string,
+  options: { record?: string } = {}
+): Promise<Daemon> {
+  await mkdir(mountpoint, { recursive: true })
+  const args = [cli('p2p-mount'), ref, mountpoint, '--data-dir', dataDir, '--writable']
+  if (options.record !== undefined) args.push('--record', options.record)
+  return startDaemon(process.execPath, args, /^mounted .* at /, { signal: lab.signal, timeout: 300_000 })
+}
+
+/** Stops a p2p-mount and checks that it unmounted cleanly. */
+export async function unmount(mounted: Daemon, mountpoint: string): Promise<void> {
+  const code = await mounted.stop()
+  if (code !== 0) {
+    await run(process.execPath, [cli('p2p-mount'), '--unmount', mountpoint]).catch(() => {})
+    throw new Error(`p2p-mount of ${mountpoint} exited with ${code}: ${mounted.stderr().trim()}`)
+  }
+}
+
+/**
+ * Lazy start: mount the image with p2p-mount (its own store in `dataDir`, cold unless the caller filled it),
+ * run the command in the mount. The clock stops when the command is done; the egress counts until
+ * p2p-mount has exited (its background prefetch included).
+ */
+export async function lazyStart(
+  lab: Lab,
+  ref: string,
+  workload: Workload,
+  dataDir: string,
+  options: { record?: string } = {}
+): Promise<Timing> {
+  const mountpoint = join(dataDir, 'mnt')
+  const egress0 = lab.wan.bytesDown
+  let mounted: Daemon | undefined
+  try {
+    const timing = await timed(lab, async (mark) => {
+      mounted = await mount(lab, ref, mountpoint, dataDir, options)
+      mark('mount')
+      await runWorkload(lab, workload, mountpoint)
+      mark('run')
+    })
+    await unmount(mounted!, mountpoint)
+    mounted = undefined
+    return { ...timing, egress: lab.wan.bytesDown - egress0 }
+  } finally {
+    await mounted?.stop()
+  }
+}
+
+/** One p2pd process on loopback with its own data dir and control socket. */
+export interface Node {
+  peerId: string
+  addrs: string[]
+  dataDir: string
+  socket: string
+  daemon: Daemon
+}
+
+export async function startNode(lab: Lab, dataDir: string, bootstrap: string[] = []): Promise<Node> {
+  await mkdir(dataDir, { recursive: true })
+  const socket = join(dataDir, 'p2pd.sock')
+  const args = [
+    cli('p2pd'),
+    '--data-dir',
+    dataDir,
+    '--listen',
+    '/ip4/127.0.0.1/tcp/0',
+    '--socket',
+    socket,
+    '--insecure-registry',
+    lab.wan.host,
+    ...bootstrap.flatMap((b) => ['--bootstrap', b])
+  ]
+  const daemon = await startDaemon(process.execPath, args, /^p2pd ready: /, { signal: lab.signal, timeout: 120_000 })
+  const m = /^p2pd ready: peer (\S+) listening on (.*), socket /.exec(daemon.line)
+  if (m === null) {
+    await daemon.stop()
+    throw new Error(`p2pd printed an unexpected ready line: ${daemon.line}`)
+  }
+  return { peerId: m[1]!, addrs: m[2]!.split(', '), dataDir, socket, daemon }
+}
+
+/** Stops a p2pd; a non-zero exit is a failure of the product, reported with its stderr. */
+export async function stopNode(node: Node): Promise<void> {
+  const code = await node.daemon.stop()
+  if (code !== 0) throw new Error(`p2pd in ${node.dataDir} exited with ${code}: ${node.daemon.stderr().trim()}`)
+}
+
+/** `p2pctl ARGS --socket <node's socket> --json`, parsed. */
+export async function p2pctl<T>(lab: Lab, node: Node, args: string[]): Promise<T> {
+  const { stdout } = await run(process.execPath, [cli('p2pctl'), ...args, '--socket', node.socket, '--json'], {
+    signal: lab.signal,
+    timeout: 1_800_000
+  })
+  return JSON.parse(stdout) as T
+}
+
+/** A GET on p2pd's control API (for waiting on the cluster, not timed: no process start per poll). */
+function control<T>(node: Node, path: string): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath: node.socket, path, timeout: 10_000 }, (res) => {
+      let body = ''
+      res.setEncoding('utf8').on('data', (d: string) => {
+        body += d
+      })
+      res.once('end', () => {
+        try {
+          resolve(JSON.parse(body) as T)
+        } catch (err) {
+          reject(err)
+        }
+      })
+    })
+    req.once('timeout', () => req.destroy(new Error(`p2pd at ${node.socket} did not answer ${path} in 10 s`)))
+    req.once('error', reject)
+    req.end()
+  })
+}
+
+/** Polls until `check` holds for every node (default 60 s). */
+async function waitFor(
+  nodes: Node[],
+  what: string,
+  check: (node: Node) => Promise<boolean>,
+  timeoutMs = 60_000
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const ok = await Promise.all(nodes.map(check))
+    if (ok.every(Boolean)) return
+    if (Date.now() > deadline) throw new Error(`${what}: not after ${timeoutMs / 1000} s (${ok.join(', ')})`)
+    await new Promise((r) => setTimeout(r, 250))
+  }
+}
+
+/** Waits until every node sees at least `peers` strata peers. */
+export function waitForMesh(nodes: Node[], peers: number): Promise<void> {
+  return waitFor(nodes, `every node sees ${peers} strata peers`, async (n) => {
+    const list = await control<Array<{ strata: boolean }>>(n, '/peers')
+    return list.filter((p) => p.strata).length >= peers
+  })
+}
+
+/** Waits until the node's coarse keys (layer and TOC digests) landed on the DHT: peers can find it. */
+export function waitForAnnounced(node: Node, keys: number): Promise<void> {
+  return waitFor([node], `${keys} announcements of ${node.peerId} landed`, async (n) => {
+    const status = await control<{ announce: { landed: number } }>(n, '/status')
+    return status.announce.landed >= keys
+  })
+}

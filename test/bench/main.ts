@@ -1,0 +1,194 @@
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { cpus, loadavg, tmpdir } from 'node:os'
+import { dirname, join } from 'node:path'
+import { parseArgs } from 'node:util'
+import { repoRoot } from '../helpers/tools.js'
+import { convert, type PreparedImage, prepareImage, WORKLOADS } from './images.js'
+import { type Lab, push, startLab } from './lab.js'
+import { type ImageResult, type Results, renderChart, renderMarkdown, renderTable, updateDocs } from './report.js'
+import { clusterWarm, cold, fleetAlone, fleetPeers, warmPeer } from './scenarios.js'
+
+const USAGE = `Usage: node --no-warnings test/bench/run.ts [options]
+
+The end-to-end benchmark: lazy start vs full pull, a warm peer, N cold nodes at once, cluster warm-up.
+
+Options:
+  --small              one image (host), three nodes, one run: the CI version
+  --images LIST        workloads, comma-separated, of ${Object.keys(WORKLOADS).join(', ')} (default: python3,gcc,node)
+  --nodes N            nodes of the fleet and cluster scenarios (default: 10)
+  --runs N             runs of each one-node cold start; the report takes the median (default: 3)
+  --scenarios LIST     of cold,peer,fleet,cluster (default: all)
+  --rtt-ms MS          round trip added to every registry connection (default: 20)
+  --mbit N             registry uplink bandwidth, Mbit/s (default: 100)
+  --out FILE           results JSON (default: test/bench/out/results.json)
+  --no-docs            do not write docs/bench/time-to-ready.svg and docs/benchmarks.md
+  --cache DIR          root file systems, images and conversions (default: /var/cache/strata-bench)
+  -h, --help           show this help`
+
+const SCENARIOS = ['cold', 'peer', 'fleet', 'cluster']
+
+interface Settings {
+  images: string[]
+  nodes: number
+  runs: number
+  scenarios: string[]
+  rttMs: number
+  mbit: number
+  out: string
+  docs: boolean
+  cache: string
+}
+
+function settings(argv: string[]): Settings | undefined {
+  const { values: v } = parseArgs({
+    args: argv,
+    allowNegative: true,
+    options: {
+      small: { type: 'boolean', default: false },
+      images: { type: 'string' },
+      nodes: { type: 'string' },
+      runs: { type: 'string' },
+      scenarios: { type: 'string', default: SCENARIOS.join(',') },
+      'rtt-ms': { type: 'string', default: '20' },
+      mbit: { type: 'string', default: '100' },
+      out: { type: 'string', default: join(repoRoot, 'test', 'bench', 'out', 'results.json') },
+      docs: { type: 'boolean', default: true },
+      cache: { type: 'string', default: '/var/cache/strata-bench' },
+      help: { type: 'boolean', short: 'h', default: false }
+    }
+  })
+  if (v.help) return undefined
+  const number = (name: string, text: string, min: number) => {
+    const n = Number(text)
+    if (!Number.isFinite(n) || n < min) throw new UsageError(`--${name} must be a number >= ${min}, not '${text}'`)
+    return n
+  }
+  const list = (name: string, text: string, known: string[]) => {
+    const items = text.split(',').filter((s) => s !== '')
+    const unknown = items.filter((s) => !known.includes(s))
+    if (unknown.length > 0 || items.length === 0) {
+      throw new UsageError(`--${name}: unknown '${unknown.join(',')}' (choose from ${known.join(', ')})`)
+    }
+    return items
+  }
+  return {
+    images: list('images', v.images ?? (v.small ? 'host' : 'python3,gcc,node'), Object.keys(WORKLOADS)),
+    nodes: number('nodes', v.nodes ?? (v.small ? '3' : '10'), 2),
+    runs: number('runs', v.runs ?? (v.small ? '1' : '3'), 1),
+    scenarios: list('scenarios', v.scenarios, SCENARIOS),
+    rttMs: number('rtt-ms', v['rtt-ms'], 0),
+    mbit: number('mbit', v.mbit, 0.1),
+    out: v.out,
+    docs: v.docs,
+    cache: v.cache
+  }
+}
+
+/** A bad flag: exit 2 with the usage. */
+class UsageError extends Error {
+  override name = 'UsageError'
+  readonly code = 'ERR_USAGE'
+}
+
+const log = (line: string) => process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${line}\n`)
+
+async function benchImage(lab: Lab, s: Settings, image: PreparedImage): Promise<ImageResult> {
+  const { workload } = image
+  const options = { signal: lab.signal, log }
+  const repo = `bench/${workload.name}`
+  const esgz = await convert(image, s.cache, undefined, options)
+  const refs = {
+    plain: await push(lab, image.plain, repo, 'plain'),
+    esgz: await push(lab, esgz.layout, repo, 'esgz')
+  }
+  const result: ImageResult = {
+    name: workload.name,
+    description: workload.description,
+    command: workload.argv.join(' '),
+    rootfsBytes: image.rootfsBytes,
+    plainBytes: image.plain.bytes,
+    esgzBytes: esgz.layout.bytes
+  }
+  // Scenarios 2-4 use the image with the recorded profile when scenario 1 made one, as an operator would.
+  let ref = refs.esgz
+  if (s.scenarios.includes('cold')) {
+    log(`${workload.name}: 1. one node, cold (${s.runs} runs)`)
+    result.cold = await cold(lab, workload, refs, s.runs, async (record) => {
+      const profiled = await convert(image, s.cache, record, options)
+      result.profileBytes = profiled.layout.bytes
+      result.profileFiles = (await readFile(record, 'utf8')).split('\n').filter((l) => l !== '').length
+      ref = await push(lab, profiled.layout, repo, 'profile')
+      return ref
+    })
+  }
+  if (s.scenarios.includes('peer')) {
+    log(`${workload.name}: 2. one node with a warm peer`)
+    result.warmPeer = await warmPeer(lab, workload, ref)
+  }
+  if (s.scenarios.includes('fleet')) {
+    log(`${workload.name}: 3. ${s.nodes} cold nodes at once, without peers`)
+    const alone = await fleetAlone(lab, workload, ref, s.nodes)
+    log(`${workload.name}: 3. ${s.nodes} cold nodes at once, with peers`)
+    const peers = await fleetPeers(lab, workload, ref, s.nodes)
+    result.fleet = { alone, peers }
+  }
+  if (s.scenarios.includes('cluster')) {
+    log(`${workload.name}: 4. cluster warm-up of ${s.nodes} nodes`)
+    result.clusterWarm = await clusterWarm(lab, workload, ref, s.nodes)
+  }
+  return result
+}
+
+export async function main(argv: string[]): Promise<number> {
+  let s: Settings | undefined
+  try {
+    s = settings(argv)
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message}\n\n${USAGE}\n`)
+    return 2
+  }
+  if (s === undefined) {
+    process.stdout.write(`${USAGE}\n`)
+    return 0
+  }
+  const aborter = new AbortController()
+  const onSignal = (sig: string) => aborter.abort(new Error(`stopped by ${sig}`))
+  process.once('SIGINT', onSignal)
+  process.once('SIGTERM', onSignal)
+  const work = await mkdtemp(join(tmpdir(), 'strata-bench-'))
+  const loadBefore = loadavg()
+  let lab: Lab | undefined
+  try {
+    const prepared: PreparedImage[] = []
+    for (const name of s.images) {
+      prepared.push(await prepareImage(WORKLOADS[name]!, s.cache, { signal: aborter.signal, log }))
+    }
+    lab = await startLab({ rttMs: s.rttMs, mbit: s.mbit, work, signal: aborter.signal })
+    const results: Results = {
+      date: new Date().toISOString(),
+      host: { cpus: cpus().length, loadBefore, node: process.version },
+      settings: { rttMs: s.rttMs, mbit: s.mbit, nodes: s.nodes, runs: s.runs, scenarios: s.scenarios },
+      images: []
+    }
+    for (const image of prepared) results.images.push(await benchImage(lab, s, image))
+    results.host.loadAfter = loadavg()
+    await mkdir(dirname(s.out), { recursive: true })
+    await writeFile(s.out, `${JSON.stringify(results, null, 2)}\n`)
+    process.stdout.write(`${renderTable(results)}\nresults: ${s.out}\n`)
+    if (s.docs) {
+      const chart = join(repoRoot, 'docs', 'bench', 'time-to-ready.svg')
+      await mkdir(dirname(chart), { recursive: true })
+      await writeFile(chart, renderChart(results))
+      await updateDocs(join(repoRoot, 'docs', 'benchmarks.md'), renderMarkdown(results, argv))
+      process.stdout.write(`chart: ${chart}\ndocs: docs/benchmarks.md (section "End-to-end (pnpm bench)")\n`)
+    }
+    return 0
+  } catch (err) {
+    const e = err as Error & { hint?: string }
+    process.stderr.write(`bench failed: ${e.name}: ${e.message}\n${e.hint !== undefined ? `hint: ${e.hint}\n` : ''}`)
+    return 1
+  } finally {
+    await lab?.stop()
+    await rm(work, { recursive: true, force: true })
+  }
+}

@@ -1,0 +1,311 @@
+import { readFile, writeFile } from 'node:fs/promises'
+import type { Timing } from './lab.js'
+import type { ClusterWarmTimings, ColdResult, FleetResult, WarmPeerResult } from './scenarios.js'
+
+/** What one run of the suite measured (test/bench/out/results.json). */
+export interface Results {
+  date: string
+  host: { cpus: number; loadBefore: number[]; loadAfter?: number[]; node: string }
+  settings: { rttMs: number; mbit: number; nodes: number; runs: number; scenarios: string[] }
+  images: ImageResult[]
+}
+
+export interface ImageResult {
+  name: string
+  description: string
+  command: string
+  rootfsBytes: number
+  /** Layer bytes of the plain image (one gzip layer). */
+  plainBytes: number
+  /** Layer bytes of the eStargz image. */
+  esgzBytes: number
+  /** Layer bytes of the eStargz image converted with the recorded profile. */
+  profileBytes?: number
+  /** Files in the recorded profile. */
+  profileFiles?: number
+  cold?: ColdResult
+  warmPeer?: WarmPeerResult
+  fleet?: { alone: FleetResult; peers: FleetResult }
+  clusterWarm?: ClusterWarmTimings
+}
+
+export function median(values: number[]): number {
+  return percentile(values, 50)
+}
+
+/** Nearest-rank percentile. */
+export function percentile(values: number[], p: number): number {
+  const sorted = [...values].sort((a, b) => a - b)
+  const rank = Math.max(1, Math.ceil((p / 100) * sorted.length))
+  return sorted[rank - 1] ?? Number.NaN
+}
+
+/** The run of a list whose time is the median (its egress goes with it). */
+function typical(runs: Timing[]): Timing {
+  const m = median(runs.map((r) => r.ms))
+  return runs.find((r) => r.ms === m)!
+}
+
+const sec = (ms: number) => (ms / 1000).toFixed(2)
+const mib = (bytes: number) => (bytes / 1024 / 1024).toFixed(1)
+/** "3.1x faster" / "1.2x slower" of `ms` against `base`. */
+const speed = (base: number, ms: number) =>
+  ms <= base ? `${(base / ms).toFixed(1)}x faster` : `${(ms / base).toFixed(1)}x slower`
+const share = (base: number, bytes: number) => `${(bytes / base).toFixed(2)}x`
+
+/** One line of the results table. */
+interface Row {
+  image: string
+  scenario: string
+  run: string
+  time: string
+  vsTime: string
+  egress: string
+  vsEgress: string
+}
+
+function rows(results: Results): Row[] {
+  const n = results.settings.nodes
+  const out: Row[] = []
+  for (const img of results.images) {
+    const add = (scenario: string, run: string, time: string, vsTime: string, egress: string, vsEgress: string) =>
+      out.push({ image: img.name, scenario, run, time, vsTime, egress, vsEgress })
+    const full = img.cold !== undefined ? typical(img.cold.full) : undefined
+    if (img.cold !== undefined && full !== undefined) {
+      const lazy = typical(img.cold.lazy)
+      const profile = typical(img.cold.profile)
+      add(
+        '1. one node, cold',
+        'full pull (download, extract, run)',
+        sec(full.ms),
+        'baseline',
+        mib(full.egress),
+        '1.00x'
+      )
+      add(
+        '1. one node, cold',
+        'lazy (p2p-mount)',
+        sec(lazy.ms),
+        speed(full.ms, lazy.ms),
+        mib(lazy.egress),
+        share(full.egress, lazy.egress)
+      )
+      add(
+        '1. one node, cold',
+        'lazy, recorded profile',
+        sec(profile.ms),
+        speed(full.ms, profile.ms),
+        mib(profile.egress),
+        share(full.egress, profile.egress)
+      )
+    }
+    if (img.warmPeer !== undefined) {
+      const s = img.warmPeer.start
+      add(
+        '2. one node, warm peer',
+        'warm from the peer, mount, run',
+        sec(s.ms),
+        full !== undefined ? speed(full.ms, s.ms) : '',
+        mib(s.egress),
+        full !== undefined ? share(full.egress, s.egress) : ''
+      )
+    }
+    if (img.fleet !== undefined) {
+      const { alone, peers } = img.fleet
+      const p = (f: FleetResult) => `p50 ${sec(median(f.times))}, p99 ${sec(percentile(f.times, 99))}`
+      add(`3. ${n} cold nodes at once`, 'lazy, no peers', p(alone), 'baseline', mib(alone.egress), '1.00x')
+      add(
+        `3. ${n} cold nodes at once`,
+        'with peers (warm, mount, run)',
+        p(peers),
+        `p50 ${speed(median(alone.times), median(peers.times))}`,
+        mib(peers.egress),
+        share(alone.egress, peers.egress)
+      )
+    }
+    if (img.clusterWarm !== undefined) {
+      const { cluster, independent } = img.clusterWarm
+      add(
+        `4. warm-up of ${n} nodes`,
+        `${n} independent p2pctl warm`,
+        sec(independent.ms),
+        'baseline',
+        mib(independent.egress),
+        '1.00x'
+      )
+      add(
+        `4. warm-up of ${n} nodes`,
+        'p2pctl warm --cluster',
+        sec(cluster.ms),
+        speed(independent.ms, cluster.ms),
+        mib(cluster.egress),
+        share(independent.egress, cluster.egress)
+      )
+    }
+  }
+  return out
+}
+
+const HEAD: Row = {
+  image: 'image',
+  scenario: 'scenario',
+  run: 'run',
+  time: 'time to ready (s)',
+  vsTime: 'vs baseline',
+  egress: 'registry egress (MiB)',
+  vsEgress: 'egress vs baseline'
+}
+const COLUMNS = Object.keys(HEAD) as Array<keyof Row>
+
+/** The results as an aligned text table for the terminal. */
+export function renderTable(results: Results): string {
+  const all = [HEAD, ...rows(results)]
+  const width = COLUMNS.map((c) => Math.max(...all.map((r) => r[c].length)))
+  const line = (r: Row) =>
+    COLUMNS.map((c, i) => r[c].padEnd(width[i]!))
+      .join('  ')
+      .trimEnd()
+  return [line(HEAD), width.map((w) => '-'.repeat(w)).join('  '), ...all.slice(1).map(line)].join('\n')
+}
+
+/** One bar of the chart. */
+interface Bar {
+  label: string
+  ms: number
+  /** A second mark (p99) drawn as a tick. */
+  p99?: number
+}
+
+function bars(img: ImageResult, nodes: number): Bar[] {
+  const out: Bar[] = []
+  if (img.cold !== undefined) {
+    out.push({ label: 'full pull', ms: typical(img.cold.full).ms })
+    out.push({ label: 'lazy', ms: typical(img.cold.lazy).ms })
+    out.push({ label: 'lazy, recorded profile', ms: typical(img.cold.profile).ms })
+  }
+  if (img.warmPeer !== undefined) out.push({ label: 'warm peer', ms: img.warmPeer.start.ms })
+  if (img.fleet !== undefined) {
+    const { alone, peers } = img.fleet
+    out.push({ label: `${nodes} at once, no peers (p50)`, ms: median(alone.times), p99: percentile(alone.times, 99) })
+    out.push({ label: `${nodes} at once, peers (p50)`, ms: median(peers.times), p99: percentile(peers.times, 99) })
+  }
+  return out
+}
+
+const xml = (s: string) => s.replaceAll('&', '&amp;').replaceAll('<', '&lt;').replaceAll('>', '&gt;')
+
+/** A horizontal bar chart of time to ready per scenario, grouped by image, one time scale for all (SVG). */
+export function renderChart(results: Results): string {
+  const groups = results.images.map((img) => ({ img, bars: bars(img, results.settings.nodes) }))
+  const max = Math.max(1, ...groups.flatMap((g) => g.bars.map((b) => b.p99 ?? b.ms)))
+  const left = 220
+  const plot = 440
+  const barH = 16
+  const gap = 6
+  const colors: Record<string, string> = { 'full pull': '#9e9e9e' }
+  const parts: string[] = []
+  let y = 40
+  for (const { img, bars: list } of groups) {
+    parts.push(`<text x="10" y="${y + 12}" font-weight="bold">${xml(`${img.name}: ${img.command}`)}</text>`)
+    y += 22
+    for (const b of list) {
+      const w = Math.max(1, (b.ms / max) * plot)
+      const color = colors[b.label] ?? (b.label.includes('peer') ? '#2e7d32' : '#1565c0')
+      parts.push(`<text x="${left - 8}" y="${y + 12}" text-anchor="end">${xml(b.label)}</text>`)
+      parts.push(`<rect x="${left}" y="${y}" width="${w.toFixed(1)}" height="${barH}" fill="${color}"/>`)
+      let labelX = left + w + 6
+      if (b.p99 !== undefined) {
+        const x = left + (b.p99 / max) * plot
+        parts.push(`<line x1="${x.toFixed(1)}" x2="${x.toFixed(1)}" y1="${y - 2}" y2="${y + barH + 2}" stroke="#000"/>`)
+        labelX = Math.max(labelX, x + 6)
+      }
+      const text = `${sec(b.ms)} s${b.p99 !== undefined ? ` (p99 ${sec(b.p99)})` : ''}`
+      parts.push(`<text x="${labelX.toFixed(1)}" y="${y + 12}">${text}</text>`)
+      y += barH + gap
+    }
+    y += 12
+  }
+  const width = left + plot + 130
+  const s = results.settings
+  const title = `Time to ready (s), ${s.rttMs} ms RTT, ${s.mbit} Mbit/s to the registry; tick: p99`
+  return [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${y + 10}" font-family="sans-serif" font-size="12">`,
+    `<rect width="100%" height="100%" fill="#fff"/>`,
+    `<text x="10" y="20" font-size="14" font-weight="bold">${xml(title)}</text>`,
+    ...parts,
+    '</svg>',
+    ''
+  ].join('\n')
+}
+
+export const BEGIN = '<!-- bench:begin: generated by `pnpm bench` (test/bench/report.ts); do not edit by hand -->'
+export const END = '<!-- bench:end -->'
+
+/** docs/benchmarks.md's "End-to-end (pnpm bench)" section. */
+export function renderMarkdown(results: Results, argv: string[]): string {
+  const s = results.settings
+  const h = results.host
+  const load = (l: number[] | undefined) => (l === undefined ? '?' : l.map((x) => x.toFixed(1)).join(' '))
+  const table = (head: string[], body: string[][]) =>
+    [head, head.map((_, i) => (i === 0 ? '---' : '---:')), ...body].map((r) => `| ${r.join(' | ')} |`).join('\n')
+  const images = table(
+    ['image', 'command', 'root fs (MiB)', 'plain gzip (MiB)', 'eStargz (MiB)', 'with profile (MiB, files)'],
+    results.images.map((i) => [
+      `${i.name}: ${i.description}`,
+      `\`${i.command}\``,
+      mib(i.rootfsBytes),
+      mib(i.plainBytes),
+      mib(i.esgzBytes),
+      i.profileBytes !== undefined ? `${mib(i.profileBytes)} (${i.profileFiles})` : ''
+    ])
+  )
+  const r = rows(results)
+  const resultTable = table(
+    COLUMNS.map((c) => HEAD[c]),
+    r.map((row) => COLUMNS.map((c) => row[c]))
+  )
+  return `${BEGIN}
+## End-to-end (pnpm bench)
+
+Measured ${results.date.slice(0, 16).replace('T', ' ')} UTC on ${h.cpus} CPUs shared with other work (load ${load(h.loadBefore)} before,
+${load(h.loadAfter)} after), Node ${h.node}, with \`node --no-warnings test/bench/run.ts${argv.length > 0 ? ` ${argv.join(' ')}` : ''}\`.
+The registry (CNCF distribution 2.8, loopback) sits behind the WAN emulator (test/helpers/wan-proxy.ts):
+${s.rttMs} ms per round trip, ${s.mbit} Mbit/s each way, one link shared by every node. Peers talk over loopback.
+Everything runs as an operator would: \`p2pd\`, \`p2p-mount\`, \`p2pctl\` as separate processes; every start
+is cold (a fresh data dir). Scenario 1 is the median of ${s.runs} run(s) (runs alternate); the others are single runs.
+Time to ready ends when the command has exited with the expected output; egress is what the registry sent through
+the emulated link (headers included), until the processes of the run have exited.
+
+${images}
+
+${resultTable}
+
+![time to ready per scenario](bench/time-to-ready.svg)
+
+How each start is made:
+- full pull: \`skopeo copy docker://REF oci:DIR\` through the WAN, \`tar -xzf\` of each layer, \`chroot DIR COMMAND\`;
+- lazy: \`p2p-mount REF MNT --writable\` (eStargz image from \`p2pctl convert\`), then \`chroot MNT COMMAND\`;
+- recorded profile: the first lazy start ran with \`--record FILE\`; \`p2pctl convert --prioritized-file FILE\` of the
+  plain image made the profiled image, which scenarios 2-4 use;
+- with peers: p2p-mount cannot use a running p2pd's store and peers yet (embedded mode only), so a node runs
+  \`p2pctl warm REF\` through its p2pd (peers first, then the registry), p2pd is stopped (not timed), and
+  \`p2p-mount\` starts on the same data dir from the local store. Time to ready = warm-up + mount + command:
+  the whole image, not only what the command reads, is fetched before the start;
+- ${s.nodes} at once with peers: every node's warm-up runs at once; the mounts start when all are done;
+- cluster warm-up: \`p2pctl warm REF --cluster\` on one node of ${s.nodes} (until every node holds the image),
+  against ${s.nodes} p2pd with no peers each running \`p2pctl warm REF\` at once.
+${END}
+`
+}
+
+/** Replaces the generated section of docs/benchmarks.md (between the markers), or appends it. */
+export async function updateDocs(path: string, section: string): Promise<void> {
+  const text = await readFile(path, 'utf8').catch(() => '# Benchmarks\n')
+  const begin = text.indexOf(BEGIN)
+  const end = text.indexOf(END)
+  const next =
+    begin >= 0 && end > begin
+      ? text.slice(0, begin) + section.trimEnd() + text.slice(end + END.length)
+      : `${text.trimEnd()}\n\n${section}`
+  await writeFile(path, next)
+}

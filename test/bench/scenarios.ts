@@ -1,0 +1,231 @@
+import { rm } from 'node:fs/promises'
+import { join } from 'node:path'
+import type { Workload } from './images.js'
+import {
+  fullPull,
+  type Lab,
+  lazyStart,
+  type Node,
+  p2pctl,
+  startNode,
+  stopNode,
+  type Timing,
+  timed,
+  waitForAnnounced,
+  waitForMesh
+} from './lab.js'
+
+/**
+ * The four scenarios of the suite. Each returns raw timings; ratios against the baselines of the same run are
+ * computed by the report. Every start is cold (a fresh data dir) unless the scenario says otherwise.
+ */
+
+interface WarmResult {
+  totalChunks: number
+  totalBytes: number
+  layers: number
+}
+interface ClusterWarmResult {
+  nodes: Record<string, { ok: boolean; error?: string }>
+}
+
+/** Starts `n` p2pd nodes; with `cluster`, nodes 1..n-1 join through node 0 and the mesh is waited for. */
+async function startNodes(lab: Lab, name: string, n: number, cluster: boolean): Promise<Node[]> {
+  const nodes: Node[] = []
+  try {
+    const first = await startNode(lab, join(lab.work, `${name}-0`))
+    nodes.push(first)
+    const rest = await Promise.allSettled(
+      Array.from({ length: n - 1 }, (_, i) =>
+        startNode(lab, join(lab.work, `${name}-${i + 1}`), cluster ? first.addrs : [])
+      )
+    )
+    for (const r of rest) if (r.status === 'fulfilled') nodes.push(r.value)
+    const failed = rest.find((r) => r.status === 'rejected')
+    if (failed !== undefined) throw failed.reason
+    if (cluster && n > 1) await waitForMesh(nodes, n - 1)
+    return nodes
+  } catch (err) {
+    await stopNodes(nodes)
+    throw err
+  }
+}
+
+async function stopNodes(nodes: Node[]): Promise<void> {
+  await Promise.all(nodes.map((n) => stopNode(n)))
+  await Promise.all(nodes.map((n) => rm(n.dataDir, { recursive: true, force: true })))
+}
+
+async function warm(lab: Lab, node: Node, ref: string): Promise<WarmResult> {
+  return p2pctl<WarmResult>(lab, node, ['warm', ref])
+}
+
+/**
+ * p2p-mount cannot use a running p2pd's store and peers yet (its embedded mode owns a store; the mount route
+ * through p2pd is not there), so a start "with peers" is: `p2pctl warm IMAGE` on the node's p2pd (chunks
+ * from peers first, the registry for the rest), stop p2pd (not timed), then a lazy start on the same data dir,
+ * served from the local store. Its time is the warm-up plus the mount and command.
+ */
+async function startWithPeers(lab: Lab, node: Node, ref: string, workload: Workload): Promise<Timing> {
+  const fill = await timed(lab, async (mark) => {
+    await warm(lab, node, ref)
+    mark('warm')
+  })
+  await stopNode(node)
+  const start = await lazyStart(lab, ref, workload, node.dataDir)
+  return { ms: fill.ms + start.ms, phases: { ...fill.phases, ...start.phases }, egress: fill.egress + start.egress }
+}
+
+export interface ColdResult {
+  full: Timing[]
+  lazy: Timing[]
+  profile: Timing[]
+}
+
+/**
+ * 1. One node, cold: full pull vs lazy vs lazy with a recorded prefetch profile. The first lazy start records
+ * what the workload reads (`p2p-mount --record`); `convertWithProfile` turns that into the profiled image.
+ */
+export async function cold(
+  lab: Lab,
+  workload: Workload,
+  refs: { plain: string; esgz: string },
+  runs: number,
+  convertWithProfile: (record: string) => Promise<string>
+): Promise<ColdResult> {
+  const result: ColdResult = { full: [], lazy: [], profile: [] }
+  const dir = (what: string, i: number) => join(lab.work, `${workload.name}-${what}-${i}`)
+  let profiled: string | undefined
+  for (let i = 0; i < runs; i++) {
+    result.full.push(await fullPull(lab, refs.plain, workload, dir('full', i)))
+    const record = i === 0 ? join(lab.work, `${workload.name}.files`) : undefined
+    result.lazy.push(await lazyStart(lab, refs.esgz, workload, dir('lazy', i), record !== undefined ? { record } : {}))
+    await rm(dir('lazy', i), { recursive: true, force: true })
+    if (record !== undefined) profiled = await convertWithProfile(record)
+    result.profile.push(await lazyStart(lab, profiled!, workload, dir('profile', i)))
+    await rm(dir('profile', i), { recursive: true, force: true })
+  }
+  return result
+}
+
+export interface WarmPeerResult {
+  /** The peer's own `p2pctl warm` from the registry (setting up). */
+  seed: Timing
+  /** The node's start: warm from the peer, then mount and run. */
+  start: Timing
+}
+
+/** 2. One node with a warm peer: another p2pd ran `p2pctl warm IMAGE`. */
+export async function warmPeer(lab: Lab, workload: Workload, ref: string): Promise<WarmPeerResult> {
+  const nodes = await startNodes(lab, `${workload.name}-peer`, 2, true)
+  const [seedNode, node] = nodes as [Node, Node]
+  try {
+    let layers = 0
+    const seed = await timed(lab, async (mark) => {
+      layers = (await warm(lab, seedNode, ref)).layers
+      mark('warm')
+    })
+    // Peers find the seed by its coarse keys (a layer and a TOC digest per layer).
+    await waitForAnnounced(seedNode, 2 * layers)
+    const start = await startWithPeers(lab, node, ref, workload)
+    return { seed, start }
+  } finally {
+    await stopNodes(nodes)
+  }
+}
+
+export interface FleetResult {
+  /** Each node's time to ready, ms. */
+  times: number[]
+  /** Registry bytes sent for the whole fleet. */
+  egress: number
+  /** From the first start to the last ready, ms. */
+  ms: number
+}
+
+/** 3a. N cold nodes start the image at once, no peers: N lazy mounts, each with its own store. */
+export async function fleetAlone(lab: Lab, workload: Workload, ref: string, n: number): Promise<FleetResult> {
+  const dirs = Array.from({ length: n }, (_, i) => join(lab.work, `${workload.name}-alone-${i}`))
+  try {
+    let times: Timing[] = []
+    const all = await timed(lab, async () => {
+      times = await Promise.all(dirs.map((d) => lazyStart(lab, ref, workload, d)))
+    })
+    return { times: times.map((t) => t.ms), egress: all.egress, ms: all.ms }
+  } finally {
+    await Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true })))
+  }
+}
+
+/**
+ * 3b. N cold nodes of one cluster start the image at once. Each warms through its p2pd (all at once), then,
+ * when every warm-up is done (a node stopped early would vanish as a peer of the others), mounts and runs.
+ * A node's time to ready is its warm-up plus its mount and command.
+ */
+export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: number): Promise<FleetResult> {
+  const nodes = await startNodes(lab, `${workload.name}-fleet`, n, true)
+  try {
+    let warms: Timing[] = []
+    const warming = await timed(lab, async () => {
+      warms = await Promise.all(
+        nodes.map((node) =>
+          timed(lab, async (mark) => {
+            await warm(lab, node, ref)
+            mark('warm')
+          })
+        )
+      )
+    })
+    // Stopping the daemons between the phases is not timed: it is the workaround's, not the product's.
+    await Promise.all(nodes.map((node) => stopNode(node)))
+    let starts: Timing[] = []
+    const starting = await timed(lab, async () => {
+      starts = await Promise.all(nodes.map((node) => lazyStart(lab, ref, workload, node.dataDir)))
+    })
+    return {
+      times: warms.map((w, i) => w.ms + starts[i]!.ms),
+      egress: warming.egress + starting.egress,
+      ms: warming.ms + starting.ms
+    }
+  } finally {
+    await stopNodes(nodes)
+  }
+}
+
+export interface ClusterWarmTimings {
+  /** `p2pctl warm IMAGE --cluster` on one node of an N-node cluster. */
+  cluster: Timing
+  /** N lone nodes (no peers) each running `p2pctl warm IMAGE`, all at once. */
+  independent: Timing
+}
+
+/** 4. Cluster warm-up of N nodes against N independent warm-ups. */
+export async function clusterWarm(lab: Lab, workload: Workload, ref: string, n: number): Promise<ClusterWarmTimings> {
+  const cluster = await startNodes(lab, `${workload.name}-cw`, n, true)
+  let clusterTiming: Timing
+  try {
+    clusterTiming = await timed(lab, async (mark) => {
+      const r = await p2pctl<ClusterWarmResult>(lab, cluster[0]!, ['warm', ref, '--cluster'])
+      const failed = Object.entries(r.nodes).filter(([, v]) => !v.ok)
+      if (failed.length > 0 || Object.keys(r.nodes).length < n) {
+        throw new Error(
+          `p2pctl warm --cluster: ${Object.keys(r.nodes).length - failed.length} of ${n} nodes hold ${ref}` +
+            failed.map(([peer, v]) => `; ${peer}: ${v.error}`).join('')
+        )
+      }
+      mark('warm')
+    })
+  } finally {
+    await stopNodes(cluster)
+  }
+  const lone = await startNodes(lab, `${workload.name}-lone`, n, false)
+  try {
+    const independent = await timed(lab, async (mark) => {
+      await Promise.all(lone.map((node) => warm(lab, node, ref)))
+      mark('warm')
+    })
+    return { cluster: clusterTiming, independent }
+  } finally {
+    await stopNodes(lone)
+  }
+}
