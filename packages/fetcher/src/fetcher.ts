@@ -118,7 +118,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     const cached = await this.fromStore(chunk, options)
     if (cached !== undefined) return cached
     return raceSignal(
-      this.join(chunk, () => this.fromSources(chunk)),
+      this.join(chunk, () => this.fromSources([chunk]).get(chunk.digest)!),
       options.signal
     )
   }
@@ -134,12 +134,12 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       else if (this.inflight.has(chunk.digest))
         byDigest.set(
           chunk.digest,
-          this.join(chunk, () => this.fromSources(chunk))
+          this.join(chunk, () => this.fromSources([chunk]).get(chunk.digest)!)
         )
       else missing.push(chunk)
     })
     if (missing.length > 0) {
-      const batch = this.fromSourcesMany(missing)
+      const batch = this.fromSources(missing)
       for (const chunk of missing)
         byDigest.set(
           chunk.digest,
@@ -294,156 +294,143 @@ class DefaultFetcher extends EventTarget implements Fetcher {
   }
 
   /**
-   * The sources in order, hedged: the next source starts when the previous ones have all failed, or when
-   * `hedgeDelayMs` passed without an answer. Never all at once.
+   * The sources in order, for a batch of chunks (one chunk for `get`). Each source gets what is still missing,
+   * by its `getMany` where it has one (the registry coalesces adjacent ranges), else chunk by chunk. Hedged:
+   * what a source has not delivered after `hedgeDelayMs` is also asked of the next source, one more source at a
+   * time, never all at once; the first verified copy wins. Returns one promise per digest, settled as soon as
+   * that chunk is known.
    */
-  private fromSources(chunk: ChunkRef): Promise<Uint8Array> {
-    return new Promise<Uint8Array>((resolve, reject) => {
-      const attempts: string[] = new Array(this.sources.length).fill('')
-      const controllers: AbortController[] = []
-      let next = 0
-      let pending = 0
-      let done = false
-      let hedgeTimer: NodeJS.Timeout | undefined
-      const finish = () => {
-        done = true
-        clearTimeout(hedgeTimer)
-        for (const c of controllers) c.abort()
-      }
-      const startNext = (hedge: boolean) => {
-        clearTimeout(hedgeTimer)
-        if (done) return
-        if (next >= this.sources.length) {
-          if (pending === 0) {
-            finish()
-            reject(new ChunkUnavailableError(chunk.digest, chunk.layer, attempts))
-          }
-          return
-        }
-        if (hedge) this.counters.hedges++
-        const i = next++
-        const source = this.sources[i]!
-        const controller = new AbortController()
-        controllers.push(controller)
-        pending++
-        const started = performance.now()
-        const m = this.counters.source(source.name)
-        m.requests++
-        const signal = AbortSignal.any([controller.signal, AbortSignal.timeout(this.sourceTimeoutMs)])
-        source
-          .get(chunk, { signal })
-          .then(
-            async (bytes) => {
-              if (bytes === undefined) {
-                m.misses++
-                return `${source.name}: does not have it`
-              }
-              if (done) return 'superseded'
-              const bad = this.check(source, chunk, bytes)
-              if (bad === undefined && !done) {
-                this.counters.observe(source.name, performance.now() - started)
-                finish()
-                await this.keep(chunk, bytes)
-                resolve(bytes)
-              }
-              return bad ?? 'superseded'
-            },
-            (err: unknown) => {
-              m.errors++
-              if (signal.aborted && !controller.signal.aborted) {
-                return `${source.name}: ${new SourceTimeoutError(source.name, chunk.digest, this.sourceTimeoutMs).message}`
-              }
-              return `${source.name}: ${describe(err)}`
-            }
-          )
-          .then((outcome) => {
-            attempts[i] = outcome
-            pending--
-            if (!done) startNext(false)
-          })
-        if (next < this.sources.length) hedgeTimer = setTimeout(() => startNext(true), this.hedgeDelayMs)
-      }
-      startNext(false)
-    })
-  }
-
-  /**
-   * A batch: each source in order gets what is still missing, by its `getMany` where it has one
-   * (the registry coalesces adjacent ranges), else chunk by chunk. Batches are not hedged.
-   * Returns one promise per digest, settled as soon as that chunk is known.
-   */
-  private fromSourcesMany(chunks: ChunkRef[]): Map<string, Promise<Uint8Array>> {
-    const settle = new Map<string, { resolve: (b: Uint8Array) => void; reject: (e: unknown) => void }>()
+  private fromSources(chunks: ChunkRef[]): Map<string, Promise<Uint8Array>> {
+    interface State {
+      chunk: ChunkRef
+      done: boolean
+      /** Sources working on it right now. */
+      working: number
+      /** Index of the next source to ask. */
+      next: number
+      attempts: string[]
+      /** The asks working on it: each stops once all its chunks are done, whoever delivered them. */
+      asks: Array<{ remaining: number; controller: AbortController }>
+      resolve(bytes: Uint8Array): void
+      reject(err: unknown): void
+    }
+    const states = new Map<string, State>()
     const results = new Map<string, Promise<Uint8Array>>()
     for (const chunk of chunks) {
-      const p = new Promise<Uint8Array>((resolve, reject) => settle.set(chunk.digest, { resolve, reject }))
+      const p = new Promise<Uint8Array>((resolve, reject) => {
+        states.set(chunk.digest, { chunk, done: false, working: 0, next: 0, attempts: [], asks: [], resolve, reject })
+      })
       p.catch(() => {})
       results.set(chunk.digest, p)
     }
-    const attempts = new Map<string, string[]>(chunks.map((c) => [c.digest, []]))
-    const run = async () => {
-      let missing = chunks
-      for (const source of this.sources) {
-        if (missing.length === 0) break
-        const got = new Set<string>()
-        const m = this.counters.source(source.name)
-        const started = performance.now()
-        // Puts overlap (a disk store syncs each chunk) but stay bounded; a chunk settles once it is kept.
-        const puts = new Set<Promise<void>>()
-        const take = async (chunk: ChunkRef, bytes: Uint8Array) => {
-          if (got.has(chunk.digest) || !attempts.has(chunk.digest)) return
-          const bad = this.check(source, chunk, bytes)
-          if (bad !== undefined) {
-            attempts.get(chunk.digest)!.push(bad)
-            return
-          }
-          got.add(chunk.digest)
-          this.counters.observe(source.name, performance.now() - started)
-          const put = this.keep(chunk, bytes).then(() => {
-            puts.delete(put)
-            settle.get(chunk.digest)!.resolve(bytes)
-          })
-          puts.add(put)
-          if (puts.size >= PUTS_IN_FLIGHT) await Promise.race(puts)
-        }
-        const signal = AbortSignal.timeout(this.sourceTimeoutMs * Math.max(1, Math.ceil(missing.length / 64)))
-        try {
-          if (source.getMany !== undefined) {
-            m.requests++
-            for await (const { chunk, bytes } of source.getMany(missing, { signal })) await take(chunk, bytes)
-          } else {
-            await mapLimit(missing, this.concurrency, async (chunk) => {
-              m.requests++
-              const bytes = await source.get(chunk, { signal }).catch((err: unknown) => {
-                m.errors++
-                attempts.get(chunk.digest)!.push(`${source.name}: ${describe(err)}`)
-                return undefined
-              })
-              if (bytes !== undefined) await take(chunk, bytes)
-            })
-          }
-        } catch (err) {
-          m.errors++
-          for (const c of missing)
-            if (!got.has(c.digest)) attempts.get(c.digest)!.push(`${source.name}: ${describe(err)}`)
-        }
-        await Promise.all(puts)
-        const left = missing.filter((c) => !got.has(c.digest))
-        for (const c of left) {
-          const a = attempts.get(c.digest)!
-          if (!a.some((s) => s.startsWith(`${source.name}:`))) {
-            m.misses++
-            a.push(`${source.name}: does not have it`)
-          }
-        }
-        missing = left
+    const failIfExhausted = (st: State) => {
+      if (!st.done && st.working === 0 && st.next >= this.sources.length) {
+        st.done = true
+        st.reject(new ChunkUnavailableError(st.chunk.digest, st.chunk.layer, st.attempts))
       }
-      for (const c of missing)
-        settle.get(c.digest)!.reject(new ChunkUnavailableError(c.digest, c.layer, attempts.get(c.digest)!))
     }
-    run().catch((err: unknown) => {
-      for (const c of chunks) settle.get(c.digest)!.reject(err)
-    })
+    /** Chunks of `list` that source `i` was the last to be asked for, and are still missing: to source i + 1. */
+    const handOn = (i: number, list: State[]) => {
+      const todo = list.filter((st) => !st.done && st.next === i + 1)
+      if (todo.length === 0) return
+      if (i + 1 < this.sources.length) ask(i + 1, todo)
+      else for (const st of todo) failIfExhausted(st)
+    }
+    const ask = (i: number, list: State[]) => {
+      const source = this.sources[i]!
+      const m = this.counters.source(source.name)
+      for (const st of list) {
+        st.working++
+        st.next = i + 1
+      }
+      const controller = new AbortController()
+      const self = { remaining: list.length, controller }
+      for (const st of list) st.asks.push(self)
+      const signal = AbortSignal.any([
+        controller.signal,
+        AbortSignal.timeout(this.sourceTimeoutMs * Math.max(1, Math.ceil(list.length / 64)))
+      ])
+      // The hedge fires when this source has delivered nothing for hedgeDelayMs: a source that is steadily
+      // delivering a big batch is not doubled by the next one.
+      let hedge: NodeJS.Timeout | undefined
+      const armHedge = () => {
+        clearTimeout(hedge)
+        if (i + 1 >= this.sources.length) return
+        hedge = setTimeout(() => {
+          hedge = undefined
+          if (list.some((st) => !st.done && st.next === i + 1)) this.counters.hedges++
+          handOn(i, list)
+        }, this.hedgeDelayMs)
+      }
+      armHedge()
+      const started = performance.now()
+      // Puts overlap (a disk store syncs each chunk) but stay bounded; a chunk settles once it is kept.
+      const puts = new Set<Promise<void>>()
+      const take = async (chunk: ChunkRef, bytes: Uint8Array) => {
+        const st = states.get(chunk.digest)
+        if (st === undefined || st.done) return
+        const bad = this.check(source, chunk, bytes)
+        if (bad !== undefined) {
+          st.attempts.push(bad)
+          return
+        }
+        st.done = true
+        for (const a of st.asks) if (--a.remaining === 0) a.controller.abort()
+        if (hedge !== undefined) armHedge()
+        this.counters.observe(source.name, performance.now() - started)
+        const put = this.keep(chunk, bytes).then(() => {
+          puts.delete(put)
+          st.resolve(bytes)
+        })
+        puts.add(put)
+        if (puts.size >= PUTS_IN_FLIGHT) await Promise.race(puts)
+      }
+      const timeoutMessage = (chunk: ChunkRef) =>
+        new SourceTimeoutError(source.name, chunk.digest, this.sourceTimeoutMs).message
+      const said = (st: State, what: string) => {
+        if (!st.attempts.some((a) => a.startsWith(`${source.name}:`))) st.attempts.push(`${source.name}: ${what}`)
+      }
+      const run = async () => {
+        const wanted = list.filter((st) => !st.done).map((st) => st.chunk)
+        if (source.getMany !== undefined) {
+          m.requests++
+          for await (const { chunk, bytes } of source.getMany(wanted, { signal })) await take(chunk, bytes)
+        } else {
+          await mapLimit(wanted, this.concurrency, async (chunk) => {
+            if (states.get(chunk.digest)!.done) return
+            m.requests++
+            const bytes = await source.get(chunk, { signal }).catch((err: unknown) => {
+              if (controller.signal.aborted) return undefined
+              m.errors++
+              said(states.get(chunk.digest)!, signal.aborted ? timeoutMessage(chunk) : describe(err))
+              return undefined
+            })
+            if (bytes !== undefined) await take(chunk, bytes)
+          })
+        }
+      }
+      run()
+        .catch((err: unknown) => {
+          if (controller.signal.aborted) return
+          m.errors++
+          for (const st of list) if (!st.done) said(st, signal.aborted ? timeoutMessage(st.chunk) : describe(err))
+        })
+        .then(() => Promise.all(puts))
+        .then(() => {
+          clearTimeout(hedge)
+          for (const st of list) {
+            st.working--
+            if (!st.done) {
+              if (!st.attempts.some((a) => a.startsWith(`${source.name}:`))) m.misses++
+              said(st, 'does not have it')
+            }
+          }
+          handOn(i, list)
+          for (const st of list) failIfExhausted(st)
+        })
+    }
+    if (this.sources.length === 0) for (const st of states.values()) failIfExhausted(st)
+    else ask(0, [...states.values()])
     return results
   }
 }
