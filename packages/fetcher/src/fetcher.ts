@@ -240,10 +240,16 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       })
   }
 
+  /** The chunk from the store; a store that fails to read counts as a miss (the sources still have it). */
   private async fromStore(chunk: ChunkRef, options: AbortOptions): Promise<Uint8Array | undefined> {
-    const bytes = await this.store.get(chunk.digest, options)
     const m = this.counters.source('store')
     m.requests++
+    const bytes = await this.store.get(chunk.digest, options).catch((err: unknown) => {
+      options.signal?.throwIfAborted()
+      m.errors++
+      this.emit({ type: 'store:error', digest: chunk.digest, message: describe(err) })
+      return undefined
+    })
     if (bytes === undefined) {
       m.misses++
       return undefined

@@ -67,7 +67,7 @@ export type FetchEvent =
 export interface FetcherMetrics {
   /**
    * Per source name, plus `store`: chunks and bytes served, requests made (a batched call counts once),
-   * misses (`does not have it`), errors (for `store`: failed lookups are misses, failed writes errors).
+   * misses (`does not have it`), errors (for `store`: failed reads, which count as misses too, and failed writes).
    */
   sources: Record<string, { requests: number; chunks: number; bytes: number; misses: number; errors: number }>
   /** Chunks whose bytes failed sha256 verification, per source name. */

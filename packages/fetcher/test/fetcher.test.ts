@@ -355,6 +355,32 @@ describe('reading an eStargz image', () => {
     expect(c.reads).toBeLessThanOrEqual(names.length / 4)
   })
 
+  it('serves verified bytes when the store fails to read or write (an I/O error a real disk rarely gives on cue)', async () => {
+    const real = createMemoryStore()
+    const image = await openImage({ client, store: real, ref: estargz.ref })
+    const failing = Object.create(real) as typeof real
+    failing.get = async () => {
+      throw new Error('EIO: i/o error, read')
+    }
+    failing.put = async () => {
+      throw new Error('ENOSPC: no space left on device')
+    }
+    const fetcher = createFetcher({
+      store: failing,
+      sources: [createRegistrySource({ client, ref: estargz.ref, layers: image.layers })]
+    })
+    const errors: FetchEvent[] = []
+    fetcher.addEventListener('store:error', (e) => errors.push((e as CustomEvent<FetchEvent>).detail))
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('etc/conf5.txt')!
+    expect(hex(await fetcher.readFile(layer, entry, 0, entry.size))).toBe(estargz.layers[0]!.files.get('etc/conf5.txt'))
+    expect(errors.map((e) => (e as { message: string }).message)).toEqual([
+      expect.stringContaining('EIO'),
+      expect.stringContaining('ENOSPC')
+    ])
+    expect(fetcher.metrics().sources.store).toMatchObject({ errors: 2, misses: 1 })
+  })
+
   it('keeps reads correct under a store cap smaller than the image', async () => {
     const store = createMemoryStore({ maxBytes: 6 * 1024 * 1024 })
     const image = await openImage({ client, store, ref: estargz.ref })
