@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto'
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, relative } from 'node:path'
+import { zstdCompressSync } from 'node:zlib'
 import { oraclePath, run } from './tools.js'
 
 /**
@@ -22,8 +23,11 @@ export interface BuildTestImageOptions {
   repository?: string
   tag?: string
   layers: TestLayerSpec[]
-  /** eStargz layers (oracle build) or plain tar+gzip. */
+  /** eStargz layers (oracle build) or plain tars. */
   estargz: boolean
+  /** Compression of plain (not eStargz) layers. Default gzip. (Uncompressed tars are not offered: skopeo gzips them on push.) */
+  plainCompression?: 'gzip' | 'zstd'
+
   /** Leave out the `containerd.io/snapshot/stargz/toc.digest` annotation (eStargz only). */
   omitTocAnnotation?: boolean
   /** Replace the TOC-digest annotation of every layer with this value (to test refusal). */
@@ -106,13 +110,17 @@ export async function buildTestImage(options: BuildTestImageOptions): Promise<Te
         const key = 'containerd.io/snapshot/stargz/toc.digest'
         if (options.omitTocAnnotation === true) delete annotations[key]
         if (options.tocAnnotation !== undefined) annotations[key] = options.tocAnnotation
-      } else {
+      } else if ((options.plainCompression ?? 'gzip') === 'gzip') {
         await run('gzip', ['-n', '-6', tar])
         blobPath = `${tar}.gz`
+      } else {
+        blobPath = `${tar}.zst`
+        await writeFile(blobPath, zstdCompressSync(await readFile(tar)))
       }
       const blob = await putBlob(layout, await readFile(blobPath))
+      const zstd = !options.estargz && options.plainCompression === 'zstd'
       descriptors.push({
-        mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip',
+        mediaType: `application/vnd.oci.image.layer.v1.tar+${zstd ? 'zstd' : 'gzip'}`,
         ...blob,
         ...(Object.keys(annotations).length > 0 ? { annotations } : {})
       })

@@ -462,6 +462,23 @@ describe('a plain gzip image', () => {
     expect(again.layers[0]!.tocDigest).toBe(layer.tocDigest)
   })
 
+  it('reads a tar+zstd layer the same way', async () => {
+    for (const compression of ['zstd'] as const) {
+      const test = await buildTestImage({
+        registry: registry.host,
+        repository: `test/plain-${compression}`,
+        layers: [{ files: join(work, 'a') }],
+        estargz: false,
+        plainCompression: compression
+      })
+      const store = createMemoryStore()
+      const image = await openImage({ client, store, ref: test.ref })
+      expect(image.layers[0]).toMatchObject({ format: 'indexed', compression, verified: true })
+      const fetcher = createFetcher({ store, sources: [] })
+      expect(await readAll(fetcher, image, test)).toBe(22)
+    }
+  })
+
   it('gets chunks the store lost back from the registry by downloading the layer again', async () => {
     const store = createMemoryStore()
     const image = await openImage({ client, store, ref: plain.ref })
