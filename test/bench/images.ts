@@ -16,6 +16,8 @@ export interface Workload {
   description: string
   /** Run inside the image with chroot. */
   argv: string[]
+  /** The command as the report shows it. */
+  shown: string
   /** Given on standard input. */
   stdin?: string
   /** What the command must print (trimmed) for the run to count. */
@@ -42,6 +44,7 @@ export const WORKLOADS: Record<string, Workload> = {
     name: 'python3',
     description: 'Debian bookworm minbase + python3 (debootstrap)',
     argv: ['python3', '-c', 'print(1)'],
+    shown: "python3 -c 'print(1)'",
     stdout: '1',
     make: debootstrap('python3')
   },
@@ -49,6 +52,7 @@ export const WORKLOADS: Record<string, Workload> = {
     name: 'gcc',
     description: 'Debian bookworm minbase + gcc, libc6-dev (debootstrap)',
     argv: ['sh', '-c', 'gcc -x c -o /tmp/hello - && /tmp/hello'],
+    shown: 'gcc -x c -o /tmp/hello - < hello.c && /tmp/hello',
     stdin: '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n',
     stdout: 'hello',
     make: debootstrap('gcc,libc6-dev')
@@ -57,6 +61,7 @@ export const WORKLOADS: Record<string, Workload> = {
     name: 'node',
     description: "this machine's /usr/local/bin/node and its libraries (host-rootfs.sh)",
     argv: ['/usr/local/bin/node', '-e', '0'],
+    shown: 'node -e 0',
     stdout: '',
     async make(dir, { signal }) {
       await run('bash', [hostRootfs, dir, '/usr/local/bin/node', 'sh'], { signal })
@@ -66,6 +71,7 @@ export const WORKLOADS: Record<string, Workload> = {
     name: 'host',
     description: "this machine's python3 with its standard library (host-rootfs.sh)",
     argv: ['python3', '-c', 'print(1)'],
+    shown: "python3 -c 'print(1)'",
     stdout: '1',
     async make(dir, { signal }) {
       await run('bash', [hostRootfs, dir, '/usr/bin/python3', 'sh'], { signal })

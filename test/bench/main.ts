@@ -23,6 +23,7 @@ Options:
   --out FILE           results JSON (default: test/bench/out/results.json)
   --no-docs            do not write docs/bench/time-to-ready.svg and docs/benchmarks.md
   --cache DIR          root file systems, images and conversions (default: /var/cache/strata-bench)
+  --from FILE          measure nothing: print and write the outputs from a results JSON of an earlier run
   -h, --help           show this help`
 
 const SCENARIOS = ['cold', 'peer', 'fleet', 'cluster']
@@ -37,6 +38,7 @@ interface Settings {
   out: string
   docs: boolean
   cache: string
+  from?: string
 }
 
 function settings(argv: string[]): Settings | undefined {
@@ -54,6 +56,7 @@ function settings(argv: string[]): Settings | undefined {
       out: { type: 'string', default: join(repoRoot, 'test', 'bench', 'out', 'results.json') },
       docs: { type: 'boolean', default: true },
       cache: { type: 'string', default: '/var/cache/strata-bench' },
+      from: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false }
     }
   })
@@ -80,7 +83,8 @@ function settings(argv: string[]): Settings | undefined {
     mbit: number('mbit', v.mbit, 0.1),
     out: v.out,
     docs: v.docs,
-    cache: v.cache
+    cache: v.cache,
+    ...(v.from !== undefined ? { from: v.from } : {})
   }
 }
 
@@ -104,7 +108,7 @@ async function benchImage(lab: Lab, s: Settings, image: PreparedImage): Promise<
   const result: ImageResult = {
     name: workload.name,
     description: workload.description,
-    command: workload.argv.join(' '),
+    command: workload.shown,
     rootfsBytes: image.rootfsBytes,
     plainBytes: image.plain.bytes,
     esgzBytes: esgz.layout.bytes
@@ -139,6 +143,17 @@ async function benchImage(lab: Lab, s: Settings, image: PreparedImage): Promise<
   return result
 }
 
+/** The table on the terminal; with docs, the chart and docs/benchmarks.md's section. */
+async function report(s: Settings, results: Results): Promise<void> {
+  process.stdout.write(`${renderTable(results)}\nresults: ${s.out}\n`)
+  if (!s.docs) return
+  const chart = join(repoRoot, 'docs', 'bench', 'time-to-ready.svg')
+  await mkdir(dirname(chart), { recursive: true })
+  await writeFile(chart, renderChart(results))
+  await updateDocs(join(repoRoot, 'docs', 'benchmarks.md'), renderMarkdown(results))
+  process.stdout.write(`chart: ${chart}\ndocs: docs/benchmarks.md (section "End-to-end (pnpm bench)")\n`)
+}
+
 export async function main(argv: string[]): Promise<number> {
   let s: Settings | undefined
   try {
@@ -149,6 +164,10 @@ export async function main(argv: string[]): Promise<number> {
   }
   if (s === undefined) {
     process.stdout.write(`${USAGE}\n`)
+    return 0
+  }
+  if (s.from !== undefined) {
+    await report({ ...s, out: s.from }, JSON.parse(await readFile(s.from, 'utf8')) as Results)
     return 0
   }
   const aborter = new AbortController()
@@ -168,20 +187,14 @@ export async function main(argv: string[]): Promise<number> {
       date: new Date().toISOString(),
       host: { cpus: cpus().length, loadBefore, node: process.version },
       settings: { rttMs: s.rttMs, mbit: s.mbit, nodes: s.nodes, runs: s.runs, scenarios: s.scenarios },
+      argv,
       images: []
     }
     for (const image of prepared) results.images.push(await benchImage(lab, s, image))
     results.host.loadAfter = loadavg()
     await mkdir(dirname(s.out), { recursive: true })
     await writeFile(s.out, `${JSON.stringify(results, null, 2)}\n`)
-    process.stdout.write(`${renderTable(results)}\nresults: ${s.out}\n`)
-    if (s.docs) {
-      const chart = join(repoRoot, 'docs', 'bench', 'time-to-ready.svg')
-      await mkdir(dirname(chart), { recursive: true })
-      await writeFile(chart, renderChart(results))
-      await updateDocs(join(repoRoot, 'docs', 'benchmarks.md'), renderMarkdown(results, argv))
-      process.stdout.write(`chart: ${chart}\ndocs: docs/benchmarks.md (section "End-to-end (pnpm bench)")\n`)
-    }
+    await report(s, results)
     return 0
   } catch (err) {
     const e = err as Error & { hint?: string }

@@ -31,10 +31,13 @@ registerHooks({
 })
 
 // The suite runs the CLIs from dist: build them (and what they depend on) first; turbo skips what is current.
-process.stderr.write('building the CLI\n')
-execFileSync('pnpm', ['exec', 'turbo', 'run', 'build', '--filter', '@strata/cli...', '--output-logs=errors-only'], {
-  cwd: root,
-  stdio: ['ignore', 'ignore', 'inherit']
-})
+const measures = !process.argv.some((a) => a === '--help' || a === '-h' || a.startsWith('--from'))
+if (measures) {
+  process.stderr.write('building the CLI\n')
+  execFileSync('pnpm', ['exec', 'turbo', 'run', 'build', '--filter', '@strata/cli...', '--output-logs=errors-only'], {
+    cwd: root,
+    stdio: ['ignore', 'ignore', 'inherit']
+  })
+}
 const { main } = await import('./main.js')
 process.exitCode = await main(process.argv.slice(2))
