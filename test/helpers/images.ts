@@ -14,6 +14,8 @@ export interface TestLayerSpec {
   files: string
   /** Paths (relative, e.g. `bin/sh`) to put before `.prefetch.landmark` (eStargz only). */
   prioritized?: string[]
+  /** Extra GNU tar arguments, e.g. `['--format=pax', '--xattrs']`. */
+  tarArgs?: string[]
 }
 
 export interface BuildTestImageOptions {
@@ -95,7 +97,7 @@ export async function buildTestImage(options: BuildTestImageOptions): Promise<Te
     const descriptors: object[] = []
     for (const [i, spec] of options.layers.entries()) {
       const tar = join(work, `layer${i}.tar`)
-      await run('tar', ['--sort=name', '--numeric-owner', '-C', spec.files, '-cf', tar, '.'])
+      await run('tar', ['--sort=name', '--numeric-owner', ...(spec.tarArgs ?? []), '-C', spec.files, '-cf', tar, '.'])
       const diffId = `sha256:${sha256(await readFile(tar))}`
       const annotations: Record<string, string> = {}
       let tocDigest: string | undefined

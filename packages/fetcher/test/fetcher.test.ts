@@ -1,12 +1,13 @@
 import { createHash } from 'node:crypto'
-import { mkdtemp, rm } from 'node:fs/promises'
+import { link, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { join, relative } from 'node:path'
 import { createRegistryClient, type RegistryClient } from '@strata/registry'
 import type { Entry } from '@strata/stargz'
 import { createMemoryStore } from '@strata/store'
 import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
+import { run } from '@test/tools.js'
 import { startWanProxy } from '@test/wan-proxy.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import {
@@ -477,6 +478,37 @@ describe('a plain gzip image', () => {
       const fetcher = createFetcher({ store, sources: [] })
       expect(await readAll(fetcher, image, test)).toBe(22)
     }
+  })
+
+  it('indexes pax tars: long names, hardlinks and xattrs', async () => {
+    const root = join(work, 'pax')
+    const deep = join(root, 'a'.repeat(60), 'b'.repeat(60))
+    await mkdir(deep, { recursive: true })
+    const long = join(deep, `${'c'.repeat(90)}.txt`)
+    await writeFile(long, 'a file with a long name\n')
+    await link(long, join(root, 'hard'))
+    await run('setfattr', ['-n', 'user.strata', '-v', 'hello', long])
+    const test = await buildTestImage({
+      registry: registry.host,
+      repository: 'test/pax',
+      layers: [{ files: root, tarArgs: ['--format=pax', '--xattrs'] }],
+      estargz: false
+    })
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: test.ref })
+    const layer = image.layers[0]!
+    const longPath = relative(root, long)
+    const entry = layer.toc.lookup(longPath)!
+    expect(entry).toMatchObject({ type: 'reg', size: 24 })
+    expect(Buffer.from(entry.xattrs['user.strata']!).toString()).toBe('hello')
+    // GNU tar stores the second name of a hardlinked pair as the link.
+    const names = [longPath, 'hard']
+    const link1 = names.map((n) => layer.toc.lookup(n)!).find((e) => e.type === 'hardlink')!
+    expect(names).toContain(link1.linkName)
+    const fetcher = createFetcher({ store, sources: [] })
+    expect(Buffer.from(await fetcher.readFile(layer, entry, 0, entry.size)).toString()).toBe(
+      'a file with a long name\n'
+    )
   })
 
   it('gets chunks the store lost back from the registry by downloading the layer again', async () => {
