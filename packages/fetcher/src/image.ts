@@ -39,7 +39,6 @@ interface LayerRecord {
   tocOffset: number
   /** The size parseTOC checks offsets against: the blob for eStargz, the decompressed tar for indexed layers. */
   blobSize: number
-  verified: boolean
 }
 
 const tocKey = (digest: string) => `toc/${digest}`
@@ -47,6 +46,14 @@ const recordKey = (digest: string) => `layer/${digest}`
 
 function sha256(bytes: Uint8Array): string {
   return `sha256:${createHash('sha256').update(bytes).digest('hex')}`
+}
+
+/**
+ * Whether the manifest vouches for the layer's TOC: by the TOC-digest annotation (checked equal before this is
+ * asked), or, for indexed layers, by the layer digest the whole download was checked against.
+ */
+function isVerified(record: LayerRecord, descriptor: Descriptor): boolean {
+  return record.format === 'indexed' || descriptor.annotations?.[TOC_DIGEST_ANNOTATION] !== undefined
 }
 
 function toImageLayer(descriptor: Descriptor, record: LayerRecord, tocBytes: Uint8Array): ImageLayer {
@@ -61,7 +68,7 @@ function toImageLayer(descriptor: Descriptor, record: LayerRecord, tocBytes: Uin
     format: record.format,
     toc,
     tocDigest: record.tocDigest,
-    verified: record.verified,
+    verified: isVerified(record, descriptor),
     compression: record.compression
   }
 }
@@ -85,7 +92,7 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
       if (annotation !== undefined && record.format !== 'indexed' && record.tocDigest !== annotation) {
         throw new TocDigestMismatchError(name, digest, annotation, { actual: record.tocDigest })
       }
-      if (!record.verified) {
+      if (!isVerified(record, descriptor)) {
         if (init.requireVerified === true) throw new UnverifiedLayerError(name, digest)
         emit({
           type: 'layer:unverified',
@@ -122,8 +129,7 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
         compression: layer.compression,
         tocDigest: layer.tocDigest,
         tocOffset: layer.tocOffset,
-        blobSize: layer.size,
-        verified: annotation !== undefined
+        blobSize: layer.size
       }
       check(record)
       await writeRecord(store, digest, record, layer.tocBytes, { signal })
@@ -134,7 +140,7 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
         format: layer.format,
         toc: layer.toc,
         tocDigest: layer.tocDigest,
-        verified: record.verified,
+        verified: isVerified(record, descriptor),
         compression: layer.compression
       }
     }
@@ -221,8 +227,7 @@ async function indexLayer(
       compression,
       tocDigest: sha256(indexed.tocBytes),
       tocOffset: indexed.tarSize,
-      blobSize: indexed.tarSize,
-      verified: true
+      blobSize: indexed.tarSize
     }
     await writeRecord(store, digest, record, indexed.tocBytes, { signal })
     emit({ type: 'layer:indexed', layer: digest, files: indexed.files, chunks: indexed.digests.length })
