@@ -18,7 +18,7 @@ export interface FetcherInit {
   store: ChunkStore
   /** Asked in order (e.g. peers, then the registry). */
   sources: ChunkSource[]
-  /** When a source has not answered after this long, the next one is asked too (one more at a time). Default 300 ms. */
+  /** When a source has delivered nothing for this long, what it still owes is asked of the next one too (one more source at a time). Default 300 ms. */
   hedgeDelayMs?: number
   /** A source that has not answered after this long is given up for that chunk. Default 30 s. */
   sourceTimeoutMs?: number

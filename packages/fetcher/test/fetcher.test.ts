@@ -382,6 +382,28 @@ describe('reading an eStargz image', () => {
     expect(fetcher.metrics().sources.store).toMatchObject({ errors: 2, misses: 1 })
   })
 
+  it('fetches whole layers in the background at a bounded rate', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const one: Image = { ...image, layers: [image.layers[1]!] }
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client, ref: estargz.ref, layers: image.layers })]
+    })
+    const progress: FetchEvent[] = []
+    fetcher.addEventListener('prefetch', (e) => progress.push((e as CustomEvent<FetchEvent>).detail))
+    const rate = 2 * 1024 * 1024
+    const started = performance.now()
+    await fetcher.prefetch(one, { wholeLayerBytesPerSecond: rate })
+    const seconds = (performance.now() - started) / 1000
+    const layer = one.layers[0]!
+    const chunks = [...layer.toc.entries.values()].flatMap((e) => e.chunks)
+    const total = chunks.reduce((a, c) => a + c.size, 0)
+    for (const c of chunks) expect(await store.has(c.digest)).toBe(true)
+    expect(seconds).toBeGreaterThanOrEqual(total / rate - 1)
+    expect(progress.at(-1)).toMatchObject({ type: 'prefetch', bytes: total, total })
+  })
+
   it('keeps reads correct under a store cap smaller than the image', async () => {
     const store = createMemoryStore({ maxBytes: 6 * 1024 * 1024 })
     const image = await openImage({ client, store, ref: estargz.ref })
