@@ -1,20 +1,6 @@
-import { PassThrough } from 'node:stream'
+import { runCli } from '@test/cli.js'
 import { describe, expect, it } from 'vitest'
-import { type Command, Output, parseBytes, runCommand } from '../src/index.js'
-
-function capture() {
-  const stdout = new PassThrough()
-  const stderr = new PassThrough()
-  let o = ''
-  let e = ''
-  stdout.on('data', (d) => {
-    o += d
-  })
-  stderr.on('data', (d) => {
-    e += d
-  })
-  return { out: new Output(stdout, stderr), text: () => ({ o, e }) }
-}
+import { type Command, parseBytes } from '../src/index.js'
 
 const tree: Command = {
   name: 'tool',
@@ -44,16 +30,16 @@ const tree: Command = {
 
 describe('command parser', () => {
   it('runs a subcommand with root options and --json', async () => {
-    const c = capture()
-    expect(await runCommand(tree, ['echo', 'hi', '--socket', '/s', '--json'], c.out)).toBe(0)
-    expect(JSON.parse(c.text().o)).toEqual({ word: 'hi', socket: '/s' })
+    const r = await runCli(['echo', 'hi', '--socket', '/s', '--json'], tree)
+    expect(r.code).toBe(0)
+    expect(JSON.parse(r.stdout)).toEqual({ word: 'hi', socket: '/s' })
   })
 
   it('prints help with exit 0 for --help on every level', async () => {
     for (const argv of [['--help'], ['echo', '--help'], ['fail', '-h']]) {
-      const c = capture()
-      expect(await runCommand(tree, argv, c.out)).toBe(0)
-      expect(c.text().o).toMatch(/^Usage: tool/)
+      const r = await runCli(argv, tree)
+      expect(r.code).toBe(0)
+      expect(r.stdout).toMatch(/^Usage: tool/)
     }
   })
 
@@ -65,16 +51,16 @@ describe('command parser', () => {
       [['echo', 'a', '--bogus'], /bogus/]
     ]
     for (const [argv, msg] of cases) {
-      const c = capture()
-      expect(await runCommand(tree, argv, c.out)).toBe(2)
-      expect(c.text().e).toMatch(msg)
+      const r = await runCli(argv, tree)
+      expect(r.code).toBe(2)
+      expect(r.stderr).toMatch(msg)
     }
   })
 
   it('exits 1 on failure and prints the cause chain', async () => {
-    const c = capture()
-    expect(await runCommand(tree, ['fail'], c.out)).toBe(1)
-    expect(c.text().e).toContain('error: it broke: the disk is full')
+    const r = await runCli(['fail'], tree)
+    expect(r.code).toBe(1)
+    expect(r.stderr).toContain('error: it broke: the disk is full')
   })
 
   it('parses byte counts', () => {

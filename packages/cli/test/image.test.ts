@@ -2,31 +2,17 @@ import { createHash } from 'node:crypto'
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { PassThrough } from 'node:stream'
 import { createRegistryClient, MediaType, type RegistryClient } from '@strata/registry'
+import { runCli } from '@test/cli.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { run } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { Output, p2pctl, runCommand } from '../src/index.js'
 
 let reg: TestRegistry
 let client: RegistryClient
 let dir: string
 
-async function p2p(...argv: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const stdout = new PassThrough()
-  const stderr = new PassThrough()
-  let o = ''
-  let e = ''
-  stdout.on('data', (d) => {
-    o += d
-  })
-  stderr.on('data', (d) => {
-    e += d
-  })
-  const code = await runCommand(p2pctl, argv, new Output(stdout, stderr))
-  return { code, stdout: o, stderr: e }
-}
+const p2p = (...argv: string[]) => runCli(argv)
 
 beforeAll(async () => {
   reg = await startRegistry()

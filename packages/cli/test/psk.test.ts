@@ -1,26 +1,13 @@
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { PassThrough } from 'node:stream'
+import { runCli } from '@test/cli.js'
 import { afterAll, describe, expect, it } from 'vitest'
-import { Output, p2pctl, runCommand } from '../src/index.js'
 
 const dir = await mkdtemp(join(tmpdir(), 'strata-psk-'))
 afterAll(() => rm(dir, { recursive: true, force: true }))
 
-function run(argv: string[]) {
-  const stdout = new PassThrough()
-  const stderr = new PassThrough()
-  let o = ''
-  let e = ''
-  stdout.on('data', (d) => {
-    o += d
-  })
-  stderr.on('data', (d) => {
-    e += d
-  })
-  return runCommand(p2pctl, argv, new Output(stdout, stderr)).then((code) => ({ code, o, e }))
-}
+const run = (argv: string[]) => runCli(argv)
 
 const FORMAT = /^\/key\/swarm\/psk\/1\.0\.0\/\n\/base16\/\n[0-9a-f]{64}\n$/
 
@@ -29,9 +16,9 @@ describe('p2pctl psk new', () => {
     const a = await run(['psk', 'new'])
     const b = await run(['psk', 'new'])
     expect(a.code).toBe(0)
-    expect(a.o).toMatch(FORMAT)
-    expect(b.o).toMatch(FORMAT)
-    expect(a.o).not.toBe(b.o)
+    expect(a.stdout).toMatch(FORMAT)
+    expect(b.stdout).toMatch(FORMAT)
+    expect(a.stdout).not.toBe(b.stdout)
   })
 
   it('writes --out with mode 0600 and never overwrites a key', async () => {
@@ -42,7 +29,7 @@ describe('p2pctl psk new', () => {
     expect((await stat(file)).mode & 0o777).toBe(0o600)
     const again = await run(['psk', 'new', '--out', file])
     expect(again.code).toBe(1)
-    expect(again.e).toMatch(/EEXIST[\s\S]*hint: the file exists/)
+    expect(again.stderr).toMatch(/EEXIST[\s\S]*hint: the file exists/)
     expect(await readFile(file, 'utf8')).toBe(key)
   })
 })

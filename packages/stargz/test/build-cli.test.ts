@@ -1,27 +1,13 @@
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { PassThrough } from 'node:stream'
-import { Output, p2pctl, runCommand } from '@strata/cli'
+import { runCli } from '@test/cli.js'
 import { oracle, run } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 
 let dir: string
 
-async function p2pctlRun(...argv: string[]) {
-  const stdout = new PassThrough()
-  const stderr = new PassThrough()
-  let o = ''
-  let e = ''
-  stdout.on('data', (d) => {
-    o += d
-  })
-  stderr.on('data', (d) => {
-    e += d
-  })
-  const code = await runCommand(p2pctl, argv, new Output(stdout, stderr))
-  return { code, stdout: o, stderr: e }
-}
+const p2pctlRun = (...argv: string[]) => runCli(argv)
 
 beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), 'strata-build-cli-'))

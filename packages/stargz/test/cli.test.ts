@@ -1,8 +1,7 @@
 /** `p2pctl stargz verify|cat|ls|toc` on a blob built by the reference, and on corrupted blobs. */
 import { readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import { PassThrough } from 'node:stream'
-import { Output, p2pctl, runCommand } from '@strata/cli'
+import { runCli } from '@test/cli.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { CHUNK, MTIME, makeSourceTree, type OracleBlob, oracleBuild, type SourceTree, sha256 } from './fixture.js'
 
@@ -19,14 +18,8 @@ afterAll(async () => {
 
 /** Runs `p2pctl ...argv` in-process; stdout as bytes, stderr as text. */
 async function p2p(...argv: string[]): Promise<{ code: number; stdout: Buffer; stderr: string }> {
-  const stdout = new PassThrough()
-  const stderr = new PassThrough()
-  const o: Buffer[] = []
-  const e: Buffer[] = []
-  stdout.on('data', (d: Buffer) => o.push(d))
-  stderr.on('data', (d: Buffer) => e.push(d))
-  const code = await runCommand(p2pctl, argv, new Output(stdout, stderr))
-  return { code, stdout: Buffer.concat(o), stderr: Buffer.concat(e).toString() }
+  const r = await runCli(argv)
+  return { code: r.code, stdout: r.stdoutBytes, stderr: r.stderr }
 }
 
 /** A copy of the blob with `n` bytes zeroed at `offset`. */
