@@ -170,6 +170,8 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       options
     )
     this.readAhead(layer, entry, last + 1)
+    // Within one chunk (a mount reads whole chunks): a view, not a copy.
+    if (parts.length === 1) return parts[0]!.subarray(offset - chunks[0]!.fileOffset, end - chunks[0]!.fileOffset)
     const out = new Uint8Array(end - offset)
     let at = 0
     parts.forEach((bytes, i) => {
@@ -187,7 +189,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     await Promise.all(
       image.layers.map(async (layer) => {
         const refs = layer.toc.prioritized.flatMap((e) => e.chunks.map((c) => chunkRef(layer, c)))
-        if (refs.length > 0) await this.getMany(refs, options)
+        await this.ensure(refs, options)
         this.emit({ type: 'prefetch', layer: layer.digest, bytes: sum(refs), total: sum(refs) })
       })
     )
@@ -197,7 +199,8 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       const refs = [...layer.toc.entries.values()].flatMap((e) => e.chunks.map((c) => chunkRef(layer, c)))
       const total = sum(refs)
       let done = 0
-      // Batches of about one second's worth, each followed by the wait that keeps the average under the rate.
+      // Batches of about one second's worth, each followed by the wait that keeps the average of the bytes
+      // actually fetched under the rate (chunks already in the store cost nothing).
       for (let i = 0; i < refs.length; ) {
         const started = Date.now()
         const batch: ChunkRef[] = []
@@ -206,10 +209,10 @@ class DefaultFetcher extends EventTarget implements Fetcher {
           bytes += refs[i]!.size
           batch.push(refs[i++]!)
         }
-        await this.getMany(batch, options)
+        const fetched = await this.ensure(batch, options)
         done += bytes
         this.emit({ type: 'prefetch', layer: layer.digest, bytes: done, total })
-        const wait = (bytes / rate) * 1000 - (Date.now() - started)
+        const wait = (fetched / rate) * 1000 - (Date.now() - started)
         if (wait > 0) await sleep(wait, options.signal)
       }
     }
@@ -231,13 +234,28 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       refs.push(chunkRef(layer, c))
     }
     this.readAheadsRunning++
-    this.getMany(refs)
+    this.ensure(refs)
       .catch(() => {
         // A failed read-ahead is only a missed optimisation: the chunks are fetched again when read.
       })
       .finally(() => {
         this.readAheadsRunning--
       })
+  }
+
+  /**
+   * Gets the chunks the store does not have into it, without reading those it has (a read-ahead or prefetch
+   * of a file already stored costs lookups only). Returns the bytes of the chunks that were missing.
+   */
+  private async ensure(chunks: ChunkRef[], options: AbortOptions = {}): Promise<number> {
+    const unique = [...new Map(chunks.map((c) => [c.digest, c])).values()]
+    // A store that fails to answer counts as not having the chunk: getMany then sorts it out.
+    const present = await mapLimit(unique, LOOKUPS_IN_FLIGHT, (c) =>
+      this.store.has(c.digest, options).catch(() => false)
+    )
+    const missing = unique.filter((_, i) => !present[i])
+    if (missing.length > 0) await this.getMany(missing, options)
+    return sum(missing)
   }
 
   /** The chunk from the store; a store that fails to read counts as a miss (the sources still have it). */

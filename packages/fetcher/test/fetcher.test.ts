@@ -340,6 +340,37 @@ describe('reading an eStargz image', () => {
     for (const ch of tool.chunks) expect(await store.has(ch.digest)).toBe(true)
   })
 
+  it('reads ahead only the chunks the store lacks: stored ones are looked up, never read', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const layer = image.layers[0]!
+    const tool = layer.toc.lookup('usr/bin/tool')!
+    const sources = [createRegistrySource({ client, ref: estargz.ref, layers: image.layers })]
+    // Every chunk but the last is stored already.
+    await createFetcher({ store, sources, readAheadBytes: 0 }).readFile(
+      layer,
+      tool,
+      0,
+      tool.chunks.at(-2)!.fileOffset + 1
+    )
+    const last = tool.chunks.at(-1)!
+    expect(await store.has(last.digest)).toBe(false)
+    const gets: string[] = []
+    const counted = Object.create(store) as typeof store
+    counted.get = (digest, options) => {
+      gets.push(digest)
+      return store.get(digest, options)
+    }
+    const fetcher = createFetcher({ store: counted, sources })
+    await fetcher.readFile(layer, tool, 0, 100)
+    const deadline = Date.now() + 10_000
+    while (!(await store.has(last.digest)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20))
+    expect(await store.has(last.digest)).toBe(true)
+    // The first chunk for the read itself, the missing last one as a miss before the sources: nothing else.
+    expect(gets).toEqual([tool.chunks[0]!.digest, last.digest])
+    expect(fetcher.metrics().sources.registry!.chunks).toBe(1)
+  })
+
   it('lets concurrent readers of neighbouring files share Range requests', async () => {
     const store = createMemoryStore()
     const c = counting(client)
