@@ -9,7 +9,7 @@ import { ping } from '@libp2p/ping'
 import { preSharedKey } from '@libp2p/pnet'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
-import type { ChunkSource, Fetcher, FetcherInit, Image } from '@strata/fetcher'
+import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image } from '@strata/fetcher'
 import { createFetcher, createRegistrySource, openImage } from '@strata/fetcher'
 import type { RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
@@ -49,7 +49,11 @@ export interface NodeInit {
    * what no peer has; without one the node serves and fetches from peers only.
    */
   registry?: RegistryClient
-  /** Tuning of the node's fetcher (peers first, then the registry). Default hedge delay 2 s: peers get time. */
+  /**
+   * Tuning of the node's fetcher (peers first, then the registry). Default hedge delay 8 s of silence: a home
+   * node asked for chunks may itself be waiting on a busy registry, and every hedge costs registry egress. (A
+   * dead peer costs no wait: its connection fails and the registry is asked at once.)
+   */
   fetcher?: Omit<FetcherInit, 'store' | 'sources'>
   /** Limits of the chunk protocol. */
   limits?: Partial<ProtocolLimits>
@@ -148,6 +152,7 @@ class Node implements StrataNode {
   /** The image each opened layer came from: a home node asked to fetch a chunk opens it by this name. */
   private readonly imageOfLayer = new Map<string, string>()
   private rejoin: NodeJS.Timeout | undefined
+  private discovering: NodeJS.Timeout | undefined
 
   constructor(
     private readonly libp2p: Libp2p<{ dht: KadDHT }>,
@@ -166,7 +171,7 @@ class Node implements StrataNode {
       imageOf: (layer) => this.imageOfLayer.get(layer)
     })
     this.fetcher = createFetcher({
-      hedgeDelayMs: 2_000,
+      hedgeDelayMs: 8_000,
       ...init.fetcher,
       store: init.store,
       sources: [this.source, this.router]
@@ -178,11 +183,7 @@ class Node implements StrataNode {
           if (ref !== undefined && chunks.some((c) => !this.router.has(c.layer))) {
             await this.openImage(ref, options).catch(() => undefined)
           }
-          return runForwarded(() =>
-            this.fetcher
-              .getMany(chunks, options)
-              .catch(() => Promise.all(chunks.map((c) => this.fetcher.get(c, options).catch(() => undefined))))
-          )
+          return runForwarded(async () => this.fetchForPeer(chunks, options))
         },
         onServed: (_peer, bytes) => {
           this.served += bytes
@@ -213,6 +214,7 @@ class Node implements StrataNode {
       if (!e.detail.protocols.includes(CHUNK_PROTOCOL) || this.strataPeers.has(peer)) return
       this.strataPeers.add(peer)
       this.announcer.retryNow()
+      this.discover()
     })
     this.libp2p.addEventListener('peer:disconnect', (e) => {
       this.strataPeers.delete(e.detail.toString())
@@ -240,6 +242,62 @@ class Node implements StrataNode {
     if (saved !== undefined)
       for (const key of JSON.parse(new TextDecoder().decode(saved)) as string[]) this.announceCoarse(key)
     for await (const digest of this.init.store.keys()) this.announcer.announce(digest)
+  }
+
+  /**
+   * Fetches chunks a peer asked this node (their home) for, as one batch so adjacent ranges coalesce; each
+   * chunk's promise settles as soon as that chunk lands in the store, not when the whole batch is done.
+   */
+  private fetchForPeer(chunks: ChunkRef[], options?: AbortOptions): Array<Promise<Uint8Array | undefined>> {
+    const waiting = new Map(chunks.map((c) => [c.digest, Promise.withResolvers<Uint8Array | undefined>()]))
+    const onPut = (e: Event) => {
+      const w = waiting.get((e as CustomEvent<{ digest: string }>).detail.digest)
+      if (w !== undefined)
+        this.init.store.get((e as CustomEvent<{ digest: string }>).detail.digest).then(w.resolve, () => {})
+    }
+    this.init.store.addEventListener('put', onPut)
+    void this.fetcher
+      .getMany(chunks, options)
+      .then(
+        (all) => {
+          for (const [i, c] of chunks.entries()) waiting.get(c.digest)!.resolve(all[i])
+        },
+        // Some chunk could not be got: the others one by one (each joins what is still in flight).
+        () =>
+          Promise.all(
+            chunks.map((c) =>
+              this.fetcher.get(c, options).then(
+                (bytes) => waiting.get(c.digest)!.resolve(bytes),
+                () => waiting.get(c.digest)!.resolve(undefined)
+              )
+            )
+          )
+      )
+      .finally(() => this.init.store.removeEventListener('put', onPut))
+    return chunks.map((c) => waiting.get(c.digest)!.promise)
+  }
+
+  /**
+   * A walk towards our own id, soon after a strata peer joins: it connects us to the nodes near us, so every node
+   * sees the same cluster (chunk homes are chosen among the connected nodes). At most one every 2 s.
+   */
+  private discover(): void {
+    if (this.discovering !== undefined) return
+    this.discovering = setTimeout(() => {
+      const walk = async () => {
+        for await (const _ of this.libp2p.services.dht.getClosestPeers(this.libp2p.peerId.toMultihash().bytes, {
+          signal: AbortSignal.timeout(10_000)
+        })) {
+          // Dialling the peers found is the point; the events themselves are not needed.
+        }
+      }
+      void walk()
+        .catch(() => {})
+        .finally(() => {
+          this.discovering = undefined
+        })
+    }, 2_000)
+    this.discovering.unref()
   }
 
   /** Dials the bootstrap addresses; failures are retried by the rejoin timer. */
@@ -465,6 +523,7 @@ class Node implements StrataNode {
 
   async stop(options: { graceMs?: number } = {}): Promise<void> {
     clearInterval(this.rejoin)
+    clearTimeout(this.discovering)
     await this.libp2p.unhandle([CHUNK_PROTOCOL, WARM_PROTOCOL])
     const grace = new Promise((resolve) => setTimeout(resolve, options.graceMs ?? 10_000).unref())
     await Promise.race([Promise.allSettled([...this.inflight]), grace])
@@ -498,6 +557,7 @@ export async function createNode(init: NodeInit): Promise<StrataNode> {
         // Clusters often run on private networks (and tests on loopback): keep every address.
         peerInfoMapper: passthroughMapper,
         allowQueryWithZeroPeers: true,
+        querySelfInterval: 30_000,
         maxInboundStreams: 256,
         maxOutboundStreams: 256
       })

@@ -58,14 +58,15 @@ export type ChunkAnswer = { index: number; bytes: Uint8Array } | { index: number
 export interface ServerComponents {
   store: ChunkStore
   /**
-   * Gets chunks this node is the home of, from wherever the node's fetcher finds them (for `fetch`): verified
-   * bytes, or undefined for each chunk it could not get. `ref` names the image the chunks come from.
+   * Gets chunks this node is the home of, from wherever the node's fetcher finds them (for `fetch`): one promise
+   * per chunk, settled as that chunk arrives (verified bytes, or undefined when it could not be got). `ref` names
+   * the image the chunks come from.
    */
   fetch?: (
     chunks: ChunkRef[],
     ref: string | undefined,
     options?: AbortOptions
-  ) => Promise<Array<Uint8Array | undefined>>
+  ) => Promise<Array<Promise<Uint8Array | undefined>>>
   /** Told about each chunk served. */
   onServed?: (peer: string, bytes: number) => void
   /** Told about each failed request. */
@@ -162,15 +163,22 @@ export class ChunkServer {
       else budget = await this.answerOne(stream, peer, i, bytes, budget, signal)
     }
     const fetch = this.components.fetch
-    const fetched =
+    const pending =
       lacking.length > 0 && fetch !== undefined
         ? await fetch(
             lacking.map((i) => chunks[i]!),
             ref,
             { signal }
           )
-        : []
-    for (const [j, i] of lacking.entries()) budget = await this.answerOne(stream, peer, i, fetched[j], budget, signal)
+        : lacking.map(() => Promise.resolve(undefined))
+    // Each chunk is answered as soon as it arrives: the asker's fetcher takes a silent peer for a stalled one.
+    const answers = pending.map((p, j) => p.then((bytes) => ({ index: lacking[j]!, bytes })))
+    const waiting = new Map(answers.map((p, j) => [j, p.then((a) => ({ j, a }))]))
+    while (waiting.size > 0) {
+      const { j, a } = await Promise.race(waiting.values())
+      waiting.delete(j)
+      budget = await this.answerOne(stream, peer, a.index, a.bytes, budget, signal)
+    }
   }
 
   private async answerOne(
