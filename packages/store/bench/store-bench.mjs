@@ -1,4 +1,4 @@
-// Chunk store throughput: put (write + fsync + rename + batched index) and get (one file read) on the disk
+// Chunk store throughput: put (write + rename + batched index; fsync in background checkpoints) and get (one file read) on the disk
 // store, and the memory store for reference.
 // Run: pnpm exec tsc -b packages/store && node packages/store/bench/store-bench.mjs [DIR]
 // DIR (default: a temp dir under os.tmpdir()) selects the file system measured.

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto'
-import { mkdir, open, readdir, readFile, rename, rm, unlink } from 'node:fs/promises'
+import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, unlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Level } from 'level'
 import { StoreClosedError, StoreFullError, StoreIOError, StoreLockedError } from './errors.js'
@@ -21,11 +21,18 @@ import type {
  * Layout of a store directory:
  *   chunks/ab/<hex>         chunk bytes, named by the hex of their sha256; 256 fan-out directories (one level,
  *                           as cvmfs: the repair pass lists them all on open, 65536 two-level ones cost more)
- *   chunks/ab/.tmp-<hex>-*  a put in progress: written and fsynced here, then renamed over <hex>
- *   index/                  LevelDB: c!<digest> -> {s,a,l} (size, last access, layers),
- *                           p!<name>\0<digest> -> '' (pins), m!<key> -> bytes (metadata)
- * A chunk file is complete under its real name or absent; the index follows the files, and the repair pass
- * makes them agree after a crash.
+ *   chunks/ab/.tmp-<hex>-*  a put in progress: written here, then renamed over <hex>
+ *   index/                  LevelDB: c!<digest> -> {s,a,l,g} (size, last access, layers, generation),
+ *                           p!<name>\0<digest> -> '' (pins), m!<key> -> bytes (metadata),
+ *                           s!synced -> the last generation made durable
+ * A chunk file is complete under its real name or absent as long as the kernel survives; the index follows
+ * the files, and the repair pass makes them agree after a crash.
+ *
+ * Durability by checkpoints (group commit), not per put: a put writes and renames its file without fsync and
+ * records the current generation with it. A checkpoint (every checkpointMs, every CHECKPOINT_BYTES, and on close)
+ * starts a new generation, fsyncs the files of the old one and their directories, then writes s!synced with a
+ * synchronous LevelDB write. After a power loss, chunk files of generations above s!synced may be missing,
+ * short or garbage: the repair pass on open reads and hashes exactly those before anything is served.
  */
 
 const FANOUT = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'))
@@ -34,8 +41,15 @@ const HEX = /^[0-9a-f]{64}$/
 const CHUNK = 'c!'
 const PIN = 'p!'
 const META = 'm!'
+const SYNCED = 's!synced'
 /** Last-access times are written in batches at this interval (and on close), never on the get path. */
 const ATIME_FLUSH_MS = 1000
+/** Bytes put since the last checkpoint that start the next one at once. */
+const CHECKPOINT_BYTES = 64 * 1024 * 1024
+/** Bytes put since the last checkpoint past which puts wait for one (bounds the repair work after a power loss). */
+const MAX_UNSYNCED_BYTES = 4 * CHECKPOINT_BYTES
+/** Files fsynced at once by a checkpoint or the repair pass. */
+const SYNCS_IN_FLIGHT = 16
 
 type Op = { type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string }
 type Db = Level<string, Uint8Array>
@@ -45,13 +59,18 @@ const decoder = new TextDecoder()
 const EMPTY = new Uint8Array(0)
 
 function recordOp(digest: string, r: ChunkRecord): Op {
-  const value = encoder.encode(JSON.stringify({ s: r.size, a: r.atime, l: r.layers }))
+  const value = encoder.encode(JSON.stringify({ s: r.size, a: r.atime, l: r.layers, g: r.gen ?? 0 }))
   return { type: 'put', key: CHUNK + digest, value }
 }
 
+/** Records without a generation were written by a store that fsynced every put: durable. */
 function decodeRecord(value: Uint8Array): ChunkRecord {
-  const v = JSON.parse(decoder.decode(value)) as { s: number; a: number; l?: string[] }
-  return { size: v.s, atime: v.a, layers: v.l ?? [] }
+  const v = JSON.parse(decoder.decode(value)) as { s: number; a: number; l?: string[]; g?: number }
+  return { size: v.s, atime: v.a, layers: v.l ?? [], gen: v.g ?? 0 }
+}
+
+function syncedOp(gen: number): Op {
+  return { type: 'put', key: SYNCED, value: encoder.encode(String(gen)) }
 }
 
 /** A plain Uint8Array view of a Buffer, so callers comparing bytes see the type the contract names. */
@@ -73,13 +92,13 @@ function isDiskFull(err: unknown): boolean {
 
 /**
  * Group commit: index operations queued while a batch is being written go into the next batch, so many puts
- * share one LevelDB write. Before each batch the directories of newly renamed chunk files are fsynced, so the
- * index never records a rename the disk could still lose.
+ * share one LevelDB write. A batch is written synchronously (LevelDB fsyncs its log) when any of its writes
+ * asked for it; LevelDB's log is ordered, so that also makes every earlier batch durable.
  */
 class IndexWriter {
   private readonly db: Db
   private queue: Op[] = []
-  private dirs = new Set<string>()
+  private sync = false
   private waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = []
   private running: Promise<void> | undefined
 
@@ -87,9 +106,9 @@ class IndexWriter {
     this.db = db
   }
 
-  write(ops: Op[], syncDir?: string): Promise<void> {
+  write(ops: Op[], sync = false): Promise<void> {
     this.queue.push(...ops)
-    if (syncDir !== undefined) this.dirs.add(syncDir)
+    this.sync ||= sync
     return new Promise((resolve, reject) => {
       this.waiters.push({ resolve, reject })
       this.running ??= this.drain()
@@ -104,14 +123,13 @@ class IndexWriter {
   private async drain(): Promise<void> {
     while (this.waiters.length > 0) {
       const ops = this.queue
-      const dirs = this.dirs
+      const sync = this.sync
       const waiters = this.waiters
       this.queue = []
-      this.dirs = new Set()
+      this.sync = false
       this.waiters = []
       try {
-        await Promise.all([...dirs].map(syncDir))
-        if (ops.length > 0) await this.db.batch(ops)
+        if (ops.length > 0) await this.db.batch(ops, { sync })
         for (const w of waiters) w.resolve()
       } catch (err) {
         for (const w of waiters) w.reject(err)
@@ -136,13 +154,32 @@ async function readExactly(path: string, size: number): Promise<Uint8Array | und
   }
 }
 
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r')
+/** fsyncs a file or directory; one removed meanwhile (an evicted chunk) needs no sync. */
+async function syncPath(path: string): Promise<void> {
+  let fh: FileHandle
+  try {
+    fh = await open(path, 'r')
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT') return
+    throw err
+  }
   try {
     await fh.sync()
   } finally {
     await fh.close()
   }
+}
+
+/** fsyncs chunk files, then the directories that name them. */
+async function syncFiles(paths: Iterable<string>): Promise<void> {
+  const list = [...paths]
+  const dirs = new Set(list.map((path) => join(path, '..')))
+  let next = 0
+  const worker = async () => {
+    while (next < list.length) await syncPath(list[next++]!)
+  }
+  await Promise.all(Array.from({ length: Math.min(SYNCS_IN_FLIGHT, list.length) }, worker))
+  await Promise.all([...dirs].map(syncPath))
 }
 
 class DiskStore extends EventTarget implements DiskChunkStore {
@@ -156,22 +193,43 @@ class DiskStore extends EventTarget implements DiskChunkStore {
   /** Chunks read since the last flush of last-access times. */
   private dirty = new Set<string>()
   private readonly timer: NodeJS.Timeout
+  private readonly checkpointTimer: NodeJS.Timeout
   /** digest -> the tail of the file operations on it (put, delete, evict run one at a time per digest). */
   private readonly busy = new Map<string, Promise<void>>()
   private readonly tempFiles = new Set<string>()
   private closing: Promise<void> | undefined
+  /** The generation puts record now; every generation up to the one before it is durable or being made so. */
+  private gen: number
+  /** Chunk files put in this generation (path -> size): the next checkpoint fsyncs them. */
+  private unsynced = new Map<string, number>()
+  private unsyncedBytes = 0
+  /** The checkpoint running or queued (undefined when none). */
+  private checkpoints: Promise<void> | undefined
+  /** A checkpoint failed: what it covered may not be on disk, so no later one may claim durability. */
+  private syncFailed = false
 
-  constructor(dir: string, db: Db, ledger: Ledger, repair: RepairReport, fsync: boolean) {
+  constructor(
+    dir: string,
+    db: Db,
+    ledger: Ledger,
+    repair: RepairReport,
+    init: { fsync: boolean; gen: number; checkpointMs: number }
+  ) {
     super()
     this.dir = dir
     this.chunksDir = join(dir, 'chunks')
     this.db = db
     this.ledger = ledger
     this.repair = repair
-    this.fsync = fsync
+    this.fsync = init.fsync
     this.writer = new IndexWriter(db)
+    this.gen = init.gen
     this.timer = setInterval(() => this.flushAtimes(), ATIME_FLUSH_MS)
     this.timer.unref()
+    this.checkpointTimer = setInterval(() => {
+      if (this.checkpoints === undefined && this.unsynced.size > 0) void this.checkpoint()
+    }, init.checkpointMs)
+    this.checkpointTimer.unref()
   }
 
   async get(digest: string, options?: AbortOptions): Promise<Uint8Array | undefined> {
@@ -193,7 +251,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       return undefined
     }
     if (bytes === undefined) {
-      // Damaged outside the store (bytes are fsynced before they get their name): never serve it.
+      // Damaged outside the store (the repair pass verified whatever a power loss could have damaged).
       if (this.ledger.chunks.get(digest) === record) await this.forget(digest)
       this.ledger.misses++
       return undefined
@@ -307,8 +365,10 @@ class DiskStore extends EventTarget implements DiskChunkStore {
 
   private async shutdown(): Promise<void> {
     clearInterval(this.timer)
+    clearInterval(this.checkpointTimer)
     while (this.busy.size > 0) await Promise.all(this.busy.values())
     this.flushAtimes()
+    await this.checkpoint()
     await this.writer.idle()
     await this.db.close()
   }
@@ -328,6 +388,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       return false
     }
     const size = bytes.length
+    while (this.unsyncedBytes >= MAX_UNSYNCED_BYTES) await this.checkpoint()
     const victims = this.ledger.reserve(digest, size)
     const path = this.chunkPath(digest)
     try {
@@ -336,10 +397,18 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     } finally {
       this.ledger.release(size)
     }
-    const record: ChunkRecord = { size, atime: Date.now(), layers: layer === undefined ? [] : [layer] }
+    const record: ChunkRecord = {
+      size,
+      atime: this.ledger.now(),
+      layers: layer === undefined ? [] : [layer],
+      gen: this.gen
+    }
     this.ledger.add(digest, record)
+    this.unsynced.set(path, size)
+    this.unsyncedBytes += size
+    if (this.unsyncedBytes >= CHECKPOINT_BYTES && this.checkpoints === undefined) void this.checkpoint()
     try {
-      await this.writer.write([recordOp(digest, record)], this.fsync ? join(path, '..') : undefined)
+      await this.writer.write([recordOp(digest, record)])
     } catch (err) {
       this.ledger.remove(digest)
       await rm(path, { force: true })
@@ -348,18 +417,12 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     return true
   }
 
-  /** Temp file in the chunk's own directory, written, fsynced, renamed: a crash leaves no half chunk. */
+  /** Temp file in the chunk's own directory, written, renamed: a killed process leaves no half chunk. */
   private async writeChunk(digest: string, path: string, bytes: Uint8Array, signal?: AbortSignal): Promise<void> {
     const temp = join(path, '..', `${TMP}${digest.slice(7)}-${randomBytes(4).toString('hex')}`)
     this.tempFiles.add(temp)
     try {
-      const fh = await open(temp, 'wx')
-      try {
-        await fh.writeFile(bytes)
-        if (this.fsync) await fh.sync()
-      } finally {
-        await fh.close()
-      }
+      await writeFile(temp, bytes, { flag: 'wx' })
       signal?.throwIfAborted()
       await rename(temp, path)
     } catch (err) {
@@ -369,6 +432,33 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     } finally {
       this.tempFiles.delete(temp)
     }
+  }
+
+  /**
+   * Makes every chunk put before this call durable: after the checkpoint in progress (if any), starts a new
+   * generation, fsyncs the files put in the old one and their directories, then records the old one as synced
+   * with a synchronous index write (which also makes their index records durable). Never rejects: after a
+   * failed fsync nothing is claimed durable again in this process, so the next open verifies it all.
+   */
+  private checkpoint(): Promise<void> {
+    const next = (this.checkpoints ?? Promise.resolve()).then(async () => {
+      if (this.unsynced.size === 0) return
+      const files = [...this.unsynced.keys()]
+      const gen = this.gen++
+      this.unsynced = new Map()
+      this.unsyncedBytes = 0
+      try {
+        if (this.fsync) await syncFiles(files)
+        if (!this.syncFailed) await this.writer.write([syncedOp(gen)], true)
+      } catch {
+        this.syncFailed = true
+      }
+    })
+    this.checkpoints = next
+    void next.then(() => {
+      if (this.checkpoints === next) this.checkpoints = undefined
+    })
+    return next
   }
 
   /** Deletes the files and index entries of chunks the ledger evicted, then tells listeners. */
@@ -468,11 +558,30 @@ async function loadIndex(db: Db, ledger: Ledger): Promise<void> {
   }
 }
 
-/** Makes files and index agree after whatever happened before this open (a crash, a full disk, tampering). */
-async function repairStore(chunksDir: string, db: Db, ledger: Ledger): Promise<Omit<RepairReport, 'indexRebuilt'>> {
-  const report = { tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0 }
+/** What repairStore found, and the generation every chunk is durable up to once it has finished. */
+type Repaired = Omit<RepairReport, 'indexRebuilt'> & { gen: number }
+
+/**
+ * Makes files and index agree after whatever happened before this open (a crash, a power loss, a full disk,
+ * tampering). Chunks of generations after the last checkpoint (`synced`) and files without an index entry may
+ * hold anything a power loss left: they are read and hashed, kept only if they hash to their name, and then
+ * fsynced, so that afterwards every chunk counts as durable.
+ */
+async function repairStore(chunksDir: string, db: Db, ledger: Ledger, fsync: boolean): Promise<Repaired> {
+  const report = { tempRemoved: 0, missingDropped: 0, reindexed: 0, badRemoved: 0, verified: 0 }
+  const value = await db.get(SYNCED)
+  const synced = value === undefined ? 0 : Number(decoder.decode(value))
+  let gen = synced
   const ops: Op[] = []
   const seen = new Set<string>()
+  /** Files this pass read and kept: made durable before the pass records that. */
+  const checked: string[] = []
+  /** The size of a file whose content hashes to its name, else undefined. */
+  const verifiedSize = async (path: string, name: string): Promise<number | undefined> => {
+    const bytes = await readFile(path).catch(() => undefined)
+    if (bytes === undefined || createHash('sha256').update(bytes).digest('hex') !== name) return undefined
+    return bytes.length
+  }
   const present = new Set(await readdir(chunksDir))
   for (const fan of FANOUT) {
     const sub = join(chunksDir, fan)
@@ -488,16 +597,33 @@ async function repairStore(chunksDir: string, db: Db, ledger: Ledger): Promise<O
         continue
       }
       const digest = `sha256:${name}`
-      if (ledger.chunks.has(digest) && name.startsWith(fan)) {
-        seen.add(digest)
+      const record = name.startsWith(fan) ? ledger.chunks.get(digest) : undefined
+      if (record !== undefined) {
+        const recordGen = record.gen ?? 0
+        gen = Math.max(gen, recordGen)
+        if (recordGen <= synced) {
+          seen.add(digest)
+          continue
+        }
+        report.verified++
+        if ((await verifiedSize(path, name)) === record.size) {
+          seen.add(digest)
+          checked.push(path)
+        } else {
+          await rm(path, { force: true, recursive: true })
+          ledger.remove(digest)
+          ops.push({ type: 'del', key: CHUNK + digest })
+          report.badRemoved++
+        }
         continue
       }
-      const bytes = HEX.test(name) && name.startsWith(fan) ? await readFile(path).catch(() => undefined) : undefined
-      if (bytes !== undefined && createHash('sha256').update(bytes).digest('hex') === name) {
-        const record: ChunkRecord = { size: bytes.length, atime: Date.now(), layers: [] }
-        ledger.add(digest, record)
-        ops.push(recordOp(digest, record))
+      const size = HEX.test(name) && name.startsWith(fan) ? await verifiedSize(path, name) : undefined
+      if (size !== undefined) {
+        const added: ChunkRecord = { size, atime: ledger.now(), layers: [], gen: 0 }
+        ledger.add(digest, added)
+        ops.push(recordOp(digest, added))
         seen.add(digest)
+        checked.push(path)
         report.reindexed++
       } else {
         await rm(path, { force: true, recursive: true })
@@ -516,8 +642,10 @@ async function repairStore(chunksDir: string, db: Db, ledger: Ledger): Promise<O
     await rm(join(chunksDir, digest.slice(7, 9), digest.slice(7)), { force: true })
     ops.push({ type: 'del', key: CHUNK + digest })
   }
-  if (ops.length > 0) await db.batch(ops)
-  return report
+  if (fsync) await syncFiles(checked)
+  if (gen !== synced) ops.push(syncedOp(gen))
+  if (ops.length > 0) await db.batch(ops, { sync: true })
+  return { ...report, gen }
 }
 
 /**
@@ -551,8 +679,10 @@ export async function openDiskStore(dir: string, init: DiskStoreInit = {}): Prom
   const { db, rebuilt } = await openIndex(dir, indexDir)
   try {
     await loadIndex(db, ledger)
-    const repair = { ...(await repairStore(chunksDir, db, ledger)), indexRebuilt: rebuilt }
-    return new DiskStore(dir, db, ledger, repair, init.fsync ?? true)
+    const fsync = init.fsync ?? true
+    const { gen, ...found } = await repairStore(chunksDir, db, ledger, fsync)
+    const checkpointMs = init.checkpointMs ?? 1000
+    return new DiskStore(dir, db, ledger, { ...found, indexRebuilt: rebuilt }, { fsync, gen: gen + 1, checkpointMs })
   } catch (err) {
     await db.close()
     throw err

@@ -8,6 +8,8 @@ export interface ChunkRecord {
   atime: number
   /** Layers (blob digests) the chunk was put for. */
   layers: string[]
+  /** Disk store: the checkpoint generation the chunk was written in (0: known durable). */
+  gen?: number
 }
 
 const DIGEST = /^sha256:[0-9a-f]{64}$/
@@ -30,6 +32,7 @@ export class Ledger {
   hits = 0
   misses = 0
   evictions = 0
+  private lastAccess = 0
   private readonly pins = new Map<string, Set<string>>()
   /** digest -> how many pin names hold it. */
   private readonly pinCounts = new Map<string, number>()
@@ -52,10 +55,19 @@ export class Ledger {
     return record
   }
 
+  /**
+   * Now, in ms since the epoch, and later than every earlier call: two accesses in the same millisecond keep
+   * their order in the index, so least-recently-used order survives a reopen.
+   */
+  now(): number {
+    this.lastAccess = Math.max(Date.now(), this.lastAccess + 0.001)
+    return this.lastAccess
+  }
+
   /** Marks a chunk as just used: it moves to the young end. */
   touch(digest: string, record: ChunkRecord): void {
     this.chunks.delete(digest)
-    record.atime = Date.now()
+    record.atime = this.now()
     this.chunks.set(digest, record)
   }
 

@@ -54,7 +54,11 @@ class MemoryStore extends EventTarget implements LocalChunkStore {
     this.ledger.release(bytes.length)
     this.drop(victims.map(([d]) => d))
     this.data.set(digest, bytes.slice())
-    this.ledger.add(digest, { size: bytes.length, atime: Date.now(), layers: layer === undefined ? [] : [layer] })
+    this.ledger.add(digest, {
+      size: bytes.length,
+      atime: this.ledger.now(),
+      layers: layer === undefined ? [] : [layer]
+    })
     const detail: PutEventDetail = { digest, size: bytes.length, ...(layer === undefined ? {} : { layer }) }
     this.dispatchEvent(new CustomEvent('put', { detail }))
   }

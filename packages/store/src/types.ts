@@ -83,8 +83,16 @@ export interface MemoryStoreInit {
 export interface DiskStoreInit {
   /** Size cap in bytes (default: none). */
   maxBytes?: number
-  /** fsync chunk files, and their directories before the index records them (default true). */
+  /**
+   * Checkpoints fsync the chunk files put since the last one, and their directories (default true). False is
+   * for throwaway stores (tests, benchmarks): after a power loss such a store may serve damaged chunks.
+   */
   fsync?: boolean
+  /**
+   * Time between checkpoints while chunks are being put (default 1000 ms); one also runs after every 64 MiB
+   * put and on close. After a power loss, what was put since the last checkpoint is verified on open.
+   */
+  checkpointMs?: number
 }
 
 /** What the repair pass on open found and fixed. */
@@ -97,6 +105,11 @@ export interface RepairReport {
   reindexed: number
   /** Files whose content did not hash to their name, or whose name is not a chunk's, removed. */
   badRemoved: number
+  /**
+   * Chunks put after the last checkpoint of a store that was not closed (a crash, a power loss), read and
+   * hashed before being served; those that did not hash to their name count in `badRemoved`.
+   */
+  verified: number
   /** The index database was damaged and was rebuilt from the chunk files (pins and metadata were lost). */
   indexRebuilt: boolean
 }

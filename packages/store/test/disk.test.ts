@@ -40,6 +40,7 @@ describe('disk store', () => {
       missingDropped: 0,
       reindexed: 0,
       badRemoved: 0,
+      verified: 0,
       indexRebuilt: false
     })
     expect(await store.getMeta('manifest/x')).toEqual(new Uint8Array([7, 8, 9]))
@@ -98,6 +99,7 @@ describe('disk store', () => {
       missingDropped: 1,
       reindexed: 1,
       badRemoved: 2,
+      verified: 0,
       indexRebuilt: false
     })
     expect(await store.get(lost!.digest)).toBeUndefined()
@@ -117,7 +119,14 @@ describe('disk store', () => {
     await writeFile(join(dir, 'index', 'CURRENT'), 'garbage')
 
     store = await openDiskStore(dir)
-    expect(store.repair).toEqual({ tempRemoved: 0, missingDropped: 0, reindexed: 2, badRemoved: 0, indexRebuilt: true })
+    expect(store.repair).toEqual({
+      tempRemoved: 0,
+      missingDropped: 0,
+      reindexed: 2,
+      badRemoved: 0,
+      verified: 0,
+      indexRebuilt: true
+    })
     expect((await expectConsistent(dir, store)).sort()).toEqual([a!.digest, b!.digest].sort())
     await store.close()
   })

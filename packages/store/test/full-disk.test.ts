@@ -58,6 +58,7 @@ describe('full disk', () => {
       missingDropped: 0,
       reindexed: 0,
       badRemoved: 0,
+      verified: 0,
       indexRebuilt: false
     })
     expect((await expectConsistent(dir, reopened)).sort()).toEqual([...stored.slice(1), last.digest].sort())
