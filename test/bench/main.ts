@@ -182,7 +182,7 @@ export async function main(argv: string[]): Promise<number> {
     for (const name of s.images) {
       prepared.push(await prepareImage(WORKLOADS[name]!, s.cache, { signal: aborter.signal, log }))
     }
-    lab = await startLab({ rttMs: s.rttMs, mbit: s.mbit, work, signal: aborter.signal })
+    lab = await startLab({ rttMs: s.rttMs, mbit: s.mbit, work, signal: aborter.signal, log })
     const results: Results = {
       date: new Date().toISOString(),
       host: { cpus: cpus().length, loadBefore, node: process.version },

@@ -68,6 +68,9 @@ interface Row {
 
 function rows(results: Results): Row[] {
   const n = results.settings.nodes
+  /** Says so when the cluster was not a full mesh when the scenario started. */
+  const mesh = (fewest: number | undefined) =>
+    fewest !== undefined && fewest < n - 1 ? ` (not a full mesh: a node saw ${fewest} peers)` : ''
   const out: Row[] = []
   for (const img of results.images) {
     const add = (scenario: string, run: string, time: string, vsTime: string, egress: string, vsEgress: string) =>
@@ -118,7 +121,7 @@ function rows(results: Results): Row[] {
       add(`3. ${n} cold nodes at once`, 'lazy, no peers', p(alone), 'baseline', mib(alone.egress), '1.00x')
       add(
         `3. ${n} cold nodes at once`,
-        'with peers (warm, mount, run)',
+        `with peers (warm, mount, run)${mesh(peers.fewestPeers)}`,
         p(peers),
         `p50 ${speed(median(alone.times), median(peers.times))}`,
         mib(peers.egress),
@@ -137,7 +140,7 @@ function rows(results: Results): Row[] {
       )
       add(
         `4. warm-up of ${n} nodes`,
-        'p2pctl warm --cluster',
+        `p2pctl warm --cluster${mesh(img.clusterWarm.fewestPeers)}`,
         sec(cluster.ms),
         speed(independent.ms, cluster.ms),
         mib(cluster.egress),

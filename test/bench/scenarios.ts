@@ -12,7 +12,7 @@ import {
   type Timing,
   timed,
   waitForAnnounced,
-  waitForMesh
+  waitForCluster
 } from './lab.js'
 
 /**
@@ -29,8 +29,16 @@ interface ClusterWarmResult {
   nodes: Record<string, { ok: boolean; error?: string }>
 }
 
-/** Starts `n` p2pd nodes; with `cluster`, nodes 1..n-1 join through node 0 and the mesh is waited for. */
-async function startNodes(lab: Lab, name: string, n: number, cluster: boolean): Promise<Node[]> {
+/**
+ * Starts `n` p2pd nodes; with `cluster`, nodes 1..n-1 join through node 0 and the cluster is waited for
+ * (`fewestPeers`: the fewest strata peers a node saw then; n - 1 is a full mesh).
+ */
+async function startNodes(
+  lab: Lab,
+  name: string,
+  n: number,
+  cluster: boolean
+): Promise<{ nodes: Node[]; fewestPeers: number }> {
   const nodes: Node[] = []
   try {
     const first = await startNode(lab, join(lab.work, `${name}-0`))
@@ -43,8 +51,8 @@ async function startNodes(lab: Lab, name: string, n: number, cluster: boolean): 
     for (const r of rest) if (r.status === 'fulfilled') nodes.push(r.value)
     const failed = rest.find((r) => r.status === 'rejected')
     if (failed !== undefined) throw failed.reason
-    if (cluster && n > 1) await waitForMesh(nodes, n - 1)
-    return nodes
+    const fewestPeers = cluster ? await waitForCluster(lab, nodes) : 0
+    return { nodes, fewestPeers }
   } catch (err) {
     await stopNodes(nodes)
     throw err
@@ -117,7 +125,7 @@ export interface WarmPeerResult {
 
 /** 2. One node with a warm peer: another p2pd ran `p2pctl warm IMAGE`. */
 export async function warmPeer(lab: Lab, workload: Workload, ref: string): Promise<WarmPeerResult> {
-  const nodes = await startNodes(lab, `${workload.name}-peer`, 2, true)
+  const { nodes } = await startNodes(lab, `${workload.name}-peer`, 2, true)
   const [seedNode, node] = nodes as [Node, Node]
   try {
     let layers = 0
@@ -141,6 +149,8 @@ export interface FleetResult {
   egress: number
   /** From the first start to the last ready, ms. */
   ms: number
+  /** With peers: the fewest strata peers a node had at the start (n - 1: a full mesh). */
+  fewestPeers?: number
 }
 
 /** 3a. N cold nodes start the image at once, no peers: N lazy mounts, each with its own store. */
@@ -163,7 +173,7 @@ export async function fleetAlone(lab: Lab, workload: Workload, ref: string, n: n
  * A node's time to ready is its warm-up plus its mount and command.
  */
 export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: number): Promise<FleetResult> {
-  const nodes = await startNodes(lab, `${workload.name}-fleet`, n, true)
+  const { nodes, fewestPeers } = await startNodes(lab, `${workload.name}-fleet`, n, true)
   try {
     let warms: Timing[] = []
     const warming = await timed(lab, async () => {
@@ -185,7 +195,8 @@ export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: n
     return {
       times: warms.map((w, i) => w.ms + starts[i]!.ms),
       egress: warming.egress + starting.egress,
-      ms: warming.ms + starting.ms
+      ms: warming.ms + starting.ms,
+      fewestPeers
     }
   } finally {
     await stopNodes(nodes)
@@ -197,11 +208,13 @@ export interface ClusterWarmTimings {
   cluster: Timing
   /** N lone nodes (no peers) each running `p2pctl warm IMAGE`, all at once. */
   independent: Timing
+  /** The fewest strata peers a node of the cluster had at the start (n - 1: a full mesh). */
+  fewestPeers: number
 }
 
 /** 4. Cluster warm-up of N nodes against N independent warm-ups. */
 export async function clusterWarm(lab: Lab, workload: Workload, ref: string, n: number): Promise<ClusterWarmTimings> {
-  const cluster = await startNodes(lab, `${workload.name}-cw`, n, true)
+  const { nodes: cluster, fewestPeers } = await startNodes(lab, `${workload.name}-cw`, n, true)
   let clusterTiming: Timing
   try {
     clusterTiming = await timed(lab, async (mark) => {
@@ -218,13 +231,13 @@ export async function clusterWarm(lab: Lab, workload: Workload, ref: string, n: 
   } finally {
     await stopNodes(cluster)
   }
-  const lone = await startNodes(lab, `${workload.name}-lone`, n, false)
+  const { nodes: lone } = await startNodes(lab, `${workload.name}-lone`, n, false)
   try {
     const independent = await timed(lab, async (mark) => {
       await Promise.all(lone.map((node) => warm(lab, node, ref)))
       mark('warm')
     })
-    return { cluster: clusterTiming, independent }
+    return { cluster: clusterTiming, independent, fewestPeers }
   } finally {
     await stopNodes(lone)
   }
