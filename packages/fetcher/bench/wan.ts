@@ -45,7 +45,7 @@ const { values: args } = parseArgs({
     'gzip-level': { type: 'string', default: '6' },
     /** Runs to make, of a,b,b2,c,c2 (the full pull is the reference and always runs). */
     only: { type: 'string', default: 'b,b2,c,c2' },
-    /** The chunk store of the lazy runs: disk (as p2pd: every chunk fsynced), disk-nosync, or memory. */
+    /** The chunk store of the lazy runs: disk (as p2pd: fsynced by checkpoints), disk-nosync, or memory. */
     store: { type: 'string', default: 'disk' }
   }
 })
