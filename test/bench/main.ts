@@ -6,7 +6,7 @@ import { repoRoot } from '../helpers/tools.js'
 import { convert, type PreparedImage, prepareImage, WORKLOADS } from './images.js'
 import { type Lab, push, startLab } from './lab.js'
 import { type ImageResult, type Results, renderChart, renderMarkdown, renderTable, updateDocs } from './report.js'
-import { clusterWarm, cold, fleetAlone, fleetPeers, warmPeer } from './scenarios.js'
+import { clusterWarm, cold, fleetAlone, fleetPeers, independentWarms, warmPeer } from './scenarios.js'
 
 const USAGE = `Usage: node --no-warnings test/bench/run.ts [options]
 
@@ -125,20 +125,37 @@ async function benchImage(lab: Lab, s: Settings, image: PreparedImage): Promise<
       return ref
     })
   }
+  /** Runs one measurement; a failure is kept in the results (and fails the run at the end), the rest go on. */
+  const attempt = async <T>(what: string, body: () => Promise<T>): Promise<T | undefined> => {
+    log(`${workload.name}: ${what}`)
+    try {
+      return await body()
+    } catch (err) {
+      if (lab.signal.aborted) throw err
+      const message = `${(err as Error).name}: ${(err as Error).message}`
+      log(`${workload.name}: ${what} failed: ${message}`)
+      result.errors = { ...result.errors, [what]: message }
+      return undefined
+    }
+  }
   if (s.scenarios.includes('peer')) {
-    log(`${workload.name}: 2. one node with a warm peer`)
-    result.warmPeer = await warmPeer(lab, workload, ref)
+    result.warmPeer = await attempt('2. one node with a warm peer', () => warmPeer(lab, workload, ref))
   }
   if (s.scenarios.includes('fleet')) {
-    log(`${workload.name}: 3. ${s.nodes} cold nodes at once, without peers`)
-    const alone = await fleetAlone(lab, workload, ref, s.nodes)
-    log(`${workload.name}: 3. ${s.nodes} cold nodes at once, with peers`)
-    const peers = await fleetPeers(lab, workload, ref, s.nodes)
-    result.fleet = { alone, peers }
+    result.fleetAlone = await attempt(`3. ${s.nodes} cold nodes at once, without peers`, () =>
+      fleetAlone(lab, workload, ref, s.nodes)
+    )
+    result.fleetPeers = await attempt(`3. ${s.nodes} cold nodes at once, with peers`, () =>
+      fleetPeers(lab, workload, ref, s.nodes)
+    )
   }
   if (s.scenarios.includes('cluster')) {
-    log(`${workload.name}: 4. cluster warm-up of ${s.nodes} nodes`)
-    result.clusterWarm = await clusterWarm(lab, workload, ref, s.nodes)
+    result.clusterWarm = await attempt(`4. p2pctl warm --cluster on ${s.nodes} nodes`, () =>
+      clusterWarm(lab, ref, s.nodes)
+    )
+    result.independentWarms = await attempt(`4. ${s.nodes} independent p2pctl warm`, () =>
+      independentWarms(lab, ref, s.nodes)
+    )
   }
   return result
 }
@@ -195,7 +212,9 @@ export async function main(argv: string[]): Promise<number> {
     await mkdir(dirname(s.out), { recursive: true })
     await writeFile(s.out, `${JSON.stringify(results, null, 2)}\n`)
     await report(s, results)
-    return 0
+    const failed = results.images.filter((i) => i.errors !== undefined)
+    if (failed.length > 0) process.stderr.write(`bench: some measurements failed (see "errors" in ${s.out})\n`)
+    return failed.length > 0 ? 1 : 0
   } catch (err) {
     const e = err as Error & { hint?: string }
     process.stderr.write(`bench failed: ${e.name}: ${e.message}\n${e.hint !== undefined ? `hint: ${e.hint}\n` : ''}`)

@@ -1,6 +1,6 @@
 import { readFile, writeFile } from 'node:fs/promises'
 import type { Timing } from './lab.js'
-import type { ClusterWarmTimings, ColdResult, FleetResult, WarmPeerResult } from './scenarios.js'
+import type { ColdResult, FleetResult, WarmPeerResult } from './scenarios.js'
 
 /** What one run of the suite measured (test/bench/out/results.json). */
 export interface Results {
@@ -27,8 +27,12 @@ export interface ImageResult {
   profileFiles?: number
   cold?: ColdResult
   warmPeer?: WarmPeerResult
-  fleet?: { alone: FleetResult; peers: FleetResult }
-  clusterWarm?: ClusterWarmTimings
+  fleetAlone?: FleetResult
+  fleetPeers?: FleetResult
+  clusterWarm?: Timing & { fewestPeers: number }
+  independentWarms?: Timing
+  /** Measurements that failed: what, and the error. */
+  errors?: Record<string, string>
 }
 
 export function median(values: number[]): number {
@@ -115,21 +119,25 @@ function rows(results: Results): Row[] {
         full !== undefined ? share(full.egress, s.egress) : ''
       )
     }
-    if (img.fleet !== undefined) {
-      const { alone, peers } = img.fleet
-      const p = (f: FleetResult) => `p50 ${sec(median(f.times))}, p99 ${sec(percentile(f.times, 99))}`
+    const p = (f: FleetResult) => `p50 ${sec(median(f.times))}, p99 ${sec(percentile(f.times, 99))}`
+    const alone = img.fleetAlone
+    const peers = img.fleetPeers
+    if (alone !== undefined) {
       add(`3. ${n} cold nodes at once`, 'lazy, no peers', p(alone), 'baseline', mib(alone.egress), '1.00x')
+    }
+    if (peers !== undefined) {
       add(
         `3. ${n} cold nodes at once`,
         `with peers (warm, mount, run)${mesh(peers.fewestPeers)}`,
         p(peers),
-        `p50 ${speed(median(alone.times), median(peers.times))}`,
+        alone !== undefined ? `p50 ${speed(median(alone.times), median(peers.times))}` : '',
         mib(peers.egress),
-        share(alone.egress, peers.egress)
+        alone !== undefined ? share(alone.egress, peers.egress) : ''
       )
     }
-    if (img.clusterWarm !== undefined) {
-      const { cluster, independent } = img.clusterWarm
+    const independent = img.independentWarms
+    const cluster = img.clusterWarm
+    if (independent !== undefined) {
       add(
         `4. warm-up of ${n} nodes`,
         `${n} independent p2pctl warm`,
@@ -138,14 +146,19 @@ function rows(results: Results): Row[] {
         mib(independent.egress),
         '1.00x'
       )
+    }
+    if (cluster !== undefined) {
       add(
         `4. warm-up of ${n} nodes`,
-        `p2pctl warm --cluster${mesh(img.clusterWarm.fewestPeers)}`,
+        `p2pctl warm --cluster${mesh(cluster.fewestPeers)}`,
         sec(cluster.ms),
-        speed(independent.ms, cluster.ms),
+        independent !== undefined ? speed(independent.ms, cluster.ms) : '',
         mib(cluster.egress),
-        share(independent.egress, cluster.egress)
+        independent !== undefined ? share(independent.egress, cluster.egress) : ''
       )
+    }
+    for (const [what, error] of Object.entries(img.errors ?? {})) {
+      add(what, 'FAILED', error.length > 100 ? `${error.slice(0, 100)}...` : error, '', '', '')
     }
   }
   return out
@@ -194,10 +207,12 @@ function bars(img: ImageResult, nodes: number): Bar[] {
     out.push({ label: 'lazy, recorded profile', ms: typical(img.cold.profile).ms, color: BLUE })
   }
   if (img.warmPeer !== undefined) out.push({ label: 'warm peer', ms: img.warmPeer.start.ms, color: GREEN })
-  if (img.fleet !== undefined) {
-    const { alone, peers } = img.fleet
-    const p99 = (f: FleetResult) => percentile(f.times, 99)
+  const p99 = (f: FleetResult) => percentile(f.times, 99)
+  const { fleetAlone: alone, fleetPeers: peers } = img
+  if (alone !== undefined) {
     out.push({ label: `${nodes} at once, no peers (p50)`, ms: median(alone.times), p99: p99(alone), color: BLUE })
+  }
+  if (peers !== undefined) {
     out.push({ label: `${nodes} at once, peers (p50)`, ms: median(peers.times), p99: p99(peers), color: GREEN })
   }
   return out

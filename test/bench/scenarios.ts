@@ -203,22 +203,12 @@ export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: n
   }
 }
 
-export interface ClusterWarmTimings {
-  /** `p2pctl warm IMAGE --cluster` on one node of an N-node cluster. */
-  cluster: Timing
-  /** N lone nodes (no peers) each running `p2pctl warm IMAGE`, all at once. */
-  independent: Timing
-  /** The fewest strata peers a node of the cluster had at the start (n - 1: a full mesh). */
-  fewestPeers: number
-}
-
-/** 4. Cluster warm-up of N nodes against N independent warm-ups. */
-export async function clusterWarm(lab: Lab, workload: Workload, ref: string, n: number): Promise<ClusterWarmTimings> {
-  const { nodes: cluster, fewestPeers } = await startNodes(lab, `${workload.name}-cw`, n, true)
-  let clusterTiming: Timing
+/** 4a. `p2pctl warm IMAGE --cluster` on one node of an N-node cluster, until every node holds the image. */
+export async function clusterWarm(lab: Lab, ref: string, n: number): Promise<Timing & { fewestPeers: number }> {
+  const { nodes, fewestPeers } = await startNodes(lab, 'cluster', n, true)
   try {
-    clusterTiming = await timed(lab, async (mark) => {
-      const r = await p2pctl<ClusterWarmResult>(lab, cluster[0]!, ['warm', ref, '--cluster'])
+    const timing = await timed(lab, async (mark) => {
+      const r = await p2pctl<ClusterWarmResult>(lab, nodes[0]!, ['warm', ref, '--cluster'])
       const failed = Object.entries(r.nodes).filter(([, v]) => !v.ok)
       if (failed.length > 0 || Object.keys(r.nodes).length < n) {
         throw new Error(
@@ -228,17 +218,21 @@ export async function clusterWarm(lab: Lab, workload: Workload, ref: string, n: 
       }
       mark('warm')
     })
+    return { ...timing, fewestPeers }
   } finally {
-    await stopNodes(cluster)
+    await stopNodes(nodes)
   }
-  const { nodes: lone } = await startNodes(lab, `${workload.name}-lone`, n, false)
+}
+
+/** 4b. The baseline: N lone p2pd (no peers) each running `p2pctl warm IMAGE`, all at once. */
+export async function independentWarms(lab: Lab, ref: string, n: number): Promise<Timing> {
+  const { nodes } = await startNodes(lab, 'lone', n, false)
   try {
-    const independent = await timed(lab, async (mark) => {
-      await Promise.all(lone.map((node) => warm(lab, node, ref)))
+    return await timed(lab, async (mark) => {
+      await Promise.all(nodes.map((node) => warm(lab, node, ref)))
       mark('warm')
     })
-    return { cluster: clusterTiming, independent, fewestPeers }
   } finally {
-    await stopNodes(lone)
+    await stopNodes(nodes)
   }
 }
