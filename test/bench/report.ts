@@ -168,7 +168,7 @@ const HEAD: Row = {
   image: 'image',
   scenario: 'scenario',
   run: 'run',
-  time: 'time to ready (s)',
+  time: 'time (s)',
   vsTime: 'vs baseline',
   egress: 'registry egress (MiB)',
   vsEgress: 'egress vs baseline'
@@ -220,10 +220,12 @@ function bars(img: ImageResult, nodes: number): Bar[] {
 
 const xml = (s: string) => s.replaceAll('&', '&amp;').replaceAll('<', '&lt;').replaceAll('>', '&gt;')
 
-/** A horizontal bar chart of time to ready per scenario, grouped by image, one time scale for all (SVG). */
+/**
+ * A horizontal bar chart of time to ready per scenario, grouped by image (SVG). Each image has its own time
+ * scale: one slow scenario would flatten every other bar of the chart.
+ */
 export function renderChart(results: Results): string {
   const groups = results.images.map((img) => ({ img, bars: bars(img, results.settings.nodes) }))
-  const max = Math.max(1, ...groups.flatMap((g) => g.bars.map((b) => b.p99 ?? b.ms)))
   const left = 220
   const plot = 440
   const barH = 16
@@ -233,6 +235,7 @@ export function renderChart(results: Results): string {
   for (const { img, bars: list } of groups) {
     parts.push(`<text x="10" y="${y + 12}" font-weight="bold">${xml(`${img.name}: ${img.command}`)}</text>`)
     y += 22
+    const max = Math.max(1, ...list.map((b) => b.p99 ?? b.ms))
     for (const b of list) {
       const w = Math.max(1, (b.ms / max) * plot)
       parts.push(`<text x="${left - 8}" y="${y + 12}" text-anchor="end">${xml(b.label)}</text>`)
@@ -249,9 +252,9 @@ export function renderChart(results: Results): string {
     }
     y += 12
   }
-  const width = left + plot + 130
+  const width = left + plot + 180
   const s = results.settings
-  const title = `Time to ready (s), ${s.rttMs} ms RTT, ${s.mbit} Mbit/s to the registry; tick: p99`
+  const title = `Time to ready (s), ${s.rttMs} ms RTT, ${s.mbit} Mbit/s to the registry; tick: p99; scale per image`
   return [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${y + 10}" font-family="sans-serif" font-size="12">`,
     `<rect width="100%" height="100%" fill="#fff"/>`,
@@ -286,6 +289,20 @@ export function renderMarkdown(results: Results): string {
     ]),
     2
   )
+  const phases = (t: Timing) =>
+    Object.entries(t.phases)
+      .map(([k, v]) => `${k} ${sec(v)}`)
+      .join(' + ')
+  const phaseLines = results.images.flatMap((i) => {
+    const parts: string[] = []
+    if (i.cold !== undefined) {
+      parts.push(`full pull ${phases(typical(i.cold.full))}`)
+      parts.push(`lazy ${phases(typical(i.cold.lazy))}`)
+      parts.push(`profile ${phases(typical(i.cold.profile))}`)
+    }
+    if (i.warmPeer !== undefined) parts.push(`warm peer ${phases(i.warmPeer.start)}`)
+    return parts.length > 0 ? [`- ${i.name}: ${parts.join('; ')}`] : []
+  })
   const r = rows(results)
   const resultTable = table(
     COLUMNS.map((c) => HEAD[c]),
@@ -307,6 +324,9 @@ the emulated link (headers included), until the processes of the run have exited
 ${images}
 
 ${resultTable}
+
+Phases of the typical runs (s):
+${phaseLines.join('\n')}
 
 ![time to ready per scenario](bench/time-to-ready.svg)
 
