@@ -12,7 +12,7 @@ APT_PACKAGES=(
   iproute2 apache2-utils attr           # tc/netns for benchmarks; htpasswd; getfattr/setfattr
   golang-go golang-github-containerd-stargz-snapshotter-dev   # builds ../shared/oracle
   debootstrap                           # real root file systems for benchmarks
-  ca-certificates git python3 make g++
+  ca-certificates curl git python3 make g++
 )
 
 step() { printf '\n== %s\n' "$*"; }
