@@ -180,6 +180,8 @@ Example:
         listen: s.listen,
         bootstrap: s.bootstrap,
         mdns: s.mdns,
+        // Peers may ask this node to read from the registries it was configured for (see NodeInit.registries).
+        registries: s.insecureRegistry,
         ...(s.pskFile !== undefined ? { pskFile: s.pskFile } : {}),
         registry: createRegistryClient({
           insecure: s.insecureRegistry,

@@ -11,7 +11,7 @@ import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image } from '@strata/fetcher'
 import { createFetcher, createRegistrySource, openImage } from '@strata/fetcher'
-import type { RegistryClient } from '@strata/registry'
+import { parseReference, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
 import { createLibp2p } from 'libp2p'
 import { Announcer, type AnnounceStats } from './announcer.js'
@@ -49,6 +49,11 @@ export interface NodeInit {
    * what no peer has; without one the node serves and fetches from peers only.
    */
   registry?: RegistryClient
+  /**
+   * Registries (host[:port]) a peer may ask this node to read an image from when this node is the home of its
+   * chunks, besides those this node has read from itself. Default: none.
+   */
+  registries?: string[]
   /**
    * Tuning of the node's fetcher (peers first, then the registry). Default hedge delay 8 s of silence: a home
    * node asked for chunks may itself be waiting on a busy registry, and every hedge costs registry egress. (A
@@ -153,6 +158,8 @@ class Node implements StrataNode {
   private readonly imageOfLayer = new Map<string, string>()
   private rejoin: NodeJS.Timeout | undefined
   private discovering: NodeJS.Timeout | undefined
+  /** Registries (host[:port]) a peer's forwarded request may name (see mayOpenForPeer). */
+  private readonly registries: Set<string>
 
   constructor(
     private readonly libp2p: Libp2p<{ dht: KadDHT }>,
@@ -160,13 +167,16 @@ class Node implements StrataNode {
     private readonly limits: ProtocolLimits
   ) {
     this.peerId = libp2p.peerId.toString()
+    this.registries = new Set(init.registries ?? [])
     this.book = new PeerBook(init.bans)
     this.source = new PeerSource({
       self: this.peerId,
       book: this.book,
       limits,
       findProviders: (digest, options) => this.findProviders(digest, options),
-      openStream: (peer, options) => this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, options),
+      // Only the signal goes to libp2p: it calls an `onProgress` in the options with its own dial events.
+      openStream: (peer, options) =>
+        this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, { signal: options?.signal }),
       members: () => [...this.strataPeers],
       imageOf: (layer) => this.imageOfLayer.get(layer)
     })
@@ -180,7 +190,7 @@ class Node implements StrataNode {
       {
         store: init.store,
         fetch: async (chunks, ref, options) => {
-          if (ref !== undefined && chunks.some((c) => !this.router.has(c.layer))) {
+          if (ref !== undefined && chunks.some((c) => !this.router.has(c.layer)) && this.mayOpenForPeer(ref)) {
             await this.openImage(ref, options).catch(() => undefined)
           }
           return runForwarded(async () => this.fetchForPeer(chunks, options))
@@ -335,7 +345,24 @@ class Node implements StrataNode {
     }
   }
 
+  /**
+   * A peer's forwarded request names an image for this node to open. Only registries this node was told about or
+   * has read from itself: a peer must not make it send requests (and credentials) to any host it names.
+   */
+  private mayOpenForPeer(ref: string): boolean {
+    try {
+      return this.registries.has(parseReference(ref).registry)
+    } catch {
+      return false
+    }
+  }
+
   openImage(ref: string, options?: AbortOptions): Promise<Image> {
+    try {
+      this.registries.add(parseReference(ref).registry)
+    } catch {
+      // An invalid reference fails in openImage below, with the registry client's own error.
+    }
     const client = this.init.registry
     if (client === undefined) return Promise.reject(new Error(`cannot open ${ref}: this node has no registry client`))
     let opening = this.opened.get(ref)
@@ -460,9 +487,11 @@ class Node implements StrataNode {
     onProgress: (p: WarmProgress) => void,
     options: AbortOptions
   ): Promise<WarmResult> {
-    const stream = await this.libp2p.dialProtocol(peerIdFromString(peer), WARM_PROTOCOL, options)
+    // Only the signal: libp2p would call the caller's `onProgress` with its own dial events.
+    const signal = options.signal
+    const stream = await this.libp2p.dialProtocol(peerIdFromString(peer), WARM_PROTOCOL, { signal })
     stream.send(encodeFrame(new TextEncoder().encode(JSON.stringify({ image: ref, members }))))
-    await stream.close(options)
+    await stream.close({ signal })
     for await (const frame of readFrames(stream, this.limits.maxRequestBytes)) {
       const msg = JSON.parse(new TextDecoder().decode(frame)) as
         | ({ type: 'progress' } & WarmProgress)

@@ -76,7 +76,7 @@ export async function warmImage(fetcher: Fetcher, image: Image, options: WarmOpt
       while (next < batches.length) {
         options.signal?.throwIfAborted()
         const batch = batches[next++]!
-        await fetcher.getMany(batch, options)
+        await fetcher.getMany(batch, { signal: options.signal })
         progress.chunks += batch.length
         progress.bytes += batch.reduce((n, c) => n + c.size, 0)
         options.onProgress?.({ ...progress })
