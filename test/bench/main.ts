@@ -96,11 +96,20 @@ class UsageError extends Error {
 
 const log = (line: string) => process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${line}\n`)
 
-async function benchImage(lab: Lab, s: Settings, image: PreparedImage): Promise<ImageResult> {
+/** An image pushed to the lab's registry, with its results so far. */
+interface Subject {
+  image: PreparedImage
+  repo: string
+  refs: { plain: string; esgz: string }
+  /** What scenarios 2-4 start: the image with the recorded profile once scenario 1 made one, as an operator would. */
+  ref: string
+  result: ImageResult
+}
+
+async function setUp(lab: Lab, s: Settings, image: PreparedImage): Promise<Subject> {
   const { workload } = image
-  const options = { signal: lab.signal, log }
   const repo = `bench/${workload.name}`
-  const esgz = await convert(image, s.cache, undefined, options)
+  const esgz = await convert(image, s.cache, undefined, { signal: lab.signal, log })
   const refs = {
     plain: await push(lab, image.plain, repo, 'plain'),
     esgz: await push(lab, esgz.layout, repo, 'esgz')
@@ -113,19 +122,16 @@ async function benchImage(lab: Lab, s: Settings, image: PreparedImage): Promise<
     plainBytes: image.plain.bytes,
     esgzBytes: esgz.layout.bytes
   }
-  // Scenarios 2-4 use the image with the recorded profile when scenario 1 made one, as an operator would.
-  let ref = refs.esgz
-  if (s.scenarios.includes('cold')) {
-    log(`${workload.name}: 1. one node, cold (${s.runs} runs)`)
-    result.cold = await cold(lab, workload, refs, s.runs, async (record) => {
-      const profiled = await convert(image, s.cache, record, options)
-      result.profileBytes = profiled.layout.bytes
-      result.profileFiles = (await readFile(record, 'utf8')).split('\n').filter((l) => l !== '').length
-      ref = await push(lab, profiled.layout, repo, 'profile')
-      return ref
-    })
-  }
-  /** Runs one measurement; a failure is kept in the results (and fails the run at the end), the rest go on. */
+  return { image, repo, refs, ref: refs.esgz, result }
+}
+
+/**
+ * The measurements of one scenario on one image. A failure is kept in the results (and fails the run at the
+ * end) while the others go on.
+ */
+async function measure(lab: Lab, s: Settings, scenario: string, subject: Subject): Promise<void> {
+  const { image, result } = subject
+  const { workload } = image
   const attempt = async <T>(what: string, body: () => Promise<T>): Promise<T | undefined> => {
     log(`${workload.name}: ${what}`)
     try {
@@ -138,26 +144,32 @@ async function benchImage(lab: Lab, s: Settings, image: PreparedImage): Promise<
       return undefined
     }
   }
-  if (s.scenarios.includes('peer')) {
-    result.warmPeer = await attempt('2. one node with a warm peer', () => warmPeer(lab, workload, ref))
+  const n = s.nodes
+  if (scenario === 'cold') {
+    result.cold = await attempt(`1. one node, cold (${s.runs} runs)`, () =>
+      cold(lab, workload, subject.refs, s.runs, async (record) => {
+        const profiled = await convert(image, s.cache, record, { signal: lab.signal, log })
+        result.profileBytes = profiled.layout.bytes
+        result.profileFiles = (await readFile(record, 'utf8')).split('\n').filter((l) => l !== '').length
+        subject.ref = await push(lab, profiled.layout, subject.repo, 'profile')
+        return subject.ref
+      })
+    )
+  } else if (scenario === 'peer') {
+    result.warmPeer = await attempt('2. one node with a warm peer', () => warmPeer(lab, workload, subject.ref))
+  } else if (scenario === 'fleet') {
+    result.fleetAlone = await attempt(`3. ${n} cold nodes at once, without peers`, () =>
+      fleetAlone(lab, workload, subject.ref, n)
+    )
+    result.fleetPeers = await attempt(`3. ${n} cold nodes at once, with peers`, () =>
+      fleetPeers(lab, workload, subject.ref, n)
+    )
+  } else if (scenario === 'cluster') {
+    result.clusterWarm = await attempt(`4. p2pctl warm --cluster on ${n} nodes`, () => clusterWarm(lab, subject.ref, n))
+    result.independentWarms = await attempt(`4. ${n} independent p2pctl warm`, () =>
+      independentWarms(lab, subject.ref, n)
+    )
   }
-  if (s.scenarios.includes('fleet')) {
-    result.fleetAlone = await attempt(`3. ${s.nodes} cold nodes at once, without peers`, () =>
-      fleetAlone(lab, workload, ref, s.nodes)
-    )
-    result.fleetPeers = await attempt(`3. ${s.nodes} cold nodes at once, with peers`, () =>
-      fleetPeers(lab, workload, ref, s.nodes)
-    )
-  }
-  if (s.scenarios.includes('cluster')) {
-    result.clusterWarm = await attempt(`4. p2pctl warm --cluster on ${s.nodes} nodes`, () =>
-      clusterWarm(lab, ref, s.nodes)
-    )
-    result.independentWarms = await attempt(`4. ${s.nodes} independent p2pctl warm`, () =>
-      independentWarms(lab, ref, s.nodes)
-    )
-  }
-  return result
 }
 
 /** The table on the terminal; with docs, the chart and docs/benchmarks.md's section. */
@@ -192,7 +204,18 @@ export async function main(argv: string[]): Promise<number> {
   process.once('SIGINT', onSignal)
   process.once('SIGTERM', onSignal)
   const work = await mkdtemp(join(tmpdir(), 'strata-bench-'))
-  const loadBefore = loadavg()
+  const results: Results = {
+    date: new Date().toISOString(),
+    host: { cpus: cpus().length, loadBefore: loadavg(), node: process.version },
+    settings: { rttMs: s.rttMs, mbit: s.mbit, nodes: s.nodes, runs: s.runs, scenarios: s.scenarios },
+    argv,
+    images: []
+  }
+  const save = async () => {
+    results.host.loadAfter = loadavg()
+    await mkdir(dirname(s.out), { recursive: true })
+    await writeFile(s.out, `${JSON.stringify(results, null, 2)}\n`)
+  }
   let lab: Lab | undefined
   try {
     const prepared: PreparedImage[] = []
@@ -200,17 +223,17 @@ export async function main(argv: string[]): Promise<number> {
       prepared.push(await prepareImage(WORKLOADS[name]!, s.cache, { signal: aborter.signal, log }))
     }
     lab = await startLab({ rttMs: s.rttMs, mbit: s.mbit, work, signal: aborter.signal, log })
-    const results: Results = {
-      date: new Date().toISOString(),
-      host: { cpus: cpus().length, loadBefore, node: process.version },
-      settings: { rttMs: s.rttMs, mbit: s.mbit, nodes: s.nodes, runs: s.runs, scenarios: s.scenarios },
-      argv,
-      images: []
+    const subjects: Subject[] = []
+    for (const image of prepared) subjects.push(await setUp(lab, s, image))
+    results.images = subjects.map((x) => x.result)
+    // Scenario by scenario (each on every image), saving as it goes: a run cut short keeps whole scenarios.
+    for (const scenario of SCENARIOS.filter((x) => s.scenarios.includes(x))) {
+      for (const subject of subjects) {
+        await measure(lab, s, scenario, subject)
+        await save()
+      }
     }
-    for (const image of prepared) results.images.push(await benchImage(lab, s, image))
-    results.host.loadAfter = loadavg()
-    await mkdir(dirname(s.out), { recursive: true })
-    await writeFile(s.out, `${JSON.stringify(results, null, 2)}\n`)
+    await save()
     await report(s, results)
     const failed = results.images.filter((i) => i.errors !== undefined)
     if (failed.length > 0) process.stderr.write(`bench: some measurements failed (see "errors" in ${s.out})\n`)
@@ -218,6 +241,11 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     const e = err as Error & { hint?: string }
     process.stderr.write(`bench failed: ${e.name}: ${e.message}\n${e.hint !== undefined ? `hint: ${e.hint}\n` : ''}`)
+    if (aborter.signal.aborted && results.images.length > 0) {
+      results.interrupted = e.message
+      await save()
+      await report(s, results)
+    }
     return 1
   } finally {
     await lab?.stop()

@@ -9,6 +9,8 @@ export interface Results {
   settings: { rttMs: number; mbit: number; nodes: number; runs: number; scenarios: string[] }
   /** The flags of the run. */
   argv: string[]
+  /** Set when the run was stopped before the end: the results hold the measurements made until then. */
+  interrupted?: string
   images: ImageResult[]
 }
 
@@ -325,7 +327,7 @@ ${images}
 
 ${resultTable}
 
-Phases of the typical runs (s):
+${results.interrupted !== undefined ? `**This run was stopped early (${results.interrupted}): what is missing was not measured.**\n\n` : ''}Phases of the typical runs (s):
 ${phaseLines.join('\n')}
 
 ![time to ready per scenario](bench/time-to-ready.svg)
