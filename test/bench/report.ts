@@ -295,6 +295,7 @@ export function renderMarkdown(results: Results): string {
     Object.entries(t.phases)
       .map(([k, v]) => `${k} ${sec(v)}`)
       .join(' + ')
+  const n = s.nodes
   const phaseLines = results.images.flatMap((i) => {
     const parts: string[] = []
     if (i.cold !== undefined) {
@@ -303,6 +304,13 @@ export function renderMarkdown(results: Results): string {
       parts.push(`profile ${phases(typical(i.cold.profile))}`)
     }
     if (i.warmPeer !== undefined) parts.push(`warm peer ${phases(i.warmPeer.start)}`)
+    const fleet = i.fleetPeers
+    if (fleet?.warmTimes !== undefined && fleet.startTimes !== undefined) {
+      const p50 = (l: number[]) => sec(median(l))
+      parts.push(
+        `${n} at once with peers: warm p50 ${p50(fleet.warmTimes)} + mount and run p50 ${p50(fleet.startTimes)}`
+      )
+    }
     return parts.length > 0 ? [`- ${i.name}: ${parts.join('; ')}`] : []
   })
   const r = rows(results)

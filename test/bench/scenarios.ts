@@ -151,6 +151,9 @@ export interface FleetResult {
   ms: number
   /** With peers: the fewest strata peers a node had at the start (n - 1: a full mesh). */
   fewestPeers?: number
+  /** With peers: each node's warm-up, and its mount and command, ms. */
+  warmTimes?: number[]
+  startTimes?: number[]
 }
 
 /** 3a. N cold nodes start the image at once, no peers: N lazy mounts, each with its own store. */
@@ -196,7 +199,9 @@ export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: n
       times: warms.map((w, i) => w.ms + starts[i]!.ms),
       egress: warming.egress + starting.egress,
       ms: warming.ms + starting.ms,
-      fewestPeers
+      fewestPeers,
+      warmTimes: warms.map((w) => w.ms),
+      startTimes: starts.map((x) => x.ms)
     }
   } finally {
     await stopNodes(nodes)
