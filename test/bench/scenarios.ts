@@ -48,6 +48,7 @@ async function startNodes(
         startNode(lab, join(lab.work, `${name}-${i + 1}`), cluster ? first.addrs : [])
       )
     )
+    // Keep the nodes that started, to stop them, before failing on one that did not.
     for (const r of rest) if (r.status === 'fulfilled') nodes.push(r.value)
     const failed = rest.find((r) => r.status === 'rejected')
     if (failed !== undefined) throw failed.reason
@@ -59,9 +60,20 @@ async function startNodes(
   }
 }
 
+/** Like Promise.all, but waits for every promise before failing: nothing of a scenario runs on after it. */
+async function settled<T>(promises: Array<Promise<T>>): Promise<T[]> {
+  const results = await Promise.allSettled(promises)
+  const failed = results.find((r) => r.status === 'rejected')
+  if (failed !== undefined) throw failed.reason
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value)
+}
+
+/** Stops every node and removes its data dir; then fails if one of them did not exit cleanly. */
 async function stopNodes(nodes: Node[]): Promise<void> {
-  await Promise.all(nodes.map((n) => stopNode(n)))
+  const stopped = await Promise.allSettled(nodes.map((n) => stopNode(n)))
   await Promise.all(nodes.map((n) => rm(n.dataDir, { recursive: true, force: true })))
+  const failed = stopped.find((r) => r.status === 'rejected')
+  if (failed !== undefined) throw failed.reason
 }
 
 async function warm(lab: Lab, node: Node, ref: string): Promise<WarmResult> {
@@ -162,7 +174,7 @@ export async function fleetAlone(lab: Lab, workload: Workload, ref: string, n: n
   try {
     let times: Timing[] = []
     const all = await timed(lab, async () => {
-      times = await Promise.all(dirs.map((d) => lazyStart(lab, ref, workload, d)))
+      times = await settled(dirs.map((d) => lazyStart(lab, ref, workload, d)))
     })
     return { times: times.map((t) => t.ms), egress: all.egress, ms: all.ms }
   } finally {
@@ -180,7 +192,7 @@ export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: n
   try {
     let warms: Timing[] = []
     const warming = await timed(lab, async () => {
-      warms = await Promise.all(
+      warms = await settled(
         nodes.map((node) =>
           timed(lab, async (mark) => {
             await warm(lab, node, ref)
@@ -190,10 +202,10 @@ export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: n
       )
     })
     // Stopping the daemons between the phases is not timed: it is the workaround's, not the product's.
-    await Promise.all(nodes.map((node) => stopNode(node)))
+    await settled(nodes.map((node) => stopNode(node)))
     let starts: Timing[] = []
     const starting = await timed(lab, async () => {
-      starts = await Promise.all(nodes.map((node) => lazyStart(lab, ref, workload, node.dataDir)))
+      starts = await settled(nodes.map((node) => lazyStart(lab, ref, workload, node.dataDir)))
     })
     return {
       times: warms.map((w, i) => w.ms + starts[i]!.ms),
@@ -234,7 +246,7 @@ export async function independentWarms(lab: Lab, ref: string, n: number): Promis
   const { nodes } = await startNodes(lab, 'lone', n, false)
   try {
     return await timed(lab, async (mark) => {
-      await Promise.all(nodes.map((node) => warm(lab, node, ref)))
+      await settled(nodes.map((node) => warm(lab, node, ref)))
       mark('warm')
     })
   } finally {
