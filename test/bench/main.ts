@@ -134,8 +134,11 @@ async function measure(lab: Lab, s: Settings, scenario: string, subject: Subject
   const { workload } = image
   const attempt = async <T>(what: string, body: () => Promise<T>): Promise<T | undefined> => {
     log(`${workload.name}: ${what}`)
+    const start = performance.now()
     try {
-      return await body()
+      const value = await body()
+      log(`${workload.name}: ${what}: done in ${((performance.now() - start) / 1000).toFixed(0)} s`)
+      return value
     } catch (err) {
       if (lab.signal.aborted) throw err
       const message = `${(err as Error).name}: ${(err as Error).message}`
