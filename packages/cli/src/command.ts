@@ -49,11 +49,21 @@ const HELP: OptionSpec = { type: 'boolean', short: 'h', description: 'show this 
 /** Parses argv against a command tree and runs the command. Exit codes: 0 ok, 1 failure, 2 usage. */
 export async function runCommand(root: Command, argv: string[], out = new Output()): Promise<number> {
   const path: Command[] = [root]
+  // Root options may stand before the command's name (`p2pctl --socket S status`): set them aside.
+  const leading: string[] = []
   let rest = argv
   for (;;) {
     const cmd = path[path.length - 1]!
     const next = rest[0]
-    if (cmd.subcommands === undefined || next === undefined || next.startsWith('-')) break
+    if (cmd.subcommands === undefined || next === undefined) break
+    const rootOption = next.startsWith('--') ? root.options?.[next.slice(2).split('=')[0]!] : undefined
+    if (rootOption !== undefined) {
+      const takesValue = rootOption.type === 'string' && !next.includes('=')
+      leading.push(...rest.slice(0, takesValue ? 2 : 1))
+      rest = rest.slice(takesValue ? 2 : 1)
+      continue
+    }
+    if (next.startsWith('-')) break
     const sub = cmd.subcommands.find((s) => s.name === next)
     if (sub === undefined) {
       if (cmd.run !== undefined) break
@@ -62,6 +72,7 @@ export async function runCommand(root: Command, argv: string[], out = new Output
     path.push(sub)
     rest = rest.slice(1)
   }
+  rest = [...leading, ...rest]
   const cmd = path[path.length - 1]!
   const controller = new AbortController()
   const onSignal = (sig: NodeJS.Signals) => controller.abort(new Error(`interrupted by ${sig}`))

@@ -11,6 +11,7 @@ import {
 import { createRegistryClient } from '@strata/registry'
 import { type LocalChunkStore, openDiskStore } from '@strata/store'
 import { type Command, type Options, parseBytes, runCommand, UsageError } from './command.js'
+import { addMountRoutes } from './mount-routes.js'
 
 const DEFAULTS = {
   'data-dir': '/var/lib/strata',
@@ -189,6 +190,8 @@ Example:
         })
       })
       control = await startControlServer(node, { socket: s.socket })
+      // p2p-mount asks the daemon to serve its mount: one process owns the store, and reads use the peers.
+      addMountRoutes(control, node, { dataDir: s.dataDir })
       if (s.metricsListen !== undefined) metrics = await startMetricsServer(node, { listen: s.metricsListen })
       out.print(
         `p2pd ready: peer ${node.peerId} listening on ${node.addrs().join(', ')}, socket ${s.socket}` +

@@ -35,6 +35,17 @@ describe('command parser', () => {
     expect(JSON.parse(r.stdout)).toEqual({ word: 'hi', socket: '/s' })
   })
 
+  it('takes root options before the command name too', async () => {
+    for (const argv of [
+      ['--socket', '/s', 'echo', 'hi'],
+      ['--socket=/s', 'echo', 'hi']
+    ]) {
+      const r = await runCli([...argv, '--json'], tree)
+      expect(r.code).toBe(0)
+      expect(JSON.parse(r.stdout)).toEqual({ word: 'hi', socket: '/s' })
+    }
+  })
+
   it('prints help with exit 0 for --help on every level', async () => {
     for (const argv of [['--help'], ['echo', '--help'], ['fail', '-h']]) {
       const r = await runCli(argv, tree)
