@@ -388,8 +388,10 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       }
       armHedge()
       const started = performance.now()
-      // Puts overlap (a disk store syncs each chunk) but stay bounded; a chunk settles once it is kept.
+      // Puts overlap (each is a few file operations on a disk store) but stay bounded in count and bytes; a
+      // chunk settles once it is kept.
       const puts = new Set<Promise<void>>()
+      let putBytes = 0
       const take = async (chunk: ChunkRef, bytes: Uint8Array) => {
         const st = states.get(chunk.digest)
         if (st === undefined || st.done) return
@@ -402,12 +404,14 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         for (const a of st.asks) if (--a.remaining === 0) a.controller.abort()
         if (hedge !== undefined) armHedge()
         this.counters.observe(source.name, performance.now() - started)
+        putBytes += bytes.byteLength
         const put = this.keep(chunk, bytes).then(() => {
           puts.delete(put)
+          putBytes -= bytes.byteLength
           st.resolve(bytes)
         })
         puts.add(put)
-        if (puts.size >= PUTS_IN_FLIGHT) await Promise.race(puts)
+        while (puts.size >= PUTS_IN_FLIGHT || putBytes >= PUT_BYTES_IN_FLIGHT) await Promise.race(puts)
       }
       const timeoutMessage = (chunk: ChunkRef) =>
         new SourceTimeoutError(source.name, chunk.digest, this.sourceTimeoutMs).message
@@ -459,8 +463,12 @@ class DefaultFetcher extends EventTarget implements Fetcher {
   }
 }
 
-/** Store writes of one batch in flight at once. */
-const PUTS_IN_FLIGHT = 16
+/**
+ * Store writes of one batch in flight at once, and their bytes. 16 held a whole-image read to the disk store's
+ * put latency (a 180 MB image read whole: 10.4-12.4 s against 8.1 s with 64, as fast as a memory store).
+ */
+const PUTS_IN_FLIGHT = 64
+const PUT_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 
 /** Store lookups of one batch in flight at once. */
 const LOOKUPS_IN_FLIGHT = 16
