@@ -86,7 +86,10 @@ export interface Fetcher extends EventTarget {
   get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array>
   /** Verified bytes of many chunks (same order as asked), using the sources' batched form where they have one. */
   getMany(chunks: ChunkRef[], options?: AbortOptions): Promise<Uint8Array[]>
-  /** `length` bytes of a file from `offset` (fewer at the end of the file); starts a bounded read-ahead of the rest. */
+  /**
+   * `length` bytes of a file from `offset` (fewer at the end of the file); starts a bounded read-ahead of the
+   * rest. Within one chunk the result is a view of that chunk's bytes, shared with other readers: read only.
+   */
   readFile(layer: ImageLayer, entry: Entry, offset: number, length: number, options?: AbortOptions): Promise<Uint8Array>
   /** Fetches the prioritized files of every layer (those before `.prefetch.landmark`) into the store. */
   prefetch(image: Image, options?: PrefetchOptions): Promise<void>
