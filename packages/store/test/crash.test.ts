@@ -28,11 +28,20 @@ interface Worker {
   exited: Promise<void>
 }
 
-/** Starts a worker fixture (default the put loop) on `dir` and resolves once it has printed `ready`. */
-async function startWorker(dir: string, cap?: number, fixture = 'put-loop.ts'): Promise<Worker> {
+/**
+ * Starts a worker fixture (default the put loop) on `dir` and resolves once it has printed `ready`.
+ * `env` replaces the child's environment.
+ */
+async function startWorker(
+  dir: string,
+  cap?: number,
+  fixture = 'put-loop.ts',
+  env: NodeJS.ProcessEnv = process.env
+): Promise<Worker> {
   const args = ['--no-warnings', '--import', join(fixtures, 'ts-resolve.mjs'), join(fixtures, fixture), dir]
   const child = spawn(process.execPath, cap === undefined ? args : [...args, String(cap)], {
-    stdio: ['ignore', 'pipe', 'pipe']
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env
   })
   const lines: string[] = []
   let stderr = ''
@@ -90,6 +99,21 @@ describe('crash safety', () => {
     store = await openDiskStore(dir)
     expect(store.repair).toMatchObject({ verified: 0, badRemoved: 0 })
     await store.close()
+  })
+
+  it('a timed checkpoint makes puts durable, with syncfs or, without the sync command, an fsync per file', async () => {
+    for (const env of [process.env, { ...process.env, PATH: '/nonexistent' }]) {
+      const dir = await tempDir()
+      const worker = await startWorker(dir, undefined, 'checkpointed.ts', env)
+      await kill(worker)
+      const put = worker.lines.filter((l) => l.startsWith('put ')).map((l) => l.slice(4))
+      expect(put).toHaveLength(3)
+      const store = await openDiskStore(dir)
+      // Killed after the checkpoint: nothing was suspect, so nothing had to be read again.
+      expect(store.repair, `PATH=${env.PATH}`).toMatchObject({ verified: 0, badRemoved: 0, reindexed: 0 })
+      expect((await expectConsistent(dir, store)).sort()).toEqual([...put].sort())
+      await store.close()
+    }
   })
 
   it('survives SIGKILL at random moments: every acknowledged put is there, files and index agree', async () => {
