@@ -144,16 +144,21 @@ export async function fullPull(lab: Lab, ref: string, workload: Workload, dir: s
   }
 }
 
-/** A running `p2p-mount IMAGE MOUNTPOINT --data-dir DIR --writable`. */
+/**
+ * A running `p2p-mount IMAGE MOUNTPOINT --writable`: served by the p2pd answering on `socket` (its store, its
+ * peers), or without one by p2p-mount itself with its own store in `dataDir` (the socket is then a path in
+ * `dataDir` where nothing answers, so a p2pd on the default socket cannot serve it).
+ */
 export async function mount(
   lab: Lab,
   ref: string,
   mountpoint: string,
   dataDir: string,
-  options: { record?: string } = {}
+  options: { record?: string; socket?: string } = {}
 ): Promise<Daemon> {
   await mkdir(mountpoint, { recursive: true })
-  const args = [cli('p2p-mount'), ref, mountpoint, '--data-dir', dataDir, '--writable']
+  const socket = options.socket ?? join(dataDir, 'no-p2pd.sock')
+  const args = [cli('p2p-mount'), ref, mountpoint, '--data-dir', dataDir, '--socket', socket, '--writable']
   if (options.record !== undefined) args.push('--record', options.record)
   return startDaemon(process.execPath, args, /^mounted .* at /, { signal: lab.signal, timeout: 300_000 })
 }
@@ -168,16 +173,16 @@ export async function unmount(mounted: Daemon, mountpoint: string): Promise<void
 }
 
 /**
- * Lazy start: mount the image with p2p-mount (its own store in `dataDir`, cold unless the caller filled it),
- * run the command in the mount. The clock stops when the command is done; the egress counts until
- * p2p-mount has exited (its background prefetch included).
+ * Lazy start: mount the image with p2p-mount (cold unless the store was filled before; through the p2pd on
+ * `socket` when given), run the command in the mount. The clock stops when the command is done; the egress
+ * counts until p2p-mount has exited (its background prefetch included).
  */
 export async function lazyStart(
   lab: Lab,
   ref: string,
   workload: Workload,
   dataDir: string,
-  options: { record?: string } = {}
+  options: { record?: string; socket?: string } = {}
 ): Promise<Timing> {
   const mountpoint = join(dataDir, 'mnt')
   const egress0 = lab.wan.bytesDown

@@ -114,7 +114,7 @@ function rows(results: Results): Row[] {
       const s = img.warmPeer.start
       add(
         '2. one node, warm peer',
-        'warm from the peer, mount, run',
+        'p2p-mount through p2pd, run',
         sec(s.ms),
         full !== undefined ? speed(full.ms, s.ms) : '',
         mib(s.egress),
@@ -130,7 +130,7 @@ function rows(results: Results): Row[] {
     if (peers !== undefined) {
       add(
         `3. ${n} cold nodes at once`,
-        `with peers (warm, mount, run)${mesh(peers.fewestPeers)}`,
+        `lazy through p2pd, with peers${mesh(peers.fewestPeers)}`,
         p(peers),
         alone !== undefined ? `p50 ${speed(median(alone.times), median(peers.times))}` : '',
         mib(peers.egress),
@@ -295,7 +295,6 @@ export function renderMarkdown(results: Results): string {
     Object.entries(t.phases)
       .map(([k, v]) => `${k} ${sec(v)}`)
       .join(' + ')
-  const n = s.nodes
   const phaseLines = results.images.flatMap((i) => {
     const parts: string[] = []
     if (i.cold !== undefined) {
@@ -304,13 +303,6 @@ export function renderMarkdown(results: Results): string {
       parts.push(`profile ${phases(typical(i.cold.profile))}`)
     }
     if (i.warmPeer !== undefined) parts.push(`warm peer ${phases(i.warmPeer.start)}`)
-    const fleet = i.fleetPeers
-    if (fleet?.warmTimes !== undefined && fleet.startTimes !== undefined) {
-      const p50 = (l: number[]) => sec(median(l))
-      parts.push(
-        `${n} at once with peers: warm p50 ${p50(fleet.warmTimes)} + mount and run p50 ${p50(fleet.startTimes)}`
-      )
-    }
     return parts.length > 0 ? [`- ${i.name}: ${parts.join('; ')}`] : []
   })
   const r = rows(results)
@@ -342,14 +334,13 @@ ${phaseLines.join('\n')}
 
 How each start is made:
 - full pull: \`skopeo copy docker://REF oci:DIR\` through the WAN, \`tar -xzf\` of each layer, \`chroot DIR COMMAND\`;
-- lazy: \`p2p-mount REF MNT --writable\` (eStargz image from \`p2pctl convert\`), then \`chroot MNT COMMAND\`;
+- lazy: \`p2p-mount REF MNT --writable\` with no p2pd (its own store), eStargz image from \`p2pctl convert\`,
+  then \`chroot MNT COMMAND\`;
 - recorded profile: the first lazy start ran with \`--record FILE\`; \`p2pctl convert --prioritized-file FILE\` of the
   plain image made the profiled image, which scenarios 2-4 use;
-- with peers: p2p-mount cannot use a running p2pd's store and peers yet (embedded mode only), so a node runs
-  \`p2pctl warm REF\` through its p2pd (peers first, then the registry), p2pd is stopped (not timed), and
-  \`p2p-mount\` starts on the same data dir from the local store. Time to ready = warm-up + mount + command:
-  the whole image, not only what the command reads, is fetched before the start;
-- ${s.nodes} at once with peers: every node's warm-up runs at once; the mounts start when all are done;
+- with peers: \`p2p-mount REF MNT --socket SOCKET --writable\`: the node's p2pd serves the mount (its store,
+  then its peers, then the registry); the node is cold, the peer of scenario 2 ran \`p2pctl warm REF\` before;
+- ${s.nodes} at once: every node mounts and runs at the same moment, each with its own store (and its own p2pd);
 - cluster warm-up: \`p2pctl warm REF --cluster\` on one node of ${s.nodes} (until every node holds the image),
   against ${s.nodes} p2pd with no peers each running \`p2pctl warm REF\` at once.
 ${END}

@@ -80,22 +80,6 @@ async function warm(lab: Lab, node: Node, ref: string): Promise<WarmResult> {
   return p2pctl<WarmResult>(lab, node, ['warm', ref])
 }
 
-/**
- * p2p-mount cannot use a running p2pd's store and peers yet (its embedded mode owns a store; the mount route
- * through p2pd is not there), so a start "with peers" is: `p2pctl warm IMAGE` on the node's p2pd (chunks
- * from peers first, the registry for the rest), stop p2pd (not timed), then a lazy start on the same data dir,
- * served from the local store. Its time is the warm-up plus the mount and command.
- */
-async function startWithPeers(lab: Lab, node: Node, ref: string, workload: Workload): Promise<Timing> {
-  const fill = await timed(lab, async (mark) => {
-    await warm(lab, node, ref)
-    mark('warm')
-  })
-  await stopNode(node)
-  const start = await lazyStart(lab, ref, workload, node.dataDir)
-  return { ms: fill.ms + start.ms, phases: { ...fill.phases, ...start.phases }, egress: fill.egress + start.egress }
-}
-
 export interface ColdResult {
   full: Timing[]
   lazy: Timing[]
@@ -131,11 +115,11 @@ export async function cold(
 export interface WarmPeerResult {
   /** The peer's own `p2pctl warm` from the registry (setting up). */
   seed: Timing
-  /** The node's start: warm from the peer, then mount and run. */
+  /** The node's start: p2p-mount through its cold p2pd, then the command. */
   start: Timing
 }
 
-/** 2. One node with a warm peer: another p2pd ran `p2pctl warm IMAGE`. */
+/** 2. One node with a warm peer (another p2pd ran `p2pctl warm IMAGE`): p2p-mount served by the node's p2pd. */
 export async function warmPeer(lab: Lab, workload: Workload, ref: string): Promise<WarmPeerResult> {
   const { nodes } = await startNodes(lab, `${workload.name}-peer`, 2, true)
   const [seedNode, node] = nodes as [Node, Node]
@@ -147,7 +131,7 @@ export async function warmPeer(lab: Lab, workload: Workload, ref: string): Promi
     })
     // Peers find the seed by its coarse keys (a layer and a TOC digest per layer).
     await waitForAnnounced(seedNode, 2 * layers)
-    const start = await startWithPeers(lab, node, ref, workload)
+    const start = await lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })
     return { seed, start }
   } finally {
     await stopNodes(nodes)
@@ -163,9 +147,6 @@ export interface FleetResult {
   ms: number
   /** With peers: the fewest strata peers a node had at the start (n - 1: a full mesh). */
   fewestPeers?: number
-  /** With peers: each node's warm-up, and its mount and command, ms. */
-  warmTimes?: number[]
-  startTimes?: number[]
 }
 
 /** 3a. N cold nodes start the image at once, no peers: N lazy mounts, each with its own store. */
@@ -182,39 +163,15 @@ export async function fleetAlone(lab: Lab, workload: Workload, ref: string, n: n
   }
 }
 
-/**
- * 3b. N cold nodes of one cluster start the image at once. Each warms through its p2pd (all at once), then,
- * when every warm-up is done (a node stopped early would vanish as a peer of the others), mounts and runs.
- * A node's time to ready is its warm-up plus its mount and command.
- */
+/** 3b. N cold nodes of one cluster start the image at once: N p2p-mounts, each served by its node's p2pd. */
 export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: number): Promise<FleetResult> {
   const { nodes, fewestPeers } = await startNodes(lab, `${workload.name}-fleet`, n, true)
   try {
-    let warms: Timing[] = []
-    const warming = await timed(lab, async () => {
-      warms = await settled(
-        nodes.map((node) =>
-          timed(lab, async (mark) => {
-            await warm(lab, node, ref)
-            mark('warm')
-          })
-        )
-      )
+    let times: Timing[] = []
+    const all = await timed(lab, async () => {
+      times = await settled(nodes.map((node) => lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })))
     })
-    // Stopping the daemons between the phases is not timed: it is the workaround's, not the product's.
-    await settled(nodes.map((node) => stopNode(node)))
-    let starts: Timing[] = []
-    const starting = await timed(lab, async () => {
-      starts = await settled(nodes.map((node) => lazyStart(lab, ref, workload, node.dataDir)))
-    })
-    return {
-      times: warms.map((w, i) => w.ms + starts[i]!.ms),
-      egress: warming.egress + starting.egress,
-      ms: warming.ms + starting.ms,
-      fewestPeers,
-      warmTimes: warms.map((w) => w.ms),
-      startTimes: starts.map((x) => x.ms)
-    }
+    return { times: times.map((t) => t.ms), egress: all.egress, ms: all.ms, fewestPeers }
   } finally {
     await stopNodes(nodes)
   }
