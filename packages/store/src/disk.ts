@@ -218,8 +218,8 @@ class DiskStore extends EventTarget implements DiskChunkStore {
   private closing: Promise<void> | undefined
   /** The generation puts record now; every generation up to the one before it is durable or being made so. */
   private gen: number
-  /** Chunk files put in this generation (path -> size): the next checkpoint fsyncs them. */
-  private unsynced = new Map<string, number>()
+  /** Chunk files put in this generation: the next checkpoint syncs them. */
+  private unsynced = new Set<string>()
   private unsyncedBytes = 0
   /** The checkpoint running or queued (undefined when none). */
   private checkpoints: Promise<void> | undefined
@@ -422,7 +422,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       gen: this.gen
     }
     this.ledger.add(digest, record)
-    this.unsynced.set(path, size)
+    this.unsynced.add(path)
     this.unsyncedBytes += size
     if (this.unsyncedBytes >= CHECKPOINT_BYTES && this.checkpoints === undefined) void this.checkpoint()
     try {
@@ -456,14 +456,14 @@ class DiskStore extends EventTarget implements DiskChunkStore {
    * Makes every chunk put before this call durable: after the checkpoint in progress (if any), starts a new
    * generation, syncs the files put in the old one and their directories, then records the old one as synced
    * with a synchronous index write (which also makes their index records durable). Never rejects: after a
-   * failed fsync nothing is claimed durable again in this process, so the next open verifies it all.
+   * failed sync nothing is claimed durable again in this process, so the next open verifies it all.
    */
   private checkpoint(): Promise<void> {
     const next = (this.checkpoints ?? Promise.resolve()).then(async () => {
       if (this.unsynced.size === 0) return
-      const files = [...this.unsynced.keys()]
+      const files = [...this.unsynced]
       const gen = this.gen++
-      this.unsynced = new Map()
+      this.unsynced = new Set()
       this.unsyncedBytes = 0
       try {
         if (this.fsync) await syncChunks(this.dir, files)
