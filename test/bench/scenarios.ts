@@ -185,9 +185,19 @@ export async function clusterWarm(lab: Lab, ref: string, n: number): Promise<Tim
       const r = await p2pctl<ClusterWarmResult>(lab, nodes[0]!, ['warm', ref, '--cluster'])
       const failed = Object.entries(r.nodes).filter(([, v]) => !v.ok)
       if (failed.length > 0 || Object.keys(r.nodes).length < n) {
+        // What the failed nodes' p2pd said is what their owners need.
+        const said = failed.map(([peer]) => {
+          const stderr =
+            nodes
+              .find((x) => x.peerId === peer)
+              ?.daemon.stderr()
+              .trim() ?? ''
+          return stderr !== '' ? `; p2pd ${peer} said: ${stderr.slice(-1000)}` : ''
+        })
         throw new Error(
           `p2pctl warm --cluster: ${Object.keys(r.nodes).length - failed.length} of ${n} nodes hold ${ref}` +
-            failed.map(([peer, v]) => `; ${peer}: ${v.error}`).join('')
+            failed.map(([peer, v]) => `; ${peer}: ${v.error}`).join('') +
+            said.join('')
         )
       }
       mark('warm')
