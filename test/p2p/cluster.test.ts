@@ -129,6 +129,34 @@ describe('p2pd cluster on loopback', () => {
     }
   })
 
+  it('a node that just warmed serves a fresh reader at once: B reads right after joining, nothing from the registry', async () => {
+    // A warms with C connected (C is home of part of the image and fetches that part for A); B joins afterwards
+    // and reads at once: A's announcements have not spread, and B is the home of chunks only A and C hold.
+    const c = await startCluster(2, { insecureRegistry: [proxy.host] })
+    const dir = await mkdtemp(join(tmpdir(), 'strata-p2pd-reader-'))
+    try {
+      await waitForMesh(c.nodes, 1)
+      const total = await warm(c, 0)
+      c.nodes.push(await startP2pd({ dataDir: dir, bootstrap: c.nodes[0]!.addrs, insecureRegistry: [proxy.host] }))
+      await waitForMesh(c.nodes, 2)
+      const mark = proxy.requests.length
+      await warm(c, 2)
+      expect(payloadBytes(mark)).toBe(0)
+      const reader = await status(c, 2)
+      expect(reader.store.chunks).toBe(total.totalChunks)
+      expect(reader.bytes.fetched.registry).toBe(0)
+      expect(reader.bytes.fetched.peer).toBe(total.totalBytes)
+      // C went to the registry for A only: its own reads are none, its fetches for peers are what it served A.
+      const home = await status(c, 1)
+      expect(home.bytes.fetched.registry).toBe(0)
+      expect(home.bytes.fetchedForPeers.registry).toBeGreaterThan(0)
+      expect(home.bytes.served).toBeGreaterThanOrEqual(home.bytes.fetchedForPeers.registry!)
+    } finally {
+      await c.stop()
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
   it('five cold nodes read the same image at once: registry egress <= 1.3x the bytes read', async () => {
     const c = await startCluster(5, { insecureRegistry: [proxy.host] })
     try {

@@ -5,7 +5,10 @@ export interface AnnouncerInit {
   provide(digest: string, options?: AbortOptions): Promise<boolean>
   /** Stops re-announcing a key. */
   withdraw?(digest: string): void
-  /** Provides running at once (too many and records are silently dropped). Default 4. */
+  /**
+   * Chunk-key provides running at once (too many and records are silently dropped); coarse keys have as many
+   * slots again of their own. Default 4.
+   */
   concurrency?: number
   /** Provides started per second at most. Default 40. */
   ratePerSecond?: number
@@ -26,8 +29,9 @@ export interface AnnounceStats {
 }
 
 /**
- * Announces what the node holds. Coarse keys (layer, TOC digests) go first, as soon as they are known; chunk
- * digests follow in the background, a few at a time and rate-limited, and each is checked to have landed.
+ * Announces what the node holds. Coarse keys (layer, TOC digests) go first, as soon as they are known, in slots
+ * of their own (never behind chunk keys) and not rate-limited; chunk digests follow in the background, a few at
+ * a time and rate-limited, and each is checked to have landed.
  */
 export class Announcer {
   private readonly urgent = new Set<string>()
@@ -39,6 +43,8 @@ export class Announcer {
   private readonly retrying = new Set<string>()
   private retryTimer: NodeJS.Timeout | undefined
   private inflight = 0
+  /** Of `inflight`, coarse keys. */
+  private inflightCoarse = 0
   private failed = 0
   private tokens: number
   private lastRefill = Date.now()
@@ -138,15 +144,11 @@ export class Announcer {
     this.pump()
   }
 
-  private next(): string | undefined {
-    for (const queue of [this.urgent, this.background]) {
-      const first = queue.values().next()
-      if (first.done !== true) {
-        queue.delete(first.value)
-        return first.value
-      }
-    }
-    return undefined
+  private static take(queue: Set<string>): string | undefined {
+    const first = queue.values().next()
+    if (first.done === true) return undefined
+    queue.delete(first.value)
+    return first.value
   }
 
   private pump(): void {
@@ -154,17 +156,18 @@ export class Announcer {
     const now = Date.now()
     this.tokens = Math.min(this.rate, this.tokens + ((now - this.lastRefill) / 1000) * this.rate)
     this.lastRefill = now
-    while (this.inflight < this.concurrency && this.tokens >= 1) {
-      const digest = this.next()
+    while (this.inflightCoarse < this.concurrency) {
+      const digest = Announcer.take(this.urgent)
+      if (digest === undefined) break
+      this.provide(digest, true)
+    }
+    while (this.inflight - this.inflightCoarse < this.concurrency && this.tokens >= 1) {
+      const digest = Announcer.take(this.background)
       if (digest === undefined) break
       this.tokens--
-      this.inflight++
-      void this.init
-        .provide(digest, { signal: this.stopping.signal })
-        .catch(() => false)
-        .then((landed) => this.done(digest, landed))
+      this.provide(digest, false)
     }
-    if (this.urgent.size + this.background.size > 0 && this.wake === undefined && this.tokens < 1) {
+    if (this.background.size > 0 && this.wake === undefined && this.tokens < 1) {
       this.wake = setTimeout(() => {
         this.wake = undefined
         this.pump()
@@ -173,8 +176,18 @@ export class Announcer {
     if (this.pending() === 0) for (const resolve of this.idle.splice(0)) resolve()
   }
 
-  private done(digest: string, landed: boolean): void {
+  private provide(digest: string, coarse: boolean): void {
+    this.inflight++
+    if (coarse) this.inflightCoarse++
+    void this.init
+      .provide(digest, { signal: this.stopping.signal })
+      .catch(() => false)
+      .then((landed) => this.done(digest, coarse, landed))
+  }
+
+  private done(digest: string, coarse: boolean, landed: boolean): void {
     this.inflight--
+    if (coarse) this.inflightCoarse--
     if (landed) {
       if (this.held.has(digest)) this.landedKeys.add(digest)
     } else if (!this.stopping.signal.aborted) {

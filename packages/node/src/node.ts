@@ -22,7 +22,7 @@ import { digestToCid } from './keys.js'
 import { PeerBook, type PeerScore } from './peers.js'
 import { CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
 import { LayerRouter } from './router.js'
-import { PeerSource, runForwarded } from './source.js'
+import { isForwarded, PeerSource, runForwarded } from './source.js'
 import { type WarmProgress, type WarmResult, warmImage } from './warm.js'
 
 export const DHT_PROTOCOL = '/strata/kad/1.0.0'
@@ -91,8 +91,13 @@ export interface NodeStatus {
   bytes: {
     /** Chunk bytes this node sent to peers. */
     served: number
-    /** Chunk bytes fetched, per source (`peer`, `registry`, `store` hits). */
+    /** Chunk bytes fetched for this node's own reads, per source (`peer`, `registry`, `store` hits). */
     fetched: Record<string, number>
+    /**
+     * Chunk bytes fetched as the home of peers' chunks (to serve their forwarded requests), per source: the rest
+     * of this node's registry egress. They are served to those peers (and kept), so they count in `served` too.
+     */
+    fetchedForPeers: Record<string, number>
   }
   requests: { served: number; errors: number }
   store: StoreStats
@@ -152,7 +157,9 @@ class Node implements StrataNode {
   private readonly inflight = new Set<Promise<void>>()
   private readonly onPut: (e: Event) => void
   private readonly onEvict: (e: Event) => void
-  private readonly router = new LayerRouter()
+  /** Bytes received while serving forwarded requests, per source (see NodeStatus.bytes.fetchedForPeers). */
+  private readonly forPeers: Record<string, number> = { peer: 0, registry: 0 }
+  private readonly router = new LayerRouter((bytes) => this.countForPeers('registry', bytes))
   private readonly opened = new Map<string, Promise<Image>>()
   /** The image each opened layer came from: a home node asked to fetch a chunk opens it by this name. */
   private readonly imageOfLayer = new Map<string, string>()
@@ -178,7 +185,8 @@ class Node implements StrataNode {
       openStream: (peer, options) =>
         this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, { signal: options?.signal }),
       members: () => [...this.strataPeers],
-      imageOf: (layer) => this.imageOfLayer.get(layer)
+      imageOf: (layer) => this.imageOfLayer.get(layer),
+      onFetched: (_peer, bytes) => this.countForPeers('peer', bytes)
     })
     this.fetcher = createFetcher({
       hedgeDelayMs: 8_000,
@@ -216,6 +224,10 @@ class Node implements StrataNode {
       this.announcer.announce(detail.digest)
     }
     this.onEvict = (e) => this.announcer.withdraw((e as CustomEvent<{ digests: string[] }>).detail.digests)
+  }
+
+  private countForPeers(source: 'peer' | 'registry', bytes: number): void {
+    if (isForwarded()) this.forPeers[source] = (this.forPeers[source] ?? 0) + bytes
   }
 
   async start(): Promise<void> {
@@ -398,12 +410,15 @@ class Node implements StrataNode {
 
   async status(options?: AbortOptions): Promise<NodeStatus> {
     const fetched: Record<string, number> = { peer: 0, registry: 0 }
-    for (const [name, s] of Object.entries(this.fetcher.metrics().sources)) fetched[name] = s.bytes
+    // The fetcher counts every verified chunk; those fetched for peers were counted (as received) here too.
+    // (Received bytes that then failed verification could make the difference negative: hence the floor.)
+    for (const [name, s] of Object.entries(this.fetcher.metrics().sources))
+      fetched[name] = Math.max(0, s.bytes - (this.forPeers[name] ?? 0))
     return {
       peerId: this.peerId,
       addrs: this.addrs(),
       peers: this.libp2p.getPeers().length,
-      bytes: { served: this.served, fetched },
+      bytes: { served: this.served, fetched, fetchedForPeers: { ...this.forPeers } },
       requests: { served: this.requestsServed, errors: this.requestErrors },
       store: await this.init.store.stats(options),
       announce: this.announcer.stats()

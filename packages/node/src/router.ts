@@ -9,6 +9,9 @@ export class LayerRouter implements ChunkSource {
   readonly name = 'registry'
   private readonly sources = new Map<string, ChunkSource>()
 
+  /** `onFetched` is told about the bytes of each chunk the registry sent (before verification). */
+  constructor(private readonly onFetched?: (bytes: number) => void) {}
+
   add(layers: string[], source: ChunkSource): void {
     for (const layer of layers) if (!this.sources.has(layer)) this.sources.set(layer, source)
   }
@@ -17,8 +20,10 @@ export class LayerRouter implements ChunkSource {
     return this.sources.has(layer)
   }
 
-  get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array | undefined> {
-    return this.sources.get(chunk.layer)?.get(chunk, options) ?? Promise.resolve(undefined)
+  async get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array | undefined> {
+    const bytes = await this.sources.get(chunk.layer)?.get(chunk, options)
+    if (bytes !== undefined) this.onFetched?.(bytes.byteLength)
+    return bytes
   }
 
   async *getMany(chunks: ChunkRef[], options?: AbortOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
@@ -29,12 +34,17 @@ export class LayerRouter implements ChunkSource {
     }
     for (const [source, refs] of bySource) {
       if (source.getMany !== undefined) {
-        yield* source.getMany(refs, options)
+        for await (const got of source.getMany(refs, options)) {
+          this.onFetched?.(got.bytes.byteLength)
+          yield got
+        }
         continue
       }
       for (const chunk of refs) {
         const bytes = await source.get(chunk, options)
-        if (bytes !== undefined) yield { chunk, bytes }
+        if (bytes === undefined) continue
+        this.onFetched?.(bytes.byteLength)
+        yield { chunk, bytes }
       }
     }
   }

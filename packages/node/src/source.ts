@@ -39,6 +39,11 @@ export function runForwarded<T>(fn: () => Promise<T>): Promise<T> {
   return context.run({ ...context.getStore(), forwarded: true }, fn)
 }
 
+/** True while serving another node's forwarded request (see runForwarded): what is fetched is for that peer. */
+export function isForwarded(): boolean {
+  return context.getStore()?.forwarded === true
+}
+
 /** Runs `fn` with chunk homes chosen among `members` (the cluster of a warm-up). */
 export function runWithMembers<T>(members: string[], fn: () => Promise<T>): Promise<T> {
   return context.run({ ...context.getStore(), members }, fn)
@@ -73,14 +78,20 @@ const NO_PROVIDER_TTL_MS = 2_000
 const LOOKUP_TIMEOUT_MS = 5_000
 const MAX_PROVIDERS = 8
 const MAX_TRIES = 3
+/** Peers asked `have` for one layer's chunks in all: its known holders first, then other connected peers. */
+const MAX_PROBES = 8
+/** Layers whose holders are remembered (the oldest is forgotten first). */
+const MAX_HOLDER_LAYERS = 10_000
 /** Chunks per `get` request to a holder, and per `fetch` request to a home (which may have to go to the registry). */
 const BATCH = 256
 const FETCH_BATCH = 64
 
 /**
- * The `peer` ChunkSource. For a chunk: providers of its layer first, then of the chunk itself (both cached),
- * best measured peer first, hedged to a second one; then the chunk's home node (rendezvous over the cluster),
- * which fetches it once for everyone. Returns bytes unverified: the fetcher checks them and calls reportBad.
+ * The `peer` ChunkSource. For a chunk: the peers known to hold its layer (those that said so, and its DHT
+ * providers), then the other connected peers, best measured first, asked which chunks they hold: a node that
+ * has just warmed an image serves it before the DHT has spread its announcements. Then providers of the chunk
+ * itself; then the chunk's home node (rendezvous over the cluster), which fetches it once for everyone. Returns
+ * bytes unverified: the fetcher checks them and calls reportBad.
  */
 export class PeerSource implements ChunkSource {
   readonly name = 'peer'
@@ -88,27 +99,28 @@ export class PeerSource implements ChunkSource {
   private readonly providers = new Map<string, { peers: Promise<string[]>; expires: number }>()
   /** Which peer sent a digest last, so reportBad can blame it. Bounded. */
   private readonly origin = new Map<string, string>()
+  /** Per layer, the peers that answered `have` with some of its chunks. Bounded. */
+  private readonly holders = new Map<string, Set<string>>()
 
   constructor(private readonly components: PeerSourceComponents) {
     this.limits = components.limits ?? DEFAULT_LIMITS
   }
 
   async get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array | undefined> {
-    const tried = new Set<string>()
-    // A home node serving a forwarded request asks only the layer's providers: it is the one to go to the registry.
-    const keys = context.getStore()?.forwarded === true ? [chunk.layer] : [chunk.layer, chunk.digest]
-    for (const key of keys) {
-      const peers = this.components.book.rank(await this.providersOf(key, options)).filter((p) => !tried.has(p))
-      for (const p of peers.slice(0, MAX_TRIES)) tried.add(p)
-      const got = await this.firstOf(
-        peers.slice(0, MAX_TRIES),
-        (peer, signal) => this.ask(peer, { op: 'get', digests: [chunk.digest] }, signal),
-        options
-      )
+    const getOne = (peer: string, signal: AbortSignal) => this.ask(peer, { op: 'get', digests: [chunk.digest] }, signal)
+    const { found, asked } = await this.locate(chunk.layer, [chunk.digest], options)
+    let got = await this.firstOf([...found.keys()], getOne, options)
+    if (got !== undefined) return got
+    // A home node serving a forwarded request asks no more: it is the one to go to the registry.
+    if (context.getStore()?.forwarded !== true) {
+      const providers = await this.providersOf(chunk.digest, options)
+      const peers = this.components.book.rank(providers).filter((p) => !asked.has(p))
+      got = await this.firstOf(peers.slice(0, MAX_TRIES), getOne, options)
       if (got !== undefined) return got
     }
+    // The home is asked even when it lacked the chunk: it fetches it once for the cluster.
     const home = this.home(chunk)
-    if (home === undefined || tried.has(home)) return undefined
+    if (home === undefined) return undefined
     const request = { op: 'fetch' as const, chunks: [chunk], ...this.refOf(chunk.layer) }
     return this.firstOf([home], (peer, signal) => this.ask(peer, request, signal), options)
   }
@@ -116,22 +128,13 @@ export class PeerSource implements ChunkSource {
   async *getMany(chunks: ChunkRef[], options?: AbortOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     const left = new Map<string, ChunkRef[]>()
     for (const c of chunks) left.set(c.digest, [...(left.get(c.digest) ?? []), c])
-    // Peers that announced the layers: ask who has what, then get each chunk from the best peer holding it.
+    // Ask who holds what (the layer's known holders, then the connected peers), then get each chunk from the best
+    // peer holding it. Only what no peer holds goes to its home below: never a colder node than a holder.
     const assigned = new Map<string, string[]>()
-    const taken = new Set<string>()
     for (const layer of new Set(chunks.map((c) => c.layer))) {
-      const peers = this.components.book.rank(await this.providersOf(layer, options)).slice(0, MAX_TRIES)
-      for (const peer of peers) {
-        const wanted = chunks.filter((c) => c.layer === layer && left.has(c.digest)).map((c) => c.digest)
-        const unassigned = [...new Set(wanted)].filter((d) => !taken.has(d))
-        for (let i = 0; i < unassigned.length; i += this.limits.maxDigestsPerRequest) {
-          const batch = unassigned.slice(i, i + this.limits.maxDigestsPerRequest)
-          const have = await this.askHave(peer, batch, options)
-          const mine = batch.filter((_, j) => have[j] === true)
-          for (const d of mine) taken.add(d)
-          if (mine.length > 0) assigned.set(peer, [...(assigned.get(peer) ?? []), ...mine])
-        }
-      }
+      const wanted = [...new Set(chunks.filter((c) => c.layer === layer).map((c) => c.digest))]
+      const { found } = await this.locate(layer, wanted, options)
+      for (const [peer, digests] of found) assigned.set(peer, [...(assigned.get(peer) ?? []), ...digests])
     }
     const fromHolders = [...assigned].map(([peer, digests]) => this.stream(peer, 'get', digests, left, options))
     for await (const got of merge(fromHolders)) yield* this.deliver(got, left)
@@ -155,9 +158,63 @@ export class PeerSource implements ChunkSource {
     if (peer === undefined) return
     this.components.book.bad(peer)
     this.components.onBad?.(peer, chunk, reason)
-    // Whatever that peer announced is suspect: look providers up afresh.
+    // Whatever that peer announced or said it holds is suspect: look holders up afresh.
     this.providers.delete(chunk.layer)
     this.providers.delete(chunk.digest)
+    this.holders.delete(chunk.layer)
+  }
+
+  /**
+   * Which peers hold which of `digests` (chunks of `layer`), each digest given to the best-ranked peer holding
+   * it. Asked with `have`, all of a round at once: first the layer's known holders and DHT providers (up to
+   * MAX_TRIES), then, for what they lack, other connected peers best-ranked first (up to MAX_PROBES in all): the
+   * DHT may not have heard of a holder yet. Peers that hold some are remembered as holders of the layer.
+   */
+  private async locate(
+    layer: string,
+    digests: string[],
+    options?: AbortOptions
+  ): Promise<{ found: Map<string, string[]>; asked: Set<string> }> {
+    const { book } = this.components
+    const known = book
+      .rank([...(this.holders.get(layer) ?? []), ...(await this.providersOf(layer, options))])
+      .filter((p) => p !== this.components.self)
+      .slice(0, MAX_TRIES)
+    const others = book
+      .rank(this.components.members())
+      .filter((p) => p !== this.components.self && !known.includes(p))
+      .slice(0, MAX_PROBES - known.length)
+    const found = new Map<string, string[]>()
+    const asked = new Set<string>()
+    let left = digests
+    for (const round of [known, others]) {
+      if (left.length === 0) break
+      const answers = await Promise.all(round.map((peer) => this.askHave(peer, left, options)))
+      const taken = new Set<string>()
+      for (const [k, peer] of round.entries()) {
+        asked.add(peer)
+        const have = answers[k]
+        if (have === undefined) {
+          this.holders.get(layer)?.delete(peer)
+          continue
+        }
+        const mine = left.filter((d, j) => have[j] === true && !taken.has(d))
+        if (have.some((h) => h)) this.holdsLayer(layer, peer)
+        if (mine.length === 0) continue
+        for (const d of mine) taken.add(d)
+        found.set(peer, mine)
+      }
+      left = left.filter((d) => !taken.has(d))
+    }
+    return { found, asked }
+  }
+
+  private holdsLayer(layer: string, peer: string): void {
+    const set = this.holders.get(layer) ?? new Set<string>()
+    set.add(peer)
+    this.holders.delete(layer)
+    this.holders.set(layer, set)
+    if (this.holders.size > MAX_HOLDER_LAYERS) this.holders.delete(this.holders.keys().next().value as string)
   }
 
   private refOf(layer: string): { ref?: string } {
@@ -232,13 +289,19 @@ export class PeerSource implements ChunkSource {
     }
   }
 
-  private async askHave(peer: string, digests: string[], options?: AbortOptions): Promise<boolean[]> {
+  /** Which of `digests` the peer holds (in requests of at most maxDigestsPerRequest); undefined when it failed. */
+  private async askHave(peer: string, digests: string[], options?: AbortOptions): Promise<boolean[] | undefined> {
+    const out: boolean[] = []
     try {
-      const stream = await this.components.openStream(peer, options)
-      return await requestHave(stream, peer, digests, this.limits, options)
+      for (let i = 0; i < digests.length; i += this.limits.maxDigestsPerRequest) {
+        const stream = await this.components.openStream(peer, options)
+        const batch = digests.slice(i, i + this.limits.maxDigestsPerRequest)
+        out.push(...(await requestHave(stream, peer, batch, this.limits, options)))
+      }
+      return out
     } catch {
       if (options?.signal?.aborted !== true) this.components.book.failure(peer)
-      return []
+      return undefined
     }
   }
 

@@ -94,13 +94,18 @@ describe('announcer', () => {
     a.withdraw(['chunk9'])
     a.announceNow('layer')
     a.start()
+    // A coarse key known later does not wait for the chunk keys' slots: it starts at once, in a slot of its own.
+    a.announceNow('toc')
+    expect(order).toHaveLength(4)
+    expect(order).toEqual(expect.arrayContaining(['layer', 'toc']))
     await a.settled()
     a.stop()
-    expect(order.slice(0, 3)).toContain('layer')
     expect(order).not.toContain('chunk9')
     expect(withdrawn).toEqual(['chunk9'])
-    expect(most).toBe(2)
-    expect(a.stats()).toMatchObject({ backlog: 0, landed: 10, failed: 0 })
+    // Two chunk keys and the coarse keys (two slots of their own) at most.
+    expect(most).toBeLessThanOrEqual(4)
+    expect(most).toBeGreaterThanOrEqual(3)
+    expect(a.stats()).toMatchObject({ backlog: 0, landed: 11, failed: 0 })
   })
 
   it('keeps the rate limit and retries what did not land', async () => {

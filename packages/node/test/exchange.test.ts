@@ -167,3 +167,44 @@ describe('two nodes in one process', () => {
 async function* answers(it: AsyncIterable<{ bytes: Uint8Array | undefined }>) {
   for await (const x of it) if (x.bytes !== undefined) yield x.bytes
 }
+
+describe('a holder the DHT has not heard of', () => {
+  const dirs: string[] = []
+  let holder: StrataNode
+  let reader: StrataNode
+  const storeH = createMemoryStore()
+  const storeR = createMemoryStore()
+  // Each in a segment of its own: their homes (rendezvous over both nodes) are the reader for about half.
+  const chunks = Array.from({ length: 64 }, (_, i) => {
+    const c = chunk(2000 + i)
+    return { ...c, ref: { ...c.ref, offset: i << 20, end: (i << 20) + 10 } }
+  })
+
+  beforeAll(async () => {
+    for (let i = 0; i < 2; i++) dirs.push(await mkdtemp(join(tmpdir(), 'strata-node-')))
+    const common = { listen: ['/ip4/127.0.0.1/tcp/0'] }
+    // No announcement slots: the holder's keys never reach the DHT (as right after a warm-up, before they spread).
+    holder = await createNode({ ...common, store: storeH, dataDir: dirs[0]!, announce: { concurrency: 0 } })
+    for (const c of chunks) await storeH.put(c.ref.digest, c.bytes, { layer: LAYER })
+    reader = await createNode({ ...common, store: storeR, dataDir: dirs[1]!, bootstrap: holder.addrs() })
+    while (!reader.peers().some((p) => p.peer === holder.peerId && p.strata))
+      await new Promise((r) => setTimeout(r, 20))
+  })
+
+  afterAll(async () => {
+    await Promise.all([holder?.stop(), reader?.stop()])
+    for (const d of dirs) await rm(d, { recursive: true, force: true })
+  })
+
+  it('is found among the connected peers: every chunk, one by one and in a batch, comes from it', async () => {
+    expect((await holder.status()).announce.landed).toBe(0)
+    const one = await reader.fetcher.get(chunks[0]!.ref)
+    expect(sha(one)).toBe(chunks[0]!.ref.digest)
+    // Without a registry the reader has no other source: a chunk not found on the holder fails the batch.
+    const many = await reader.fetcher.getMany(chunks.map((c) => c.ref))
+    expect(many.map((x) => sha(x))).toEqual(chunks.map((c) => c.ref.digest))
+    const status = await reader.status()
+    expect(status.bytes.fetched.peer).toBe(chunks.reduce((n, c) => n + c.bytes.byteLength, 0))
+    expect(status.bytes.fetchedForPeers).toEqual({ peer: 0, registry: 0 })
+  })
+})
