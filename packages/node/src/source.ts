@@ -76,6 +76,8 @@ export function homeOf(key: string, members: string[]): string | undefined {
 const PROVIDER_TTL_MS = 15_000
 const NO_PROVIDER_TTL_MS = 2_000
 const LOOKUP_TIMEOUT_MS = 5_000
+/** How long a read waits for a layer's DHT lookup before asking the connected peers (the lookup goes on). */
+const LOOKUP_PATIENCE_MS = 250
 const MAX_PROVIDERS = 8
 const MAX_TRIES = 3
 /** Peers asked `have` for one layer's chunks in all: its known holders first, then other connected peers. */
@@ -177,7 +179,7 @@ export class PeerSource implements ChunkSource {
   ): Promise<{ found: Map<string, string[]>; asked: Set<string> }> {
     const { book } = this.components
     const known = book
-      .rank([...(this.holders.get(layer) ?? []), ...(await this.providersOf(layer, options))])
+      .rank([...(this.holders.get(layer) ?? []), ...(await this.providersSoon(layer, options))])
       .filter((p) => p !== this.components.self)
       .slice(0, MAX_TRIES)
     const others = book
@@ -242,6 +244,19 @@ export class PeerSource implements ChunkSource {
       if (peers.length === 0) entry.expires = Date.now() + NO_PROVIDER_TTL_MS
     })
     return entry.peers
+  }
+
+  /** The key's providers as far as known within LOOKUP_PATIENCE_MS; none when the lookup takes longer. */
+  private async providersSoon(key: string, options?: AbortOptions): Promise<string[]> {
+    let timer: NodeJS.Timeout | undefined
+    const patience = new Promise<string[]>((resolve) => {
+      timer = setTimeout(() => resolve([]), LOOKUP_PATIENCE_MS)
+    })
+    try {
+      return await Promise.race([this.providersOf(key, options), patience])
+    } finally {
+      clearTimeout(timer)
+    }
   }
 
   private async lookup(key: string, options?: AbortOptions): Promise<string[]> {
