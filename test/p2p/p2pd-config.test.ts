@@ -83,9 +83,12 @@ it('p2pd takes flags over STRATA_* variables over the config file; p2pctl status
       )
       const text = await (await fetch(`http://127.0.0.1:${p3}/metrics`)).text()
       expect(text).toMatch(/^strata_peers 0$/m)
-      const human = await p2pctl(['status', '--socket', socket])
+      // The global option before the command, as operators' scripts write it.
+      const human = await p2pctl(['--socket', socket, 'status'])
       expect(human.code).toBe(0)
       expect(human.stdout).toMatch(/^peerId: 12D3/m)
+      expect(human.stdout).toMatch(/^fetched: .*registry 0 B/m)
+      expect(human.stdout).toMatch(/^fetched-for-peers: /m)
       const json = await p2pctl(['status', '--json', '--socket', socket])
       const s = JSON.parse(json.stdout) as Record<string, unknown>
       expect(Object.keys(s)).toEqual(expect.arrayContaining(['peerId', 'addrs', 'peers', 'bytes']))

@@ -32,14 +32,19 @@ const status: Command = {
       addrs: s.addrs.join(' '),
       peers: s.peers,
       served: formatBytes(s.bytes.served),
-      fetched: Object.entries(s.bytes.fetched)
-        .map(([source, n]) => `${source} ${formatBytes(n)}`)
-        .join(', '),
+      fetched: bySource(s.bytes.fetched),
+      'fetched-for-peers': bySource(s.bytes.fetchedForPeers),
       store: `${s.store.chunks} chunks, ${formatBytes(s.store.bytes)}${Number.isFinite(s.store.maxBytes) ? ` of ${formatBytes(s.store.maxBytes)}` : ''}`,
       announce: `${s.announce.landed} keys announced, ${s.announce.backlog} waiting`
     })
     return 0
   }
+}
+
+/** `peer 1.2 MiB, registry 0 B`: bytes per source, or `none`. */
+function bySource(bytes: Record<string, number> | undefined): string {
+  const entries = Object.entries(bytes ?? {})
+  return entries.length === 0 ? 'none' : entries.map(([source, n]) => `${source} ${formatBytes(n)}`).join(', ')
 }
 
 const peers: Command = {
