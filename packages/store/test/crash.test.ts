@@ -48,7 +48,9 @@ async function startWorker(
   child.stderr!.on('data', (d: Buffer) => {
     stderr += d.toString()
   })
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
+  // 'close', not 'exit': only then has everything the child wrote to stdout been read (a `deleting` line still
+  // in the pipe would make a deleted chunk look acknowledged).
+  const exited = new Promise<void>((resolve) => child.once('close', () => resolve()))
   const ready = new Promise<void>((resolve, reject) => {
     createInterface({ input: child.stdout! }).on('line', (line) => {
       lines.push(line)
