@@ -1,4 +1,4 @@
-import type { Entry, TOC } from '@strata/stargz'
+import { type Entry, implicitDir, type TOC } from '@strata/stargz'
 import { UnsafePathError } from './errors.js'
 
 export type NodeType = 'dir' | 'reg' | 'symlink' | 'char' | 'block' | 'fifo'
@@ -51,7 +51,7 @@ interface Building extends Node {
  */
 export function buildTree(layers: readonly { toc: TOC }[]): Tree {
   let nextIno = 1
-  const root: Building = newNode(nextIno++, rootEntry(), undefined)
+  const root: Building = newNode(nextIno++, implicitDir(''), undefined)
 
   const find = (path: string): Building | undefined => {
     let node: Building | undefined = root
@@ -216,26 +216,6 @@ function updateDir(dir: Building, e: Entry): void {
   dir.gid = e.gid
   dir.mtimeMs = e.mtimeMs
   dir.xattrs = e.xattrs
-}
-
-function rootEntry(): Entry {
-  return implicitDir('')
-}
-
-function implicitDir(path: string): Entry {
-  return {
-    path,
-    type: 'dir',
-    mode: 0o755,
-    uid: 0,
-    gid: 0,
-    size: 0,
-    mtimeMs: 0,
-    devMajor: 0,
-    devMinor: 0,
-    xattrs: {},
-    chunks: []
-  }
 }
 
 function split(path: string): { parent: string; name: string } {

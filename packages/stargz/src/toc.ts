@@ -104,7 +104,8 @@ function parentOf(path: string): string {
   return i < 0 ? '' : path.slice(0, i)
 }
 
-function implicitDir(path: string): Entry {
+/** A directory the TOC implies (a parent of an entry) but does not list: root-owned, 0755, epoch. */
+export function implicitDir(path: string): Entry {
   return {
     path,
     type: 'dir',
