@@ -160,7 +160,7 @@ function rows(results: Results): Row[] {
       )
     }
     for (const [what, error] of Object.entries(img.errors ?? {})) {
-      add(what, 'FAILED', error.length > 100 ? `${error.slice(0, 100)}...` : error, '', '', '')
+      add(what, 'FAILED', error.length > 140 ? `...${error.slice(-140)}` : error, '', '', '')
     }
   }
   return out
