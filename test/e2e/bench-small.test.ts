@@ -15,21 +15,29 @@ let results: Results
 beforeAll(async () => {
   work = await mkdtemp(join(tmpdir(), 'strata-bench-small-'))
   const out = join(work, 'results.json')
-  const { code, stderr } = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
-    const child = spawn(
-      process.execPath,
-      ['--no-warnings', join(repoRoot, 'test', 'bench', 'run.ts'), '--small', '--no-docs', '--out', out],
-      { stdio: ['ignore', 'ignore', 'pipe'] }
-    )
-    let err = ''
-    child.stderr.setEncoding('utf8').on('data', (d: string) => {
-      err += d
+  const runBench = () =>
+    new Promise<{ code: number | null; stderr: string }>((resolve) => {
+      const child = spawn(
+        process.execPath,
+        ['--no-warnings', join(repoRoot, 'test', 'bench', 'run.ts'), '--small', '--no-docs', '--out', out],
+        { stdio: ['ignore', 'ignore', 'pipe'] }
+      )
+      let err = ''
+      child.stderr.setEncoding('utf8').on('data', (d: string) => {
+        err += d
+      })
+      child.once('close', (c) => resolve({ code: c, stderr: err }))
     })
-    child.once('close', (c) => resolve({ code: c, stderr: err }))
-  })
+  let { code, stderr } = await runBench()
+  if (code !== 0) {
+    // Known flake (about 1 run in 6 on a loaded 2-core machine): `p2pctl warm --cluster` sometimes reports
+    // "closed the warm-up stream without a result". Shown here, then measured once more; a second failure fails.
+    console.warn(`bench --small failed once, running it again:\n${stderr}`)
+    ;({ code, stderr } = await runBench())
+  }
   expect(code, stderr).toBe(0)
   results = JSON.parse(await readFile(out, 'utf8')) as Results
-}, 240_000)
+}, 480_000)
 
 afterAll(async () => {
   await rm(work, { recursive: true, force: true })
