@@ -1,4 +1,3 @@
-import { readFile } from 'node:fs/promises'
 import {
   type ConvertEvent,
   convertImage,
@@ -10,8 +9,9 @@ import {
   type RegistryClient
 } from '@strata/registry'
 import { MAX_FOOTER_SIZE, openLayer, parseFooter, TOC_DIGEST_ANNOTATION } from '@strata/stargz'
-import { type Command, type OptionSpec, type Options, parseBytes, UsageError } from '../command.js'
+import { type Command, type OptionSpec, type Options, UsageError } from '../command.js'
 import { formatBytes, type Output, type Progress } from '../output.js'
+import { builderSettings, chunkSizeOption, prioritizedFileOption } from './build-options.js'
 
 const registryOptions: Record<string, OptionSpec> = {
   'insecure-registry': {
@@ -150,16 +150,6 @@ Examples:
   }
 }
 
-async function readList(path: string): Promise<string[]> {
-  const text = await readFile(path, 'utf8').catch((err: Error) => {
-    throw new UsageError(`cannot read the prioritized file list ${path}: ${err.message}`)
-  })
-  return text
-    .split('\n')
-    .map((l) => l.trim())
-    .filter((l) => l !== '' && !l.startsWith('#'))
-}
-
 /** Turns convert's events into progress bars (on a terminal) or occasional plain lines. */
 function reporter(out: Output): (e: ConvertEvent) => void {
   const bars = new Map<string, Progress>()
@@ -231,25 +221,15 @@ Examples:
       value: 'OS/ARCH[/VARIANT]',
       description: 'convert only this platform of a multi-platform index (default: all)'
     },
-    'chunk-size': {
-      type: 'string',
-      value: 'N',
-      description: 'largest chunk of a file per gzip member, bytes or 4MiB-style (default: 4MiB)'
-    },
-    'prioritized-file': {
-      type: 'string',
-      value: 'LIST',
-      description: 'file with paths to put first (one per line), each in the topmost layer that has it'
-    }
+    'chunk-size': chunkSizeOption,
+    'prioritized-file': prioritizedFileOption(
+      'file with paths to put first (one per line), each in the topmost layer that has it'
+    )
   },
   args: { min: 2, max: 2 },
   async run({ args, opts, out, signal }) {
     const [srcName, dstName] = args as [string, string]
-    const chunkSize =
-      typeof opts['chunk-size'] === 'string' ? parseBytes(opts['chunk-size'], '--chunk-size') : undefined
-    if (chunkSize === 0) throw new UsageError('--chunk-size must be at least 1 byte')
-    const prioritizedFiles =
-      typeof opts['prioritized-file'] === 'string' ? await readList(opts['prioritized-file']) : undefined
+    const { chunkSize, prioritizedFiles } = await builderSettings(opts)
     const client = clientFor(opts, [srcName, dstName])
     const src = openImageRepo(srcName, client)
     const dst = openImageRepo(dstName, client)

@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto'
 import { createReadStream } from 'node:fs'
-import { open, readFile, rename, stat, unlink } from 'node:fs/promises'
+import { open, rename, stat, unlink } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { buildEstargz } from '@strata/stargz'
-import { type Command, parseBytes, parseInteger, UsageError } from '../command.js'
+import { type Command, parseInteger, UsageError } from '../command.js'
+import { builderSettings, chunkSizeOption, prioritizedFileOption } from './build-options.js'
 
 /** `p2pctl stargz build`: converts one tar layer into an eStargz blob, as the seed's stargzify does. */
 export const buildCommand: Command = {
@@ -19,29 +20,19 @@ Examples:
   p2pctl stargz build layer.tar layer.esgz
   p2pctl stargz build layer.tar.gz layer.esgz --prioritized-file startup-files.txt --json`,
   options: {
-    'chunk-size': {
-      type: 'string',
-      value: 'N',
-      description: 'largest chunk of a file per gzip member, bytes or 4MiB-style (default: 4MiB)'
-    },
-    'prioritized-file': {
-      type: 'string',
-      value: 'LIST',
-      description: 'file with paths to put first (one per line), e.g. what the workload reads at start-up'
-    },
+    'chunk-size': chunkSizeOption,
+    'prioritized-file': prioritizedFileOption(
+      'file with paths to put first (one per line), e.g. what the workload reads at start-up'
+    ),
     'gzip-level': { type: 'string', value: 'N', description: 'gzip level 0-9 (default: 9, as the reference)' },
     json: { type: 'boolean', description: 'print one JSON object' }
   },
   args: { min: 2, max: 2 },
   async run({ args, opts, out, signal }) {
     const [input, output] = args as [string, string]
-    const chunkSize =
-      typeof opts['chunk-size'] === 'string' ? parseBytes(opts['chunk-size'], '--chunk-size') : undefined
-    if (chunkSize === 0) throw new UsageError('--chunk-size must be at least 1 byte')
+    const { chunkSize, prioritizedFiles } = await builderSettings(opts)
     const gzipLevel =
       typeof opts['gzip-level'] === 'string' ? parseInteger(opts['gzip-level'], '--gzip-level', 0, 9) : undefined
-    const prioritizedFiles =
-      typeof opts['prioritized-file'] === 'string' ? await readList(opts['prioritized-file']) : undefined
 
     const size = await inputSize(input)
     const tmp = join(dirname(output), `.${basename(output)}.${randomBytes(4).toString('hex')}.tmp`)
@@ -80,14 +71,4 @@ async function inputSize(path: string): Promise<number | undefined> {
   })
   if (!st.isFile()) throw new UsageError(`input ${path} is not a regular file`)
   return path.endsWith('.gz') ? undefined : st.size
-}
-
-async function readList(path: string): Promise<string[]> {
-  const text = await readFile(path, 'utf8').catch((err: Error) => {
-    throw new Error(`cannot read the prioritized file list ${path}: ${err.message}`, { cause: err })
-  })
-  return text
-    .split('\n')
-    .map((l) => l.trim())
-    .filter((l) => l !== '')
 }
