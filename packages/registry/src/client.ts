@@ -667,6 +667,22 @@ class Client implements RegistryClient {
     }
   }
 
+  /** GET of a blob (whole, or the range in `headers`), remembering where its storage redirect goes. */
+  private getBlob(
+    ref: Reference,
+    digest: string,
+    subject: ErrorSubject,
+    ok: number[],
+    signal: AbortSignal | undefined,
+    headers?: Record<string, string>
+  ): Promise<Reply> {
+    const blobKey = `${ref.registry}/${ref.repository}@${digest}`
+    return this.request(
+      { ref, method: 'GET', path: `blobs/${digest}`, ...(headers ? { headers } : {}), subject, blobKey, signal },
+      ok
+    )
+  }
+
   private async request(spec: RequestSpec, ok: number[]): Promise<Reply> {
     const reply = await this.send(spec)
     await this.check(reply, ok, spec)
@@ -839,18 +855,7 @@ class Client implements RegistryClient {
     if (length === 0) return new Uint8Array(0)
     const range = `bytes=${offset}-${offset + length - 1}`
     return this.withRetry(options.signal, async () => {
-      const reply = await this.request(
-        {
-          ref,
-          method: 'GET',
-          path: `blobs/${digest}`,
-          headers: { range },
-          subject,
-          blobKey: `${ref.registry}/${ref.repository}@${digest}`,
-          signal: options.signal
-        },
-        [200, 206]
-      )
+      const reply = await this.getBlob(ref, digest, subject, [200, 206], options.signal, { range })
       if (ignoredRange(reply.res.status)) {
         this.rangeRefused.add(ref.registry)
         const total = Number(reply.header('content-length') ?? Number.NaN)
@@ -926,17 +931,7 @@ class Client implements RegistryClient {
     const ref = toRef(input)
     const subject = { registry: ref.registry, repository: ref.repository, digest }
     return this.withRetry(options.signal, async () => {
-      const reply = await this.request(
-        {
-          ref,
-          method: 'GET',
-          path: `blobs/${digest}`,
-          subject,
-          blobKey: `${ref.registry}/${ref.repository}@${digest}`,
-          signal: options.signal
-        },
-        [200]
-      )
+      const reply = await this.getBlob(ref, digest, subject, [200], options.signal)
       const bytes = await reply.bytes(options.maxBytes ?? 64 * 1024 * 1024)
       const got = digestOf(bytes, digest)
       if (got !== digest) {
@@ -958,17 +953,7 @@ class Client implements RegistryClient {
     const ref = toRef(input)
     const subject = { registry: ref.registry, repository: ref.repository, digest }
     await this.withRetry(options.signal, async () => {
-      const reply = await this.request(
-        {
-          ref,
-          method: 'GET',
-          path: `blobs/${digest}`,
-          subject,
-          blobKey: `${ref.registry}/${ref.repository}@${digest}`,
-          signal: options.signal
-        },
-        [200]
-      )
+      const reply = await this.getBlob(ref, digest, subject, [200], options.signal)
       const temp = `${path}.${randomBytes(6).toString('hex')}.partial`
       const file = await open(temp, 'wx')
       try {
