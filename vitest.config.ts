@@ -7,6 +7,8 @@ export default defineConfig({
   resolve: {
     // Tests run against the sources, so a change needs no build before `vitest`.
     alias: Object.fromEntries([
+      // A subpath first: the package's alias below would also match it.
+      ['@strata/node/client', fileURLToPath(new URL('./packages/node/src/client.ts', import.meta.url))],
       ...['stargz', 'registry', 'store', 'fetcher', 'node', 'fs', 'cli'].map((n) => [`@strata/${n}`, pkg(n)]),
       ['@test', fileURLToPath(new URL('./test/helpers', import.meta.url))]
     ])

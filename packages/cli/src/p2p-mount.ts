@@ -2,7 +2,7 @@ import { homedir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { createFetcher, createRegistrySource, type FetchEvent, openImage } from '@strata/fetcher'
 import { forceUnmount, isMounted, type ReadFailure, serveMount } from '@strata/fs'
-import { createControlClient } from '@strata/node'
+import { createControlClient } from '@strata/node/client'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
 import { openDiskStore } from '@strata/store'
 import { type Command, type Context, runCommand, UsageError } from './command.js'
@@ -188,9 +188,16 @@ async function mountHere(
   const dir = dataDir(ctx)
   const { signal, out } = ctx
 
-  const store = await openDiskStore(join(dir, 'store'))
+  // The store opens while the manifest is on its way.
+  const [opening, getting] = await Promise.allSettled([
+    openDiskStore(join(dir, 'store')),
+    client.getImage(image, { platform: ctx.opts.platform as string | undefined, signal })
+  ])
+  if (opening.status === 'rejected') throw opening.reason
+  const store = opening.value
   try {
-    const pinned = await client.getImage(image, { platform: ctx.opts.platform as string | undefined, signal })
+    if (getting.status === 'rejected') throw getting.reason
+    const pinned = getting.value
     const layerIndex = new Map(pinned.layers.map((l, i) => [l.digest, i]))
     const tocs = new Progress(out.stderr, `opening ${image}`, pinned.layers.length, false)
     const downloading = new Set<string>()
@@ -206,6 +213,7 @@ async function mountHere(
       client,
       store,
       ref: pinned.ref,
+      image: pinned,
       requireVerified: ctx.opts['require-verified'] === true,
       signal,
       onProgress

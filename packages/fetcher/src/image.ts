@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { Reference, RegistryClient } from '@strata/registry'
+import type { Reference, RegistryClient, Image as RegistryImage } from '@strata/registry'
 import { type Layer, openLayer, parseTOC } from '@strata/stargz'
 import type { ChunkStore } from '@strata/store'
 import {
@@ -23,6 +23,8 @@ export interface OpenImageInit {
   ref: Reference | string
   /** `os/arch[/variant]` for multi-platform images; the client's default otherwise. */
   platform?: string
+  /** The image's manifest when the caller has fetched it already (`client.getImage(ref)`): one round trip less. */
+  image?: RegistryImage
   /** Refuse eStargz layers whose TOC the manifest does not vouch for (no TOC-digest annotation). */
   requireVerified?: boolean
   signal?: AbortSignal
@@ -82,7 +84,7 @@ function toImageLayer(descriptor: Descriptor, record: LayerRecord, tocBytes: Uin
 export async function openImage(init: OpenImageInit): Promise<Image> {
   const { client, store, ref, signal } = init
   const emit = init.onProgress ?? (() => {})
-  const image = await client.getImage(ref, { platform: init.platform, signal })
+  const image = init.image ?? (await client.getImage(ref, { platform: init.platform, signal }))
   const name = String(image.ref)
 
   const openOne = async (descriptor: Descriptor): Promise<ImageLayer> => {

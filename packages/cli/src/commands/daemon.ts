@@ -1,12 +1,13 @@
 import type {
   ClusterWarmProgress,
   ClusterWarmResult,
+  ImageRecord,
   NodeStatus,
   PeerStatus,
   WarmProgress,
   WarmResult
 } from '@strata/node'
-import { type ControlClient, createControlClient, type ImageRecord } from '@strata/node'
+import { type ControlClient, createControlClient } from '@strata/node/client'
 import type { Command, Context } from '../command.js'
 import { formatBytes } from '../output.js'
 
