@@ -1,6 +1,7 @@
 import { constants } from 'node:fs'
 import type { AbortOptions, Chunk, Entry } from '@strata/stargz'
 import { FsError } from './errors.js'
+import { createLibraryPrefetch } from './libraries.js'
 import type { Node, NodeType, Tree } from './tree.js'
 
 /**
@@ -62,6 +63,11 @@ export interface OperationsInit {
    * chunk is usually MiBs, and without this every piece would fetch (and copy) the whole chunk again.
    */
   chunkBufferBytes?: number
+  /**
+   * When a program or shared library is first read, read the libraries its dynamic section names at once, in
+   * the background, instead of one round trip after another as the loader opens them (default true).
+   */
+  prefetchLibraries?: boolean
 }
 
 /** The FUSE operations as plain functions. They throw FsError, whose `errno` the FUSE layer returns. */
@@ -96,6 +102,39 @@ const WRITE_FLAGS = constants.O_WRONLY | constants.O_RDWR | constants.O_TRUNC | 
 
 export function createOperations(tree: Tree, read: ReadFile, init: OperationsInit = {}): Operations {
   const buffer = new ChunkBuffer(init.chunkBufferBytes ?? 64 * 1024 * 1024)
+
+  /** `n` bytes at `offset` of a regular file (within its size), whole chunks kept in the buffer. */
+  const readNode = async (node: Node, offset: number, n: number, options?: AbortOptions): Promise<Uint8Array> => {
+    const { layer, entry } = node.source!
+    const [first, last] = chunkRange(entry, offset, n)
+    const touched = entry.chunks.slice(first, last)
+    if (touched.length === 0 || touched.some((c) => c.size > MAX_BUFFERED_CHUNK)) {
+      return read(layer, entry, offset, n, options)
+    }
+    const load = (c: Chunk) => buffer.get(c, () => read(layer, entry, c.fileOffset, c.size, options))
+    const parts = await Promise.all(touched.map(load))
+    // A reader in the second half of a chunk most likely wants the next ones: have two ready.
+    const end = touched[touched.length - 1]!
+    if (offset + n > end.fileOffset + end.size / 2) {
+      for (const next of entry.chunks.slice(last, last + 2))
+        if (next.size <= MAX_BUFFERED_CHUNK) load(next).catch(() => {})
+    }
+    if (parts.length === 1) return parts[0]!.subarray(offset - end.fileOffset, offset - end.fileOffset + n)
+    const out = new Uint8Array(n)
+    parts.forEach((bytes, i) => {
+      const c = touched[i]!
+      const from = Math.max(offset, c.fileOffset)
+      const to = Math.min(offset + n, c.fileOffset + c.size)
+      out.set(bytes.subarray(from - c.fileOffset, to - c.fileOffset), from - offset)
+    })
+    return out
+  }
+  const libraries =
+    init.prefetchLibraries === false
+      ? undefined
+      : createLibraryPrefetch(tree, (node, offset, length) =>
+          readNode(node, offset, Math.max(0, Math.min(length, node.size - offset)))
+        )
   const resolve = (path: string): Node => {
     const node = tree.lookup(path)
     if (node !== undefined) return node
@@ -147,30 +186,9 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
       const n = Math.max(0, Math.min(length, node.size - offset))
       if (n === 0) return new Uint8Array(0)
       init.onRead?.(path)
-      const { layer, entry } = node.source
+      libraries?.touched(path, node)
       try {
-        const [first, last] = chunkRange(entry, offset, n)
-        const touched = entry.chunks.slice(first, last)
-        if (touched.length === 0 || touched.some((c) => c.size > MAX_BUFFERED_CHUNK)) {
-          return await read(layer, entry, offset, n, options)
-        }
-        const load = (c: Chunk) => buffer.get(c, () => read(layer, entry, c.fileOffset, c.size, options))
-        const parts = await Promise.all(touched.map(load))
-        // A reader in the second half of a chunk most likely wants the next ones: have two ready.
-        const end = touched[touched.length - 1]!
-        if (offset + n > end.fileOffset + end.size / 2) {
-          for (const next of entry.chunks.slice(last, last + 2))
-            if (next.size <= MAX_BUFFERED_CHUNK) load(next).catch(() => {})
-        }
-        if (parts.length === 1) return parts[0]!.subarray(offset - end.fileOffset, offset - end.fileOffset + n)
-        const out = new Uint8Array(n)
-        parts.forEach((bytes, i) => {
-          const c = touched[i]!
-          const from = Math.max(offset, c.fileOffset)
-          const to = Math.min(offset + n, c.fileOffset + c.size)
-          out.set(bytes.subarray(from - c.fileOffset, to - c.fileOffset), from - offset)
-        })
-        return out
+        return await readNode(node, offset, n, options)
       } catch (err) {
         const error = err instanceof Error ? err : new Error(String(err))
         init.onError?.({ path, layer: node.source.layer, offset, length: n, error })
