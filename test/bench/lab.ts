@@ -1,4 +1,4 @@
-import { mkdir, readFile, rm } from 'node:fs/promises'
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { request } from 'node:http'
 import { join } from 'node:path'
 import { startRegistry, type TestRegistry } from '../helpers/registry.js'
@@ -116,25 +116,11 @@ export async function timed(lab: Lab, body: (mark: (phase: string) => void) => P
  * (`skopeo copy` to an OCI layout), extract each with tar into a directory, run the command there.
  */
 export async function fullPull(lab: Lab, ref: string, workload: Workload, dir: string): Promise<Timing> {
-  const oci = join(dir, 'oci')
-  const rootfs = join(dir, 'rootfs')
-  await mkdir(rootfs, { recursive: true })
   try {
     return await timed(lab, async (mark) => {
-      await run('skopeo', ['copy', '--quiet', '--src-tls-verify=false', `docker://${ref}`, `oci:${oci}:latest`], {
-        signal: lab.signal
-      })
+      const oci = await download(lab, ref, dir)
       mark('download')
-      const index = JSON.parse(await readFile(join(oci, 'index.json'), 'utf8')) as {
-        manifests: Array<{ digest: string }>
-      }
-      const blob = (digest: string) => join(oci, 'blobs', 'sha256', digest.replace('sha256:', ''))
-      const manifest = JSON.parse(await readFile(blob(index.manifests[0]!.digest), 'utf8')) as {
-        layers: Array<{ digest: string }>
-      }
-      for (const layer of manifest.layers) {
-        await run('tar', ['-xzf', blob(layer.digest), '-C', rootfs, '--numeric-owner'], { signal: lab.signal })
-      }
+      const rootfs = await extract(lab, oci, dir)
       mark('extract')
       await runWorkload(lab, workload, rootfs)
       mark('run')
@@ -142,6 +128,55 @@ export async function fullPull(lab: Lab, ref: string, workload: Workload, dir: s
   } finally {
     await rm(dir, { recursive: true, force: true })
   }
+}
+
+/**
+ * Running from a local extracted copy, what a node that pulled the image before does: pull and extract (not
+ * timed), drop the page cache, then time the command in the copy.
+ */
+export async function extractedRun(lab: Lab, ref: string, workload: Workload, dir: string): Promise<Timing> {
+  try {
+    const rootfs = await extract(lab, await download(lab, ref, dir), dir)
+    await dropCaches()
+    return await timed(lab, async (mark) => {
+      await runWorkload(lab, workload, rootfs)
+      mark('run')
+    })
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
+/** Empties the kernel's page cache (root), so a start reads its files from disk as after a reboot. */
+export async function dropCaches(): Promise<void> {
+  await run('sync', [])
+  await writeFile('/proc/sys/vm/drop_caches', '3\n')
+}
+
+/** `skopeo copy` of the image through the WAN into an OCI layout under `dir`; returns the layout. */
+async function download(lab: Lab, ref: string, dir: string): Promise<string> {
+  const oci = join(dir, 'oci')
+  await run('skopeo', ['copy', '--quiet', '--src-tls-verify=false', `docker://${ref}`, `oci:${oci}:latest`], {
+    signal: lab.signal
+  })
+  return oci
+}
+
+/** Extracts every layer of the OCI layout, in order, into `dir`/rootfs; returns that directory. */
+async function extract(lab: Lab, oci: string, dir: string): Promise<string> {
+  const rootfs = join(dir, 'rootfs')
+  await mkdir(rootfs, { recursive: true })
+  const index = JSON.parse(await readFile(join(oci, 'index.json'), 'utf8')) as {
+    manifests: Array<{ digest: string }>
+  }
+  const blob = (digest: string) => join(oci, 'blobs', 'sha256', digest.replace('sha256:', ''))
+  const manifest = JSON.parse(await readFile(blob(index.manifests[0]!.digest), 'utf8')) as {
+    layers: Array<{ digest: string }>
+  }
+  for (const layer of manifest.layers) {
+    await run('tar', ['-xzf', blob(layer.digest), '-C', rootfs, '--numeric-owner'], { signal: lab.signal })
+  }
+  return rootfs
 }
 
 /**

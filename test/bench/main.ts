@@ -159,7 +159,9 @@ async function measure(lab: Lab, s: Settings, scenario: string, subject: Subject
       })
     )
   } else if (scenario === 'peer') {
-    result.warmPeer = await attempt('2. one node with a warm peer', () => warmPeer(lab, workload, subject.ref))
+    result.warmPeer = await attempt('2. one node with a warm peer', () =>
+      warmPeer(lab, workload, subject.ref, subject.refs.plain)
+    )
   } else if (scenario === 'fleet') {
     result.fleetAlone = await attempt(`3. ${n} cold nodes at once, without peers`, () =>
       fleetAlone(lab, workload, subject.ref, n)

@@ -111,15 +111,24 @@ function rows(results: Results): Row[] {
       )
     }
     if (img.warmPeer !== undefined) {
-      const s = img.warmPeer.start
+      // The baseline of scenario 2 is a node that has the image already: a local extracted copy.
+      const { start, local, extracted } = img.warmPeer
+      if (extracted !== undefined) {
+        add('2. one node, warm peer', 'local extracted copy (pulled before)', sec(extracted.ms), 'baseline', '', '')
+      }
+      const vs = (t: Timing) =>
+        extracted !== undefined ? speed(extracted.ms, t.ms) : full !== undefined ? speed(full.ms, t.ms) : ''
       add(
         '2. one node, warm peer',
-        'p2p-mount through p2pd, run',
-        sec(s.ms),
-        full !== undefined ? speed(full.ms, s.ms) : '',
-        mib(s.egress),
-        full !== undefined ? share(full.egress, s.egress) : ''
+        'p2p-mount through p2pd, from the peer',
+        sec(start.ms),
+        vs(start),
+        mib(start.egress),
+        full !== undefined ? share(full.egress, start.egress) : ''
       )
+      if (local !== undefined) {
+        add('2. one node, warm peer', 'again, from its own store', sec(local.ms), vs(local), mib(local.egress), '')
+      }
     }
     const p = (f: FleetResult) => `p50 ${sec(median(f.times))}, p99 ${sec(percentile(f.times, 99))}`
     const alone = img.fleetAlone
@@ -207,6 +216,9 @@ function bars(img: ImageResult, nodes: number): Bar[] {
     out.push({ label: 'full pull', ms: typical(img.cold.full).ms, color: GREY })
     out.push({ label: 'lazy', ms: typical(img.cold.lazy).ms, color: BLUE })
     out.push({ label: 'lazy, recorded profile', ms: typical(img.cold.profile).ms, color: BLUE })
+  }
+  if (img.warmPeer?.extracted !== undefined) {
+    out.push({ label: 'local extracted copy', ms: img.warmPeer.extracted.ms, color: GREY })
   }
   if (img.warmPeer !== undefined) out.push({ label: 'warm peer', ms: img.warmPeer.start.ms, color: GREEN })
   const p99 = (f: FleetResult) => percentile(f.times, 99)
@@ -303,6 +315,7 @@ export function renderMarkdown(results: Results): string {
       parts.push(`profile ${phases(typical(i.cold.profile))}`)
     }
     if (i.warmPeer !== undefined) parts.push(`warm peer ${phases(i.warmPeer.start)}`)
+    if (i.warmPeer?.local !== undefined) parts.push(`own store ${phases(i.warmPeer.local)}`)
     return parts.length > 0 ? [`- ${i.name}: ${parts.join('; ')}`] : []
   })
   const r = rows(results)
@@ -340,6 +353,9 @@ How each start is made:
   plain image made the profiled image, which scenarios 2-4 use;
 - with peers: \`p2p-mount REF MNT --socket SOCKET --writable\`: the node's p2pd serves the mount (its store,
   then its peers, then the registry); the node is cold, the peer of scenario 2 ran \`p2pctl warm REF\` before;
+  "again, from its own store" is the same node's second start, with the page cache dropped;
+- local extracted copy: the plain image pulled and extracted before (not timed), the page cache dropped
+  (\`echo 3 > /proc/sys/vm/drop_caches\`), then \`chroot DIR COMMAND\`;
 - ${s.nodes} at once: every node mounts and runs at the same moment, each with its own store (and its own p2pd);
 - cluster warm-up: \`p2pctl warm REF --cluster\` on one node of ${s.nodes} (until every node holds the image),
   against ${s.nodes} p2pd with no peers each running \`p2pctl warm REF\` at once.

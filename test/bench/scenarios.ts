@@ -2,6 +2,8 @@ import { rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import type { Workload } from './images.js'
 import {
+  dropCaches,
+  extractedRun,
   fullPull,
   type Lab,
   lazyStart,
@@ -117,10 +119,19 @@ export interface WarmPeerResult {
   seed: Timing
   /** The node's start: p2p-mount through its cold p2pd, then the command. */
   start: Timing
+  /** The same node again: its p2pd's store now holds what the command reads. */
+  local?: Timing
+  /** The baseline: the command in a local extracted copy of the image (already pulled), page cache dropped. */
+  extracted?: Timing
 }
 
-/** 2. One node with a warm peer (another p2pd ran `p2pctl warm IMAGE`): p2p-mount served by the node's p2pd. */
-export async function warmPeer(lab: Lab, workload: Workload, ref: string): Promise<WarmPeerResult> {
+/**
+ * 2. One node with a warm peer (another p2pd ran `p2pctl warm IMAGE`): p2p-mount served by the node's p2pd;
+ * then the same start with the image in the node's own store; against the command run in a local extracted
+ * copy of the plain image (`plainRef`).
+ */
+export async function warmPeer(lab: Lab, workload: Workload, ref: string, plainRef: string): Promise<WarmPeerResult> {
+  const extracted = await extractedRun(lab, plainRef, workload, join(lab.work, `${workload.name}-extracted`))
   const { nodes } = await startNodes(lab, `${workload.name}-peer`, 2, true)
   const [seedNode, node] = nodes as [Node, Node]
   try {
@@ -132,7 +143,9 @@ export async function warmPeer(lab: Lab, workload: Workload, ref: string): Promi
     // Peers find the seed by its coarse keys (a layer and a TOC digest per layer).
     await waitForAnnounced(seedNode, 2 * layers)
     const start = await lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })
-    return { seed, start }
+    await dropCaches()
+    const local = await lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })
+    return { seed, start, local, extracted }
   } finally {
     await stopNodes(nodes)
   }
