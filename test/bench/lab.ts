@@ -156,6 +156,7 @@ export async function dropCaches(): Promise<void> {
 /** `skopeo copy` of the image through the WAN into an OCI layout under `dir`; returns the layout. */
 async function download(lab: Lab, ref: string, dir: string): Promise<string> {
   const oci = join(dir, 'oci')
+  await mkdir(dir, { recursive: true })
   await run('skopeo', ['copy', '--quiet', '--src-tls-verify=false', `docker://${ref}`, `oci:${oci}:latest`], {
     signal: lab.signal
   })
