@@ -5,30 +5,18 @@
  *
  *   node --no-warnings test/bench/run.ts [--small] [--images python3,gcc,node] [--nodes 10] [--rtt-ms 20] [--mbit 100]
  *
- * Plain node runs TypeScript (type stripping); the repo's sources and helpers use `.js` specifiers as
- * vitest resolves them, and the helpers import `@strata/<name>`, which only the CLI package depends on.
- * These hooks map both, before anything else is imported.
+ * Plain node runs TypeScript (type stripping); test/helpers/ts-loader.mjs maps the `.js` specifiers of the
+ * suite and its helpers, and their `@strata/<name>` imports (only the CLI package depends on those), before
+ * anything else is imported. `@strata/*` come from dist: some sources use parameter properties, which type
+ * stripping cannot run, and the CLIs the suite starts run from dist too.
  */
 import { execFileSync } from 'node:child_process'
-import { existsSync } from 'node:fs'
-import { registerHooks } from 'node:module'
-import { fileURLToPath, pathToFileURL } from 'node:url'
+import { fileURLToPath } from 'node:url'
+import { registerStrataHooks } from '../helpers/ts-loader.mjs'
 
 const root = fileURLToPath(new URL('../..', import.meta.url))
 
-registerHooks({
-  resolve(specifier, context, next) {
-    try {
-      return next(specifier, context)
-    } catch (err) {
-      if (specifier.startsWith('.') && specifier.endsWith('.js')) return next(`${specifier.slice(0, -3)}.ts`, context)
-      const pkg = /^@strata\/([a-z]+)$/.exec(specifier)?.[1]
-      const dist = `${root}packages/${pkg}/dist/index.js`
-      if (pkg !== undefined && existsSync(dist)) return next(pathToFileURL(dist).href, context)
-      throw err
-    }
-  }
-})
+registerStrataHooks({ strata: 'dist' })
 
 // The suite runs the CLIs from dist: build them (and what they depend on) first; turbo skips what is current.
 const measures = !process.argv.some((a) => a === '--help' || a === '-h' || a.startsWith('--from'))

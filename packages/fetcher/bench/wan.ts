@@ -15,28 +15,18 @@
  */
 import { execFileSync } from 'node:child_process'
 import { cp, mkdir, mkdtemp, readdir, realpath, rm, stat } from 'node:fs/promises'
-import { registerHooks } from 'node:module'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { createFetcher, createRegistrySource, type Image, openImage } from '@strata/fetcher'
 import { createRegistryClient } from '@strata/registry'
 import { createMemoryStore, openDiskStore } from '@strata/store'
+import { registerStrataHooks } from '../../../test/helpers/ts-loader.mjs'
 
-// The shared test helpers are TypeScript with `.js` import specifiers (as vitest resolves them): map those to `.ts`.
-registerHooks({
-  resolve(specifier, context, next) {
-    try {
-      return next(specifier, context)
-    } catch (err) {
-      if (specifier.startsWith('.') && specifier.endsWith('.js')) return next(`${specifier.slice(0, -3)}.ts`, context)
-      throw err
-    }
-  }
-})
-const { buildTestImage } = await import('../../../test/helpers/images.ts')
-const { startRegistry } = await import('../../../test/helpers/registry.ts')
-const { startWanProxy } = await import('../../../test/helpers/wan-proxy.ts')
+registerStrataHooks({ strata: 'dist' })
+const { buildTestImage } = await import('@test/images.js')
+const { startRegistry } = await import('@test/registry.js')
+const { startWanProxy } = await import('@test/wan-proxy.js')
 
 const { values: args } = parseArgs({
   options: {

@@ -8,28 +8,16 @@
 import { execFileSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { registerHooks } from 'node:module'
 import { cpus, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { gzipSync } from 'node:zlib'
+import { registerStrataHooks } from '../../../test/helpers/ts-loader.mjs'
 
-// The sources are TypeScript with `.js` specifiers (as vitest resolves them): map those to `.ts`.
-registerHooks({
-  resolve(spec, ctx, next) {
-    try {
-      return next(spec, ctx)
-    } catch (err) {
-      if (spec.endsWith('.js')) return next(`${spec.slice(0, -3)}.ts`, ctx)
-      throw err
-    }
-  }
-})
+registerStrataHooks({ strata: 'src' })
 const root = fileURLToPath(new URL('../../../', import.meta.url))
-const { createRegistryClient, convertImage, openImageRepo, sha256, MediaType } = await import(
-  join(root, 'packages/registry/src/index.ts')
-)
-const { startRegistry } = await import(join(root, 'test/helpers/registry.ts'))
+const { createRegistryClient, convertImage, openImageRepo, sha256, MediaType } = await import('@strata/registry')
+const { startRegistry } = await import('@test/registry.js')
 
 const dirs =
   process.argv.slice(2).length > 0

@@ -16,23 +16,14 @@ import {
   statSync,
   writeFileSync
 } from 'node:fs'
-import { registerHooks } from 'node:module'
 import { cpus, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { registerStrataHooks } from '../../../test/helpers/ts-loader.mjs'
 
-registerHooks({
-  resolve(spec, ctx, next) {
-    try {
-      return next(spec, ctx)
-    } catch (err) {
-      if (spec.endsWith('.js')) return next(`${spec.slice(0, -3)}.ts`, ctx)
-      throw err
-    }
-  }
-})
+registerStrataHooks({ strata: 'src' })
 const root = fileURLToPath(new URL('../../../', import.meta.url))
-const { buildEstargz } = await import(join(root, 'packages/stargz/src/index.ts'))
+const { buildEstargz } = await import('@strata/stargz')
 const oracle = process.env.STRATA_ORACLE ?? join(root, '.tools/oracle/oracle')
 
 const runsArg = process.argv.indexOf('--runs')

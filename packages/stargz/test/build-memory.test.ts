@@ -1,31 +1,24 @@
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { run } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 
 const MiB = 1024 * 1024
-const source = fileURLToPath(new URL('../src/index.ts', import.meta.url))
+const loader = new URL('../../../test/helpers/ts-loader.mjs', import.meta.url).href
 
 /**
  * Runs in a child process so its peak RSS is the builder's alone. It generates a ~300 MB tar on the fly (two
  * 100 MiB files and 2000 files of 50 KiB, never held whole) and streams it through buildEstargz to /dev/null.
- * Node runs the TypeScript sources directly; the hook maps the sources' `.js` imports to their `.ts` files.
+ * Node runs the TypeScript sources directly (with --experimental-transform-types: the builder has parameter
+ * properties, which type stripping alone cannot run), through the repo's resolve hooks.
  */
 const CHILD = `
-import { registerHooks } from 'node:module'
 import { createWriteStream, readFileSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
-registerHooks({
-  resolve(spec, ctx, next) {
-    try { return next(spec, ctx) } catch (err) {
-      if (spec.endsWith('.js')) return next(spec.slice(0, -3) + '.ts', ctx)
-      throw err
-    }
-  }
-})
-const { buildEstargz } = await import(process.argv[2])
+import { registerStrataHooks } from '${loader}'
+registerStrataHooks({ strata: 'src' })
+const { buildEstargz } = await import('@strata/stargz')
 
 function header(name, size) {
   const b = Buffer.alloc(512)
@@ -54,7 +47,7 @@ async function* tar() {
   }
   yield Buffer.alloc(1024)
 }
-const result = await buildEstargz(tar(), createWriteStream('/dev/null'), { gzipLevel: 1, tmpDir: process.argv[3] })
+const result = await buildEstargz(tar(), createWriteStream('/dev/null'), { gzipLevel: 1, tmpDir: process.argv[2] })
 const hwm = Number(/VmHWM:\\s+(\\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'))[1]) * 1024
 console.log(JSON.stringify({ uncompressedSize: result.uncompressedSize, blobSize: result.blobSize, peakRss: hwm }))
 `
@@ -74,7 +67,7 @@ describe('buildEstargz memory', () => {
   it('streams a 300 MB tar through in bounded memory', async () => {
     const { stdout } = await run(
       process.execPath,
-      ['--experimental-transform-types', '--no-warnings', join(dir, 'child.mjs'), source, dir],
+      ['--experimental-transform-types', '--no-warnings', join(dir, 'child.mjs'), dir],
       { timeout: 120_000 }
     )
     const r = JSON.parse(stdout) as { uncompressedSize: number; blobSize: number; peakRss: number }
