@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto'
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createNode, type NodeStatus, type PeerStatus, type StrataNode } from '@strata/node'
@@ -7,30 +7,9 @@ import { createMemoryStore } from '@strata/store'
 import { buildCli, type Cluster, startCluster, startP2pd, waitForMesh } from '@test/cluster.js'
 import { type CountingProxy, startCountingProxy } from '@test/counting-proxy.js'
 import { buildTestImage, type TestImage } from '@test/images.js'
+import { noise, noiseTree } from '@test/noise.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-
-/** Deterministic incompressible bytes. */
-function noise(size: number, seed: number): Buffer {
-  const words = new Uint32Array(Math.ceil(size / 4))
-  let x = seed >>> 0 || 1
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13
-    x ^= x >>> 17
-    x ^= x << 5
-    words[i] = x >>> 0
-  }
-  return Buffer.from(words.buffer, 0, size)
-}
-
-async function makeTree(root: string, files: number, seed: number): Promise<string> {
-  for (let i = 0; i < files; i++) {
-    const dir = join(root, `d${i % 10}`)
-    await mkdir(dir, { recursive: true })
-    await writeFile(join(dir, `f${i}.bin`), noise(2_000 + ((i * 7919) % 120_000), seed * 100_000 + i))
-  }
-  return root
-}
 
 /** The compressed offset where a layer's TOC starts, from the eStargz footer (`%016x` + `STARGZ`). */
 function tocOffset(blob: Buffer): number {
@@ -88,7 +67,7 @@ beforeAll(async () => {
     gzipLevel: 1,
     // Large enough that the fixed cost of opening the image on each node (a 512 KiB read of the blob's tail for
     // its TOC) stays small next to the chunks.
-    layers: [{ files: await makeTree(join(work, 'l0'), 350, 1) }]
+    layers: [{ files: await noiseTree(join(work, 'l0'), 350, (i) => 2_000 + ((i * 7919) % 120_000), 1) }]
   })
   proxy = await startCountingProxy(registry.host)
   ref = image.ref.replace(registry.host, proxy.host)

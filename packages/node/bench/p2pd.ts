@@ -11,59 +11,25 @@
  *      image readable from A by any node) and how fast the chunk keys follow (DHT provides per second);
  *   3. registry egress when N = 1, 5, 10 cold nodes read the same image at once.
  */
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
-import { registerHooks } from 'node:module'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { cpus, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { registerStrataHooks } from '../../../test/helpers/ts-loader.mjs'
 
 const root = fileURLToPath(new URL('../../../', import.meta.url))
-// Sources are TypeScript with `.js` specifiers and workspace aliases (as vitest resolves them).
-registerHooks({
-  resolve(spec, ctx, next) {
-    const strata = /^@strata\/([a-z]+)$/.exec(spec)
-    if (strata !== null) return next(join(root, 'packages', strata[1]!, 'src', 'index.ts'), ctx)
-    if (spec.startsWith('@test/'))
-      return next(join(root, 'test', 'helpers', spec.slice(6).replace(/\.js$/, '.ts')), ctx)
-    try {
-      return next(spec, ctx)
-    } catch (err) {
-      if (spec.endsWith('.js')) return next(`${spec.slice(0, -3)}.ts`, ctx)
-      throw err
-    }
-  }
-})
+registerStrataHooks({ strata: 'src' })
 
 const { startCluster, startP2pd, waitForMesh } = await import('@test/cluster.js')
 const { startCountingProxy } = await import('@test/counting-proxy.js')
 const { buildTestImage } = await import('@test/images.js')
+const { noiseTree } = await import('@test/noise.js')
 const { startRegistry } = await import('@test/registry.js')
 
 type Status = {
   store: { chunks: number }
   bytes: { served: number; fetched: Record<string, number> }
   announce: { landed: number; backlog: number }
-}
-
-function noise(size: number, seed: number): Buffer {
-  const words = new Uint32Array(Math.ceil(size / 4))
-  let x = seed >>> 0 || 1
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13
-    x ^= x >>> 17
-    x ^= x << 5
-    words[i] = x >>> 0
-  }
-  return Buffer.from(words.buffer, 0, size)
-}
-
-async function tree(dir: string, files: number, size: (i: number) => number, seed: number): Promise<string> {
-  for (let i = 0; i < files; i++) {
-    const d = join(dir, `d${i % 100}`)
-    await mkdir(d, { recursive: true })
-    await writeFile(join(d, `f${i}`), noise(size(i), seed * 1_000_000 + i))
-  }
-  return dir
 }
 
 const MiB = 1024 * 1024
@@ -106,9 +72,9 @@ async function warm(
 
 try {
   console.log('building images...')
-  const big = await image('big', await tree(join(work, 'big'), 48, () => 1 * MiB, 1))
-  const many = await image('many', await tree(join(work, 'many'), 20_000, (i) => 256 + (i % 512), 2))
-  const mid = await image('mid', await tree(join(work, 'mid'), 200, (i) => 40_000 + ((i * 7919) % 80_000), 3))
+  const big = await image('big', await noiseTree(join(work, 'big'), 48, () => 1 * MiB, 1))
+  const many = await image('many', await noiseTree(join(work, 'many'), 20_000, (i) => 256 + (i % 512), 2))
+  const mid = await image('mid', await noiseTree(join(work, 'mid'), 200, (i) => 40_000 + ((i * 7919) % 80_000), 3))
 
   say(
     `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} CPUs shared with other work, Node ${process.version}, with`
