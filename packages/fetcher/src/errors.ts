@@ -83,7 +83,7 @@ export class UnsupportedLayerError extends Error {
   }
 }
 
-/** A source did not answer within its timeout. */
+/** A source asked for a chunk made no progress (no chunk, no bytes, for anyone) for its liveness timeout. */
 export class SourceTimeoutError extends Error {
   override readonly name = 'SourceTimeoutError'
   readonly code = 'ERR_SOURCE_TIMEOUT'
@@ -92,6 +92,6 @@ export class SourceTimeoutError extends Error {
     readonly digest: string,
     readonly timeoutMs: number
   ) {
-    super(`source ${source} did not answer for chunk ${digest} within ${timeoutMs} ms`)
+    super(`source ${source} made no progress for ${timeoutMs} ms while asked for chunk ${digest}`)
   }
 }

@@ -20,7 +20,11 @@ export interface FetcherInit {
   sources: ChunkSource[]
   /** When a source has delivered nothing for this long, what it still owes is asked of the next one too (one more source at a time). Default 300 ms. */
   hedgeDelayMs?: number
-  /** A source that has not answered after this long is given up for that chunk. Default 30 s. */
+  /**
+   * A liveness timeout: a source asked for chunks is given up for them (the next source is asked, or the read
+   * fails) once it has made no progress for this long: no verified chunk and no bytes arriving, for any
+   * request of this fetcher. A slow but moving source is never given up. Default 30 s.
+   */
   sourceTimeoutMs?: number
   /** Per-chunk requests in flight for one batch, to sources without `getMany`. Default 8. */
   concurrency?: number
@@ -64,6 +68,27 @@ function raceSignal<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<
   })
 }
 
+/**
+ * The items of `items` until `signal` aborts, then rejects at once, even while the source is stuck in an await
+ * (one that ignores its signal is left behind, told to return so it can clean up when it wakes).
+ */
+async function* untilAborted<T>(items: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T> {
+  const it = items[Symbol.asyncIterator]()
+  let ended = false
+  try {
+    for (;;) {
+      const r = await raceSignal(it.next(), signal)
+      if (r.done) {
+        ended = true
+        return
+      }
+      yield r.value
+    }
+  } finally {
+    if (!ended) it.return?.().catch(() => {})
+  }
+}
+
 /** Runs `fn` over `items` with at most `limit` at once; rejects with the first error. */
 async function mapLimit<T, R>(items: T[], limit: number, fn: (item: T, i: number) => Promise<R>): Promise<R[]> {
   const out = new Array<R>(items.length)
@@ -92,6 +117,8 @@ class DefaultFetcher extends EventTarget implements Fetcher {
   private readonly readAheadConcurrency: number
   private readonly inflight = new Map<string, Promise<Uint8Array>>()
   private readonly readAheadDone = new Set<string>()
+  /** When each source last made progress (a verified chunk, or its `onProgress`), in performance.now() time. */
+  private readonly progressAt = new Map<ChunkSource, number>()
   private readAheadsRunning = 0
   private readonly counters = new Metrics()
 
@@ -370,10 +397,21 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       const controller = new AbortController()
       const self = { remaining: list.length, controller }
       for (const st of list) st.asks.push(self)
-      const signal = AbortSignal.any([
-        controller.signal,
-        AbortSignal.timeout(this.sourceTimeoutMs * Math.max(1, Math.ceil(list.length / 64)))
-      ])
+      // Liveness, not total time: the ask is given up once the source has made no progress (for anyone) for
+      // sourceTimeoutMs since the ask started. A source working through a long queue is alive.
+      const idle = new AbortController()
+      const signal = AbortSignal.any([controller.signal, idle.signal])
+      const asked = performance.now()
+      const onProgress = () => this.progressAt.set(source, performance.now())
+      let watchdog: NodeJS.Timeout | undefined
+      const watch = (ms: number) => {
+        watchdog = setTimeout(() => {
+          const quiet = performance.now() - Math.max(asked, this.progressAt.get(source) ?? 0)
+          if (quiet >= this.sourceTimeoutMs) idle.abort(new Error(`no progress for ${this.sourceTimeoutMs} ms`))
+          else watch(this.sourceTimeoutMs - quiet)
+        }, ms)
+      }
+      watch(this.sourceTimeoutMs)
       // The hedge fires when this source has delivered nothing for hedgeDelayMs: a source that is steadily
       // delivering a big batch is not doubled by the next one.
       let hedge: NodeJS.Timeout | undefined
@@ -400,6 +438,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
           st.attempts.push(bad)
           return
         }
+        onProgress()
         st.done = true
         for (const a of st.asks) if (--a.remaining === 0) a.controller.abort()
         if (hedge !== undefined) armHedge()
@@ -420,17 +459,19 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       }
       const run = async () => {
         const wanted = list.filter((st) => !st.done).map((st) => st.chunk)
+        // Raced with the signal: a source stuck in a wait that ignores its signal still times out.
         if (source.getMany !== undefined) {
           m.requests++
-          for await (const { chunk, bytes } of source.getMany(wanted, { signal })) await take(chunk, bytes)
+          for await (const { chunk, bytes } of untilAborted(source.getMany(wanted, { signal, onProgress }), signal))
+            await take(chunk, bytes)
         } else {
           await mapLimit(wanted, this.concurrency, async (chunk) => {
             if (states.get(chunk.digest)!.done) return
             m.requests++
-            const bytes = await source.get(chunk, { signal }).catch((err: unknown) => {
+            const bytes = await raceSignal(source.get(chunk, { signal, onProgress }), signal).catch((err: unknown) => {
               if (controller.signal.aborted) return undefined
               m.errors++
-              said(states.get(chunk.digest)!, signal.aborted ? timeoutMessage(chunk) : describe(err))
+              said(states.get(chunk.digest)!, idle.signal.aborted ? timeoutMessage(chunk) : describe(err))
               return undefined
             })
             if (bytes !== undefined) await take(chunk, bytes)
@@ -441,11 +482,12 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         .catch((err: unknown) => {
           if (controller.signal.aborted) return
           m.errors++
-          for (const st of list) if (!st.done) said(st, signal.aborted ? timeoutMessage(st.chunk) : describe(err))
+          for (const st of list) if (!st.done) said(st, idle.signal.aborted ? timeoutMessage(st.chunk) : describe(err))
         })
         .then(() => Promise.all(puts))
         .then(() => {
           clearTimeout(hedge)
+          clearTimeout(watchdog)
           for (const st of list) {
             st.working--
             if (!st.done) {

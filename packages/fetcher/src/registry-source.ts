@@ -1,10 +1,10 @@
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { Reference, RegistryClient } from '@strata/registry'
-import { type Compression, inflateChunk, type ReadAt } from '@strata/stargz'
+import type { Reference, RegistryClient, RemoteBlob } from '@strata/registry'
+import { type Compression, inflateChunk } from '@strata/stargz'
 import { decompressedStream, sliceStream } from './indexed.js'
-import type { AbortOptions, ChunkRef, ChunkSource, ImageLayer } from './types.js'
+import type { ChunkRef, ChunkSource, ImageLayer, SourceOptions } from './types.js'
 
 export interface RegistrySourceInit {
   client: RegistryClient
@@ -23,6 +23,8 @@ export interface RegistrySourceInit {
 
 interface Waiter {
   chunk: ChunkRef
+  /** The asker's `onProgress`: told as the bytes of the read carrying this chunk arrive. */
+  progress: (() => void) | undefined
   deliver(bytes: Uint8Array): void
   fail(err: unknown): void
 }
@@ -61,12 +63,12 @@ class LayerReader {
   private scheduled = false
 
   constructor(
-    private readonly blob: ReadAt,
+    private readonly blob: RemoteBlob,
     private readonly compression: Compression,
     private readonly limits: { maxRangeBytes: number; maxGapBytes: number; concurrency: number }
   ) {}
 
-  read(chunk: ChunkRef, options: AbortOptions): Promise<Uint8Array> {
+  read(chunk: ChunkRef, options: SourceOptions): Promise<Uint8Array> {
     const signal = options.signal
     signal?.throwIfAborted()
     return new Promise((resolve, reject) => {
@@ -77,6 +79,7 @@ class LayerReader {
       }
       const waiter: Waiter = {
         chunk,
+        progress: options.onProgress,
         deliver: (bytes) => {
           signal?.removeEventListener('abort', onAbort)
           resolve(bytes)
@@ -108,8 +111,15 @@ class LayerReader {
       const taken = new Set(run.waiters)
       this.pending = this.pending.filter((w) => !taken.has(w))
       this.reading++
+      // Each asker hears every piece of the body: an 8 MiB range on a crowded link is slow but moving. No total
+      // time limit: the registry client gives up when it waits too long for headers or for the next piece.
+      const askers = new Set(run.waiters.flatMap((w) => (w.progress === undefined ? [] : [w.progress])))
       this.blob
-        .readAt(run.offset, run.end - run.offset, { signal: AbortSignal.timeout(READ_TIMEOUT_MS) })
+        .readAt(run.offset, run.end - run.offset, {
+          onProgress: () => {
+            for (const progress of askers) progress()
+          }
+        })
         .then(
           (bytes) => {
             for (const w of run.waiters) {
@@ -128,9 +138,6 @@ class LayerReader {
     }
   }
 }
-
-/** The longest one Range read may take (the registry client also times out each wait for bytes). */
-const READ_TIMEOUT_MS = 120_000
 
 class RegistrySource implements ChunkSource {
   readonly name: string
@@ -152,14 +159,14 @@ class RegistrySource implements ChunkSource {
     }
   }
 
-  async get(chunk: ChunkRef, options: AbortOptions = {}): Promise<Uint8Array | undefined> {
+  async get(chunk: ChunkRef, options: SourceOptions = {}): Promise<Uint8Array | undefined> {
     for await (const got of this.getMany([chunk], options)) return got.bytes
     return undefined
   }
 
   async *getMany(
     chunks: ChunkRef[],
-    options: AbortOptions = {}
+    options: SourceOptions = {}
   ): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     const byLayer = new Map<string, ChunkRef[]>()
     for (const c of chunks) {
@@ -179,7 +186,7 @@ class RegistrySource implements ChunkSource {
   private async *fromRanges(
     layer: ImageLayer,
     chunks: ChunkRef[],
-    options: AbortOptions
+    options: SourceOptions
   ): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     let reader = this.readers.get(layer.digest)
     if (reader === undefined) {
@@ -209,16 +216,17 @@ class RegistrySource implements ChunkSource {
   private async *fromWholeBlob(
     layer: ImageLayer,
     chunks: ChunkRef[],
-    options: AbortOptions
+    options: SourceOptions
   ): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     const dir = await mkdtemp(join(tmpdir(), 'strata-layer-'))
     try {
       const path = join(dir, 'blob')
+      // Its `onProgress` too: a long download on a slow link is progress, and so is inflating it below.
       await this.client.downloadBlob(this.ref, layer.digest, path, options)
       const sorted = [...chunks].sort((a, b) => a.offset - b.offset)
       const ranges = sorted.map((c) => ({ offset: c.offset + c.innerOffset, length: c.size }))
       for await (const { index, bytes } of sliceStream(
-        decompressedStream(path, layer.compression, () => {}, options),
+        decompressedStream(path, layer.compression, () => options.onProgress?.(), options),
         ranges
       )) {
         yield { chunk: sorted[index]!, bytes }

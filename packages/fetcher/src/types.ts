@@ -12,15 +12,25 @@ export interface ChunkRef extends Chunk {
   compression: Compression | 'none'
 }
 
+/** What the fetcher passes a source with each request. */
+export interface SourceOptions extends AbortOptions {
+  /**
+   * For a source to call whenever bytes towards what it was asked arrive, before a chunk is whole: the fetcher
+   * gives a source up only when it has made no progress (no chunk, no call) for its timeout. Optional to call:
+   * a source that does not is judged by the chunks it delivers.
+   */
+  onProgress?(): void
+}
+
 /**
  * Somewhere chunks can come from (peers, the registry). Returns bytes UNVERIFIED: the fetcher
  * checks sha256(bytes) === chunk.digest before anyone sees them. `undefined` means "I do not have it".
  */
 export interface ChunkSource {
   readonly name: string
-  get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array | undefined>
+  get(chunk: ChunkRef, options?: SourceOptions): Promise<Uint8Array | undefined>
   /** Optional batched form: yields the chunks it could get, in any order. */
-  getMany?(chunks: ChunkRef[], options?: AbortOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }>
+  getMany?(chunks: ChunkRef[], options?: SourceOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }>
   /** Told when bytes from this source failed verification. */
   reportBad?(chunk: ChunkRef, reason: string): void
 }

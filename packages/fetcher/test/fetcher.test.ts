@@ -5,6 +5,7 @@ import { join, relative } from 'node:path'
 import { createRegistryClient, type RegistryClient } from '@strata/registry'
 import type { Entry } from '@strata/stargz'
 import { createMemoryStore } from '@strata/store'
+import { startFaultProxy } from '@test/fault-proxy.js'
 import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { run } from '@test/tools.js'
@@ -621,5 +622,172 @@ describe('registry faults', () => {
     expect(err).toMatchObject({ name: 'ChunkUnavailableError', digest: entry.chunks[0]!.digest, layer: layer.digest })
     expect((err as Error).message).toMatch(/registry: .+/)
     expect((err as { hint?: string }).hint).toBeDefined()
+  })
+})
+
+describe('source liveness: the source timeout measures progress, not total time', () => {
+  it('never gives up a slow but moving registry: every chunk arrives though each range takes longer than the timeout', async () => {
+    // 12 Mbit/s: the ~5 MiB layer takes ~3.5 s, 7x the timeout; its 4 MiB chunk arrives whole only after ~2.8 s.
+    const proxy = await startWanProxy({ target: registry.host, rttMs: 10, bitsPerSecond: 12_000_000 })
+    try {
+      const ref = estargz.ref.replace(registry.host, proxy.host)
+      const c = createRegistryClient({ retries: 0 })
+      const store = createMemoryStore()
+      const image = await openImage({ client: c, store, ref })
+      const fetcher = createFetcher({
+        store,
+        sources: [createRegistrySource({ client: c, ref, layers: image.layers })],
+        sourceTimeoutMs: 500,
+        readAheadBytes: 0
+      })
+      const layer = image.layers[1]!
+      const list = files(image).filter((f) => f.layer === layer)
+      const started = performance.now()
+      // One ask per file, all at once: most wait in the layer's queue behind the others.
+      const got = await Promise.all(list.map(({ entry }) => fetcher.readFile(layer, entry, 0, entry.size)))
+      expect(performance.now() - started).toBeGreaterThan(4 * 500)
+      got.forEach((bytes, i) => {
+        const path = list[i]!.entry.path
+        expect(hex(bytes), path).toBe(estargz.layers[1]!.files.get(path))
+      })
+      expect(fetcher.metrics().sources.registry).toMatchObject({ errors: 0, misses: 0 })
+    } finally {
+      await proxy.stop()
+    }
+  })
+
+  it('keeps asks waiting behind other asks of a busy source alive (one read at a time on a thin link)', async () => {
+    const proxy = await startWanProxy({ target: registry.host, rttMs: 10, bitsPerSecond: 12_000_000 })
+    try {
+      const ref = estargz.ref.replace(registry.host, proxy.host)
+      const c = createRegistryClient({ retries: 0 })
+      const store = createMemoryStore()
+      const image = await openImage({ client: c, store, ref })
+      const source = createRegistrySource({
+        client: c,
+        ref,
+        layers: image.layers,
+        concurrency: 1,
+        maxRangeBytes: 1 << 20
+      })
+      const fetcher = createFetcher({ store, sources: [source], sourceTimeoutMs: 500, readAheadBytes: 0 })
+      const layer = image.layers[1]!
+      const tool = layer.toc.lookup('usr/bin/tool')!
+      const confs = files(image).filter((f) => f.layer === layer && f.entry.path.startsWith('etc/conf'))
+      const started = performance.now()
+      // The tool's 4 MiB chunk goes first (~2.8 s); the small files' asks wait in the queue, hearing no bytes.
+      const first = fetcher.readFile(layer, tool, 0, tool.size)
+      const waited = await Promise.all(
+        confs.map(async ({ entry }) => {
+          const bytes = await fetcher.readFile(layer, entry, 0, entry.size)
+          expect(hex(bytes), entry.path).toBe(estargz.layers[1]!.files.get(entry.path))
+          return performance.now() - started
+        })
+      )
+      expect(hex(await first)).toBe(estargz.layers[1]!.files.get('usr/bin/tool'))
+      expect(Math.min(...waited)).toBeGreaterThan(4 * 500)
+      expect(fetcher.metrics().sources.registry).toMatchObject({ errors: 0, misses: 0 })
+    } finally {
+      await proxy.stop()
+    }
+  })
+
+  it('counts a whole-layer download on a thin link as progress (plain layers)', async () => {
+    const proxy = await startWanProxy({ target: registry.host, rttMs: 10, bitsPerSecond: 12_000_000 })
+    try {
+      const ref = plain.ref.replace(registry.host, proxy.host)
+      const c = createRegistryClient({ retries: 0 })
+      const store = createMemoryStore()
+      // Opened (downloaded and indexed) directly; then the tool's chunks are lost, to be downloaded again slowly.
+      const image = await openImage({ client, store, ref: plain.ref })
+      const layer = image.layers[0]!
+      const tool = layer.toc.lookup('usr/bin/tool')!
+      await store.unpin(layer.digest)
+      for (const ch of tool.chunks) await store.delete(ch.digest)
+      const fetcher = createFetcher({
+        store,
+        sources: [createRegistrySource({ client: c, ref, layers: image.layers })],
+        sourceTimeoutMs: 500
+      })
+      const started = performance.now()
+      const bytes = await fetcher.readFile(layer, tool, 0, tool.size)
+      expect(performance.now() - started).toBeGreaterThan(4 * 500)
+      expect(hex(bytes)).toBe(plain.layers[0]!.files.get('usr/bin/tool'))
+    } finally {
+      await proxy.stop()
+    }
+  })
+
+  it('gives up hung sources (one-by-one and batched, deaf to their signal) after about sourceTimeoutMs each, then asks the next', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const asked: string[] = []
+    // Faults a real peer cannot be made to produce on cue: requests accepted, then nothing, signal ignored.
+    const hung: ChunkSource = {
+      name: 'peer',
+      get: () => {
+        asked.push('peer')
+        return new Promise(() => {})
+      }
+    }
+    const hungBatch: ChunkSource = {
+      name: 'mirror',
+      get: () => new Promise(() => {}),
+      async *getMany() {
+        asked.push('mirror')
+        await new Promise(() => {})
+      }
+    }
+    const fetcher = createFetcher({
+      store,
+      sources: [hung, hungBatch, createRegistrySource({ client, ref: estargz.ref, layers: image.layers })],
+      hedgeDelayMs: 60_000,
+      sourceTimeoutMs: 300
+    })
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('etc/conf9.txt')!
+    const started = performance.now()
+    const bytes = await fetcher.readFile(layer, entry, 0, entry.size)
+    const ms = performance.now() - started
+    expect(hex(bytes)).toBe(estargz.layers[0]!.files.get('etc/conf9.txt'))
+    expect(ms).toBeGreaterThanOrEqual(2 * 300 - 5)
+    expect(ms).toBeLessThan(2 * 300 + 1000)
+    expect(asked).toEqual(['peer', 'mirror'])
+    const m = fetcher.metrics()
+    expect(m.sources.peer).toMatchObject({ chunks: 0, errors: 1 })
+    expect(m.sources.mirror).toMatchObject({ chunks: 0, errors: 1 })
+    expect(m.sources.registry!.chunks).toBe(1)
+    expect(m.hedges).toBe(0)
+  })
+
+  it('fails a read from a registry that sends headers and then nothing, naming the source and the timeout', async () => {
+    const proxy = await startFaultProxy(registry.host)
+    try {
+      const ref = estargz.ref.replace(registry.host, proxy.host)
+      // The client's own idle timeout is longer: the fetcher's liveness is what gives up here.
+      const c = createRegistryClient({ retries: 0, timeoutMs: 60_000 })
+      const store = createMemoryStore()
+      const image = await openImage({ client: c, store, ref })
+      proxy.faults.push({ kind: 'stall', afterBytes: 0, path: /\/blobs\//, times: Number.POSITIVE_INFINITY })
+      const fetcher = createFetcher({
+        store,
+        sources: [createRegistrySource({ client: c, ref, layers: image.layers })],
+        sourceTimeoutMs: 300
+      })
+      const layer = image.layers[1]!
+      const entry = layer.toc.lookup('etc/conf4.txt')!
+      const started = performance.now()
+      const err = await fetcher.readFile(layer, entry, 0, entry.size).catch((e: unknown) => e)
+      const ms = performance.now() - started
+      expect(err).toMatchObject({ name: 'ChunkUnavailableError', digest: entry.chunks[0]!.digest })
+      expect((err as Error).message).toContain(
+        `registry: source registry made no progress for 300 ms while asked for chunk ${entry.chunks[0]!.digest}`
+      )
+      expect(ms).toBeGreaterThanOrEqual(295)
+      expect(ms).toBeLessThan(1500)
+      expect(proxy.requests.some((r) => r.fault === 'stall')).toBe(true)
+    } finally {
+      await proxy.stop()
+    }
   })
 })

@@ -78,8 +78,12 @@ export interface Range {
   length: number
 }
 
+type ReadOptions = AbortOptions & { onProgress?(bytes: number): void }
+
 /** A remote blob read with HTTP Range requests. `size` is NaN until known (pass it, or after a first read). */
 export interface RemoteBlob extends ReadAt {
+  /** As ReadAt; `onProgress` hears the length of each piece of the body as it arrives (a slow read is moving). */
+  readAt(offset: number, length: number, options?: ReadOptions): Promise<Uint8Array>
   readRanges(ranges: Range[], options?: AbortOptions): Promise<Uint8Array[]>
 }
 
@@ -198,7 +202,7 @@ class Reply {
     return this.res.headers.get(name)
   }
 
-  async *chunks(): AsyncGenerator<Uint8Array> {
+  async *chunks(onPiece?: (bytes: number) => void): AsyncGenerator<Uint8Array> {
     const body = this.res.body
     if (body === null) return
     const reader = body.getReader()
@@ -214,6 +218,7 @@ class Reply {
           this.timer.disarm()
         }
         if (r.done) return
+        onPiece?.(r.value.length)
         yield r.value
       }
     } finally {
@@ -223,10 +228,14 @@ class Reply {
   }
 
   /** The whole body; `onTooLarge` throws when it exceeds `max`. */
-  async bytes(max = 64 * 1024 * 1024, onTooLarge?: () => Error): Promise<Uint8Array> {
+  async bytes(
+    max = 64 * 1024 * 1024,
+    onTooLarge?: () => Error,
+    onPiece?: (bytes: number) => void
+  ): Promise<Uint8Array> {
     const parts: Uint8Array[] = []
     let n = 0
-    for await (const c of this.chunks()) {
+    for await (const c of this.chunks(onPiece)) {
       n += c.length
       if (n > max) throw onTooLarge?.() ?? new UnexpectedResponse(`response body over ${max} bytes`, this.subject)
       parts.push(c)
@@ -814,14 +823,14 @@ class Client implements RegistryClient {
     const ref = toRef(input)
     const digest = typeof d === 'string' ? d : d.digest
     const known = { size: size ?? (typeof d === 'string' ? Number.NaN : d.size) }
-    const readRange = (offset: number, length: number, options: AbortOptions = {}) =>
+    const readRange = (offset: number, length: number, options: ReadOptions = {}) =>
       this.readRange(ref, digest, known, offset, length, options)
     const client = this
     return {
       get size() {
         return known.size
       },
-      async readAt(offset: number, length: number, options?: AbortOptions) {
+      async readAt(offset: number, length: number, options?: ReadOptions) {
         return readRange(offset, length, options)
       },
       async readRanges(ranges: Range[], options: AbortOptions = {}) {
@@ -845,7 +854,7 @@ class Client implements RegistryClient {
     known: { size: number },
     offset: number,
     length: number,
-    options: AbortOptions
+    options: ReadOptions
   ): Promise<Uint8Array> {
     const subject = { registry: ref.registry, repository: ref.repository, digest }
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
@@ -860,7 +869,7 @@ class Client implements RegistryClient {
         this.rangeRefused.add(ref.registry)
         const total = Number(reply.header('content-length') ?? Number.NaN)
         if (!Number.isNaN(total)) known.size = total
-        return sliceStream(reply, offset, length, subject)
+        return sliceStream(reply, offset, length, subject, options.onProgress)
       }
       const cr = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(reply.header('content-range') ?? '')
       if (cr === null || Number(cr[1]) !== offset) {
@@ -876,7 +885,7 @@ class Client implements RegistryClient {
           subject
         )
       }
-      const bytes = await reply.bytes(want)
+      const bytes = await reply.bytes(want, undefined, options.onProgress)
       if (bytes.length !== want) {
         throw new ShortRead(`range ${range} returned ${bytes.length} of ${want} bytes`, subject)
       }
@@ -1122,11 +1131,17 @@ async function readSlice(source: BlobSource, offset: number, length: number): Pr
 }
 
 /** Takes [offset, offset+length) from a whole-blob 200 response, and stops reading once it has them. */
-async function sliceStream(reply: Reply, offset: number, length: number, subject: ErrorSubject): Promise<Uint8Array> {
+async function sliceStream(
+  reply: Reply,
+  offset: number,
+  length: number,
+  subject: ErrorSubject,
+  onPiece?: (bytes: number) => void
+): Promise<Uint8Array> {
   const out = Buffer.alloc(length)
   let pos = 0
   let got = 0
-  for await (const c of reply.chunks()) {
+  for await (const c of reply.chunks(onPiece)) {
     const from = Math.max(0, offset - pos)
     const to = Math.min(c.length, offset + length - pos)
     if (to > from) {
