@@ -48,13 +48,16 @@ function describe(err: unknown): string {
   return err instanceof Error ? err.message : String(err)
 }
 
-/** Resolves/rejects with `p`, or rejects as soon as `signal` aborts (the work behind `p` goes on for others). */
+/**
+ * Resolves/rejects with `p`, or rejects as soon as `signal` aborts (the work behind `p` goes on for others).
+ * `p`'s own failure is always handled, even when `signal` had aborted before.
+ */
 function raceSignal<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
   if (signal === undefined) return p
-  signal.throwIfAborted()
   return new Promise<T>((resolve, reject) => {
     const onAbort = () => reject(signal.reason)
-    signal.addEventListener('abort', onAbort, { once: true })
+    if (signal.aborted) onAbort()
+    else signal.addEventListener('abort', onAbort, { once: true })
     p.then(
       (v) => {
         signal.removeEventListener('abort', onAbort)
