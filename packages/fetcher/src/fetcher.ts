@@ -404,12 +404,12 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       // sourceTimeoutMs since the ask started. A source working through a long queue is alive.
       const idle = new AbortController()
       const signal = AbortSignal.any([controller.signal, idle.signal])
-      const asked = performance.now()
+      const started = performance.now()
       const onProgress = () => this.progressAt.set(source, performance.now())
       let watchdog: NodeJS.Timeout | undefined
       const watch = (ms: number) => {
         watchdog = setTimeout(() => {
-          const quiet = performance.now() - Math.max(asked, this.progressAt.get(source) ?? 0)
+          const quiet = performance.now() - Math.max(started, this.progressAt.get(source) ?? 0)
           if (quiet >= this.sourceTimeoutMs) idle.abort(new Error(`no progress for ${this.sourceTimeoutMs} ms`))
           else watch(this.sourceTimeoutMs - quiet)
         }, ms)
@@ -428,7 +428,6 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         }, this.hedgeDelayMs)
       }
       armHedge()
-      const started = performance.now()
       // Puts overlap (each is a few file operations on a disk store) but stay bounded in count and bytes; a
       // chunk settles once it is kept.
       const puts = new Set<Promise<void>>()
