@@ -483,7 +483,7 @@ class Node implements StrataNode {
           const r =
             peer === this.peerId
               ? await this.warm(ref, { ...options, members, onProgress: (p) => report(peer, p) })
-              : await this.warmRemote(peer, ref, members, (p) => report(peer, p), options)
+              : await this.warmRemoteRetrying(peer, ref, members, (p) => report(peer, p), options)
           report(peer, { ...r, done: true })
           result.nodes[peer] = { ok: true, result: r }
         } catch (err) {
@@ -493,6 +493,27 @@ class Node implements StrataNode {
       })
     )
     return result
+  }
+
+  /**
+   * A peer's warm-up, asked again (up to three times in all) when the stream failed rather than the warm-up:
+   * a dial that failed, a stream reset or closed without a result. The warm-up is idempotent (what the peer
+   * holds already costs a lookup), and a transient stream failure must not fail a cluster warm-up.
+   */
+  private async warmRemoteRetrying(
+    peer: string,
+    ref: string,
+    members: string[],
+    onProgress: (p: WarmProgress) => void,
+    options: AbortOptions
+  ): Promise<WarmResult> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.warmRemote(peer, ref, members, onProgress, options)
+      } catch (err) {
+        if (attempt >= 3 || (err as Error).name === 'WarmError' || options.signal?.aborted === true) throw err
+      }
+    }
   }
 
   private async warmRemote(
