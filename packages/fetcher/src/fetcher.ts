@@ -9,6 +9,7 @@ import type {
   FetchEvent,
   Fetcher,
   FetcherMetrics,
+  GetManyOptions,
   Image,
   ImageLayer,
   PrefetchOptions
@@ -153,7 +154,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     )
   }
 
-  async getMany(chunks: ChunkRef[], options: AbortOptions = {}): Promise<Uint8Array[]> {
+  async getMany(chunks: ChunkRef[], options: GetManyOptions = {}): Promise<Uint8Array[]> {
     const byDigest = new Map<string, Promise<Uint8Array>>()
     const unique = [...new Map(chunks.map((c) => [c.digest, c])).values()]
     const cached = await mapLimit(unique, LOOKUPS_IN_FLIGHT, (chunk) => this.fromStore(chunk, options))
@@ -169,7 +170,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       else missing.push(chunk)
     })
     if (missing.length > 0) {
-      const batch = this.fromSources(missing)
+      const batch = this.fromSources(missing, options.hedgeDelayMs)
       for (const chunk of missing)
         byDigest.set(
           chunk.digest,
@@ -354,7 +355,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
    * time, never all at once; the first verified copy wins. Returns one promise per digest, settled as soon as
    * that chunk is known.
    */
-  private fromSources(chunks: ChunkRef[]): Map<string, Promise<Uint8Array>> {
+  private fromSources(chunks: ChunkRef[], hedgeDelayMs = this.hedgeDelayMs): Map<string, Promise<Uint8Array>> {
     interface State {
       chunk: ChunkRef
       done: boolean
@@ -425,7 +426,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
           hedge = undefined
           if (list.some((st) => !st.done && st.next === i + 1)) this.counters.hedges++
           handOn(i, list)
-        }, this.hedgeDelayMs)
+        }, hedgeDelayMs)
       }
       armHedge()
       // Puts overlap (each is a few file operations on a disk store) but stay bounded in count and bytes; a

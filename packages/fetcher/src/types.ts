@@ -90,12 +90,20 @@ export interface FetcherMetrics {
   latencyMs: Record<string, { buckets: Array<{ le: number; count: number }>; count: number; sumMs: number }>
 }
 
+export interface GetManyOptions extends AbortOptions {
+  /**
+   * This batch's hedge delay instead of the fetcher's: a warm-up, which is not waiting on a reader, can wait
+   * longer on its peers before it also asks the registry.
+   */
+  hedgeDelayMs?: number
+}
+
 /** The one read path. */
 export interface Fetcher extends EventTarget {
   /** Verified bytes of one chunk: from the store, an in-flight request for the same digest, or the sources in order. */
   get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array>
   /** Verified bytes of many chunks (same order as asked), using the sources' batched form where they have one. */
-  getMany(chunks: ChunkRef[], options?: AbortOptions): Promise<Uint8Array[]>
+  getMany(chunks: ChunkRef[], options?: GetManyOptions): Promise<Uint8Array[]>
   /**
    * `length` bytes of a file from `offset` (fewer at the end of the file); starts a bounded read-ahead of the
    * rest. Within one chunk the result is a view of that chunk's bytes, shared with other readers: read only.

@@ -82,7 +82,7 @@ export async function warmImage(fetcher: Fetcher, image: Image, options: WarmOpt
       while (next < batches.length) {
         options.signal?.throwIfAborted()
         const batch = batches[next++]!
-        await fetcher.getMany(batch, { signal: options.signal })
+        await fetcher.getMany(batch, { signal: options.signal, hedgeDelayMs: WARM_HEDGE_DELAY_MS })
         progress.chunks += batch.length
         progress.bytes += batch.reduce((n, c) => n + c.size, 0)
         options.onProgress?.({ ...progress })
@@ -95,6 +95,12 @@ export async function warmImage(fetcher: Fetcher, image: Image, options: WarmOpt
   const progress = members !== undefined ? await runWithMembers(members, run) : await run()
   return { image: image.ref, digest: image.digest, layers: image.layers.length, ...progress, ms: Date.now() - started }
 }
+
+/**
+ * A warm-up waits this long on its peers (a home fetching a segment for everyone) before it asks the registry
+ * too: no reader is waiting, and egress about once is what a cluster warm-up is for.
+ */
+const WARM_HEDGE_DELAY_MS = 30_000
 
 function toBatches(chunks: ChunkRef[]): ChunkRef[][] {
   const out: ChunkRef[][] = []
