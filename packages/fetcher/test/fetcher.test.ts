@@ -318,6 +318,41 @@ describe('reading an eStargz image', () => {
     expect(m.hedges).toBe(1)
   })
 
+  it("waits a batch's own hedge delay, when it gives one, before asking the next source", async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const registrySource = createRegistrySource({ client, ref: estargz.ref, layers: image.layers })
+    const layer = image.layers[0]!
+    const refs = ['etc/conf1.txt', 'etc/conf2.txt'].map((p) => chunkRef(layer, layer.toc.lookup(p)!.chunks[0]!))
+    let registryAsked = 0
+    // A peer that answers each chunk after 600 ms: slower than the fetcher's hedge delay, within the batch's.
+    const slowPeer: ChunkSource = {
+      name: 'peer',
+      get: async (chunk) => {
+        await new Promise((resolve) => setTimeout(resolve, 600))
+        return registrySource.get(chunk)
+      }
+    }
+    const registry: ChunkSource = {
+      name: 'registry',
+      get: (chunk, options) => {
+        registryAsked++
+        return registrySource.get(chunk, options)
+      }
+    }
+    const fetcher = createFetcher({ store, sources: [slowPeer, registry], hedgeDelayMs: 100, readAheadBytes: 0 })
+    const got = await fetcher.getMany(refs, { hedgeDelayMs: 5000 })
+    expect(got.map((b) => hex(b))).toEqual(
+      ['etc/conf1.txt', 'etc/conf2.txt'].map((p) => estargz.layers[0]!.files.get(p))
+    )
+    expect(registryAsked).toBe(0)
+    expect(fetcher.metrics()).toMatchObject({ hedges: 0, sources: { peer: { chunks: 2 } } })
+    // The fetcher's own delay for a batch without one: the registry is asked too.
+    const other = chunkRef(layer, layer.toc.lookup('etc/conf3.txt')!.chunks[0]!)
+    await fetcher.getMany([other])
+    expect(registryAsked).toBe(1)
+  })
+
   it('prefetches the prioritized files in one range read, and reads ahead the rest of a file', async () => {
     const store = createMemoryStore()
     const c = counting(client)
