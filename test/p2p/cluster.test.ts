@@ -51,8 +51,8 @@ function blobBytes(list: CountingProxy['requests']): number {
 
 const status = (c: Cluster, i: number) => c.nodes[i]!.client.get<NodeStatus>('/status')
 
-async function warm(c: Cluster, i: number, cluster = false) {
-  const r = await c.nodes[i]!.p2pctl(['warm', ref, ...(cluster ? ['--cluster'] : []), '--json'])
+async function warm(c: Cluster, i: number, image = ref) {
+  const r = await c.nodes[i]!.p2pctl(['warm', image, '--json'])
   if (r.code !== 0) throw new Error(`p2pctl warm on node ${i} failed (${r.code}): ${r.stderr}`)
   return JSON.parse(r.stdout) as { totalChunks: number; totalBytes: number }
 }
@@ -206,16 +206,26 @@ describe('p2pd cluster on loopback', () => {
   })
 
   it('a peer killed mid-transfer: the read completes from the registry', async () => {
+    // Many small chunks, many more than a warm-up has in flight at once: the kill after the first batch leaves
+    // most of them to come from the registry.
+    const many = await buildTestImage({
+      registry: registry.host,
+      repository: 'test/many',
+      estargz: true,
+      gzipLevel: 1,
+      layers: [{ files: await noiseTree(join(work, 'many'), 1500, () => 1_000, 2) }]
+    })
+    const manyRef = many.ref.replace(registry.host, proxy.host)
     const c = await startCluster(1, { insecureRegistry: [proxy.host] })
     const dir = await mkdtemp(join(tmpdir(), 'strata-p2pd-b-'))
     try {
       const a = c.nodes[0]!
-      const total = await warm(c, 0)
+      const total = await warm(c, 0, manyRef)
       const b = await startP2pd({ dataDir: dir, bootstrap: a.addrs, insecureRegistry: [proxy.host] })
       c.nodes.push(b)
       await waitForMesh([a, b], 1)
       let killed: Promise<number | null> | undefined
-      const result = await b.client.stream<{ totalChunks: number }>('/warm', { image: ref }, (event) => {
+      const result = await b.client.stream<{ totalChunks: number }>('/warm', { image: manyRef }, (event) => {
         const e = event as { type: string; chunks?: number }
         if (e.type === 'progress' && (e.chunks ?? 0) > 0) killed ??= a.stop('SIGKILL')
       })

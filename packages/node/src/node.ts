@@ -483,7 +483,10 @@ class Node implements StrataNode {
           const r =
             peer === this.peerId
               ? await this.warm(ref, { ...options, members, onProgress: (p) => report(peer, p) })
-              : await this.warmRemoteRetrying(peer, ref, members, (p) => report(peer, p), options)
+              : await askAgainOnStreamFailure(
+                  () => this.warmRemote(peer, ref, members, (p) => report(peer, p), options),
+                  options.signal
+                )
           report(peer, { ...r, done: true })
           result.nodes[peer] = { ok: true, result: r }
         } catch (err) {
@@ -493,27 +496,6 @@ class Node implements StrataNode {
       })
     )
     return result
-  }
-
-  /**
-   * A peer's warm-up, asked again (up to three times in all) when the stream failed rather than the warm-up:
-   * a dial that failed, a stream reset or closed without a result. The warm-up is idempotent (what the peer
-   * holds already costs a lookup), and a transient stream failure must not fail a cluster warm-up.
-   */
-  private async warmRemoteRetrying(
-    peer: string,
-    ref: string,
-    members: string[],
-    onProgress: (p: WarmProgress) => void,
-    options: AbortOptions
-  ): Promise<WarmResult> {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return await this.warmRemote(peer, ref, members, onProgress, options)
-      } catch (err) {
-        if (attempt >= 3 || (err as Error).name === 'WarmError' || options.signal?.aborted === true) throw err
-      }
-    }
   }
 
   private async warmRemote(
@@ -631,4 +613,19 @@ export async function createNode(init: NodeInit): Promise<StrataNode> {
   const node = new Node(libp2p, init, limits)
   await node.start()
   return node
+}
+
+/**
+ * A peer's warm-up, asked again (up to three times in all) when the stream failed rather than the warm-up: a
+ * dial that failed, a stream reset or closed without a result. The warm-up is idempotent (what the peer holds
+ * already costs a lookup), and a transient stream failure must not fail a cluster warm-up.
+ */
+async function askAgainOnStreamFailure<T>(ask: () => Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await ask()
+    } catch (err) {
+      if (attempt >= 3 || (err as Error).name === 'WarmError' || signal?.aborted === true) throw err
+    }
+  }
 }
