@@ -41,20 +41,15 @@ export function createLibraryPrefetch(tree: Tree, read: NodeReader): LibraryPref
         : searchPath(deps, origin).map((dir) => `${dir}/${soname}`)
     )
     if (deps.interpreter !== undefined) wanted.unshift([deps.interpreter])
-    const found = new Map<string, Node>()
+    // The first library of each list that exists. Reading its header fetches its first chunk (the fetcher
+    // reads ahead the rest of the file), and its own dependencies are looked at in turn.
     for (const candidates of wanted) {
       for (const candidate of candidates) {
         const lib = resolveFile(tree, candidate)
         if (lib === undefined) continue
-        found.set(candidate, lib)
+        touch(candidate, lib)
         break
       }
-    }
-    for (const [libPath, lib] of found) {
-      if (seen.has(lib.ino)) continue
-      const first = lib.source?.entry.chunks[0]
-      if (first !== undefined) read(lib, 0, first.size).catch(() => {})
-      touch(libPath, lib)
     }
   }
 

@@ -51,6 +51,12 @@ const BATCH = 64
 const PARALLEL_BATCHES = 8
 
 /**
+ * A warm-up waits this long on its peers (a home fetching a segment for everyone) before it asks the registry
+ * too: no reader is waiting, and egress about once is what a cluster warm-up is for.
+ */
+const WARM_HEDGE_DELAY_MS = 30_000
+
+/**
  * Fills the local store with every chunk of `image` through the fetcher (store, peers, registry; verified).
  * Batches never mix homes: a batch of this node's own share goes to the registry without waiting on peers, so
  * a peer whose forwarded request joins it is never stuck behind this node's requests to that peer.
@@ -95,12 +101,6 @@ export async function warmImage(fetcher: Fetcher, image: Image, options: WarmOpt
   const progress = members !== undefined ? await runWithMembers(members, run) : await run()
   return { image: image.ref, digest: image.digest, layers: image.layers.length, ...progress, ms: Date.now() - started }
 }
-
-/**
- * A warm-up waits this long on its peers (a home fetching a segment for everyone) before it asks the registry
- * too: no reader is waiting, and egress about once is what a cluster warm-up is for.
- */
-const WARM_HEDGE_DELAY_MS = 30_000
 
 function toBatches(chunks: ChunkRef[]): ChunkRef[][] {
   const out: ChunkRef[][] = []
