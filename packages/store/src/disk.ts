@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { Level } from 'level'
 import { StoreClosedError, StoreFullError, StoreIOError, StoreLockedError } from './errors.js'
-import { assertDigest, type ChunkRecord, Ledger } from './ledger.js'
+import { assertDigest, assertOffset, type ChunkRecord, Ledger } from './ledger.js'
 import type {
   AbortOptions,
   DiskChunkStore,
@@ -48,6 +48,8 @@ const SYNCED = 's!synced'
 const ATIME_FLUSH_MS = 1000
 /** Bytes put since the last checkpoint that start the next one at once. */
 const CHECKPOINT_BYTES = 64 * 1024 * 1024
+/** Chunk files `read` keeps open: a few mounts reading a few files each, sequentially. */
+const OPEN_FILES = 32
 /** Bytes put since the last checkpoint past which puts wait for one (bounds the repair work after a power loss). */
 const MAX_UNSYNCED_BYTES = 4 * CHECKPOINT_BYTES
 /** Files fsynced at once by a checkpoint or the repair pass when they are synced one by one. */
@@ -161,6 +163,60 @@ async function readExactly(path: string, size: number): Promise<Uint8Array | und
   }
 }
 
+/**
+ * Chunk files kept open for `read`, most recently used last: a mount reads a chunk in 128 KiB pieces, and an
+ * open and a close per piece would cost more than the read. A file removed while open stays readable (its
+ * bytes do not change) until closed.
+ */
+class OpenFiles {
+  private readonly handles = new Map<string, Promise<FileHandle>>()
+  private readonly max: number
+  private closed = false
+
+  constructor(max: number) {
+    this.max = max
+  }
+
+  /** The open handle of `digest`'s file at `path`; rejects as open(2) does (ENOENT when it is gone). */
+  get(digest: string, path: string): Promise<FileHandle> {
+    let handle = this.handles.get(digest)
+    if (handle !== undefined) {
+      this.handles.delete(digest)
+      this.handles.set(digest, handle)
+      return handle
+    }
+    if (this.closed) return Promise.reject(new Error(`not opening ${path}: the store is closing`))
+    handle = open(path, 'r')
+    this.handles.set(digest, handle)
+    const opened = handle
+    opened.catch(() => {
+      if (this.handles.get(digest) === opened) this.handles.delete(digest)
+    })
+    for (const oldest of this.handles.keys()) {
+      if (this.handles.size <= this.max) break
+      this.close(oldest)
+    }
+    return handle
+  }
+
+  /** Closes `digest`'s file, if open, once the reads already started on it are done. */
+  close(digest: string): Promise<void> {
+    const handle = this.handles.get(digest)
+    if (handle === undefined) return Promise.resolve()
+    this.handles.delete(digest)
+    // FileHandle.close() waits for the operations in flight on it.
+    return handle.then(
+      (fh) => fh.close(),
+      () => {}
+    )
+  }
+
+  closeAll(): Promise<void> {
+    this.closed = true
+    return Promise.all([...this.handles.keys()].map((d) => this.close(d))).then(() => {})
+  }
+}
+
 /** fsyncs a file or directory; one removed meanwhile (an evicted chunk) needs no sync. */
 async function syncPath(path: string): Promise<void> {
   let fh: FileHandle
@@ -215,6 +271,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
   /** digest -> the tail of the file operations on it (put, delete, evict run one at a time per digest). */
   private readonly busy = new Map<string, Promise<void>>()
   private readonly tempFiles = new Set<string>()
+  private readonly openFiles = new OpenFiles(OPEN_FILES)
   private closing: Promise<void> | undefined
   /** The generation puts record now; every generation up to the one before it is durable or being made so. */
   private gen: number
@@ -280,6 +337,39 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     }
     this.ledger.hits++
     return bytes
+  }
+
+  async read(digest: string, offset: number, into: Uint8Array, options?: AbortOptions): Promise<number | undefined> {
+    this.check(options, digest)
+    assertOffset(offset)
+    const record = this.ledger.chunks.get(digest)
+    if (record === undefined) {
+      this.ledger.misses++
+      return undefined
+    }
+    const length = Math.max(0, Math.min(into.length, record.size - offset))
+    const path = this.chunkPath(digest)
+    let bytesRead = 0
+    try {
+      const fh = await this.openFiles.get(digest, path)
+      if (length > 0) ({ bytesRead } = await fh.read(into, 0, length, offset))
+    } catch (err) {
+      if (this.closing !== undefined) throw new StoreClosedError(`at ${this.dir}`)
+      if (errorCode(err) !== 'ENOENT') throw this.fileError(err, 'read', path)
+      bytesRead = -1
+    }
+    if (bytesRead !== length) {
+      // Gone or cut short behind our back (as in get): a miss either way.
+      if (this.ledger.chunks.get(digest) === record) await this.forget(digest)
+      this.ledger.misses++
+      return undefined
+    }
+    if (this.ledger.chunks.get(digest) === record) {
+      this.ledger.touch(digest, record)
+      this.dirty.add(digest)
+    }
+    this.ledger.hits++
+    return length
   }
 
   async has(digest: string, options?: AbortOptions): Promise<boolean> {
@@ -385,6 +475,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     clearInterval(this.timer)
     clearInterval(this.checkpointTimer)
     while (this.busy.size > 0) await Promise.all(this.busy.values())
+    await this.openFiles.closeAll()
     this.flushAtimes()
     await this.checkpoint()
     await this.writer.idle()
@@ -500,6 +591,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
 
   private async unlinkChunk(digest: string): Promise<void> {
     const path = this.chunkPath(digest)
+    void this.openFiles.close(digest)
     try {
       await unlink(path)
     } catch (err) {

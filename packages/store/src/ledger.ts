@@ -18,6 +18,10 @@ export function assertDigest(digest: string): void {
   if (!DIGEST.test(digest)) throw new InvalidDigestError(digest)
 }
 
+export function assertOffset(offset: number): void {
+  if (!Number.isSafeInteger(offset) || offset < 0) throw new RangeError(`not an offset in a chunk: ${offset}`)
+}
+
 /**
  * The bookkeeping both stores share: which chunks exist in least-recently-used order, their sizes, the pins,
  * the size cap and the counters. It only decides; the stores move the bytes.

@@ -1,5 +1,5 @@
 import { StoreClosedError } from './errors.js'
-import { assertDigest, Ledger } from './ledger.js'
+import { assertDigest, assertOffset, Ledger } from './ledger.js'
 import type {
   AbortOptions,
   EvictEventDetail,
@@ -34,6 +34,21 @@ class MemoryStore extends EventTarget implements LocalChunkStore {
     this.ledger.touch(digest, record)
     this.ledger.hits++
     return this.data.get(digest)!.slice()
+  }
+
+  async read(digest: string, offset: number, into: Uint8Array, options?: AbortOptions): Promise<number | undefined> {
+    this.check(options, digest)
+    assertOffset(offset)
+    const record = this.ledger.chunks.get(digest)
+    if (record === undefined) {
+      this.ledger.misses++
+      return undefined
+    }
+    this.ledger.touch(digest, record)
+    this.ledger.hits++
+    const bytes = this.data.get(digest)!.subarray(offset, offset + into.length)
+    into.set(bytes)
+    return bytes.length
   }
 
   async has(digest: string, options?: AbortOptions): Promise<boolean> {

@@ -14,7 +14,9 @@ export interface StoreStats {
   bytes: number
   /** The size cap (Infinity when none). */
   maxBytes: number
+  /** Gets and reads that found their chunk. */
   hits: number
+  /** Gets and reads that did not. */
   misses: number
   evictions: number
   pinned: number
@@ -27,6 +29,11 @@ export interface StoreStats {
 export interface ChunkStore extends EventTarget {
   /** The bytes, or undefined on a miss. Callers have verified what they put; the store does not re-hash on get. */
   get(digest: string, options?: AbortOptions): Promise<Uint8Array | undefined>
+  /**
+   * Copies the chunk's bytes from `offset` into `into` (up to its length, and to the chunk's end) without
+   * allocating: how a mount reads a stored chunk in small pieces. The count copied, or undefined on a miss.
+   */
+  read(digest: string, offset: number, into: Uint8Array, options?: AbortOptions): Promise<number | undefined>
   has(digest: string, options?: AbortOptions): Promise<boolean>
   /** Stores bytes the caller has verified against `digest`. Idempotent. May evict others to stay under the cap. */
   put(digest: string, bytes: Uint8Array, options?: PutOptions): Promise<void>

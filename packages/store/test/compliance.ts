@@ -47,6 +47,50 @@ export function runStoreCompliance(name: string, factory: StoreFactory): void {
       expect(await store.get(a.digest)).toBeUndefined()
     })
 
+    it('reads a stored chunk in pieces into a caller buffer', async () => {
+      const store = await make()
+      const a = randomChunk(1000)
+      const into = new Uint8Array(300).fill(7)
+      expect(await store.read(a.digest, 0, into)).toBeUndefined()
+      await store.put(a.digest, a.bytes)
+      expect(await store.read(a.digest, 0, into)).toBe(300)
+      expect(into).toEqual(a.bytes.subarray(0, 300))
+      expect(await store.read(a.digest, 600, into)).toBe(300)
+      expect(into).toEqual(a.bytes.subarray(600, 900))
+      // Up to the chunk's end; the rest of the buffer is left alone.
+      into.fill(7)
+      expect(await store.read(a.digest, 900, into)).toBe(100)
+      expect(into.subarray(0, 100)).toEqual(a.bytes.subarray(900))
+      expect(into.subarray(100).every((b) => b === 7)).toBe(true)
+      expect(await store.read(a.digest, 1000, into)).toBe(0)
+      expect(await store.read(a.digest, 5000, into)).toBe(0)
+      await expect(store.read(a.digest, -1, into)).rejects.toThrow(RangeError)
+      await expect(store.read(a.digest, 1.5, into)).rejects.toThrow(RangeError)
+      await expect(store.read('sha256:nope', 0, into)).rejects.toMatchObject({ name: 'InvalidDigestError' })
+      // Changing the caller's buffer changes nothing stored.
+      into.fill(0)
+      expect(await store.get(a.digest)).toEqual(a.bytes)
+      await store.delete(a.digest)
+      expect(await store.read(a.digest, 0, into)).toBeUndefined()
+      expect(await store.stats()).toMatchObject({ hits: 6, misses: 2 })
+    })
+
+    it('reads many chunks at once, each piece from its own chunk', async () => {
+      const store = await make()
+      const chunks = Array.from({ length: 80 }, () => randomChunk(4096))
+      for (const c of chunks) await store.put(c.digest, c.bytes)
+      const pieces = await Promise.all(
+        chunks.flatMap((c) =>
+          [0, 1024, 3072].map(async (offset) => {
+            const into = new Uint8Array(1024)
+            expect(await store.read(c.digest, offset, into)).toBe(1024)
+            return [into, c.bytes.subarray(offset, offset + 1024)] as const
+          })
+        )
+      )
+      for (const [got, want] of pieces) expect(got).toEqual(want)
+    })
+
     it('stores an empty chunk', async () => {
       const store = await make()
       const empty = randomChunk(0)
@@ -258,6 +302,7 @@ export function runStoreCompliance(name: string, factory: StoreFactory): void {
       const signal = AbortSignal.abort()
       const calls: Array<Promise<unknown>> = [
         store.get(a.digest, { signal }),
+        store.read(a.digest, 0, new Uint8Array(1), { signal }),
         store.has(a.digest, { signal }),
         store.put(randomChunk().digest, a.bytes, { signal }),
         store.delete(a.digest, { signal }),
@@ -278,6 +323,9 @@ export function runStoreCompliance(name: string, factory: StoreFactory): void {
       const store = await make()
       await store.close()
       await expect(store.get(randomChunk().digest)).rejects.toMatchObject({ name: 'StoreClosedError' })
+      await expect(store.read(randomChunk().digest, 0, new Uint8Array(1))).rejects.toMatchObject({
+        name: 'StoreClosedError'
+      })
       await expect(store.put(randomChunk().digest, new Uint8Array(1))).rejects.toMatchObject({
         name: 'StoreClosedError'
       })

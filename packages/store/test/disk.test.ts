@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, unlink, writeFile } from 'node:fs/promises'
+import { mkdtemp, readdir, readFile, readlink, rm, unlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
@@ -145,6 +145,48 @@ describe('disk store', () => {
     expect(await store.stats()).toMatchObject({ chunks: 0, bytes: 0, misses: 2 })
     expect(await chunkFiles(dir)).toEqual([])
     await store.close()
+  })
+
+  it('reads pieces of a chunk removed or truncated behind its back as a miss, and forgets it', async () => {
+    const dir = await tempDir()
+    const store = await openDiskStore(dir)
+    const [a, b] = [randomChunk(), randomChunk()]
+    await store.put(a!.digest, a!.bytes)
+    await store.put(b!.digest, b!.bytes)
+    await unlink(chunkPath(dir, a!.digest))
+    await writeFile(chunkPath(dir, b!.digest), b!.bytes.subarray(0, 10))
+    const into = new Uint8Array(100)
+    expect(await store.read(a!.digest, 0, into)).toBeUndefined()
+    // The first piece is intact; the one past the cut is a miss.
+    expect(await store.read(b!.digest, 0, into.subarray(0, 10))).toBe(10)
+    expect(await store.read(b!.digest, 500, into)).toBeUndefined()
+    expect(await store.stats()).toMatchObject({ chunks: 0, bytes: 0, misses: 2 })
+    expect(await chunkFiles(dir)).toEqual([])
+    await store.close()
+  })
+
+  it('keeps a bounded number of chunk files open for reads, and none after close', async () => {
+    const dir = await tempDir()
+    const store = await openDiskStore(dir, { maxBytes: 100 * 1000 })
+    const chunks = Array.from({ length: 100 }, () => randomChunk(1000))
+    for (const c of chunks) await store.put(c.digest, c.bytes)
+    const fds = async () => (await readdir('/proc/self/fd')).length
+    const before = await fds()
+    const into = new Uint8Array(10)
+    for (const c of chunks) expect(await store.read(c.digest, 0, into)).toBe(10)
+    expect((await fds()) - before).toBeGreaterThan(0)
+    expect((await fds()) - before).toBeLessThanOrEqual(32)
+    // An evicted chunk's file is closed too (no deleted file held open, no space kept).
+    const extra = randomChunk(50_000)
+    await store.put(extra.digest, extra.bytes)
+    const deletedOpen = async () =>
+      (
+        await Promise.all((await readdir('/proc/self/fd')).map((fd) => readlink(`/proc/self/fd/${fd}`).catch(() => '')))
+      ).filter((target) => target.startsWith(dir) && target.endsWith('(deleted)')).length
+    await new Promise((r) => setTimeout(r, 50))
+    expect(await deletedOpen()).toBe(0)
+    await store.close()
+    expect(await fds()).toBeLessThanOrEqual(before)
   })
 
   it('evicts down to a lowered cap on open', async () => {
