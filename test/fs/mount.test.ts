@@ -1,7 +1,10 @@
 import { spawn } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { readFileSync } from 'node:fs'
 import { mkdir, mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { createFetcher, type ImageLayer } from '@strata/fetcher'
 import {
   buildTree,
   createOperations,
@@ -9,9 +12,19 @@ import {
   type Mount,
   mountFuse,
   type ReadFailure,
-  type ReadFile
+  type ReadFile,
+  serveMount
 } from '@strata/fs'
-import { type FileReadAt, fileReader, type Layer, openLayer, type ReadAt, readFileRange } from '@strata/stargz'
+import {
+  type FileReadAt,
+  fileReader,
+  type Layer,
+  openLayer,
+  type ReadAt,
+  readChunk,
+  readFileRange
+} from '@strata/stargz'
+import { openDiskStore } from '@strata/store'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { describeTree, type Fixture, makeFixture, PROGRAM } from './fixture.js'
 
@@ -160,6 +173,49 @@ describe('FUSE mount of an image', () => {
           .sort((a, b) => a.slice(66).localeCompare(b.slice(66)))
           .join('\n')
       ).toBe(sorted)
+    }
+  })
+})
+
+describe('a mount whose chunks are all in the store', () => {
+  it('reads them in place: the same files, no chunk loaded whole, no source asked', async () => {
+    const store = await openDiskStore(join(work, 'store'), { fsync: false })
+    const dir = join(work, 'stored')
+    await mkdir(dir)
+    try {
+      const image = {
+        layers: layers.map((layer, i): ImageLayer => {
+          const digest = `sha256:${createHash('sha256').update(readFileSync(fixture.blobs[i]!.path)).digest('hex')}`
+          const mediaType = 'application/vnd.oci.image.layer.v1.tar+gzip'
+          return { ...layer, descriptor: { mediaType, digest, size: layer.size }, digest, verified: true }
+        })
+      }
+      for (const [i, layer] of layers.entries())
+        for (const entry of layer.toc.entries.values())
+          for (const chunk of entry.chunks) await store.put(chunk.digest, await readChunk(readers[i]!, layer, chunk))
+      let gets = 0
+      const counted = Object.create(store) as typeof store
+      counted.get = (digest, options) => {
+        gets++
+        return store.get(digest, options)
+      }
+      const fetcher = createFetcher({ store: counted, sources: [], readAheadBytes: 0 })
+      const mount = await serveMount({ image, fetcher, mountpoint: dir })
+      try {
+        const reading = [describeTree(dir), describeTree(dir), exec('chroot', [dir, PROGRAM, '--version'])] as const
+        const [a, b, version] = await Promise.all(reading)
+        expect(a).toEqual(await describeTree(fixture.reference))
+        expect(b).toEqual(a)
+        expect(version.stdout).toMatch(/GNU coreutils/)
+      } finally {
+        await mount.unmount()
+      }
+      expect(gets).toBe(0)
+      const m = fetcher.metrics().sources.store!
+      expect(m.bytes).toBeGreaterThan(20 * 1024 * 1024)
+      expect(m.misses).toBe(0)
+    } finally {
+      await store.close()
     }
   })
 })

@@ -215,6 +215,44 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     return out
   }
 
+  async readStored(
+    layer: ImageLayer,
+    entry: Entry,
+    offset: number,
+    into: Uint8Array,
+    options: AbortOptions = {}
+  ): Promise<number | undefined> {
+    const end = Math.min(entry.size, offset + into.length)
+    if (offset >= end) return 0
+    const first = layer.toc.chunkIndexAt(entry, offset)
+    const last = layer.toc.chunkIndexAt(entry, end - 1)
+    if (first < 0 || last < 0) throw new RangeError(`${entry.path}: [${offset}, ${end}) is outside its chunks`)
+    const m = this.counters.source('store')
+    let at = 0
+    for (let i = first; i <= last; i++) {
+      const c = entry.chunks[i]!
+      const from = Math.max(offset, c.fileOffset) - c.fileOffset
+      const to = Math.min(end, c.fileOffset + c.size) - c.fileOffset
+      m.requests++
+      const n = await this.store.read(c.digest, from, into.subarray(at, at + to - from), options).catch((err) => {
+        options.signal?.throwIfAborted()
+        m.errors++
+        this.emit({ type: 'store:error', digest: c.digest, message: describe(err) })
+        return undefined
+      })
+      if (n !== to - from) {
+        m.misses++
+        return undefined
+      }
+      // A chunk counts once, on the piece that starts it.
+      if (from === 0) m.chunks++
+      m.bytes += n
+      at += n
+    }
+    this.readAhead(layer, entry, last + 1)
+    return at
+  }
+
   async prefetch(image: Image, options: PrefetchOptions = {}): Promise<void> {
     // Every layer's prioritized range at once: they are what the workload reads first.
     await Promise.all(

@@ -109,6 +109,19 @@ export interface Fetcher extends EventTarget {
    * rest. Within one chunk the result is a view of that chunk's bytes, shared with other readers: read only.
    */
   readFile(layer: ImageLayer, entry: Entry, offset: number, length: number, options?: AbortOptions): Promise<Uint8Array>
+  /**
+   * The bytes of a file from `offset` (`into.length` of them, fewer at the end of the file) copied from the store
+   * straight into `into`, with no chunk buffered in memory: the fast path of a mount whose chunks are local.
+   * Undefined when a chunk it needs is not in the store (or the store failed to read it); `readFile` fetches
+   * it then. Starts the same read-ahead as `readFile`.
+   */
+  readStored(
+    layer: ImageLayer,
+    entry: Entry,
+    offset: number,
+    into: Uint8Array,
+    options?: AbortOptions
+  ): Promise<number | undefined>
   /** Fetches the prioritized files of every layer (those before `.prefetch.landmark`) into the store. */
   prefetch(image: Image, options?: PrefetchOptions): Promise<void>
   metrics(): FetcherMetrics

@@ -165,6 +165,67 @@ describe('reading an eStargz image', () => {
     }
   })
 
+  it('reads stored chunks straight into a caller buffer, and says when a chunk is not stored', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const c = counting(client)
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client: c, ref: estargz.ref, layers: image.layers })],
+      readAheadBytes: 0
+    })
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('usr/bin/tool')!
+    const into = new Uint8Array(256 * 1024)
+    // Nothing stored: a miss, and no source asked.
+    expect(await fetcher.readStored(layer, entry, 0, into)).toBeUndefined()
+    expect(c.reads + c.downloads).toBe(0)
+    const whole = await fetcher.readFile(layer, entry, 0, entry.size)
+    const reads = c.reads
+    for (const [off, len] of [
+      [0, 1],
+      [4 * 1024 * 1024 - 10, 20],
+      [100, 9 * 1024 * 1024],
+      [entry.size - 5, 100],
+      [entry.size, 10]
+    ] as const) {
+      const buf = new Uint8Array(len)
+      const n = await fetcher.readStored(layer, entry, off, buf)
+      expect(n).toBe(Math.max(0, Math.min(entry.size, off + len) - off))
+      expect(Buffer.from(buf.subarray(0, n)).equals(Buffer.from(whole.subarray(off, off + n!)))).toBe(true)
+    }
+    expect(c.reads).toBe(reads)
+    // One chunk gone: a read touching it misses; the others still hit.
+    await store.delete(entry.chunks[1]!.digest)
+    expect(await fetcher.readStored(layer, entry, 4 * 1024 * 1024 - 10, new Uint8Array(20))).toBeUndefined()
+    expect(await fetcher.readStored(layer, entry, 0, new Uint8Array(20))).toBe(20)
+    expect(fetcher.metrics().sources.store!.misses).toBeGreaterThanOrEqual(2)
+  })
+
+  it('counts a store that fails to read as a miss of readStored, and reports it', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('usr/bin/tool')!
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client, ref: estargz.ref, layers: image.layers })]
+    })
+    await fetcher.readFile(layer, entry, 0, 10)
+    const failing = Object.create(store) as typeof store
+    failing.read = async () => {
+      throw new Error('EIO: the disk failed')
+    }
+    const events: FetchEvent[] = []
+    const broken = createFetcher({ store: failing, sources: [] })
+    broken.addEventListener('store:error', (e) => events.push((e as CustomEvent<FetchEvent>).detail))
+    expect(await broken.readStored(layer, entry, 0, new Uint8Array(10))).toBeUndefined()
+    expect(events).toMatchObject([{ type: 'store:error', digest: entry.chunks[0]!.digest }])
+    expect(broken.metrics().sources.store!.errors).toBe(1)
+    const aborted = broken.readStored(layer, entry, 0, new Uint8Array(10), { signal: AbortSignal.abort() })
+    await expect(aborted).rejects.toMatchObject({ name: 'AbortError' })
+  })
+
   it('makes one request for concurrent reads of the same chunk', async () => {
     const store = createMemoryStore()
     const image = await openImage({ client, store, ref: estargz.ref })

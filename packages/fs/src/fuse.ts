@@ -105,8 +105,10 @@ export async function mountFuse(
   }
 
   const inflight = new AbortController()
+  // No timeout on reads: fuse-native would answer for a read still filling libfuse's buffer, which libfuse then
+  // reuses. A read ends by itself (the fetcher's sources time out) or with the unmount's abort.
   const fuse = new StrataFuse(mountpoint, handlers(ops, inflight.signal), {
-    timeout: OPERATION_TIMEOUT_MS
+    timeout: { default: OPERATION_TIMEOUT_MS, read: false }
   })
 
   await new Promise<void>((resolve, reject) => {
@@ -215,12 +217,10 @@ function handlers(ops: Operations, signal: AbortSignal): Record<string, unknown>
         ops.open(path, flags)
         return 0
       }),
+    // `buf` is libfuse's memory, valid until cb: the read fills it in place (from the store, in an I/O thread).
     read: (path: string, _fd: number, buf: Buffer, len: number, pos: number, cb: Callback) => {
-      ops.read(path, pos, len, { signal }).then(
-        (bytes) => {
-          buf.set(bytes)
-          cb(bytes.length)
-        },
+      ops.read(path, pos, buf.subarray(0, len), { signal }).then(
+        (n) => cb(n),
         (err) => cb(errnoOf(err))
       )
     },

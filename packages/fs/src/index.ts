@@ -9,6 +9,7 @@ export {
   type OperationsInit,
   type ReadFailure,
   type ReadFile,
+  type ReadStored,
   type Stat,
   type StatFs
 } from './operations.js'

@@ -16,6 +16,19 @@ export type ReadFile = (
   options?: AbortOptions
 ) => Promise<Uint8Array>
 
+/**
+ * Copies the bytes at `offset` of a file's content into `into` (all of it: the caller keeps within the file)
+ * straight from local storage, or says undefined when some of them are not there. In production this is the
+ * fetcher's readStored: the fast path of a chunk already in the store, with no chunk buffered in memory.
+ */
+export type ReadStored = (
+  layer: number,
+  entry: Entry,
+  offset: number,
+  into: Uint8Array,
+  options?: AbortOptions
+) => Promise<number | undefined>
+
 /** What stat(2) shows for a node. `mode` includes the file-type bits. */
 export interface Stat {
   ino: number
@@ -58,6 +71,8 @@ export interface OperationsInit {
   onError?: (failure: ReadFailure) => void
   /** Called before every read with the path it reads (the read recorder listens here). */
   onRead?: (path: string) => void
+  /** The fast path for chunks in local storage; without it every read goes through whole chunks in memory. */
+  readStored?: ReadStored
   /**
    * Memory for whole chunks recently read (default 64 MiB). The kernel reads at most 128 KiB at a time; a
    * chunk is usually MiBs, and without this every piece would fetch (and copy) the whole chunk again.
@@ -76,7 +91,8 @@ export interface Operations {
   readdir(path: string): string[]
   /** Checks that `path` can be opened with `flags` (open(2) flags): read-only opens of files only. */
   open(path: string, flags: number): void
-  read(path: string, offset: number, length: number, options?: AbortOptions): Promise<Uint8Array>
+  /** Fills `into` with the bytes at `offset` of a regular file; the count (less than asked at its end). */
+  read(path: string, offset: number, into: Uint8Array, options?: AbortOptions): Promise<number>
   readlink(path: string): string
   getxattr(path: string, name: string): Uint8Array
   listxattr(path: string): string[]
@@ -103,38 +119,44 @@ const WRITE_FLAGS = constants.O_WRONLY | constants.O_RDWR | constants.O_TRUNC | 
 export function createOperations(tree: Tree, read: ReadFile, init: OperationsInit = {}): Operations {
   const buffer = new ChunkBuffer(init.chunkBufferBytes ?? 64 * 1024 * 1024)
 
-  /** `n` bytes at `offset` of a regular file (within its size), whole chunks kept in the buffer. */
-  const readNode = async (node: Node, offset: number, n: number, options?: AbortOptions): Promise<Uint8Array> => {
+  /**
+   * Fills `into` from `offset` of a regular file (within its size): from chunks in memory; else straight from
+   * local storage; else by loading whole chunks into memory (the kernel reads a chunk in many 128 KiB pieces).
+   */
+  const readNode = async (node: Node, offset: number, into: Uint8Array, options?: AbortOptions): Promise<void> => {
     const { layer, entry } = node.source!
-    const [first, last] = chunkRange(entry, offset, n)
+    const [first, last] = chunkRange(entry, offset, into.length)
     const touched = entry.chunks.slice(first, last)
+    if (init.readStored !== undefined && !touched.every((c) => buffer.has(c))) {
+      if ((await init.readStored(layer, entry, offset, into, options)) === into.length) return
+    }
     if (touched.length === 0 || touched.some((c) => c.size > MAX_BUFFERED_CHUNK)) {
-      return read(layer, entry, offset, n, options)
+      into.set(await read(layer, entry, offset, into.length, options))
+      return
     }
     const load = (c: Chunk) => buffer.get(c, () => read(layer, entry, c.fileOffset, c.size, options))
     const parts = await Promise.all(touched.map(load))
     // A reader in the second half of a chunk most likely wants the next ones: have two ready.
     const end = touched[touched.length - 1]!
-    if (offset + n > end.fileOffset + end.size / 2) {
+    if (offset + into.length > end.fileOffset + end.size / 2) {
       for (const next of entry.chunks.slice(last, last + 2))
         if (next.size <= MAX_BUFFERED_CHUNK) load(next).catch(() => {})
     }
-    if (parts.length === 1) return parts[0]!.subarray(offset - end.fileOffset, offset - end.fileOffset + n)
-    const out = new Uint8Array(n)
     parts.forEach((bytes, i) => {
       const c = touched[i]!
       const from = Math.max(offset, c.fileOffset)
-      const to = Math.min(offset + n, c.fileOffset + c.size)
-      out.set(bytes.subarray(from - c.fileOffset, to - c.fileOffset), from - offset)
+      const to = Math.min(offset + into.length, c.fileOffset + c.size)
+      into.set(bytes.subarray(from - c.fileOffset, to - c.fileOffset), from - offset)
     })
-    return out
   }
   const libraries =
     init.prefetchLibraries === false
       ? undefined
-      : createLibraryPrefetch(tree, (node, offset, length) =>
-          readNode(node, offset, Math.max(0, Math.min(length, node.size - offset)))
-        )
+      : createLibraryPrefetch(tree, async (node, offset, length) => {
+          const into = new Uint8Array(Math.max(0, Math.min(length, node.size - offset)))
+          await readNode(node, offset, into)
+          return into
+        })
   const resolve = (path: string): Node => {
     const node = tree.lookup(path)
     if (node !== undefined) return node
@@ -179,16 +201,17 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
       }
     },
 
-    async read(path, offset, length, options) {
+    async read(path, offset, into, options) {
       const node = resolve(path)
       if (node.type === 'dir') throw new FsError('EISDIR', `is a directory: ${path}`)
       if (node.source === undefined) throw new FsError('EINVAL', `not a regular file: ${path}`)
-      const n = Math.max(0, Math.min(length, node.size - offset))
-      if (n === 0) return new Uint8Array(0)
+      const n = Math.max(0, Math.min(into.length, node.size - offset))
+      if (n === 0) return 0
       init.onRead?.(path)
       libraries?.touched(path, node)
       try {
-        return await readNode(node, offset, n, options)
+        await readNode(node, offset, into.subarray(0, n), options)
+        return n
       } catch (err) {
         const error = err instanceof Error ? err : new Error(String(err))
         init.onError?.({ path, layer: node.source.layer, offset, length: n, error })
@@ -263,6 +286,11 @@ class ChunkBuffer {
   private bytes = 0
 
   constructor(private readonly maxBytes: number) {}
+
+  /** Whether the chunk is here or being loaded. */
+  has(chunk: Chunk): boolean {
+    return this.chunks.has(chunk.digest)
+  }
 
   get(chunk: Chunk, load: () => Promise<Uint8Array>): Promise<Uint8Array> {
     const hit = this.chunks.get(chunk.digest)

@@ -12,6 +12,14 @@ import { buildTree, type Tree } from './tree.js'
 /** What a mount reads through: the fetcher's `readFile` (structurally; fs does not import the fetcher). */
 export interface LayerReader<L> {
   readFile(layer: L, entry: Entry, offset: number, length: number, options?: AbortOptions): Promise<Uint8Array>
+  /** The fetcher's fast path for chunks in the store (see ReadStored). */
+  readStored?(
+    layer: L,
+    entry: Entry,
+    offset: number,
+    into: Uint8Array,
+    options?: AbortOptions
+  ): Promise<number | undefined>
 }
 
 export interface ServeMountInit<L extends { toc: TOC }> {
@@ -54,6 +62,10 @@ export async function serveMount<L extends { toc: TOC }>(
     tree,
     (layer, entry, offset, length, opts) => fetcher.readFile(image.layers[layer]!, entry, offset, length, opts),
     {
+      ...(fetcher.readStored !== undefined && {
+        readStored: (layer, entry, offset, into, opts) =>
+          fetcher.readStored!(image.layers[layer]!, entry, offset, into, opts)
+      }),
       ...(init.onError !== undefined && { onError: init.onError }),
       ...(recorder !== undefined && { onRead: (path: string) => recorder.record(path) })
     }

@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest'
 import { readElfDependencies } from '../src/elf.js'
 import { buildTree, createOperations, type ReadFile } from '../src/index.js'
 import { resolveFile } from '../src/libraries.js'
-import { makeToc } from './toc.js'
+import { makeToc, readBytes } from './toc.js'
 
 /** This machine's /bin/ls and the libraries it loads (Debian 12: libselinux, which needs libpcre2-8; libc). */
 const host = (path: string) => readFileSync(realpathSync(path))
@@ -95,14 +95,14 @@ describe('library prefetch', () => {
 
   it('reads the interpreter and the needed libraries, and theirs, when a program is first read', async () => {
     const { ops, read } = mount(true)
-    await ops.read('/usr/bin/ls', 0, 4096)
+    await readBytes(ops, '/usr/bin/ls', 0, 4096)
     await settle()
     expect([...read].sort()).toEqual(Object.keys(files).sort())
   })
 
   it('reads nothing more when turned off', async () => {
     const { ops, read } = mount(false)
-    await ops.read('/usr/bin/ls', 0, 4096)
+    await readBytes(ops, '/usr/bin/ls', 0, 4096)
     await settle()
     expect([...read]).toEqual(['usr/bin/ls'])
   })

@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import type { Entry } from '@strata/stargz'
 import { describe, expect, it } from 'vitest'
 import { buildTree, createOperations, createReadRecorder, type ReadFailure, type ReadFile } from '../src/index.js'
-import { CHUNK, contentOf, makeToc } from './toc.js'
+import { CHUNK, contentOf, makeToc, readBytes } from './toc.js'
 
 const layers = [
   makeToc([
@@ -105,11 +105,11 @@ describe('operations', () => {
       calls.push([layer, entry.path, offset, length])
       return readContent(layer, entry, offset, length)
     })
-    expect(new TextDecoder().decode(await ops.read('/etc/conf', 0, 4096))).toBe('etc/c')
-    expect(await ops.read('/bin/alias', 90, 4096)).toEqual(content('bin/tool', 100).subarray(90))
-    expect((await ops.read('/bin/tool', 100, 10)).length).toBe(0)
+    expect(new TextDecoder().decode(await readBytes(ops, '/etc/conf', 0, 4096))).toBe('etc/c')
+    expect(await readBytes(ops, '/bin/alias', 90, 4096)).toEqual(content('bin/tool', 100).subarray(90))
+    expect((await readBytes(ops, '/bin/tool', 100, 10)).length).toBe(0)
     // Across a chunk boundary: the second chunk comes from the buffer, the first is fetched.
-    expect(await ops.read('/bin/tool', 30, 60)).toEqual(content('bin/tool', 100).subarray(30, 90))
+    expect(await readBytes(ops, '/bin/tool', 30, 60)).toEqual(content('bin/tool', 100).subarray(30, 90))
     expect(calls).toEqual([
       [1, 'etc/conf', 0, 5],
       [0, 'bin/tool', 80, 20],
@@ -117,8 +117,8 @@ describe('operations', () => {
       [0, 'bin/tool', 40, 40]
     ])
     expect(reads).toEqual(['/etc/conf', '/bin/alias', '/bin/tool'])
-    await expect(ops.read('/etc', 0, 1)).rejects.toMatchObject({ code: 'EISDIR' })
-    await expect(ops.read('/dev/null', 0, 1)).rejects.toMatchObject({ code: 'EINVAL' })
+    await expect(readBytes(ops, '/etc', 0, 1)).rejects.toMatchObject({ code: 'EISDIR' })
+    await expect(readBytes(ops, '/dev/null', 0, 1)).rejects.toMatchObject({ code: 'EINVAL' })
   })
 
   it('fetches a chunk once for many small reads, and the next ones ahead of a sequential reader', async () => {
@@ -129,7 +129,7 @@ describe('operations', () => {
     }
     const ops = createOperations(buildTree(layers), read, { chunkBufferBytes: 3 * CHUNK, prefetchLibraries: false })
     const whole = new Uint8Array(100)
-    for (let at = 0; at < 100; at += 8) whole.set(await ops.read('/bin/tool', at, 8), at)
+    for (let at = 0; at < 100; at += 8) whole.set(await readBytes(ops, '/bin/tool', at, 8), at)
     expect(whole).toEqual(content('bin/tool', 100))
     expect(calls).toEqual([0, 40, 80])
   })
@@ -141,18 +141,51 @@ describe('operations', () => {
       return readContent(layer, entry, offset, length)
     }
     const ops = createOperations(buildTree(layers), read, { chunkBufferBytes: CHUNK, prefetchLibraries: false })
-    await Promise.all([ops.read('/bin/tool', 0, 1), ops.read('/bin/tool', 1, 1)])
+    await Promise.all([readBytes(ops, '/bin/tool', 0, 1), readBytes(ops, '/bin/tool', 1, 1)])
     expect(calls).toEqual([0])
-    await ops.read('/bin/tool', 45, 1)
-    await ops.read('/bin/tool', 2, 1)
+    await readBytes(ops, '/bin/tool', 45, 1)
+    await readBytes(ops, '/bin/tool', 2, 1)
     expect(calls).toEqual([0, 40, 0])
+  })
+
+  it('reads chunks in local storage straight into the caller buffer, and loads the others', async () => {
+    const loads: number[] = []
+    const read: ReadFile = async (layer, entry, offset, length) => {
+      loads.push(offset)
+      return readContent(layer, entry, offset, length)
+    }
+    // Chunks 0 and 2 of bin/tool are stored; chunk 1 is not.
+    const stored = new Set([0, 80])
+    const direct: number[] = []
+    const ops = createOperations(buildTree(layers), read, {
+      prefetchLibraries: false,
+      readStored: async (_layer, entry, offset, into) => {
+        const first = Math.floor(offset / CHUNK) * CHUNK
+        for (let at = first; at < offset + into.length; at += CHUNK) if (!stored.has(at)) return undefined
+        direct.push(offset)
+        into.set(contentOf(entry).subarray(offset, offset + into.length))
+        return into.length
+      }
+    })
+    const whole = content('bin/tool', 100)
+    expect(await readBytes(ops, '/bin/tool', 5, 10)).toEqual(whole.subarray(5, 15))
+    expect(await readBytes(ops, '/bin/tool', 85, 100)).toEqual(whole.subarray(85))
+    expect(loads).toEqual([])
+    // Chunk 1 is loaded whole and kept; the next read of it comes from memory, not storage.
+    expect(await readBytes(ops, '/bin/tool', 35, 10)).toEqual(whole.subarray(35, 45))
+    expect(loads).toContain(40)
+    stored.add(40)
+    const before = direct.length
+    expect(await readBytes(ops, '/bin/tool', 50, 5)).toEqual(whole.subarray(50, 55))
+    expect(direct.length).toBe(before)
+    expect(direct).toEqual([5, 85])
   })
 
   it('turns a failed fetch or verification into EIO and tells onError why', async () => {
     const { ops, failures } = setUp(async () => {
       throw Object.assign(new Error('chunk sha256:abc failed verification'), { name: 'ChunkVerificationError' })
     })
-    await expect(ops.read('/bin/tool', 0, 10)).rejects.toMatchObject({ name: 'FsError', code: 'EIO', errno: 5 })
+    await expect(readBytes(ops, '/bin/tool', 0, 10)).rejects.toMatchObject({ name: 'FsError', code: 'EIO', errno: 5 })
     expect(failures).toHaveLength(1)
     expect(failures[0]).toMatchObject({ path: '/bin/tool', layer: 0, offset: 0, length: 10 })
     expect(failures[0]!.error.name).toBe('ChunkVerificationError')
@@ -164,9 +197,9 @@ describe('operations', () => {
       if (fail) throw new Error('bad bytes from a peer')
       return readContent(layer, entry, offset, length)
     })
-    await expect(ops.read('/etc/conf', 0, 5)).rejects.toMatchObject({ code: 'EIO' })
+    await expect(readBytes(ops, '/etc/conf', 0, 5)).rejects.toMatchObject({ code: 'EIO' })
     fail = false
-    expect(new TextDecoder().decode(await ops.read('/etc/conf', 0, 5))).toBe('etc/c')
+    expect(new TextDecoder().decode(await readBytes(ops, '/etc/conf', 0, 5))).toBe('etc/c')
   })
 })
 

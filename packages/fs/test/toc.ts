@@ -1,4 +1,5 @@
-import type { Entry, TOC } from '@strata/stargz'
+import type { AbortOptions, Entry, TOC } from '@strata/stargz'
+import type { Operations } from '../src/index.js'
 
 /** Regular files of a test TOC are cut into chunks of this many bytes. */
 export const CHUNK = 40
@@ -57,4 +58,16 @@ export function contentOf(entry: Entry): Uint8Array {
   const pattern = new TextEncoder().encode(`${entry.path};`)
   for (let i = 0; i < bytes.length; i++) bytes[i] = pattern[i % pattern.length]!
   return bytes
+}
+
+/** `length` bytes at `offset` of `path` through `ops.read` (fewer at the end of the file). */
+export async function readBytes(
+  ops: Operations,
+  path: string,
+  offset: number,
+  length: number,
+  options?: AbortOptions
+): Promise<Uint8Array> {
+  const into = new Uint8Array(length)
+  return into.subarray(0, await ops.read(path, offset, into, options))
 }
