@@ -171,22 +171,24 @@ async function readExactly(path: string, size: number): Promise<Uint8Array | und
 class OpenFiles {
   private readonly handles = new Map<string, Promise<FileHandle>>()
   private readonly max: number
+  private readonly pathOf: (digest: string) => string
   private closed = false
 
-  constructor(max: number) {
+  constructor(max: number, pathOf: (digest: string) => string) {
     this.max = max
+    this.pathOf = pathOf
   }
 
-  /** The open handle of `digest`'s file at `path`; rejects as open(2) does (ENOENT when it is gone). */
-  get(digest: string, path: string): Promise<FileHandle> {
+  /** The open handle of `digest`'s file; rejects as open(2) does (ENOENT when it is gone). */
+  get(digest: string): Promise<FileHandle> {
     let handle = this.handles.get(digest)
     if (handle !== undefined) {
       this.handles.delete(digest)
       this.handles.set(digest, handle)
       return handle
     }
-    if (this.closed) return Promise.reject(new Error(`not opening ${path}: the store is closing`))
-    handle = open(path, 'r')
+    if (this.closed) return Promise.reject(new Error(`not opening ${digest}: the store is closing`))
+    handle = open(this.pathOf(digest), 'r')
     this.handles.set(digest, handle)
     const opened = handle
     opened.catch(() => {
@@ -271,7 +273,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
   /** digest -> the tail of the file operations on it (put, delete, evict run one at a time per digest). */
   private readonly busy = new Map<string, Promise<void>>()
   private readonly tempFiles = new Set<string>()
-  private readonly openFiles = new OpenFiles(OPEN_FILES)
+  private readonly openFiles = new OpenFiles(OPEN_FILES, (digest) => this.chunkPath(digest))
   private closing: Promise<void> | undefined
   /** The generation puts record now; every generation up to the one before it is durable or being made so. */
   private gen: number
@@ -348,14 +350,13 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       return undefined
     }
     const length = Math.max(0, Math.min(into.length, record.size - offset))
-    const path = this.chunkPath(digest)
     let bytesRead = 0
     try {
-      const fh = await this.openFiles.get(digest, path)
+      const fh = await this.openFiles.get(digest)
       if (length > 0) ({ bytesRead } = await fh.read(into, 0, length, offset))
     } catch (err) {
       if (this.closing !== undefined) throw new StoreClosedError(`at ${this.dir}`)
-      if (errorCode(err) !== 'ENOENT') throw this.fileError(err, 'read', path)
+      if (errorCode(err) !== 'ENOENT') throw this.fileError(err, 'read', this.chunkPath(digest))
       bytesRead = -1
     }
     if (bytesRead !== length) {
