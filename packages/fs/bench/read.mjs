@@ -27,7 +27,7 @@ const exec = promisify(execFile)
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '../../..')
 const args = process.argv.slice(2)
 const mib = args.includes('--mib') ? Number(args[args.indexOf('--mib') + 1]) : 256
-const RUNS = 3
+const RUNS = 5
 
 const work = await mkdtemp(join(tmpdir(), 'strata-fs-bench-'))
 const sh = async (script) => (await exec('sh', ['-c', script], { maxBuffer: 1 << 26 })).stdout
