@@ -282,6 +282,48 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
     expect(await again.exited).toBe(0)
   })
 
+  it('follows a tag that moved; with the registry unreachable, mounts what the tag named before, saying so', async () => {
+    // The image is reached through a proxy this test can stop: a registry outage.
+    const door = await startWanProxy({ target: registry.host, rttMs: 0, bitsPerSecond: 1_000_000_000 })
+    try {
+      const files = async (text: string) => {
+        const dir = await newDir(`moving-${text}`)
+        await mkdir(join(dir, 'etc'), { recursive: true })
+        await writeFile(join(dir, 'etc', 'version'), `${text}\n`)
+        return dir
+      }
+      const push = async (text: string) =>
+        buildTestImage({
+          registry: registry.host,
+          repository: 'fs/moving',
+          tag: 'latest',
+          estargz: true,
+          layers: [{ files: await files(text) }]
+        })
+      const ref = `${door.host}/fs/moving:latest`
+      const mountAndRead = async (name: string) => {
+        const mnt = await newDir(name)
+        const m = await startMount([ref, mnt], socket)
+        const version = (await run('cat', [join(mnt, 'etc', 'version')])).stdout
+        m.proc.kill('SIGINT')
+        expect(await m.exited).toBe(0)
+        return { version, stderr: m.stderr() }
+      }
+      await push('one')
+      expect((await mountAndRead('mnt-moving-1')).version).toBe('one\n')
+      await push('two')
+      expect((await mountAndRead('mnt-moving-2')).version).toBe('two\n')
+      await door.stop()
+      const offline = await mountAndRead('mnt-moving-3')
+      expect(offline.version).toBe('two\n')
+      expect(offline.stderr).toMatch(
+        /the registry cannot be reached \(.*\): mounting sha256:[0-9a-f]{64}, what .*fs\/moving:latest named when p2pd last opened it/
+      )
+    } finally {
+      await door.stop().catch(() => {})
+    }
+  })
+
   it('ends the mount and says so when p2pd stops', async () => {
     const mnt = await newDir('mnt-daemon-stop')
     const m = await startMount([image.ref, mnt], socket)

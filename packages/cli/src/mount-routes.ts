@@ -17,6 +17,7 @@ export type MountEvent =
   | { type: 'opened'; image: string; digest: string; layers: number }
   | { type: 'mounted'; mountpoint: string }
   | { type: 'read-error'; path: string; layer: number; message: string }
+  | { type: 'warning'; message: string }
   | { type: 'result'; unmounted: string }
 
 /**
@@ -52,7 +53,17 @@ export function addMountRoutes(control: ControlServer, node: StrataNode, init: {
   })
 
   async function* mountEvents(req: MountRequest, signal: AbortSignal): AsyncGenerator<MountEvent> {
-    const image = await node.openImage(req.image, { signal })
+    let stale: Error | undefined
+    const image = await node.openImage(req.image, {
+      signal,
+      onStale: (err) => {
+        stale = err
+      }
+    })
+    if (stale !== undefined) {
+      const message = `the registry cannot be reached (${stale.message}): mounting ${image.digest}, what ${req.image} named when p2pd last opened it`
+      yield { type: 'warning', message }
+    }
     yield { type: 'opened', image: req.image, digest: image.digest, layers: image.layers.length }
     const failures: MountEvent[] = []
     const served = await serveMount(

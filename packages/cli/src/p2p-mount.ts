@@ -149,6 +149,7 @@ async function mountThroughDaemon(
         const e = event as MountEvent
         if (e.type === 'opened') out.info(`opened ${request.image} through p2pd at ${socket}: ${e.layers} layers`)
         else if (e.type === 'read-error') out.warn(`read of ${e.path} (layer ${e.layer}) failed: ${e.message}`)
+        else if (e.type === 'warning') out.warn(e.message)
         else if (e.type === 'mounted') {
           mounted = true
           out.print(`mounted ${request.image} at ${shownMountpoint}`)

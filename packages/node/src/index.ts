@@ -28,6 +28,7 @@ export type {
   ImageRecord,
   NodeInit,
   NodeStatus,
+  OpenImageOptions,
   PeerStatus,
   StrataNode
 } from './node.js'

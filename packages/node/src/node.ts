@@ -119,8 +119,13 @@ export interface StrataNode {
   readonly fetcher: Fetcher
   /** The `peer` ChunkSource (what the fetcher asks before the registry). */
   readonly source: ChunkSource
-  /** Opens an image (manifest, verified TOCs) and lets the fetcher read its layers from the registry. */
-  openImage(ref: string, options?: AbortOptions): Promise<Image>
+  /**
+   * Opens an image (manifest, verified TOCs) and lets the fetcher read its layers from the registry. The image
+   * is the one `ref` names now: its manifest is asked for every time (a tag moves), and an image already
+   * opened (by manifest digest) is not opened again. When the registry cannot be reached (an outage, not a
+   * refusal), a reference opened before gives the image it named then, and `onStale` hears why.
+   */
+  openImage(ref: string, options?: OpenImageOptions): Promise<Image>
   addrs(): string[]
   peers(): PeerStatus[]
   status(options?: AbortOptions): Promise<NodeStatus>
@@ -138,6 +143,14 @@ export interface StrataNode {
   /** Stops accepting requests, lets in-flight ones finish (up to `graceMs`), stops libp2p. The store stays open. */
   stop(options?: { graceMs?: number }): Promise<void>
 }
+
+export interface OpenImageOptions extends AbortOptions {
+  /** The registry could not be reached and the image `ref` named before is used: the error. */
+  onStale?: (error: Error) => void
+}
+
+/** Registry failures that say nothing about the reference (it may still name what it named). */
+const OUTAGES = new Set(['RegistryUnavailable', 'RegistryTimeout', 'TooManyRequests'])
 
 const COARSE_META = 'node/coarse-keys'
 const IMAGES_META = 'node/images'
@@ -160,7 +173,10 @@ class Node implements StrataNode {
   /** Bytes received while serving forwarded requests, per source (see NodeStatus.bytes.fetchedForPeers). */
   private readonly forPeers: Record<string, number> = { peer: 0, registry: 0 }
   private readonly router = new LayerRouter((bytes) => this.countForPeers('registry', bytes))
+  /** Images opened, by manifest digest: only those some reference names now (see `named`). */
   private readonly opened = new Map<string, Promise<Image>>()
+  /** The manifest digest each reference named when last resolved. */
+  private readonly named = new Map<string, string>()
   /** The image each opened layer came from: a home node asked to fetch a chunk opens it by this name. */
   private readonly imageOfLayer = new Map<string, string>()
   private rejoin: NodeJS.Timeout | undefined
@@ -369,26 +385,46 @@ class Node implements StrataNode {
     }
   }
 
-  openImage(ref: string, options?: AbortOptions): Promise<Image> {
+  async openImage(ref: string, options?: OpenImageOptions): Promise<Image> {
     try {
       this.registries.add(parseReference(ref).registry)
     } catch {
-      // An invalid reference fails in openImage below, with the registry client's own error.
+      // An invalid reference fails in getImage below, with the registry client's own error.
     }
     const client = this.init.registry
-    if (client === undefined) return Promise.reject(new Error(`cannot open ${ref}: this node has no registry client`))
-    let opening = this.opened.get(ref)
+    if (client === undefined) throw new Error(`cannot open ${ref}: this node has no registry client`)
+    const signal = options?.signal
+    let manifest: Awaited<ReturnType<RegistryClient['getImage']>>
+    try {
+      manifest = await client.getImage(ref, { signal })
+    } catch (err) {
+      const before = this.opened.get(this.named.get(ref) ?? '')
+      if (before === undefined || signal?.aborted === true || !OUTAGES.has((err as Error).name)) throw err
+      options?.onStale?.(err as Error)
+      return before
+    }
+    const digest = manifest.digest
+    let opening = this.opened.get(digest)
     if (opening === undefined) {
-      opening = openImage({ client, store: this.init.store, ref, signal: options?.signal }).then((image) => {
+      opening = openImage({ client, store: this.init.store, ref, image: manifest, signal }).then((image) => {
         const layers = image.layers.map((l) => l.digest)
         this.router.add(layers, createRegistrySource({ client, ref, layers: image.layers }))
         for (const layer of layers) if (!this.imageOfLayer.has(layer)) this.imageOfLayer.set(layer, ref)
         return image
       })
-      this.opened.set(ref, opening)
-      opening.catch(() => this.opened.delete(ref))
+      this.opened.set(digest, opening)
+      opening.catch(() => {
+        if (this.opened.get(digest) === opening) this.opened.delete(digest)
+      })
     }
-    return opening
+    const image = await opening
+    const previous = this.named.get(ref)
+    this.named.set(ref, digest)
+    // A tag moved: the image it named is let go unless another reference still names it (memory stays bounded
+    // by the references in use, over months of pushes to one tag).
+    if (previous !== undefined && previous !== digest && ![...this.named.values()].includes(previous))
+      this.opened.delete(previous)
+    return image
   }
 
   addrs(): string[] {
