@@ -233,19 +233,18 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       const c = entry.chunks[i]!
       const from = Math.max(offset, c.fileOffset) - c.fileOffset
       const to = Math.min(end, c.fileOffset + c.size) - c.fileOffset
-      m.requests++
       const n = await this.store.read(c.digest, from, into.subarray(at, at + to - from), options).catch((err) => {
         options.signal?.throwIfAborted()
         m.errors++
         this.emit({ type: 'store:error', digest: c.digest, message: describe(err) })
         return undefined
       })
-      if (n !== to - from) {
-        m.misses++
-        return undefined
+      // A miss is counted by the readFile that follows; a chunk read in pieces counts once, on its first.
+      if (n !== to - from) return undefined
+      if (from === 0) {
+        m.requests++
+        m.chunks++
       }
-      // A chunk counts once, on the piece that starts it.
-      if (from === 0) m.chunks++
       m.bytes += n
       at += n
     }

@@ -345,10 +345,7 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     this.check(options, digest)
     assertOffset(offset)
     const record = this.ledger.chunks.get(digest)
-    if (record === undefined) {
-      this.ledger.misses++
-      return undefined
-    }
+    if (record === undefined) return undefined
     const length = Math.max(0, Math.min(into.length, record.size - offset))
     let bytesRead = 0
     try {
@@ -362,14 +359,13 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     if (bytesRead !== length) {
       // Gone or cut short behind our back (as in get): a miss either way.
       if (this.ledger.chunks.get(digest) === record) await this.forget(digest)
-      this.ledger.misses++
       return undefined
     }
     if (this.ledger.chunks.get(digest) === record) {
       this.ledger.touch(digest, record)
       this.dirty.add(digest)
     }
-    this.ledger.hits++
+    if (offset === 0) this.ledger.hits++
     return length
   }
 

@@ -40,12 +40,9 @@ class MemoryStore extends EventTarget implements LocalChunkStore {
     this.check(options, digest)
     assertOffset(offset)
     const record = this.ledger.chunks.get(digest)
-    if (record === undefined) {
-      this.ledger.misses++
-      return undefined
-    }
+    if (record === undefined) return undefined
     this.ledger.touch(digest, record)
-    this.ledger.hits++
+    if (offset === 0) this.ledger.hits++
     const bytes = this.data.get(digest)!.subarray(offset, offset + into.length)
     into.set(bytes)
     return bytes.length

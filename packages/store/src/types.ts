@@ -14,9 +14,12 @@ export interface StoreStats {
   bytes: number
   /** The size cap (Infinity when none). */
   maxBytes: number
-  /** Gets and reads that found their chunk. */
+  /**
+   * Gets that found their chunk, and reads in place of a chunk's first byte (a chunk read in pieces counts
+   * once; a read that misses counts nothing: its caller then gets the chunk, which counts).
+   */
   hits: number
-  /** Gets and reads that did not. */
+  /** Gets that did not find their chunk. */
   misses: number
   evictions: number
   pinned: number
