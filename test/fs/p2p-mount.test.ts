@@ -108,6 +108,47 @@ async function newDir(name: string): Promise<string> {
 
 const hex = (text: string) => text.trim().split(/\s+/)[0]
 
+/**
+ * Pushes two images in turn under one tag, mounting after each: the mount shows the second. Then the
+ * registry goes away (a proxy in front of it stops): the mount still works, from what the tag named last,
+ * and p2p-mount says so.
+ */
+async function movingTag(name: string, args: string[], socket?: string): Promise<void> {
+  const door = await startWanProxy({ target: registry.host, rttMs: 0, bitsPerSecond: 1_000_000_000 })
+  try {
+    const push = async (text: string) => {
+      const dir = await newDir(`${name}-tree-${text}`)
+      await mkdir(join(dir, 'etc'), { recursive: true })
+      await writeFile(join(dir, 'etc', 'version'), `${text}\n`)
+      const layers = [{ files: dir }]
+      return buildTestImage({ registry: registry.host, repository: `fs/${name}`, tag: 'latest', estargz: true, layers })
+    }
+    const ref = `${door.host}/fs/${name}:latest`
+    const mountAndRead = async (n: number) => {
+      const mnt = await newDir(`${name}-mnt-${n}`)
+      const m = await startMount([ref, mnt, ...args], socket)
+      const version = (await run('cat', [join(mnt, 'etc', 'version')])).stdout
+      m.proc.kill('SIGINT')
+      expect(await m.exited).toBe(0)
+      return { version, stderr: m.stderr() }
+    }
+    await push('one')
+    expect((await mountAndRead(1)).version).toBe('one\n')
+    await push('two')
+    const online = await mountAndRead(2)
+    expect(online.version).toBe('two\n')
+    expect(online.stderr).not.toContain('cannot be reached')
+    await door.stop()
+    const offline = await mountAndRead(3)
+    expect(offline.version).toBe('two\n')
+    expect(offline.stderr).toMatch(
+      /the registry cannot be reached \(.+\): using sha256:[0-9a-f]{64}, what .+:latest named when it was last opened here/
+    )
+  } finally {
+    await door.stop().catch(() => {})
+  }
+}
+
 describe('p2p-mount', () => {
   it('mounts an image, serves its merged files, records what was read, and unmounts on SIGINT', async () => {
     const mnt = await newDir('mnt')
@@ -211,6 +252,10 @@ describe('p2p-mount', () => {
     expect(await m.exited).toBe(0)
   })
 
+  it('follows a tag that moved; with the registry unreachable, mounts what the tag named before, saying so', async () => {
+    await movingTag('embedded', ['--data-dir', join(work, 'data-moving')])
+  })
+
   it('says what to do with a bad mountpoint or bad arguments', async () => {
     const missing = await run(process.execPath, [
       BIN,
@@ -283,45 +328,7 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
   })
 
   it('follows a tag that moved; with the registry unreachable, mounts what the tag named before, saying so', async () => {
-    // The image is reached through a proxy this test can stop: a registry outage.
-    const door = await startWanProxy({ target: registry.host, rttMs: 0, bitsPerSecond: 1_000_000_000 })
-    try {
-      const files = async (text: string) => {
-        const dir = await newDir(`moving-${text}`)
-        await mkdir(join(dir, 'etc'), { recursive: true })
-        await writeFile(join(dir, 'etc', 'version'), `${text}\n`)
-        return dir
-      }
-      const push = async (text: string) =>
-        buildTestImage({
-          registry: registry.host,
-          repository: 'fs/moving',
-          tag: 'latest',
-          estargz: true,
-          layers: [{ files: await files(text) }]
-        })
-      const ref = `${door.host}/fs/moving:latest`
-      const mountAndRead = async (name: string) => {
-        const mnt = await newDir(name)
-        const m = await startMount([ref, mnt], socket)
-        const version = (await run('cat', [join(mnt, 'etc', 'version')])).stdout
-        m.proc.kill('SIGINT')
-        expect(await m.exited).toBe(0)
-        return { version, stderr: m.stderr() }
-      }
-      await push('one')
-      expect((await mountAndRead('mnt-moving-1')).version).toBe('one\n')
-      await push('two')
-      expect((await mountAndRead('mnt-moving-2')).version).toBe('two\n')
-      await door.stop()
-      const offline = await mountAndRead('mnt-moving-3')
-      expect(offline.version).toBe('two\n')
-      expect(offline.stderr).toMatch(
-        /the registry cannot be reached \(.*\): mounting sha256:[0-9a-f]{64}, what .*fs\/moving:latest named when p2pd last opened it/
-      )
-    } finally {
-      await door.stop().catch(() => {})
-    }
+    await movingTag('daemon', [], socket)
   })
 
   it('ends the mount and says so when p2pd stops', async () => {

@@ -53,17 +53,14 @@ export function addMountRoutes(control: ControlServer, node: StrataNode, init: {
   })
 
   async function* mountEvents(req: MountRequest, signal: AbortSignal): AsyncGenerator<MountEvent> {
-    let stale: Error | undefined
+    let stale: string | undefined
     const image = await node.openImage(req.image, {
       signal,
-      onStale: (err) => {
-        stale = err
+      onStale: (message) => {
+        stale = message
       }
     })
-    if (stale !== undefined) {
-      const message = `the registry cannot be reached (${stale.message}): mounting ${image.digest}, what ${req.image} named when p2pd last opened it`
-      yield { type: 'warning', message }
-    }
+    if (stale !== undefined) yield { type: 'warning', message: stale }
     yield { type: 'opened', image: req.image, digest: image.digest, layers: image.layers.length }
     const failures: MountEvent[] = []
     const served = await serveMount(

@@ -1,6 +1,6 @@
 import { homedir } from 'node:os'
 import { join, resolve } from 'node:path'
-import { createFetcher, createRegistrySource, type FetchEvent, openImage } from '@strata/fetcher'
+import { createFetcher, createRegistrySource, type FetchEvent, openImage, resolveImage } from '@strata/fetcher'
 import { forceUnmount, isMounted, type ReadFailure, serveMount } from '@strata/fs'
 import { createControlClient } from '@strata/node/client'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
@@ -190,15 +190,15 @@ async function mountHere(
   const { signal, out } = ctx
 
   // The store opens while the manifest is on its way.
-  const [opening, getting] = await Promise.allSettled([
-    openDiskStore(join(dir, 'store')),
-    client.getImage(image, { platform: ctx.opts.platform as string | undefined, signal })
-  ])
-  if (opening.status === 'rejected') throw opening.reason
-  const store = opening.value
+  const platform = ctx.opts.platform as string | undefined
+  const pending = client.getImage(image, { platform, signal })
+  pending.catch(() => {})
+  const store = await openDiskStore(join(dir, 'store'))
   try {
-    if (getting.status === 'rejected') throw getting.reason
-    const pinned = getting.value
+    const stale = (e: FetchEvent) => {
+      if (e.type === 'image:stale') out.warn(e.message)
+    }
+    const pinned = await resolveImage({ client, store, ref: image, platform, pending, signal, onProgress: stale })
     const layerIndex = new Map(pinned.layers.map((l, i) => [l.digest, i]))
     const tocs = new Progress(out.stderr, `opening ${image}`, pinned.layers.length, false)
     const downloading = new Set<string>()

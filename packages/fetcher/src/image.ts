@@ -2,9 +2,9 @@ import { createHash } from 'node:crypto'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { Reference, RegistryClient, Image as RegistryImage } from '@strata/registry'
+import { makeReference, type Reference, type RegistryClient, type Image as RegistryImage } from '@strata/registry'
 import { type Layer, openLayer, parseTOC } from '@strata/stargz'
-import type { ChunkStore } from '@strata/store'
+import type { AbortOptions, ChunkStore } from '@strata/store'
 import {
   LayerDigestMismatchError,
   TocDigestMismatchError,
@@ -16,6 +16,86 @@ import type { Descriptor, FetchEvent, Image, ImageLayer, ImageLayerFormat } from
 
 /** The manifest annotation that vouches for an eStargz layer's TOC. */
 export const TOC_DIGEST_ANNOTATION = 'containerd.io/snapshot/stargz/toc.digest'
+
+export interface ResolveImageInit {
+  client: RegistryClient
+  store: ChunkStore
+  ref: Reference | string
+  /** `os/arch[/variant]` for multi-platform images; the client's default otherwise. */
+  platform?: string
+  /** The manifest request, when the caller started it already (while it opened the store). */
+  pending?: Promise<RegistryImage>
+  signal?: AbortSignal
+  onProgress?: (event: FetchEvent) => void
+}
+
+/** Registry failures that say nothing about a reference: it may well still name what it named. */
+const OUTAGES = new Set(['RegistryUnavailable', 'RegistryTimeout', 'TooManyRequests'])
+
+/** What the store keeps of the image a reference last named (`image/<platform>@<ref>`). */
+interface ImageRecord {
+  ref: { registry: string; repository: string; tag?: string; digest: string }
+  mediaType: string
+  /** base64 */
+  manifest: string
+}
+
+const imageKey = (ref: Reference | string, platform: string | undefined) => `image/${platform ?? ''}@${String(ref)}`
+
+/**
+ * The image `ref` names now, from the registry (a tag moves: ask every time). The answer is kept in the store,
+ * so that when the registry cannot be reached (an outage or a rate limit, not a refusal) the image the
+ * reference named last time is used instead, with an `image:stale` event saying so: a node keeps starting the
+ * images it holds while the registry is down.
+ */
+export async function resolveImage(init: ResolveImageInit): Promise<RegistryImage> {
+  const { store, ref, platform, signal } = init
+  const key = imageKey(ref, platform)
+  let image: RegistryImage
+  try {
+    image = await (init.pending ?? init.client.getImage(ref, { platform, signal }))
+  } catch (err) {
+    if (signal?.aborted === true || !OUTAGES.has((err as Error).name)) throw err
+    const before = await recallImage(store, key, { signal }).catch(() => undefined)
+    if (before === undefined) throw err
+    init.onProgress?.({
+      type: 'image:stale',
+      ref: String(ref),
+      digest: before.digest,
+      message: `the registry cannot be reached (${(err as Error).message}): using ${before.digest}, what ${String(ref)} named when it was last opened here`
+    })
+    return before
+  }
+  const { registry, repository, tag } = image.ref
+  const record: ImageRecord = {
+    ref: { registry, repository, ...(tag !== undefined && { tag }), digest: image.digest },
+    mediaType: image.mediaType,
+    manifest: Buffer.from(image.manifestBytes).toString('base64')
+  }
+  // Only a fallback: a store that cannot keep it costs nothing now.
+  await store.putMeta(key, new TextEncoder().encode(JSON.stringify(record)), { signal }).catch(() => {})
+  return image
+}
+
+/** The image kept by resolveImage, checked against its digest; undefined when none or damaged. */
+async function recallImage(store: ChunkStore, key: string, options: AbortOptions): Promise<RegistryImage | undefined> {
+  const bytes = await store.getMeta(key, options)
+  if (bytes === undefined) return undefined
+  const record = JSON.parse(new TextDecoder().decode(bytes)) as ImageRecord
+  const manifestBytes = new Uint8Array(Buffer.from(record.manifest, 'base64'))
+  if (sha256(manifestBytes) !== record.ref.digest) return undefined
+  const manifest = JSON.parse(new TextDecoder().decode(manifestBytes)) as RegistryImage['manifest']
+  if (!Array.isArray(manifest.layers) || manifest.config === undefined) return undefined
+  return {
+    ref: makeReference(record.ref),
+    digest: record.ref.digest,
+    mediaType: record.mediaType,
+    manifestBytes,
+    manifest,
+    config: manifest.config,
+    layers: manifest.layers
+  }
+}
 
 export interface OpenImageInit {
   client: RegistryClient
@@ -84,7 +164,7 @@ function toImageLayer(descriptor: Descriptor, record: LayerRecord, tocBytes: Uin
 export async function openImage(init: OpenImageInit): Promise<Image> {
   const { client, store, ref, signal } = init
   const emit = init.onProgress ?? (() => {})
-  const image = init.image ?? (await client.getImage(ref, { platform: init.platform, signal }))
+  const image = init.image ?? (await resolveImage({ ...init, store }))
   const name = String(image.ref)
 
   const openOne = async (descriptor: Descriptor): Promise<ImageLayer> => {

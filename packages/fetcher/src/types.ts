@@ -72,6 +72,7 @@ export type FetchEvent =
   | { type: 'chunk:bad'; digest: string; layer: string; source: string; reason: string }
   | { type: 'prefetch'; layer: string; bytes: number; total: number }
   | { type: 'store:error'; digest: string; message: string }
+  | { type: 'image:stale'; ref: string; digest: string; message: string }
 
 /** Counters and fixed-bucket latency histograms; a snapshot, safe to serialise. */
 export interface FetcherMetrics {

@@ -21,7 +21,8 @@ import {
   type Fetcher,
   type Image,
   type ImageLayer,
-  openImage
+  openImage,
+  resolveImage
 } from '../src/index.js'
 
 const hex = (b: Uint8Array) => createHash('sha256').update(b).digest('hex')
@@ -685,6 +686,40 @@ describe('a plain gzip image', () => {
 })
 
 describe('registry faults', () => {
+  it('opens what a reference last named when the registry is down, and only then', async () => {
+    const store = createMemoryStore()
+    let fail: Error | undefined
+    const flaky = Object.create(client) as RegistryClient
+    flaky.getImage = (ref, options) => (fail !== undefined ? Promise.reject(fail) : client.getImage(ref, options))
+    const down = Object.assign(new Error('connect ECONNREFUSED'), { name: 'RegistryUnavailable' })
+    const events: FetchEvent[] = []
+    const onProgress = (e: FetchEvent) => events.push(e)
+
+    // Never opened here: the outage is the error.
+    fail = down
+    await expect(resolveImage({ client: flaky, store, ref: estargz.ref })).rejects.toBe(down)
+    fail = undefined
+    const online = await openImage({ client: flaky, store, ref: estargz.ref })
+    fail = down
+    const offline = await openImage({ client: flaky, store, ref: estargz.ref, onProgress })
+    expect(offline.digest).toBe(online.digest)
+    expect(offline.layers.map((l) => l.tocDigest)).toEqual(online.layers.map((l) => l.tocDigest))
+    expect(events.filter((e) => e.type === 'image:stale')).toMatchObject([
+      { ref: estargz.ref, digest: online.digest, message: expect.stringContaining('connect ECONNREFUSED') }
+    ])
+    // Another platform was never opened; a refusal (the tag is gone) is not an outage.
+    await expect(resolveImage({ client: flaky, store, ref: estargz.ref, platform: 'linux/arm64' })).rejects.toBe(down)
+    fail = Object.assign(new Error('manifest unknown'), { name: 'ManifestUnknown' })
+    await expect(resolveImage({ client: flaky, store, ref: estargz.ref })).rejects.toBe(fail)
+    // What the store kept is checked against its digest before use.
+    fail = down
+    const key = `image/@${estargz.ref}`
+    const kept = JSON.parse(new TextDecoder().decode(await store.getMeta(key)))
+    kept.manifest = Buffer.from('{"layers":[],"config":{}}').toString('base64')
+    await store.putMeta(key, new TextEncoder().encode(JSON.stringify(kept)))
+    await expect(resolveImage({ client: flaky, store, ref: estargz.ref })).rejects.toBe(down)
+  })
+
   it('recovers when connections drop in the middle of a read', async () => {
     const proxy = await startWanProxy({ target: registry.host, rttMs: 2, bitsPerSecond: 40_000_000 })
     try {

@@ -10,7 +10,7 @@ import { preSharedKey } from '@libp2p/pnet'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image } from '@strata/fetcher'
-import { createFetcher, createRegistrySource, openImage } from '@strata/fetcher'
+import { createFetcher, createRegistrySource, openImage, resolveImage } from '@strata/fetcher'
 import { parseReference, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
 import { createLibp2p } from 'libp2p'
@@ -123,7 +123,7 @@ export interface StrataNode {
    * Opens an image (manifest, verified TOCs) and lets the fetcher read its layers from the registry. The image
    * is the one `ref` names now: its manifest is asked for every time (a tag moves), and an image already
    * opened (by manifest digest) is not opened again. When the registry cannot be reached (an outage, not a
-   * refusal), a reference opened before gives the image it named then, and `onStale` hears why.
+   * refusal), a reference opened before on this node gives the image it named then, and `onStale` hears why.
    */
   openImage(ref: string, options?: OpenImageOptions): Promise<Image>
   addrs(): string[]
@@ -145,12 +145,9 @@ export interface StrataNode {
 }
 
 export interface OpenImageOptions extends AbortOptions {
-  /** The registry could not be reached and the image `ref` named before is used: the error. */
-  onStale?: (error: Error) => void
+  /** The registry could not be reached and the image `ref` named before is used: why, for the operator. */
+  onStale?: (message: string) => void
 }
-
-/** Registry failures that say nothing about the reference (it may still name what it named). */
-const OUTAGES = new Set(['RegistryUnavailable', 'RegistryTimeout', 'TooManyRequests'])
 
 const COARSE_META = 'node/coarse-keys'
 const IMAGES_META = 'node/images'
@@ -394,15 +391,15 @@ class Node implements StrataNode {
     const client = this.init.registry
     if (client === undefined) throw new Error(`cannot open ${ref}: this node has no registry client`)
     const signal = options?.signal
-    let manifest: Awaited<ReturnType<RegistryClient['getImage']>>
-    try {
-      manifest = await client.getImage(ref, { signal })
-    } catch (err) {
-      const before = this.opened.get(this.named.get(ref) ?? '')
-      if (before === undefined || signal?.aborted === true || !OUTAGES.has((err as Error).name)) throw err
-      options?.onStale?.(err as Error)
-      return before
-    }
+    const manifest = await resolveImage({
+      client,
+      store: this.init.store,
+      ref,
+      signal,
+      onProgress: (e) => {
+        if (e.type === 'image:stale') options?.onStale?.(e.message)
+      }
+    })
     const digest = manifest.digest
     let opening = this.opened.get(digest)
     if (opening === undefined) {
