@@ -66,6 +66,15 @@ function counting(real: RegistryClient): RegistryClient & { reads: number; downl
   return c
 }
 
+/** Ranges of usr/bin/tool (three chunks of 4 MiB) that start, cross and end chunks, and one past its end. */
+const rangesOf = (entry: Entry): Array<readonly [number, number]> => [
+  [0, 1],
+  [4 * 1024 * 1024 - 10, 20],
+  [100, 9 * 1024 * 1024],
+  [entry.size - 5, 100],
+  [entry.size, 10]
+]
+
 /** Every regular file of the image: layer, entry. */
 function files(image: Image): Array<{ layer: ImageLayer; entry: Entry }> {
   return image.layers.flatMap((layer) =>
@@ -154,13 +163,7 @@ describe('reading an eStargz image', () => {
     const entry = layer.toc.lookup('usr/bin/tool')!
     expect(entry.chunks.length).toBe(3)
     const whole = await fetcher.readFile(layer, entry, 0, entry.size)
-    for (const [off, len] of [
-      [0, 1],
-      [4 * 1024 * 1024 - 10, 20],
-      [100, 9 * 1024 * 1024],
-      [entry.size - 5, 100],
-      [entry.size, 10]
-    ] as const) {
+    for (const [off, len] of rangesOf(entry)) {
       const got = await fetcher.readFile(layer, entry, off, len)
       expect(Buffer.from(got).equals(Buffer.from(whole.subarray(off, Math.min(entry.size, off + len))))).toBe(true)
     }
@@ -184,13 +187,7 @@ describe('reading an eStargz image', () => {
     const whole = await fetcher.readFile(layer, entry, 0, entry.size)
     const reads = c.reads
     const before = fetcher.metrics().sources.store!
-    for (const [off, len] of [
-      [0, 1],
-      [4 * 1024 * 1024 - 10, 20],
-      [100, 9 * 1024 * 1024],
-      [entry.size - 5, 100],
-      [entry.size, 10]
-    ] as const) {
+    for (const [off, len] of rangesOf(entry)) {
       const buf = new Uint8Array(len)
       const n = await fetcher.readStored(layer, entry, off, buf)
       expect(n).toBe(Math.max(0, Math.min(entry.size, off + len) - off))

@@ -131,14 +131,20 @@ describe('disk store', () => {
     await store.close()
   })
 
-  it('treats a chunk file removed or truncated behind its back as a miss, and forgets it', async () => {
+  /** A store of two chunks: a's file removed and b's cut to 10 bytes, behind the store's back. */
+  const damagedBehindItsBack = async () => {
     const dir = await tempDir()
     const store = await openDiskStore(dir)
-    const [a, b] = [randomChunk(), randomChunk()]
-    await store.put(a!.digest, a!.bytes)
-    await store.put(b!.digest, b!.bytes)
-    await unlink(chunkPath(dir, a!.digest))
-    await writeFile(chunkPath(dir, b!.digest), b!.bytes.subarray(0, 10))
+    const [a, b] = [randomChunk(), randomChunk()] as const
+    await store.put(a.digest, a.bytes)
+    await store.put(b.digest, b.bytes)
+    await unlink(chunkPath(dir, a.digest))
+    await writeFile(chunkPath(dir, b.digest), b.bytes.subarray(0, 10))
+    return { dir, store, a, b }
+  }
+
+  it('treats a chunk file removed or truncated behind its back as a miss, and forgets it', async () => {
+    const { dir, store, a, b } = await damagedBehindItsBack()
     expect(await store.get(a!.digest)).toBeUndefined()
     expect(await store.get(b!.digest)).toBeUndefined()
     expect(await store.has(a!.digest)).toBe(false)
@@ -148,13 +154,7 @@ describe('disk store', () => {
   })
 
   it('reads pieces of a chunk removed or truncated behind its back as a miss, and forgets it', async () => {
-    const dir = await tempDir()
-    const store = await openDiskStore(dir)
-    const [a, b] = [randomChunk(), randomChunk()]
-    await store.put(a!.digest, a!.bytes)
-    await store.put(b!.digest, b!.bytes)
-    await unlink(chunkPath(dir, a!.digest))
-    await writeFile(chunkPath(dir, b!.digest), b!.bytes.subarray(0, 10))
+    const { dir, store, a, b } = await damagedBehindItsBack()
     const into = new Uint8Array(100)
     expect(await store.read(a!.digest, 0, into)).toBeUndefined()
     // The first piece is intact; the one past the cut is a miss.
