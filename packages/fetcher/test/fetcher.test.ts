@@ -759,14 +759,29 @@ describe('registry faults', () => {
 })
 
 describe('source liveness: the source timeout measures progress, not total time', () => {
-  it('never gives up a slow but moving registry: every chunk arrives though each range takes longer than the timeout', async () => {
-    // 12 Mbit/s: the ~5 MiB layer takes ~3.5 s, 7x the timeout; its 4 MiB chunk arrives whole only after ~2.8 s.
+  /** The eStargz image opened over a fresh 12 Mbit/s, 10 ms link (a client without retries), for `fn`. */
+  const overThinLink = async (
+    fn: (link: {
+      ref: string
+      c: RegistryClient
+      store: ReturnType<typeof createMemoryStore>
+      image: Image
+    }) => Promise<void>
+  ) => {
     const proxy = await startWanProxy({ target: registry.host, rttMs: 10, bitsPerSecond: 12_000_000 })
     try {
       const ref = estargz.ref.replace(registry.host, proxy.host)
       const c = createRegistryClient({ retries: 0 })
       const store = createMemoryStore()
-      const image = await openImage({ client: c, store, ref })
+      await fn({ ref, c, store, image: await openImage({ client: c, store, ref }) })
+    } finally {
+      await proxy.stop()
+    }
+  }
+
+  it('never gives up a slow but moving registry: every chunk arrives though each range takes longer than the timeout', async () => {
+    // 12 Mbit/s: the ~5 MiB layer takes ~3.5 s, 7x the timeout; its 4 MiB chunk arrives whole only after ~2.8 s.
+    await overThinLink(async ({ ref, c, store, image }) => {
       const fetcher = createFetcher({
         store,
         sources: [createRegistrySource({ client: c, ref, layers: image.layers })],
@@ -784,18 +799,11 @@ describe('source liveness: the source timeout measures progress, not total time'
         expect(hex(bytes), path).toBe(estargz.layers[1]!.files.get(path))
       })
       expect(fetcher.metrics().sources.registry).toMatchObject({ errors: 0, misses: 0 })
-    } finally {
-      await proxy.stop()
-    }
+    })
   })
 
   it('keeps asks waiting behind other asks of a busy source alive (one read at a time on a thin link)', async () => {
-    const proxy = await startWanProxy({ target: registry.host, rttMs: 10, bitsPerSecond: 12_000_000 })
-    try {
-      const ref = estargz.ref.replace(registry.host, proxy.host)
-      const c = createRegistryClient({ retries: 0 })
-      const store = createMemoryStore()
-      const image = await openImage({ client: c, store, ref })
+    await overThinLink(async ({ ref, c, store, image }) => {
       const source = createRegistrySource({
         client: c,
         ref,
@@ -820,9 +828,7 @@ describe('source liveness: the source timeout measures progress, not total time'
       expect(hex(await first)).toBe(estargz.layers[1]!.files.get('usr/bin/tool'))
       expect(Math.min(...waited)).toBeGreaterThan(4 * 500)
       expect(fetcher.metrics().sources.registry).toMatchObject({ errors: 0, misses: 0 })
-    } finally {
-      await proxy.stop()
-    }
+    })
   })
 
   it('counts a whole-layer download on a thin link as progress (plain layers)', async () => {
