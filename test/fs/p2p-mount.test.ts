@@ -24,6 +24,8 @@ let registry: TestRegistry
 let slow: WanProxy
 let image: TestImage
 let plain: TestImage
+/** Its 6 MiB usr/bin/tool (bytes no other test image has) comes before the prefetch landmark. */
+let prioritized: TestImage
 const running = new Set<ChildProcess>()
 
 beforeAll(async () => {
@@ -46,6 +48,17 @@ beforeAll(async () => {
     repository: 'fs/plain',
     estargz: false,
     layers: [{ files: top }]
+  })
+  prioritized = await buildTestImage({
+    registry: registry.host,
+    repository: 'fs/prioritized',
+    estargz: true,
+    layers: [
+      {
+        files: await makeTestTree(join(work, 'prioritized'), { seed: 2, bigBytes: 6 * 1024 * 1024 }),
+        prioritized: ['usr/bin/tool']
+      }
+    ]
   })
   // 40 Mbit/s: reading the 9 MiB file takes about two seconds, long enough to signal mid-read.
   slow = await startWanProxy({ target: registry.host, rttMs: 10, bitsPerSecond: 40_000_000 })
@@ -146,6 +159,29 @@ async function movingTag(name: string, args: string[], socket?: string): Promise
     )
   } finally {
     await door.stop().catch(() => {})
+  }
+}
+
+/**
+ * Mounts the image whose tool is prioritized and reads nothing: the registry (behind a proxy that counts) sends
+ * the tool anyway, soon after the mount. Reading it then costs no more registry bytes.
+ */
+async function prefetches(name: string, args: string[], socket?: string): Promise<void> {
+  const door = await startWanProxy({ target: registry.host, rttMs: 0, bitsPerSecond: 1_000_000_000 })
+  try {
+    const mnt = await newDir(name)
+    const m = await startMount([prioritized.ref.replace(registry.host, door.host), mnt, ...args], socket)
+    const tool = 6 * 1024 * 1024
+    for (let i = 0; i < 100 && door.bytesDown < tool; i++) await new Promise((r) => setTimeout(r, 100))
+    expect(door.bytesDown).toBeGreaterThan(tool)
+    const before = door.bytesDown
+    const sum = await run('sha256sum', [join(mnt, 'usr', 'bin', 'tool')])
+    expect(hex(sum.stdout)).toBe(prioritized.layers[0]!.files.get('usr/bin/tool'))
+    expect(door.bytesDown).toBe(before)
+    m.proc.kill('SIGINT')
+    expect(await m.exited).toBe(0)
+  } finally {
+    await door.stop()
   }
 }
 
@@ -256,6 +292,10 @@ describe('p2p-mount', () => {
     await movingTag('embedded', ['--data-dir', join(work, 'data-moving')])
   })
 
+  it('fetches the prioritized files before they are read', async () => {
+    await prefetches('mnt-prefetch', ['--data-dir', join(work, 'data-prefetch')])
+  })
+
   it('says what to do with a bad mountpoint or bad arguments', async () => {
     const missing = await run(process.execPath, [
       BIN,
@@ -329,6 +369,10 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
 
   it('follows a tag that moved; with the registry unreachable, mounts what the tag named before, saying so', async () => {
     await movingTag('daemon', [], socket)
+  })
+
+  it('fetches the prioritized files before they are read', async () => {
+    await prefetches('mnt-daemon-prefetch', [], socket)
   })
 
   it('ends the mount and says so when p2pd stops', async () => {

@@ -81,6 +81,13 @@ export function addMountRoutes(control: ControlServer, node: StrataNode, init: {
     mounts.set(req.mountpoint, { served, release })
     const onAbort = () => release()
     signal.addEventListener('abort', onAbort, { once: true })
+    // The prioritized files of eStargz layers, in the background (as p2p-mount does embedded): the workload
+    // will want them first, and they come in a few batched requests instead of one request per file read.
+    const prefetching = new AbortController()
+    node.fetcher.prefetch(image, { signal: AbortSignal.any([signal, prefetching.signal]) }).catch((err: Error) => {
+      if (!prefetching.signal.aborted && !signal.aborted)
+        failures.push({ type: 'warning', message: `prefetch of ${req.image} failed: ${err.message}` })
+    })
     try {
       yield { type: 'mounted', mountpoint: req.mountpoint }
       while (!signal.aborted) {
@@ -89,6 +96,7 @@ export function addMountRoutes(control: ControlServer, node: StrataNode, init: {
         if (woke === 'released') break
       }
     } finally {
+      prefetching.abort()
       signal.removeEventListener('abort', onAbort)
       await served.unmount()
       mounts.delete(req.mountpoint)
