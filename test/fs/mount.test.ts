@@ -210,6 +210,19 @@ describe('a mount whose chunks are all in the store', () => {
       } finally {
         await mount.unmount()
       }
+      // Mounted again (as p2pd does for each p2p-mount of an image it holds), the image's merged tree is reused;
+      // another image object gets its own.
+      const again = await serveMount({ image, fetcher, mountpoint: dir })
+      try {
+        expect(again.tree).toBe(mount.tree)
+        expect((await exec('chroot', [dir, PROGRAM, '--version'])).stdout).toMatch(/GNU coreutils/)
+      } finally {
+        await again.unmount()
+      }
+      const other = await serveMount({ image: { layers: image.layers }, fetcher, mountpoint: dir })
+      await other.unmount()
+      expect(other.tree).not.toBe(mount.tree)
+      expect(other.tree.inodes).toBe(mount.tree.inodes)
       expect(gets).toBe(0)
       const m = fetcher.metrics().sources.store!
       expect(m.bytes).toBeGreaterThan(20 * 1024 * 1024)
