@@ -1,13 +1,10 @@
 import { homedir } from 'node:os'
 import { join, resolve } from 'node:path'
-import { createFetcher, createRegistrySource, type FetchEvent, openImage, resolveImage } from '@strata/fetcher'
-import { forceUnmount, isMounted, type ReadFailure, serveMount } from '@strata/fs'
 import { createControlClient } from '@strata/node/client'
-import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
-import { openDiskStore } from '@strata/store'
+import { parseReference } from '@strata/registry/reference'
 import { type Command, type Context, runCommand, UsageError } from './command.js'
-import { type MountEvent, type MountRequest, writableDir, writableDirOf } from './mount-routes.js'
-import { formatBytes, Progress } from './output.js'
+import type { MountEvent, MountRequest } from './mount-routes.js'
+import { writableDirOf } from './writable-dir.js'
 
 /** The default data directory: p2pd's when root, else a per-user one. */
 function defaultDataDir(): string {
@@ -73,6 +70,7 @@ async function unmount(ctx: Context): Promise<number> {
   if (ctx.args.length !== 1) throw new UsageError('--unmount takes only MOUNTPOINT')
   const mountpoint = resolve(ctx.args[0]!)
   const lower = join(writableDirOf(dataDir(ctx), mountpoint), 'lower')
+  const { forceUnmount, isMounted } = await import('@strata/fs')
   const removed = await forceUnmount(mountpoint, { signal: ctx.signal })
   // A writable mount has its FUSE mount under the data dir, below the overlay.
   const removedLower = (await isMounted(lower)) && (await forceUnmount(lower, { signal: ctx.signal }))
@@ -89,7 +87,12 @@ async function mount(ctx: Context): Promise<number> {
   const [image, mountpointArg] = ctx.args as [string, string]
   const mountpoint = resolve(mountpointArg)
   const recordFile = typeof ctx.opts.record === 'string' ? resolve(ctx.opts.record) : undefined
-  const client = registryClient(ctx, image)
+  try {
+    parseReference(image)
+  } catch (err) {
+    if ((err as Error).name === 'InvalidReference') throw new UsageError((err as Error).message)
+    throw err
+  }
   const socket = (ctx.opts.socket as string | undefined) ?? process.env.STRATA_SOCKET ?? DEFAULT_SOCKET
   if (await daemonAnswers(socket, ctx.signal)) {
     const request: MountRequest = {
@@ -101,7 +104,10 @@ async function mount(ctx: Context): Promise<number> {
     const code = await mountThroughDaemon(ctx, socket, request, mountpointArg)
     if (code !== undefined) return code
   }
-  return mountHere(ctx, image, mountpoint, mountpointArg, recordFile, client)
+  // Embedded mode loads the store, fetcher, registry client and FUSE binding; daemon mode (each container
+  // start on a node with p2pd) needs none of them and starts about 35 ms sooner without.
+  const { mountHere } = await import('./mount-here.js')
+  return mountHere(ctx, { image, mountpoint, shown: mountpointArg, dataDir: dataDir(ctx), recordFile })
 }
 
 const DEFAULT_SOCKET = '/run/strata/p2pd.sock'
@@ -177,89 +183,6 @@ async function mountThroughDaemon(
   return 0
 }
 
-/** Embedded mode: this process owns the store and serves the mount itself. */
-async function mountHere(
-  ctx: Context,
-  image: string,
-  mountpoint: string,
-  mountpointArg: string,
-  recordFile: string | undefined,
-  client: RegistryClient
-): Promise<number> {
-  const dir = dataDir(ctx)
-  const { signal, out } = ctx
-
-  // The store opens while the manifest is on its way.
-  const platform = ctx.opts.platform as string | undefined
-  const pending = client.getImage(image, { platform, signal })
-  pending.catch(() => {})
-  const store = await openDiskStore(join(dir, 'store'))
-  try {
-    const stale = (e: FetchEvent) => {
-      if (e.type === 'image:stale') out.warn(e.message)
-    }
-    const pinned = await resolveImage({ client, store, ref: image, platform, pending, signal, onProgress: stale })
-    const layerIndex = new Map(pinned.layers.map((l, i) => [l.digest, i]))
-    const tocs = new Progress(out.stderr, `opening ${image}`, pinned.layers.length, false)
-    const downloading = new Set<string>()
-    const onProgress = (e: FetchEvent) => {
-      if (e.type === 'layer:toc') tocs.add(1)
-      else if (e.type === 'layer:unverified') out.warn(e.message)
-      else if (e.type === 'layer:download' && !downloading.has(e.layer)) {
-        downloading.add(e.layer)
-        out.info(`layer ${layerIndex.get(e.layer)} is not eStargz: fetching it whole (${formatBytes(e.total)})`)
-      }
-    }
-    const opened = await openImage({
-      client,
-      store,
-      ref: pinned.ref,
-      image: pinned,
-      requireVerified: ctx.opts['require-verified'] === true,
-      signal,
-      onProgress
-    })
-    tocs.finish(`opened ${image}: ${opened.layers.length} layers`)
-
-    const fetcher = createFetcher({
-      store,
-      sources: [createRegistrySource({ client, ref: pinned.ref, layers: opened.layers })]
-    })
-    let writable: string | undefined
-    if (ctx.opts.writable === true) writable = await writableDir(dir, mountpoint, opened.digest)
-    const onError = (f: ReadFailure) =>
-      out.warn(`read of ${f.path} (layer ${f.layer}, ${f.length} bytes at ${f.offset}) failed: ${f.error.message}`)
-    const served = await serveMount(
-      {
-        image: opened,
-        fetcher,
-        mountpoint,
-        onError,
-        ...(writable !== undefined && { writableDir: writable }),
-        ...(recordFile !== undefined && { recordFile })
-      },
-      { signal }
-    )
-    try {
-      out.print(`mounted ${image} at ${mountpointArg}`)
-      // The prioritized files of eStargz layers, in the background: the workload will want them first.
-      fetcher.prefetch(opened, { signal }).catch((err: Error) => {
-        if (!signal.aborted) out.warn(`prefetch of ${image} failed: ${err.message}`)
-      })
-      await new Promise<void>((done) => {
-        if (signal.aborted) done()
-        else signal.addEventListener('abort', () => done(), { once: true })
-      })
-    } finally {
-      await served.unmount()
-    }
-    out.info(`unmounted ${mountpoint}${recordFile !== undefined ? `; recorded reads in ${recordFile}` : ''}`)
-    return 0
-  } finally {
-    await store.close()
-  }
-}
-
 /** The p2pd serving this mount went away mid-mount (it crashed or was killed). */
 class DaemonLostError extends Error {
   override name = 'DaemonLostError'
@@ -273,21 +196,4 @@ class DaemonLostError extends Error {
 
 function dataDir(ctx: Context): string {
   return resolve((ctx.opts['data-dir'] as string | undefined) ?? defaultDataDir())
-}
-
-function registryClient(ctx: Context, image: string): RegistryClient {
-  let registry: string
-  try {
-    registry = parseReference(image).registry
-  } catch (err) {
-    if ((err as Error).name === 'InvalidReference') throw new UsageError((err as Error).message)
-    throw err
-  }
-  const insecure = (ctx.opts['insecure-registry'] as string[] | undefined) ?? []
-  const creds = ctx.opts.creds as string | undefined
-  if (creds === undefined) return createRegistryClient({ insecure })
-  const colon = creds.indexOf(':')
-  if (colon <= 0) throw new UsageError(`--creds must be USER:PASS, not '${creds}'`)
-  const credentials = { [registry]: { username: creds.slice(0, colon), password: creds.slice(colon + 1) } }
-  return createRegistryClient({ insecure, credentials })
 }
