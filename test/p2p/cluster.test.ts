@@ -108,6 +108,26 @@ describe('p2pd cluster on loopback', () => {
     }
   })
 
+  it('p2pctl warm with the registry unreachable warms what the reference named before, saying so', async () => {
+    const door = await startCountingProxy(registry.host)
+    const c = await startCluster(1, { insecureRegistry: [door.host] })
+    try {
+      const doorRef = image.ref.replace(registry.host, door.host)
+      expect((await warm(c, 0, doorRef)).totalChunks).toBeGreaterThanOrEqual(totalChunks)
+      await door.stop()
+      const said =
+        /the registry cannot be reached \(.+\): using sha256:[0-9a-f]{64}, what .+ named when it was last opened here/
+      const r = await c.nodes[0]!.p2pctl(['warm', doorRef])
+      expect(r.code).toBe(0)
+      expect(r.stderr).toMatch(new RegExp(`warning: ${said.source}`))
+      const json = JSON.parse((await c.nodes[0]!.p2pctl(['warm', doorRef, '--json'])).stdout) as { stale?: string }
+      expect(json.stale).toMatch(said)
+    } finally {
+      await c.stop()
+      await door.stop().catch(() => {})
+    }
+  })
+
   it('a node that just warmed serves a fresh reader at once: B reads right after joining, nothing from the registry', async () => {
     // A warms with C connected (C is home of part of the image and fetches that part for A); B joins afterwards
     // and reads at once: A's announcements have not spread, and B is the home of chunks only A and C hold.

@@ -468,8 +468,14 @@ class Node implements StrataNode {
     options: AbortOptions & { onProgress?: (p: WarmProgress) => void; members?: string[] } = {}
   ): Promise<WarmResult> {
     let image: Image
+    let stale: string | undefined
     try {
-      image = await this.openImage(ref, options)
+      image = await this.openImage(ref, {
+        ...options,
+        onStale: (message) => {
+          stale = message
+        }
+      })
     } catch (err) {
       throw new WarmError(`cannot open image ${ref}: ${(err as Error).message}`, { cause: err })
     }
@@ -480,6 +486,7 @@ class Node implements StrataNode {
     let result: WarmResult
     try {
       result = await warmImage(this.fetcher, image, { ...options, homeOf: (c) => this.source.home(c) })
+      if (stale !== undefined) result.stale = stale
     } catch (err) {
       throw new WarmError(`warming ${ref} failed: ${(err as Error).message}`, { cause: err })
     }

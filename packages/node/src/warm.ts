@@ -14,6 +14,8 @@ export interface WarmResult extends WarmProgress {
   digest: string
   layers: number
   ms: number
+  /** The registry could not be reached: the image warmed is what the reference named when last opened here. */
+  stale?: string
 }
 
 export interface WarmOptions extends AbortOptions {

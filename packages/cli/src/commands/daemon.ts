@@ -121,12 +121,16 @@ then the rest from the others: the registry serves each chunk about once.`,
       bar?.finish(
         `warm ${image}: ${Object.keys(result.nodes).length - failed.length} of ${Object.keys(result.nodes).length} nodes hold the image`
       )
-      for (const [peer, r] of failed) ctx.out.warn(`${peer}: ${r.error}`)
+      for (const [peer, r] of Object.entries(result.nodes)) {
+        if (!r.ok) ctx.out.warn(`${peer}: ${r.error}`)
+        else if (r.result?.stale !== undefined) ctx.out.warn(`${peer}: ${r.result.stale}`)
+      }
       return failed.length > 0 ? 1 : 0
     }
     bar?.finish(
       `warm ${image}: ${result.totalChunks} chunks, ${formatBytes(result.totalBytes)} in ${(result.ms / 1000).toFixed(1)}s`
     )
+    if (result.stale !== undefined) ctx.out.warn(result.stale)
     return 0
   }
 }
