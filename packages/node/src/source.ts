@@ -130,21 +130,11 @@ export class PeerSource implements ChunkSource {
   async *getMany(chunks: ChunkRef[], options?: AbortOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     const left = new Map<string, ChunkRef[]>()
     for (const c of chunks) left.set(c.digest, [...(left.get(c.digest) ?? []), c])
-    // A peer that held chunks of a layer before most likely holds these too (a warm peer holds the whole image):
-    // ask it for them straight away, saving the `have` round trip on every read that streams from it.
-    const direct = new Map<string, string[]>()
-    for (const c of left.values()) {
-      const peer = this.bestHolder(c[0]!.layer)
-      if (peer !== undefined) direct.set(peer, [...(direct.get(peer) ?? []), c[0]!.digest])
-    }
-    const fromKnown = [...direct].map(([peer, digests]) => this.stream(peer, 'get', digests, left, options))
-    for await (const got of merge(fromKnown)) yield* this.deliver(got, left)
-    // For the rest, ask who holds what (the layer's known holders, then the connected peers), then get each chunk
-    // from the best peer holding it. Only what no peer holds goes to its home below: never a colder node than a holder.
+    // Ask who holds what (the layer's known holders, then the connected peers), then get each chunk from the best
+    // peer holding it. Only what no peer holds goes to its home below: never a colder node than a holder.
     const assigned = new Map<string, string[]>()
-    const rest = [...left.values()].map((refs) => refs[0]!)
-    for (const layer of new Set(rest.map((c) => c.layer))) {
-      const wanted = rest.filter((c) => c.layer === layer).map((c) => c.digest)
+    for (const layer of new Set(chunks.map((c) => c.layer))) {
+      const wanted = [...new Set(chunks.filter((c) => c.layer === layer).map((c) => c.digest))]
       const { found } = await this.locate(layer, wanted, options)
       for (const [peer, digests] of found) assigned.set(peer, [...(assigned.get(peer) ?? []), ...digests])
     }
@@ -219,13 +209,6 @@ export class PeerSource implements ChunkSource {
       left = left.filter((d) => !taken.has(d))
     }
     return { found, asked }
-  }
-
-  /** The best-ranked peer known to hold chunks of `layer` (not banned, not this node). */
-  private bestHolder(layer: string): string | undefined {
-    const known = this.holders.get(layer)
-    if (known === undefined) return undefined
-    return this.components.book.rank(known).find((p) => p !== this.components.self)
   }
 
   private holdsLayer(layer: string, peer: string): void {

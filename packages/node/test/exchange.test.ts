@@ -123,24 +123,6 @@ describe('two nodes in one process', () => {
     expect(await storeB.has(chunks[39]!.ref.digest)).toBe(true)
   })
 
-  it('asks a peer it got chunks of the layer from straight away, without asking what it has', async () => {
-    const next = chunk(41)
-    await storeA.put(next.ref.digest, next.bytes, { layer: LAYER })
-    const asked: string[] = []
-    const has = storeA.has
-    storeA.has = (digest, options) => {
-      asked.push(digest)
-      return has.call(storeA, digest, options)
-    }
-    try {
-      expect(sha(await b.fetcher.get(next.ref))).toBe(next.ref.digest)
-    } finally {
-      storeA.has = has
-    }
-    expect(asked).not.toContain(next.ref.digest)
-    expect((await b.status()).bytes.fetched.peer).toBe(chunks.reduce((n, c) => n + c.bytes.byteLength, next.ref.size))
-  })
-
   it('answers have-queries with what it holds', async () => {
     const stream = await client.dialProtocol(multiaddr(a.addrs()[0]!), CHUNK_PROTOCOL)
     const missing = chunk(999).ref.digest
