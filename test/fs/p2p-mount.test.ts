@@ -162,29 +162,6 @@ async function movingTag(name: string, args: string[], socket?: string): Promise
   }
 }
 
-/**
- * Mounts the image whose tool is prioritized and reads nothing: the registry (behind a proxy that counts) sends
- * the tool anyway, soon after the mount. Reading it then costs no more registry bytes.
- */
-async function prefetches(name: string, args: string[]): Promise<void> {
-  const door = await startWanProxy({ target: registry.host, rttMs: 0, bitsPerSecond: 1_000_000_000 })
-  try {
-    const mnt = await newDir(name)
-    const m = await startMount([prioritized.ref.replace(registry.host, door.host), mnt, ...args])
-    const tool = 6 * 1024 * 1024
-    for (let i = 0; i < 100 && door.bytesDown < tool; i++) await new Promise((r) => setTimeout(r, 100))
-    expect(door.bytesDown).toBeGreaterThan(tool)
-    const before = door.bytesDown
-    const sum = await run('sha256sum', [join(mnt, 'usr', 'bin', 'tool')])
-    expect(hex(sum.stdout)).toBe(prioritized.layers[0]!.files.get('usr/bin/tool'))
-    expect(door.bytesDown).toBe(before)
-    m.proc.kill('SIGINT')
-    expect(await m.exited).toBe(0)
-  } finally {
-    await door.stop()
-  }
-}
-
 describe('p2p-mount', () => {
   it('mounts an image, serves its merged files, records what was read, and unmounts on SIGINT', async () => {
     const mnt = await newDir('mnt')
@@ -293,7 +270,25 @@ describe('p2p-mount', () => {
   })
 
   it('fetches the prioritized files before they are read', async () => {
-    await prefetches('mnt-prefetch', ['--data-dir', join(work, 'data-prefetch')])
+    // The image's tool is prioritized; nothing is read, yet the registry (behind a proxy that counts) sends it soon
+    // after the mount. Reading it then costs no more registry bytes.
+    const door = await startWanProxy({ target: registry.host, rttMs: 0, bitsPerSecond: 1_000_000_000 })
+    try {
+      const mnt = await newDir('mnt-prefetch')
+      const ref = prioritized.ref.replace(registry.host, door.host)
+      const m = await startMount([ref, mnt, '--data-dir', join(work, 'data-prefetch')])
+      const tool = 6 * 1024 * 1024
+      for (let i = 0; i < 100 && door.bytesDown < tool; i++) await new Promise((r) => setTimeout(r, 100))
+      expect(door.bytesDown).toBeGreaterThan(tool)
+      const before = door.bytesDown
+      const sum = await run('sha256sum', [join(mnt, 'usr', 'bin', 'tool')])
+      expect(hex(sum.stdout)).toBe(prioritized.layers[0]!.files.get('usr/bin/tool'))
+      expect(door.bytesDown).toBe(before)
+      m.proc.kill('SIGINT')
+      expect(await m.exited).toBe(0)
+    } finally {
+      await door.stop()
+    }
   })
 
   it('says what to do with a bad mountpoint or bad arguments', async () => {
