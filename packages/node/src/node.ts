@@ -66,7 +66,15 @@ export interface NodeInit {
   announce?: { concurrency?: number; ratePerSecond?: number; reannounceMs?: number }
   /** Penalties: failures that ban a peer and for how long. */
   bans?: { banAfter?: number; banMs?: number }
+  /**
+   * References whose opened image is kept (TOCs and merged tree in memory), least recently opened let go first
+   * (default 256): a CI that tags every commit must not grow p2pd forever. A reference let go opens again from
+   * the store.
+   */
+  maxReferences?: number
 }
+
+const MAX_REFERENCES = 256
 
 export interface PeerStatus extends Partial<PeerScore> {
   peer: string
@@ -415,13 +423,23 @@ class Node implements StrataNode {
       })
     }
     const image = await opening
+    // The most recently opened references name the images kept: a tag that moved lets go of what it named, and
+    // past maxReferences the least recently opened reference goes (each unless another reference names it).
     const previous = this.named.get(ref)
+    this.named.delete(ref)
     this.named.set(ref, digest)
-    // A tag moved: the image it named is let go unless another reference still names it (memory stays bounded
-    // by the references in use, over months of pushes to one tag).
-    if (previous !== undefined && previous !== digest && ![...this.named.values()].includes(previous))
-      this.opened.delete(previous)
+    if (previous !== undefined && previous !== digest) this.letGo(previous)
+    if (this.named.size > (this.init.maxReferences ?? MAX_REFERENCES)) {
+      const [oldest, named] = this.named.entries().next().value as [string, string]
+      this.named.delete(oldest)
+      this.letGo(named)
+    }
     return image
+  }
+
+  /** Forgets the opened image of `digest` unless a reference still names it. */
+  private letGo(digest: string): void {
+    if (![...this.named.values()].includes(digest)) this.opened.delete(digest)
   }
 
   addrs(): string[] {
