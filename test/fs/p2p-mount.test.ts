@@ -277,9 +277,10 @@ describe('p2p-mount', () => {
       const mnt = await newDir('mnt-prefetch')
       const ref = prioritized.ref.replace(registry.host, door.host)
       const m = await startMount([ref, mnt, '--data-dir', join(work, 'data-prefetch')])
-      const tool = 6 * 1024 * 1024
-      for (let i = 0; i < 100 && door.bytesDown < tool; i++) await new Promise((r) => setTimeout(r, 100))
-      expect(door.bytesDown).toBeGreaterThan(tool)
+      const done = /^prefetched the prioritized files \(6\.0 MiB\) in \d+\.\ds$/m
+      for (let i = 0; i < 100 && !done.test(m.stderr()); i++) await new Promise((r) => setTimeout(r, 100))
+      expect(m.stderr()).toMatch(done)
+      expect(door.bytesDown).toBeGreaterThan(6 * 1024 * 1024)
       const before = door.bytesDown
       const sum = await run('sha256sum', [join(mnt, 'usr', 'bin', 'tool')])
       expect(hex(sum.stdout)).toBe(prioritized.layers[0]!.files.get('usr/bin/tool'))

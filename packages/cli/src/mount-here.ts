@@ -77,9 +77,19 @@ export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<numb
     try {
       out.print(`mounted ${image} at ${what.shown}`)
       // The prioritized files of eStargz layers, in the background: the workload will want them first.
-      fetcher.prefetch(opened, { signal }).catch((err: Error) => {
-        if (!signal.aborted) out.warn(`prefetch of ${image} failed: ${err.message}`)
-      })
+      const prioritized = opened.layers.reduce((n, l) => n + l.toc.prioritized.reduce((m, e) => m + e.size, 0), 0)
+      if (prioritized > 0) {
+        const started = Date.now()
+        fetcher.prefetch(opened, { signal }).then(
+          () =>
+            out.info(
+              `prefetched the prioritized files (${formatBytes(prioritized)}) in ${((Date.now() - started) / 1000).toFixed(1)}s`
+            ),
+          (err: Error) => {
+            if (!signal.aborted) out.warn(`prefetch of ${image} failed: ${err.message}`)
+          }
+        )
+      }
       await new Promise<void>((done) => {
         if (signal.aborted) done()
         else signal.addEventListener('abort', () => done(), { once: true })
