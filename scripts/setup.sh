@@ -8,7 +8,7 @@ export PATH="/usr/local/bin:$PATH"
 
 APT_PACKAGES=(
   docker-registry skopeo umoci          # a real OCI registry and image tools for tests and the demo
-  libfuse2 fuse3                        # FUSE: fuse-native loads libfuse.so.2; fusermount3
+  fuse3                                 # FUSE: /dev/fuse set-up, fusermount3
   iproute2 apache2-utils attr           # tc/netns for benchmarks; htpasswd; getfattr/setfattr
   golang-go golang-github-containerd-stargz-snapshotter-dev   # builds ../shared/oracle
   debootstrap                           # real root file systems for benchmarks

@@ -11,6 +11,7 @@ import {
   isMounted,
   type Mount,
   mountFuse,
+  type Operations,
   type ReadFailure,
   type ReadFile,
   serveMount
@@ -174,6 +175,32 @@ describe('FUSE mount of an image', () => {
           .join('\n')
       ).toBe(sorted)
     }
+  })
+})
+
+describe('reads through the kernel', () => {
+  it('asks for 1 MiB at a time from a sequential reader (libfuse 2 asked for 128 KiB)', async () => {
+    const dir = join(work, 'sizes')
+    await mkdir(dir)
+    const read: ReadFile = (layer, entry, offset, length, options) =>
+      readFileRange(readers[layer]!, layers[layer]!, entry, offset, length, options)
+    const ops = createOperations(buildTree(layers), read)
+    const sizes: number[] = []
+    const counted: Operations = Object.create(ops)
+    counted.read = (path, offset, into, options) => {
+      if (path === '/data/big') sizes.push(into.length)
+      return ops.read(path, offset, into, options)
+    }
+    const mount = await mountFuse(counted, dir)
+    try {
+      const r = await exec('dd', [`if=${dir}/data/big`, 'of=/dev/null', 'bs=1M'])
+      expect(r.code).toBe(0)
+    } finally {
+      await mount.unmount()
+    }
+    const total = sizes.reduce((a, b) => a + b, 0)
+    expect(Math.max(...sizes)).toBe(1 << 20)
+    expect(sizes.filter((n) => n === 1 << 20).length * (1 << 20)).toBeGreaterThan(total * 0.8)
   })
 })
 

@@ -1,13 +1,17 @@
-// The only file that touches fuse-native. Every callback here runs on the Node event loop while a FUSE
-// thread waits for its answer: nothing in here may block (no sync I/O, no execSync).
-import { execFile } from 'node:child_process'
-import { readFile, stat } from 'node:fs/promises'
-import { createRequire } from 'node:module'
+// The FUSE transport: mounts /dev/fuse with mount(8) and speaks the kernel protocol (protocol.ts) over it.
+// No libfuse: its version 2 (all a Node binding offered) caps reads at 128 KiB; the protocol lets us ask for
+// 1 MiB. Requests are relayed from /dev/fuse into a pipe by a `dd` child, because a read of /dev/fuse blocks and
+// Node can only wait on a pipe without tying up one of its few I/O threads; replies are written to /dev/fuse
+// directly. Everything here runs on the event loop: nothing may block (no sync I/O, no execSync).
+import { type ChildProcess, execFile, spawn } from 'node:child_process'
+import { close, open, write } from 'node:fs'
+import { readFile, stat, writeFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import { promisify } from 'node:util'
 import type { AbortOptions } from '@strata/stargz'
 import { MountError, UnmountError } from './errors.js'
 import type { Operations } from './operations.js'
+import { IN_HEADER, Op, OUT_HEADER, parseRequest, type Request, Session } from './protocol.js'
 
 export interface FuseMountInit {
   /** Let users other than the mounting one read the mount (default: when running as root). */
@@ -16,7 +20,7 @@ export interface FuseMountInit {
   cacheTimeout?: number
   /** How long mounting may take before it is abandoned (default 30 s). */
   timeoutMs?: number
-  /** libfuse debug output on stderr. */
+  /** Each FUSE request, one line on stderr. */
   debug?: boolean
 }
 
@@ -27,28 +31,18 @@ export interface Mount {
   unmount(options?: AbortOptions): Promise<void>
 }
 
-type Callback = (code: number, ...values: unknown[]) => void
-
-interface FuseInstance {
-  mount(cb: (err: Error | null) => void): void
-  unmount(cb: (err: Error | null) => void): void
-}
-
-interface FuseClass {
-  new (mountpoint: string, ops: Record<string, unknown>, opts: Record<string, unknown>): FuseInstance
-}
-
 const exec = promisify(execFile)
 
-/** Upper bound on one FUSE operation; the fetcher's own timeouts fire well before this one. */
-const OPERATION_TIMEOUT_MS = 10 * 60_000
-
-/** Largest read the kernel may ask for at once (it caps this at its own limit, 128 KiB with FUSE 2). */
+/** Largest read the kernel may ask for at once: 256 pages (the kernel's own limit for max_pages). */
 const MAX_READ = 1 << 20
+/** The relay's read buffer: larger than any request the kernel sends a read-only mount (the kernel checks). */
+const RELAY_BUFFER = 1 << 20
+/** Kernel read-ahead on the mount, so that a sequential reader gets MAX_READ requests (default 128 KiB). */
+const READ_AHEAD_KB = 4096
 
 /**
- * Mounts `ops` at `mountpoint` read-only with FUSE. Kernel page cache stays on (`kernel_cache`, no
- * direct_io) and attributes are cached long: an image never changes under a mount.
+ * Mounts `ops` at `mountpoint` read-only with FUSE. Kernel page cache stays on (FOPEN_KEEP_CACHE) and
+ * attributes, entries and misses are cached long: an image never changes under a mount. Needs root.
  */
 export async function mountFuse(
   ops: Operations,
@@ -56,6 +50,224 @@ export async function mountFuse(
   init: FuseMountInit = {},
   options?: AbortOptions
 ): Promise<Mount> {
+  await checkMountpoint(mountpoint)
+  const timeout = init.cacheTimeout ?? 86_400
+  const fd = await new Promise<number>((resolve, reject) =>
+    open('/dev/fuse', 'r+', (err, fd) => (err === null ? resolve(fd) : reject(err)))
+  ).catch((err: NodeJS.ErrnoException) => {
+    throw new MountError(mountpoint, `cannot open /dev/fuse (${err.code})`, 'load the fuse module (modprobe fuse)', {
+      cause: err
+    })
+  })
+  const uid = process.getuid?.() ?? 0
+  const data = [
+    'ro',
+    'nosuid',
+    'nodev',
+    'fd=3',
+    'rootmode=40000',
+    `user_id=${uid}`,
+    `group_id=${process.getgid?.() ?? 0}`,
+    'default_permissions',
+    `max_read=${MAX_READ}`
+  ]
+  if (init.allowOther ?? uid === 0) data.push('allow_other')
+  try {
+    await withFd(fd, 'mount', ['-i', '-n', '-t', 'fuse.strata', '-o', data.join(','), 'strata', mountpoint])
+  } catch (err) {
+    close(fd, () => {})
+    throw new MountError(
+      mountpoint,
+      (err as Error).message,
+      uid === 0 ? 'check `dmesg` for FUSE errors' : 'mounting needs root: run it as root',
+      { cause: err }
+    )
+  }
+
+  const connection = new Connection(fd, ops, timeout, init.debug === true)
+  try {
+    await connection.started(mountpoint, init.timeoutMs ?? 30_000, options?.signal)
+    await setReadAhead(mountpoint)
+  } catch (err) {
+    await connection.close(mountpoint)
+    throw err
+  }
+  let unmounted: Promise<void> | undefined
+  return {
+    mountpoint,
+    unmount() {
+      unmounted ??= connection.close(mountpoint)
+      return unmounted
+    }
+  }
+}
+
+/** One FUSE connection: the relay that brings requests, the session that answers them, the replies. */
+class Connection {
+  readonly #fd: number
+  readonly #session: Session
+  readonly #relay: ChildProcess
+  readonly #relayed: Promise<void>
+  readonly #inflight = new AbortController()
+  readonly #writes = new Set<Promise<void>>()
+  readonly #spare: Buffer[] = []
+  readonly #debug: boolean
+  #pending: Buffer = Buffer.alloc(0)
+  #closed = false
+  #init = Promise.withResolvers<void>()
+
+  constructor(fd: number, ops: Operations, cacheTimeout: number, debug: boolean) {
+    this.#fd = fd
+    this.#debug = debug
+    this.#session = new Session(ops, { cacheTimeout, maxRead: MAX_READ })
+    // setpriv: the relay dies with this process, so a killed p2p-mount leaves a mount that says "not connected".
+    this.#relay = spawn('setpriv', ['--pdeathsig', 'KILL', '--', 'dd', `bs=${RELAY_BUFFER}`, 'status=none'], {
+      stdio: [fd, 'pipe', 'pipe']
+    })
+    let stderr = ''
+    this.#relay.stderr!.on('data', (d) => {
+      stderr += d
+    })
+    this.#relay.stdout!.on('data', (d: Buffer) => this.#receive(d))
+    this.#relayed = new Promise((resolve) => {
+      this.#relay.on('error', (err) => {
+        this.#init.reject(err)
+        resolve()
+      })
+      this.#relay.on('close', () => {
+        this.#init.reject(new Error(`the FUSE connection ended before it started${stderr ? `: ${stderr.trim()}` : ''}`))
+        resolve()
+      })
+    })
+    this.#init.promise.catch(() => {})
+  }
+
+  /** Waits for the kernel's INIT to be answered. */
+  async started(mountpoint: string, timeoutMs: number, signal?: AbortSignal): Promise<void> {
+    const timer = setTimeout(() => {
+      this.#init.reject(new MountError(mountpoint, `FUSE did not start within ${timeoutMs} ms`, 'check `dmesg`'))
+    }, timeoutMs)
+    const onAbort = () => this.#init.reject(signal?.reason)
+    signal?.addEventListener('abort', onAbort, { once: true })
+    try {
+      await this.#init.promise
+    } catch (err) {
+      throw err instanceof MountError
+        ? err
+        : new MountError(mountpoint, (err as Error).message, undefined, { cause: err })
+    } finally {
+      clearTimeout(timer)
+      signal?.removeEventListener('abort', onAbort)
+    }
+  }
+
+  /**
+   * Detaches the mount (lazily: a busy mount goes too), aborts reads in flight, and ends the connection: with
+   * the relay and this fd closed, the kernel fails whatever a process still holding a file of it asks.
+   */
+  async close(mountpoint: string): Promise<void> {
+    this.#inflight.abort(new Error(`${mountpoint} is being unmounted`))
+    let failure: unknown
+    if (await isMounted(mountpoint)) {
+      await exec('umount', ['-l', mountpoint], { timeout: 30_000 }).catch((err) => {
+        failure = err
+      })
+    }
+    this.#relay.kill('SIGKILL')
+    await this.#relayed
+    await Promise.allSettled(this.#writes)
+    if (!this.#closed) {
+      this.#closed = true
+      await new Promise<void>((resolve) => close(this.#fd, () => resolve()))
+    }
+    if (failure !== undefined && (await isMounted(mountpoint))) {
+      const stderr = (failure as { stderr?: string }).stderr ?? String(failure)
+      throw new UnmountError(mountpoint, stderr.trim(), `try 'p2p-mount --unmount ${mountpoint}'`, { cause: failure })
+    }
+  }
+
+  /** Requests arrive as the relay wrote them; a pipe read may hold parts of several. */
+  #receive(data: Buffer): void {
+    let buf = this.#pending.length === 0 ? data : Buffer.concat([this.#pending, data])
+    while (buf.length >= 4) {
+      const len = buf.readUInt32LE(0)
+      if (len < IN_HEADER) {
+        // Not a FUSE request: the stream is broken. Stop rather than guess.
+        this.#relay.kill('SIGKILL')
+        return
+      }
+      if (buf.length < len) break
+      this.#dispatch(buf.subarray(0, len))
+      buf = buf.subarray(len)
+    }
+    this.#pending = buf.length === 0 ? Buffer.alloc(0) : Buffer.from(buf)
+  }
+
+  #dispatch(bytes: Buffer): void {
+    const req = parseRequest(bytes)
+    if (this.#debug) process.stderr.write(`fuse: #${req.unique} op ${req.opcode} node ${req.nodeid} ${describe(req)}\n`)
+    if (req.opcode === Op.READ) {
+      const into = this.#spare.pop() ?? Buffer.allocUnsafeSlow(OUT_HEADER + MAX_READ)
+      this.#session.read(req, into, this.#inflight.signal).then((reply) =>
+        this.#send(reply).finally(() => {
+          if (this.#spare.length < 16) this.#spare.push(into)
+        })
+      )
+      return
+    }
+    const reply = this.#session.answer(req)
+    if (reply !== undefined) this.#send(reply)
+    if (req.opcode === Op.INIT) {
+      if (this.#session.minor > 0) this.#init.resolve()
+      else this.#init.reject(new Error('the kernel refused the FUSE protocol version'))
+    }
+  }
+
+  #send(reply: Uint8Array): Promise<void> {
+    if (this.#closed) return Promise.resolve()
+    const done = new Promise<void>((resolve) => {
+      // ENOENT: the request was interrupted meanwhile; ENODEV: the connection is gone. Nobody to tell either way.
+      write(this.#fd, reply, 0, reply.length, null, () => resolve())
+    })
+    this.#writes.add(done)
+    done.finally(() => this.#writes.delete(done))
+    return done
+  }
+}
+
+/** The arguments worth a debug line: a read's offset and size, a looked-up name. */
+function describe(req: Request): string {
+  const body = Buffer.from(req.body.buffer, req.body.byteOffset, req.body.byteLength)
+  if (req.opcode === Op.READ) return `offset ${body.readBigUInt64LE(8)} size ${body.readUInt32LE(16)}`
+  if (req.opcode === Op.LOOKUP) return JSON.stringify(body.subarray(0, body.indexOf(0)).toString())
+  return ''
+}
+
+/** Runs a command with `fd` as its fd 3 (mount's `fd=3`). */
+function withFd(fd: number, cmd: string, args: string[]): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe', fd] })
+    let stderr = ''
+    child.stderr!.on('data', (d) => {
+      stderr += d
+    })
+    child.on('error', reject)
+    child.on('close', (code) => {
+      if (code === 0) resolve()
+      else reject(new Error(stderr.trim() || `${cmd} exited with ${code}`))
+    })
+  })
+}
+
+/** Raises the kernel's read-ahead on the mount (its bdi), so sequential reads come in MAX_READ pieces. */
+async function setReadAhead(mountpoint: string): Promise<void> {
+  const { dev } = await stat(mountpoint)
+  const major = Number((BigInt(dev) >> 8n) & 0xfffn)
+  const minor = Number((BigInt(dev) & 0xffn) | ((BigInt(dev) >> 12n) & ~0xffn))
+  await writeFile(`/sys/class/bdi/${major}:${minor}/read_ahead_kb`, String(READ_AHEAD_KB)).catch(() => {})
+}
+
+async function checkMountpoint(mountpoint: string): Promise<void> {
   const info = await stat(mountpoint).catch((err: NodeJS.ErrnoException) => err)
   if (info instanceof Error) {
     if (info.code === 'ENOTCONN') {
@@ -78,77 +290,6 @@ export async function mountFuse(
       `unmount it first ('p2p-mount --unmount ${mountpoint}' if it is a p2p-mount that died)`
     )
   }
-
-  const Fuse = loadFuse()
-  const timeout = init.cacheTimeout ?? 86_400
-  const fuseOptions = [
-    'ro',
-    'default_permissions',
-    'use_ino',
-    'kernel_cache',
-    `entry_timeout=${timeout}`,
-    `attr_timeout=${timeout}`,
-    `negative_timeout=${timeout}`,
-    `max_read=${MAX_READ}`,
-    'fsname=strata',
-    'subtype=strata'
-  ]
-  if (init.allowOther ?? process.getuid?.() === 0) fuseOptions.push('allow_other')
-  if (init.debug === true) fuseOptions.push('debug')
-
-  // fuse-native has no switch for `ro`, `use_ino` (stable inode numbers, one per hardlinked file) or
-  // `negative_timeout`, so its option string is replaced as a whole.
-  class StrataFuse extends Fuse {
-    _fuseOptions(): string {
-      return `-o${fuseOptions.join(',')}`
-    }
-  }
-
-  const inflight = new AbortController()
-  // No timeout on reads: fuse-native would answer for a read still filling libfuse's buffer, which libfuse then
-  // reuses. A read ends by itself (the fetcher's sources time out) or with the unmount's abort.
-  const fuse = new StrataFuse(mountpoint, handlers(ops, inflight.signal), {
-    timeout: { default: OPERATION_TIMEOUT_MS, read: false }
-  })
-
-  await new Promise<void>((resolve, reject) => {
-    const timeoutMs = init.timeoutMs ?? 30_000
-    const timer = setTimeout(() => {
-      reject(new MountError(mountpoint, `FUSE did not start within ${timeoutMs} ms`, 'check `dmesg` for FUSE errors'))
-    }, timeoutMs)
-    const onAbort = () => reject(options?.signal?.reason)
-    options?.signal?.addEventListener('abort', onAbort, { once: true })
-    fuse.mount((err) => {
-      clearTimeout(timer)
-      options?.signal?.removeEventListener('abort', onAbort)
-      if (err === null) resolve()
-      else
-        reject(
-          new MountError(
-            mountpoint,
-            err.message,
-            'FUSE needs /dev/fuse and root (or a setuid fusermount); is something already mounted there?',
-            { cause: err }
-          )
-        )
-    })
-  })
-
-  let unmounted: Promise<void> | undefined
-  return {
-    mountpoint,
-    unmount() {
-      unmounted ??= new Promise<void>((resolve, reject) => {
-        inflight.abort(new Error(`${mountpoint} is being unmounted`))
-        fuse.unmount((err) => {
-          if (err === null) resolve()
-          else
-            reject(new UnmountError(mountpoint, err.message, `try 'p2p-mount --unmount ${mountpoint}'`, { cause: err }))
-        })
-      })
-      return unmounted
-    }
-  }
 }
 
 /**
@@ -157,8 +298,8 @@ export async function mountFuse(
  */
 export async function forceUnmount(mountpoint: string, options?: AbortOptions): Promise<boolean> {
   const attempts: [string, string[]][] = [
-    ['fusermount', ['-uz', mountpoint]],
-    ['umount', ['-l', mountpoint]]
+    ['umount', ['-l', mountpoint]],
+    ['fusermount3', ['-uz', mountpoint]]
   ]
   const failures: string[] = []
   for (const [cmd, args] of attempts) {
@@ -183,87 +324,4 @@ export async function isMounted(mountpoint: string): Promise<boolean> {
 
 function unescapeMountPath(path: string): string {
   return path.replace(/\\([0-7]{3})/g, (_, oct: string) => String.fromCharCode(Number.parseInt(oct, 8)))
-}
-
-function loadFuse(): FuseClass {
-  return createRequire(import.meta.url)('fuse-native') as FuseClass
-}
-
-function errnoOf(err: unknown): number {
-  return (err as Error)?.name === 'FsError' ? -(err as { errno: number }).errno : -5 // EIO
-}
-
-function handlers(ops: Operations, signal: AbortSignal): Record<string, unknown> {
-  const answer = (cb: Callback, fn: () => unknown): void => {
-    let value: unknown
-    try {
-      value = fn()
-    } catch (err) {
-      cb(errnoOf(err))
-      return
-    }
-    cb(0, value)
-  }
-  const readOnly = (path: string, ...rest: unknown[]): void => {
-    const cb = rest[rest.length - 1] as Callback
-    answer(cb, () => ops.modify(path))
-  }
-  return {
-    getattr: (path: string, cb: Callback) => answer(cb, () => toFuseStat(ops.getattr(path))),
-    fgetattr: (path: string, _fd: number, cb: Callback) => answer(cb, () => toFuseStat(ops.getattr(path))),
-    readdir: (path: string, cb: Callback) => answer(cb, () => ['.', '..', ...ops.readdir(path)]),
-    open: (path: string, flags: number, cb: Callback) =>
-      answer(cb, () => {
-        ops.open(path, flags)
-        return 0
-      }),
-    // `buf` is libfuse's memory, valid until cb: the read fills it in place (from the store, in an I/O thread).
-    read: (path: string, _fd: number, buf: Buffer, len: number, pos: number, cb: Callback) => {
-      ops.read(path, pos, buf.subarray(0, len), { signal }).then(
-        (n) => cb(n),
-        (err) => cb(errnoOf(err))
-      )
-    },
-    readlink: (path: string, cb: Callback) => answer(cb, () => ops.readlink(path)),
-    getxattr: (path: string, name: string, _position: number, cb: Callback) =>
-      answer(cb, () => Buffer.from(ops.getxattr(path, name))),
-    listxattr: (path: string, cb: Callback) => answer(cb, () => ops.listxattr(path)),
-    statfs: (_path: string, cb: Callback) => answer(cb, () => ops.statfs()),
-    access: (path: string, mode: number, cb: Callback) => answer(cb, () => ops.access(path, mode)),
-    write: readOnly,
-    create: readOnly,
-    truncate: readOnly,
-    ftruncate: readOnly,
-    unlink: readOnly,
-    rename: readOnly,
-    link: readOnly,
-    symlink: readOnly,
-    mkdir: readOnly,
-    rmdir: readOnly,
-    chmod: readOnly,
-    chown: readOnly,
-    utimens: readOnly,
-    mknod: readOnly,
-    setxattr: readOnly,
-    removexattr: readOnly
-  }
-}
-
-function toFuseStat(s: ReturnType<Operations['getattr']>): Record<string, number> {
-  // fuse-native carries times as unsigned milliseconds: a time before 1970 shows as the epoch.
-  const time = Math.max(0, s.mtimeMs)
-  return {
-    mode: s.mode,
-    uid: s.uid,
-    gid: s.gid,
-    size: s.size,
-    nlink: s.nlink,
-    ino: s.ino,
-    rdev: s.rdev,
-    blksize: s.blksize,
-    blocks: s.blocks,
-    atime: time,
-    mtime: time,
-    ctime: time
-  }
 }

@@ -74,7 +74,7 @@ export interface OperationsInit {
   /** The fast path for chunks in local storage; without it every read goes through whole chunks in memory. */
   readStored?: ReadStored
   /**
-   * Memory for whole chunks recently read (default 64 MiB). The kernel reads at most 128 KiB at a time; a
+   * Memory for whole chunks recently read (default 64 MiB). The kernel reads at most 1 MiB at a time; a
    * chunk is usually MiBs, and without this every piece would fetch (and copy) the whole chunk again.
    */
   chunkBufferBytes?: number
@@ -121,7 +121,7 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
 
   /**
    * Fills `into` from `offset` of a regular file (within its size): from chunks in memory; else straight from
-   * local storage; else by loading whole chunks into memory (the kernel reads a chunk in many 128 KiB pieces).
+   * local storage; else by loading whole chunks into memory (the kernel reads a chunk in pieces of up to 1 MiB).
    */
   const readNode = async (node: Node, offset: number, into: Uint8Array, options?: AbortOptions): Promise<void> => {
     const { layer, entry } = node.source!

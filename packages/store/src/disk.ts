@@ -164,8 +164,8 @@ async function readExactly(path: string, size: number): Promise<Uint8Array | und
 }
 
 /**
- * Chunk files kept open for `read`, most recently used last: a mount reads a chunk in 128 KiB pieces, and an
- * open and a close per piece would cost more than the read. A file removed while open stays readable (its
+ * Chunk files kept open for `read`, most recently used last: a mount reads a chunk in pieces of up to 1 MiB,
+ * and an open and a close per piece would cost more than the read. A file removed while open stays readable (its
  * bytes do not change) until closed.
  */
 class OpenFiles {
