@@ -204,6 +204,26 @@ describe('reads through the kernel', () => {
   })
 })
 
+describe('when the FUSE relay dies', () => {
+  it('readers get an error instead of waiting forever, and the unmount still cleans up', async () => {
+    const mount = await mountLayers('relay')
+    try {
+      const before = await exec('cat', [join(mount.dir, 'etc', 'motd')])
+      expect(before.code).toBe(0)
+      // The relay is this process's `dd` child reading /dev/fuse (setpriv execs into it).
+      const relays = (await exec('pgrep', ['-P', String(process.pid), '-x', 'dd'])).stdout.trim().split('\n')
+      expect(relays).toHaveLength(1)
+      process.kill(Number(relays[0]), 'SIGKILL')
+      const after = await exec('timeout', ['10', 'cat', join(mount.dir, 'data', 'big')])
+      expect(after.code).toBe(1)
+      expect(after.stderr).toMatch(/Transport endpoint is not connected|Software caused connection abort/)
+    } finally {
+      await mount.unmount()
+    }
+    expect(await isMounted(mount.dir)).toBe(false)
+  })
+})
+
 describe('a mount whose chunks are all in the store', () => {
   it('reads them in place: the same files, no chunk loaded whole, no source asked', async () => {
     const store = await openDiskStore(join(work, 'store'), { fsync: false })

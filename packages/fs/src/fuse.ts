@@ -114,6 +114,7 @@ class Connection {
   readonly #debug: boolean
   #pending: Buffer = Buffer.alloc(0)
   #closed = false
+  #ended: Promise<void> | undefined
   #init = Promise.withResolvers<void>()
 
   constructor(fd: number, ops: Operations, cacheTimeout: number, debug: boolean) {
@@ -140,6 +141,9 @@ class Connection {
       })
     })
     this.#init.promise.catch(() => {})
+    // However the relay ends (an unmount, or killed by someone), the connection ends with it: readers of the
+    // mount then get an error instead of waiting for answers nobody will read the requests for.
+    this.#relayed.then(() => this.#end())
   }
 
   /** Waits for the kernel's INIT to be answered. */
@@ -174,16 +178,23 @@ class Connection {
       })
     }
     this.#relay.kill('SIGKILL')
-    await this.#relayed
-    await Promise.allSettled(this.#writes)
-    if (!this.#closed) {
-      this.#closed = true
-      await new Promise<void>((resolve) => close(this.#fd, () => resolve()))
-    }
+    await this.#end()
     if (failure !== undefined && (await isMounted(mountpoint))) {
       const stderr = (failure as { stderr?: string }).stderr ?? String(failure)
       throw new UnmountError(mountpoint, stderr.trim(), `try 'p2p-mount --unmount ${mountpoint}'`, { cause: failure })
     }
+  }
+
+  /** Closes /dev/fuse once the relay is gone and no reply is being written (the fd number could be reused). */
+  #end(): Promise<void> {
+    this.#ended ??= (async () => {
+      await this.#relayed
+      this.#closed = true
+      this.#inflight.abort(new Error('the FUSE connection ended'))
+      await Promise.allSettled(this.#writes)
+      await new Promise<void>((resolve) => close(this.#fd, () => resolve()))
+    })()
+    return this.#ended
   }
 
   /** Requests arrive as the relay wrote them; a pipe read may hold parts of several. */
