@@ -55,9 +55,8 @@ export async function mountFuse(
   const fd = await new Promise<number>((resolve, reject) =>
     open('/dev/fuse', 'r+', (err, fd) => (err === null ? resolve(fd) : reject(err)))
   ).catch((err: NodeJS.ErrnoException) => {
-    throw new MountError(mountpoint, `cannot open /dev/fuse (${err.code})`, 'load the fuse module (modprobe fuse)', {
-      cause: err
-    })
+    const hint = err.code === 'ENOENT' ? 'load the fuse module (modprobe fuse)' : 'mounting needs root: run it as root'
+    throw new MountError(mountpoint, `cannot open /dev/fuse (${err.code})`, hint, { cause: err })
   })
   const uid = process.getuid?.() ?? 0
   const data = [
@@ -265,7 +264,7 @@ function withFd(fd: number, cmd: string, args: string[]): Promise<void> {
     child.on('error', reject)
     child.on('close', (code) => {
       if (code === 0) resolve()
-      else reject(new Error(stderr.trim() || `${cmd} exited with ${code}`))
+      else reject(new Error(stderr.trim().split('\n')[0] || `${cmd} exited with ${code}`))
     })
   })
 }
