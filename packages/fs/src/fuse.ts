@@ -129,6 +129,9 @@ class Connection {
       stderr += d
     })
     this.#relay.stdout!.on('data', (d: Buffer) => this.#receive(d))
+    // A broken pipe ends the relay, and with it the connection (below); it must not end the process.
+    this.#relay.stdout!.on('error', () => this.#relay.kill('SIGKILL'))
+    this.#relay.stderr!.on('error', () => {})
     this.#relayed = new Promise((resolve) => {
       this.#relay.on('error', (err) => {
         this.#init.reject(err)

@@ -72,7 +72,6 @@ const MIN_MINOR = 28
 
 const Init = {
   ASYNC_READ: 1 << 0,
-  BIG_WRITES: 1 << 5,
   PARALLEL_DIROPS: 1 << 18,
   MAX_PAGES: 1 << 22,
   CACHE_SYMLINKS: 1 << 23
@@ -95,16 +94,13 @@ const errno = {
   ESTALE: 116
 }
 
-/** One request from the kernel, its header decoded. `body` is only valid until the next request is read. */
+/** One request from the kernel, its header decoded; `body` is what follows the header. */
 export interface Request {
   opcode: number
   unique: bigint
   nodeid: number
   body: Uint8Array
 }
-
-/** A reply: the header's length and `unique` are filled in by the session. */
-export type Reply = { error: number } | { data: Uint8Array }
 
 export interface SessionInit {
   /** Seconds the kernel may cache entries, attributes and misses. */
@@ -294,7 +290,7 @@ export class Session {
       throw fsError(errno.EPROTO, `the kernel speaks FUSE ${major}.${minor}; strata needs 7.${MIN_MINOR} or later`)
     }
     this.minor = Math.min(minor, OUR_MINOR)
-    const wanted = Init.ASYNC_READ | Init.BIG_WRITES | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS
+    const wanted = Init.ASYNC_READ | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS
     const { bytes, v: out } = message(64)
     const at = OUT_HEADER
     out.setUint32(at, KERNEL_MAJOR, true)
