@@ -7,9 +7,10 @@
 // Runs as root (FUSE). The file (default 256 MiB of random bytes) is made an eStargz layer by the reference
 // builder (default 4 MiB chunks), its chunks are put in a disk store, and the layer is mounted through the
 // fetcher with no source but the store. Readers are `dd bs=1M` child processes (the kernel's read-ahead turns
-// them into FUSE requests of up to 1 MiB). "Cold" drops the page cache of the file read (local) or of the store's chunk files
-// (FUSE) with `dd iflag=nocache count=0`; each FUSE run uses a fresh mount, so the mount's page cache is empty.
-// A last mount answers reads from memory without the fetcher: the ceiling of FUSE through Node here.
+// them into FUSE requests of up to 1 MiB). "Cold" drops the page cache of the file read (local) or of the
+// store's chunk files (FUSE) with `dd iflag=nocache count=0`; each FUSE run uses a fresh mount, so the mount's
+// page cache is empty. A last mount answers reads from memory without the fetcher: the ceiling of FUSE through
+// Node here.
 import { execFile } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'

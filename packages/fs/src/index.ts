@@ -1,6 +1,7 @@
 // @strata/fs: FUSE: a merged read-only view of an image over the fetcher.
 // buildTree merges the layers' TOCs; createOperations are the FUSE operations as plain functions;
-// mountFuse serves them over /dev/fuse (the one place that speaks to the kernel); serveMount is the whole thing in one call.
+// mountFuse serves them over /dev/fuse (the one place that speaks to the kernel); serveMount is the whole thing
+// in one call.
 export { type ErrnoCode, FsError, MountError, UnmountError, UnsafePathError } from './errors.js'
 export { type FuseMountInit, forceUnmount, isMounted, type Mount, mountFuse } from './fuse.js'
 export {
