@@ -25,7 +25,8 @@ it('the quick start: a warm peer serves a lazy mount, the registry serves nothin
   expect(output).toContain('hello from inside a lazily mounted image')
   expect(output).toMatch(/mounted \S+\/demo:estargz at /)
   expect(output).toMatch(/from registry: 0\.0 MiB/)
-  expect(output).toMatch(/from peers: +[1-9]/)
+  // Some bytes came from the peer: how many depends on how far the background read-ahead got (0.2-3.0 MiB measured).
+  expect(Number(/from peers: +([\d.]+) MiB/.exec(output)?.[1])).toBeGreaterThan(0)
   const work = /removing (\/tmp\/strata-quickstart\.\w+)/.exec(output)?.[1]
   expect(work).toBeDefined()
   expect(existsSync(work!)).toBe(false)
