@@ -8,7 +8,7 @@ export PATH="/usr/local/bin:$PATH"
 
 APT_PACKAGES=(
   docker-registry skopeo umoci          # a real OCI registry and image tools for tests and the demo
-  fuse3                                 # FUSE: /dev/fuse set-up, fusermount3
+  fuse3 mount util-linux procps         # FUSE: fusermount3, mount(8), setpriv for the relay; pgrep in tests
   iproute2 apache2-utils attr           # tc/netns for benchmarks; htpasswd; getfattr/setfattr
   golang-go golang-github-containerd-stargz-snapshotter-dev   # builds ../shared/oracle
   debootstrap                           # real root file systems for benchmarks
