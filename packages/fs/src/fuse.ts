@@ -160,7 +160,7 @@ class Connection {
     } catch (err) {
       throw err instanceof MountError
         ? err
-        : new MountError(mountpoint, (err as Error).message, undefined, { cause: err })
+        : new MountError(mountpoint, (err as Error).message, 'check `dmesg` for FUSE errors', { cause: err })
     } finally {
       clearTimeout(timer)
       signal?.removeEventListener('abort', onAbort)

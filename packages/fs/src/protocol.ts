@@ -1,5 +1,7 @@
 // The FUSE kernel protocol (linux/fuse.h), the part a read-only file system speaks: message layouts and the
 // answers to each request, over the plain-function Operations. No I/O here: fuse.ts moves the bytes.
+import { constants } from 'node:os'
+import { FsError } from './errors.js'
 import type { Operations, Stat } from './operations.js'
 
 export const Op = {
@@ -84,16 +86,6 @@ export const OUT_HEADER = 16
 const ATTR = 88
 const PAGE = 4096
 
-const errno = {
-  ENOENT: 2,
-  EIO: 5,
-  ENOSYS: 38,
-  EROFS: 30,
-  ERANGE: 34,
-  EPROTO: 71,
-  ESTALE: 116
-}
-
 /** One request from the kernel, its header decoded; `body` is what follows the header. */
 export interface Request {
   opcode: number
@@ -124,7 +116,7 @@ export function parseRequest(bytes: Uint8Array): Request {
 }
 
 /** Writes the reply header in front of `message` (whose first OUT_HEADER bytes are reserved for it). */
-export function frame(message: Uint8Array, unique: bigint, error: number): Uint8Array {
+function frame(message: Uint8Array, unique: bigint, error: number): Uint8Array {
   const v = view(message)
   v.setUint32(0, message.length, true)
   v.setInt32(4, -error, true)
@@ -146,8 +138,9 @@ function cString(b: Uint8Array, at = 0): string {
   return Buffer.from(b.buffer, b.byteOffset + at, (end < 0 ? b.length : end) - at).toString()
 }
 
+/** The errno a failure answers with: an FsError's own, else EIO. */
 function errnoOf(err: unknown): number {
-  return (err as Error)?.name === 'FsError' ? (err as { errno: number }).errno : errno.EIO
+  return err instanceof FsError ? err.errno : constants.errno.EIO
 }
 
 interface DirEntry {
@@ -205,13 +198,13 @@ export class Session {
 
   #path(nodeid: number): string {
     const path = this.#paths.get(nodeid)
-    if (path === undefined) throw fsError(errno.ESTALE, `unknown node ${nodeid}`)
+    if (path === undefined) throw new FsError('ESTALE', `unknown node ${nodeid}`)
     return path
   }
 
   #answer(req: Request): Uint8Array {
     const { opcode, body } = req
-    if (MODIFYING.has(opcode)) throw fsError(errno.EROFS)
+    if (MODIFYING.has(opcode)) throw new FsError('EROFS', `read-only image: request ${opcode} refused`)
     switch (opcode) {
       case Op.INIT:
         return this.#handshake(body)
@@ -276,7 +269,7 @@ export class Session {
         this.#ops.access(this.#path(req.nodeid), view(body).getUint32(0, true))
         return message(0).bytes
       default:
-        throw fsError(errno.ENOSYS)
+        throw new FsError('ENOSYS', `request ${opcode} is not implemented`)
     }
   }
 
@@ -287,7 +280,7 @@ export class Session {
     const maxReadahead = v.getUint32(8, true)
     const offered = v.getUint32(12, true)
     if (major !== KERNEL_MAJOR || minor < MIN_MINOR) {
-      throw fsError(errno.EPROTO, `the kernel speaks FUSE ${major}.${minor}; strata needs 7.${MIN_MINOR} or later`)
+      throw new FsError('EPROTO', `the kernel speaks FUSE ${major}.${minor}; strata needs 7.${MIN_MINOR} or later`)
     }
     this.minor = Math.min(minor, OUR_MINOR)
     const wanted = Init.ASYNC_READ | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS
@@ -314,7 +307,7 @@ export class Session {
     try {
       stat = this.#ops.getattr(path)
     } catch (err) {
-      if (errnoOf(err) !== errno.ENOENT) throw err
+      if (!(err instanceof FsError && err.code === 'ENOENT')) throw err
       // Node id 0 with a timeout: the kernel remembers the miss for that long (the image never changes).
       setSeconds(v, OUT_HEADER + 16, t)
       return bytes
@@ -347,7 +340,7 @@ export class Session {
   #readdir(body: Uint8Array): Uint8Array {
     const v = view(body)
     const entries = this.#dirs.get(v.getBigUint64(0, true))
-    if (entries === undefined) throw fsError(errno.EIO, 'READDIR of a directory that is not open')
+    if (entries === undefined) throw new FsError('EIO', 'READDIR of a directory that is not open')
     const start = Number(v.getBigUint64(8, true))
     const size = v.getUint32(16, true)
     let used = 0
@@ -377,10 +370,6 @@ function direntSize(e: DirEntry): number {
   return (24 + e.name.length + 7) & ~7
 }
 
-function fsError(code: number, message = `errno ${code}`): Error {
-  return Object.assign(new Error(message), { name: 'FsError', errno: code })
-}
-
 function openReply(handle: bigint, flags: number): Uint8Array {
   const { bytes, v } = message(16)
   v.setBigUint64(OUT_HEADER, handle, true)
@@ -395,7 +384,7 @@ function sized(value: Uint8Array, size: number): Uint8Array {
     v.setUint32(OUT_HEADER, value.length, true)
     return bytes
   }
-  if (value.length > size) throw fsError(errno.ERANGE)
+  if (value.length > size) throw new FsError('ERANGE', `the value is ${value.length} bytes, the buffer ${size}`)
   const { bytes } = message(value.length)
   bytes.set(value, OUT_HEADER)
   return bytes
