@@ -10,6 +10,8 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 out=${1:-$root/.tools/oracle/oracle}
+mkdir -p "$(dirname "$out")"
+out=$(cd "$(dirname "$out")" && pwd)/$(basename "$out")
 lib=/usr/share/gocode/src/github.com/containerd/stargz-snapshotter/estargz
 if ! command -v go >/dev/null || [ ! -d "$lib" ]; then
   echo "oracle: needs the Debian packages golang-go and golang-github-containerd-stargz-snapshotter-dev" >&2
@@ -17,7 +19,6 @@ if ! command -v go >/dev/null || [ ! -d "$lib" ]; then
 fi
 export GO111MODULE=off GOPATH=/usr/share/gocode GOPROXY=off GOFLAGS= CGO_ENABLED=0
 export GOCACHE="${GOCACHE:-$root/.tools/gocache}"
-mkdir -p "$(dirname "$out")"
 cd "$here"
 go vet .
 go build -trimpath -o "$out.tmp" .
