@@ -10,7 +10,7 @@ APT_PACKAGES=(
   docker-registry skopeo umoci          # a real OCI registry and image tools for tests and the demo
   fuse3 mount util-linux procps         # FUSE: fusermount3, mount(8), setpriv for the relay; pgrep in tests
   iproute2 apache2-utils attr           # tc/netns for benchmarks; htpasswd; getfattr/setfattr
-  golang-go golang-github-containerd-stargz-snapshotter-dev   # builds ../shared/oracle
+  golang-go golang-github-containerd-stargz-snapshotter-dev   # Go 1.19 + reference estargz sources for test/oracle
   debootstrap                           # real root file systems for benchmarks
   ca-certificates curl git python3 make g++
 )
@@ -49,11 +49,11 @@ pnpm install --frozen-lockfile --reporter=append-only | tail -n 3
 step "build"
 pnpm run build --output-logs=errors-only
 
-ORACLE_SRC="${STRATA_SHARED:-../shared}/oracle"
-if [ ! -x .tools/oracle/oracle ] && [ -f "$ORACLE_SRC/main.go" ]; then
-  step "oracle: building the reference eStargz implementation from $ORACLE_SRC"
-  rm -rf .tools/oracle && mkdir -p .tools && cp -r "$ORACLE_SRC" .tools/oracle && chmod -R u+w .tools/oracle
-  rm -f .tools/oracle/oracle
-  sh .tools/oracle/build.sh >/dev/null
+# The conformance oracle (test/oracle) over Debian's estargz sources; rebuilt when its source is newer.
+oracle=.tools/oracle/oracle
+if [ ! -x $oracle ] || [ test/oracle/main.go -nt $oracle ] || [ test/oracle/build.sh -nt $oracle ]; then
+  step "oracle: building the reference eStargz implementation from test/oracle"
+  rm -rf .tools/oracle
+  sh test/oracle/build.sh $oracle
 fi
-[ -x .tools/oracle/oracle ] && echo "oracle .tools/oracle/oracle" || echo "oracle: not built (no $ORACLE_SRC); conformance tests will fail"
+echo "oracle $oracle"
