@@ -324,7 +324,7 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
       registry: createRegistryClient({})
     })
     control = await startControlServer(node, { socket })
-    addMountRoutes(control, node, { dataDir })
+    addMountRoutes(control, node, { dataDir, socket })
   })
 
   afterAll(async () => {

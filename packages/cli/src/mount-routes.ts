@@ -1,4 +1,4 @@
-import { type ServedMount, serveMount } from '@strata/fs'
+import { type Caller, type ServedMount, serveMount } from '@strata/fs'
 import type { ControlServer, StrataNode } from '@strata/node'
 import { writableDir } from './writable-dir.js'
 
@@ -24,10 +24,16 @@ export type MountEvent =
  * p2p-mount asks `POST /unmount` or its connection goes away (it was killed), the mount is removed.
  * p2pd wires it with `addMountRoutes(control, node, { dataDir })`.
  */
-export function addMountRoutes(control: ControlServer, node: StrataNode, init: { dataDir: string }): void {
-  const mounts = new Map<string, { served: ServedMount; release: () => void }>()
+export function addMountRoutes(
+  control: ControlServer,
+  node: StrataNode,
+  init: { dataDir: string; socket: string }
+): void {
+  const mounts = new Map<string, { served: ServedMount; release: () => void; owner: Caller }>()
+  // No mount may cover what p2pd itself needs: its store and its socket.
+  const protect = [init.dataDir, init.socket]
 
-  control.route('POST', /\/mount/, ({ body, signal }) => {
+  control.route('POST', /\/mount/, ({ body, caller, signal }) => {
     const req = parseRequest(body)
     if (mounts.has(req.mountpoint)) {
       return Promise.reject(
@@ -38,19 +44,26 @@ export function addMountRoutes(control: ControlServer, node: StrataNode, init: {
         })
       )
     }
-    return mountEvents(req, signal)
+    return mountEvents(req, caller, signal)
   })
 
-  control.route('POST', /\/unmount/, async ({ body }) => {
+  control.route('POST', /\/unmount/, async ({ body, caller }) => {
     const mountpoint = (body as { mountpoint?: unknown } | undefined)?.mountpoint
     const mount = typeof mountpoint === 'string' ? mounts.get(mountpoint) : undefined
     if (mount === undefined) return { unmounted: false }
+    if (caller.uid !== 0 && caller.uid !== mount.owner.uid) {
+      throw Object.assign(new Error(`the mount at ${mountpoint} belongs to uid ${mount.owner.uid}, not to you`), {
+        name: 'Forbidden',
+        status: 403,
+        hint: 'only its owner or root can unmount it'
+      })
+    }
     mount.release()
     await mount.served.unmount()
     return { unmounted: true }
   })
 
-  async function* mountEvents(req: MountRequest, signal: AbortSignal): AsyncGenerator<MountEvent> {
+  async function* mountEvents(req: MountRequest, caller: Caller, signal: AbortSignal): AsyncGenerator<MountEvent> {
     let stale: string | undefined
     const image = await node.openImage(req.image, {
       signal,
@@ -68,7 +81,9 @@ export function addMountRoutes(control: ControlServer, node: StrataNode, init: {
         mountpoint: req.mountpoint,
         onError: (f) => failures.push({ type: 'read-error', path: f.path, layer: f.layer, message: f.error.message }),
         ...(req.writable === true && { writableDir: await writableDir(init.dataDir, req.mountpoint, image.digest) }),
-        ...(req.record !== undefined && { recordFile: req.record })
+        ...(req.record !== undefined && { recordFile: req.record }),
+        // The mountpoint and the record's directory must be the caller's: p2pd mounts and writes as root.
+        policy: { caller: { uid: caller.uid, gid: caller.gid }, protect }
       },
       { signal }
     )
@@ -76,7 +91,7 @@ export function addMountRoutes(control: ControlServer, node: StrataNode, init: {
     const released = new Promise<void>((resolve) => {
       release = resolve
     })
-    mounts.set(req.mountpoint, { served, release })
+    mounts.set(req.mountpoint, { served, release, owner: caller })
     const onAbort = () => release()
     signal.addEventListener('abort', onAbort, { once: true })
     // No prefetch of the prioritized files here, unlike embedded p2p-mount: measured, it made ten cold nodes
@@ -102,6 +117,7 @@ const tick = (ms: number) => new Promise<'tick'>((resolve) => setTimeout(() => r
 
 function parseRequest(body: unknown): MountRequest {
   const b = body as Partial<MountRequest> | undefined
+  // Normalised too: p2p-mount resolves the caller's path, and serveMount refuses `..`, `.` and `//`.
   const absolute = (p: unknown) => typeof p === 'string' && p.startsWith('/')
   if (typeof b?.image !== 'string' || b.image === '' || !absolute(b.mountpoint)) {
     throw Object.assign(new Error('POST /mount needs {"image": "REF", "mountpoint": "/ABSOLUTE/PATH"}'), {

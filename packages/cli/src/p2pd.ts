@@ -191,7 +191,7 @@ Example:
       })
       control = await startControlServer(node, { socket: s.socket })
       // p2p-mount asks the daemon to serve its mount: one process owns the store, and reads use the peers.
-      addMountRoutes(control, node, { dataDir: s.dataDir })
+      addMountRoutes(control, node, { dataDir: s.dataDir, socket: s.socket })
       if (s.metricsListen !== undefined) metrics = await startMetricsServer(node, { listen: s.metricsListen })
       out.print(
         `p2pd ready: peer ${node.peerId} listening on ${node.addrs().join(', ')}, socket ${s.socket}` +

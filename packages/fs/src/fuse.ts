@@ -10,6 +10,7 @@ import { resolve } from 'node:path'
 import { promisify } from 'node:util'
 import type { AbortOptions } from '@strata/stargz'
 import { MountError, UnmountError } from './errors.js'
+import { type HeldDirectory, holdMountpoint } from './mountpoint.js'
 import type { Operations } from './operations.js'
 import { IN_HEADER, Op, OUT_HEADER, parseRequest, type Request, Session } from './protocol.js'
 
@@ -41,16 +42,34 @@ const RELAY_BUFFER = 1 << 20
 const READ_AHEAD_KB = 4096
 
 /**
- * Mounts `ops` at `mountpoint` read-only with FUSE. Kernel page cache stays on (FOPEN_KEEP_CACHE) and
+ * Mounts `ops` at `mountpoint` read-only with FUSE: a directory held open since it was checked (see
+ * holdMountpoint), or a path, which must then be a directory (no further checks: strata's own directories). Kernel page cache stays on (FOPEN_KEEP_CACHE) and
  * attributes, entries and misses are cached long: an image never changes under a mount. Needs root.
  */
 export async function mountFuse(
   ops: Operations,
-  mountpoint: string,
+  mountpoint: string | HeldDirectory,
   init: FuseMountInit = {},
   options?: AbortOptions
 ): Promise<Mount> {
-  await checkMountpoint(mountpoint)
+  if (typeof mountpoint !== 'string') return mountHeld(ops, mountpoint, init, options)
+  const target = await holdMountpoint(mountpoint)
+  try {
+    return await mountHeld(ops, target, init, options)
+  } finally {
+    await target.close()
+  }
+}
+
+async function mountHeld(ops: Operations, target: HeldDirectory, init: FuseMountInit, options?: AbortOptions) {
+  const mountpoint = target.path
+  if (await isMounted(mountpoint)) {
+    throw new MountError(
+      mountpoint,
+      'something is mounted there already',
+      `unmount it first ('p2p-mount --unmount ${mountpoint}' if it is a p2p-mount that died)`
+    )
+  }
   const timeout = init.cacheTimeout ?? 86_400
   const fd = await new Promise<number>((resolve, reject) =>
     open('/dev/fuse', 'r+', (err, fd) => (err === null ? resolve(fd) : reject(err)))
@@ -72,7 +91,9 @@ export async function mountFuse(
   ]
   if (init.allowOther ?? uid === 0) data.push('allow_other')
   try {
-    await withFd(fd, 'mount', ['-i', '-n', '-t', 'fuse.strata', '-o', data.join(','), 'strata', mountpoint])
+    // The target is the directory held open since it was checked (fd 4), not its path, which could have changed.
+    const args = ['-i', '-n', '-c', '-t', 'fuse.strata', '-o', data.join(','), 'strata', '/proc/self/fd/4']
+    await withFds([fd, target.handle.fd], 'mount', args)
   } catch (err) {
     close(fd, () => {})
     throw new MountError(
@@ -256,10 +277,10 @@ function describe(req: Request): string {
   return ''
 }
 
-/** Runs a command with `fd` as its fd 3 (mount's `fd=3`). */
-function withFd(fd: number, cmd: string, args: string[]): Promise<void> {
+/** Runs a command with `fds` as its fds 3, 4, ... (mount's `fd=3`, a held mountpoint). */
+export function withFds(fds: number[], cmd: string, args: string[]): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe', fd] })
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe', ...fds] })
     let stderr = ''
     child.stderr!.on('data', (d) => {
       stderr += d
@@ -278,31 +299,6 @@ async function setReadAhead(mountpoint: string): Promise<void> {
   const major = Number((BigInt(dev) >> 8n) & 0xfffn)
   const minor = Number((BigInt(dev) & 0xffn) | ((BigInt(dev) >> 12n) & ~0xffn))
   await writeFile(`/sys/class/bdi/${major}:${minor}/read_ahead_kb`, String(READ_AHEAD_KB)).catch(() => {})
-}
-
-async function checkMountpoint(mountpoint: string): Promise<void> {
-  const info = await stat(mountpoint).catch((err: NodeJS.ErrnoException) => err)
-  if (info instanceof Error) {
-    if (info.code === 'ENOTCONN') {
-      throw new MountError(
-        mountpoint,
-        'a mount whose process died is still there',
-        `clean it up with 'p2p-mount --unmount ${mountpoint}'`,
-        { cause: info }
-      )
-    }
-    throw new MountError(mountpoint, `the mountpoint is not usable (${info.code})`, 'create the directory first', {
-      cause: info
-    })
-  }
-  if (!info.isDirectory()) throw new MountError(mountpoint, 'the mountpoint is not a directory')
-  if (await isMounted(mountpoint)) {
-    throw new MountError(
-      mountpoint,
-      'something is mounted there already',
-      `unmount it first ('p2p-mount --unmount ${mountpoint}' if it is a p2p-mount that died)`
-    )
-  }
 }
 
 /**

@@ -5,6 +5,14 @@
 export { type ErrnoCode, FsError, MountError, UnmountError, UnsafePathError } from './errors.js'
 export { type FuseMountInit, forceUnmount, isMounted, type Mount, mountFuse } from './fuse.js'
 export {
+  type Caller,
+  type HeldDirectory,
+  holdMountpoint,
+  type MountpointPolicy,
+  RecordFileError,
+  thisProcess
+} from './mountpoint.js'
+export {
   createOperations,
   type Operations,
   type OperationsInit,

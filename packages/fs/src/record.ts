@@ -1,5 +1,9 @@
-import { rename, writeFile } from 'node:fs/promises'
+import { randomBytes } from 'node:crypto'
+import { constants } from 'node:fs'
+import { open, rename, unlink } from 'node:fs/promises'
+import { basename, join } from 'node:path'
 import type { AbortOptions } from '@strata/stargz'
+import { type Caller, holdCallerDirectory, procPath, thisProcess } from './mountpoint.js'
 
 /** Records which files a workload reads, in the order of their first read. */
 export interface ReadRecorder {
@@ -16,16 +20,39 @@ export interface ReadRecorder {
 export interface ReadRecorderInit {
   /** How often the file is rewritten while the mount runs (default 5 s); 0 turns it off. */
   flushIntervalMs?: number
+  /** Whose record it is: the directory must be theirs (unless root), and the file is made theirs. */
+  owner?: Caller
 }
 
 /**
- * The file format is one path per line, what `p2pctl convert --prioritized-file` reads. It is written to
- * a temporary name and renamed, so a reader never sees half a list.
+ * The file format is one path per line, what `p2pctl convert --prioritized-file` reads. Each write goes to a
+ * new file of a random name, created exclusively (never through a link), in the record's directory held open
+ * since the start, and is renamed over the record: a reader never sees half a list, and a path swapped for a
+ * symbolic link meanwhile redirects nothing (p2pd writes records as root for other users).
  */
-export function createReadRecorder(file: string, init: ReadRecorderInit = {}): ReadRecorder {
+export async function createReadRecorder(file: string, init: ReadRecorderInit = {}): Promise<ReadRecorder> {
+  const owner = init.owner ?? thisProcess()
+  const dir = await holdCallerDirectory(file, owner)
+  const inDir = (name: string) => join(procPath(dir.handle), name)
   const seen = new Set<string>()
   let written = 0
   let writing: Promise<void> = Promise.resolve()
+
+  const write = async (text: string, options?: AbortOptions) => {
+    const tmp = inDir(`.${basename(file)}.${randomBytes(8).toString('hex')}.tmp`)
+    const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW
+    const out = await open(tmp, flags, 0o644)
+    try {
+      await out.writeFile(text, { signal: options?.signal })
+      if (owner.uid !== (process.getuid?.() ?? 0)) await out.chown(owner.uid, owner.gid)
+      await out.close()
+      await rename(tmp, inDir(basename(file)))
+    } catch (err) {
+      await out.close().catch(() => {})
+      await unlink(tmp).catch(() => {})
+      throw err
+    }
+  }
 
   const flush = (options?: AbortOptions): Promise<void> => {
     // A failed write does not stop the next one from trying.
@@ -34,10 +61,7 @@ export function createReadRecorder(file: string, init: ReadRecorderInit = {}): R
       .then(async () => {
         if (written === seen.size && written > 0) return
         const count = seen.size
-        const text = [...seen].map((p) => `${p}\n`).join('')
-        const tmp = `${file}.${process.pid}.tmp`
-        await writeFile(tmp, text, { signal: options?.signal })
-        await rename(tmp, file)
+        await write([...seen].map((p) => `${p}\n`).join(''), options)
         written = count
       })
     return writing
@@ -55,7 +79,11 @@ export function createReadRecorder(file: string, init: ReadRecorderInit = {}): R
     flush,
     async close(options) {
       clearInterval(timer)
-      await flush(options)
+      try {
+        await flush(options)
+      } finally {
+        await dir.close()
+      }
     }
   }
 }

@@ -4,7 +4,8 @@ import { join } from 'node:path'
 import { promisify } from 'node:util'
 import type { AbortOptions, Entry, TOC } from '@strata/stargz'
 import { MountError, UnmountError } from './errors.js'
-import { type FuseMountInit, type Mount, mountFuse } from './fuse.js'
+import { type FuseMountInit, type Mount, mountFuse, withFds } from './fuse.js'
+import { type HeldDirectory, holdMountpoint, type MountpointPolicy } from './mountpoint.js'
 import { createOperations, type ReadFailure } from './operations.js'
 import { createReadRecorder, type ReadRecorder } from './record.js'
 import { buildTree, type Tree } from './tree.js'
@@ -36,6 +37,11 @@ export interface ServeMountInit<L extends { toc: TOC }> {
   recordFile?: string
   /** A read failed and the reader got EIO: log why. */
   onError?: (failure: ReadFailure) => void
+  /**
+   * Who asked for the mount, and what it must not touch: the mountpoint and the record file's directory must be
+   * the caller's (see holdMountpoint). Default: this process, protecting nothing more.
+   */
+  policy?: MountpointPolicy
   fuse?: FuseMountInit
 }
 
@@ -71,9 +77,33 @@ export async function serveMount<L extends { toc: TOC }>(
   init: ServeMountInit<L>,
   options?: AbortOptions
 ): Promise<ServedMount> {
-  const { image, fetcher, mountpoint } = init
+  const { image, mountpoint } = init
   const tree = treeOf(image)
-  const recorder = init.recordFile !== undefined ? createReadRecorder(init.recordFile) : undefined
+  const policy = init.policy ?? {}
+  // The caller's mountpoint and record file are checked (and held) before anything is mounted.
+  const target = await holdMountpoint(mountpoint, policy)
+  let recorder: ReadRecorder | undefined
+  try {
+    if (init.recordFile !== undefined) {
+      recorder = await createReadRecorder(init.recordFile, policy.caller !== undefined ? { owner: policy.caller } : {})
+    }
+    return await mountAt(init, tree, target, recorder, options)
+  } catch (err) {
+    await recorder?.close().catch(() => {})
+    throw err
+  } finally {
+    await target.close()
+  }
+}
+
+async function mountAt<L extends { toc: TOC }>(
+  init: ServeMountInit<L>,
+  tree: Tree,
+  target: HeldDirectory,
+  recorder: ReadRecorder | undefined,
+  options?: AbortOptions
+): Promise<ServedMount> {
+  const { image, fetcher, mountpoint } = init
   const ops = createOperations(
     tree,
     (layer, entry, offset, length, opts) => fetcher.readFile(image.layers[layer]!, entry, offset, length, opts),
@@ -102,7 +132,9 @@ export async function serveMount<L extends { toc: TOC }>(
     }
   })
 
-  if (init.writableDir === undefined) return served(await mountFuse(ops, mountpoint, init.fuse, options), false)
+  if (init.writableDir === undefined) {
+    return served(await mountFuse(ops, target, init.fuse, options), false)
+  }
 
   const lower = join(init.writableDir, 'lower')
   const upper = join(init.writableDir, 'upper')
@@ -110,7 +142,7 @@ export async function serveMount<L extends { toc: TOC }>(
   for (const dir of [lower, upper, work]) await mkdir(dir, { recursive: true })
   const fuseMount = await mountFuse(ops, lower, init.fuse, options)
   try {
-    await mountOverlay({ lower, upper, work, mountpoint }, options)
+    await mountOverlay({ lower, upper, work }, target, options)
   } catch (err) {
     await fuseMount.unmount()
     throw err
@@ -118,30 +150,32 @@ export async function serveMount<L extends { toc: TOC }>(
   return served(fuseMount, true)
 }
 
+/**
+ * The overlay is `nosuid,nodev` like the FUSE mount under it: a setuid program or a device node of the image
+ * must not give a local user more than the user has. (Containers, which need setuid, are mounted elsewhere.)
+ */
 async function mountOverlay(
-  dirs: { lower: string; upper: string; work: string; mountpoint: string },
+  dirs: { lower: string; upper: string; work: string },
+  target: HeldDirectory,
   options?: AbortOptions
 ): Promise<void> {
   for (const dir of [dirs.lower, dirs.upper, dirs.work]) {
     if (/[,:\\]/.test(dir)) {
       throw new MountError(
-        dirs.mountpoint,
+        target.path,
         `overlayfs cannot use '${dir}' (it has ',', ':' or '\\')`,
         'use another --data-dir'
       )
     }
   }
-  const opts = `lowerdir=${dirs.lower},upperdir=${dirs.upper},workdir=${dirs.work}`
+  const opts = `nosuid,nodev,lowerdir=${dirs.lower},upperdir=${dirs.upper},workdir=${dirs.work}`
   try {
-    await exec('mount', ['-t', 'overlay', 'overlay', '-o', opts, dirs.mountpoint], {
-      timeout: 30_000,
-      signal: options?.signal
-    })
+    options?.signal?.throwIfAborted()
+    await withFds([target.handle.fd], 'mount', ['-c', '-t', 'overlay', 'overlay', '-o', opts, '/proc/self/fd/3'])
   } catch (err) {
-    const stderr = ((err as { stderr?: string }).stderr ?? '').trim()
     throw new MountError(
-      dirs.mountpoint,
-      `overlayfs mount failed: ${stderr || (err as Error).message}`,
+      target.path,
+      `overlayfs mount failed: ${(err as Error).message}`,
       'writable mounts need root and a kernel with overlayfs (modprobe overlay); check `dmesg`',
       { cause: err }
     )

@@ -208,7 +208,7 @@ describe('read recorder', () => {
     const dir = await mkdtemp(join(tmpdir(), 'strata-fs-record-'))
     try {
       const file = join(dir, 'record.txt')
-      const recorder = createReadRecorder(file, { flushIntervalMs: 0 })
+      const recorder = await createReadRecorder(file, { flushIntervalMs: 0 })
       for (const p of ['/bin/tool', '/etc/conf', '/bin/tool', 'lib/x']) recorder.record(p)
       await recorder.flush()
       expect(await readFile(file, 'utf8')).toBe('bin/tool\netc/conf\nlib/x\n')

@@ -1,7 +1,8 @@
-import { chmod, mkdir, unlink } from 'node:fs/promises'
+import { chmod, mkdir, mkdtemp, rename, rm, unlink } from 'node:fs/promises'
 import { createServer, type IncomingMessage, request, type ServerResponse } from 'node:http'
 import { createConnection } from 'node:net'
-import { dirname } from 'node:path'
+import { basename, dirname, join } from 'node:path'
+import { type PeerCredentials, peerCredentials } from '@strata/native'
 import { type ControlErrorBody, ControlRemoteError, ControlSocketError, ControlUnavailableError } from './errors.js'
 import type { StrataNode } from './node.js'
 
@@ -11,6 +12,11 @@ import type { StrataNode } from './node.js'
  */
 export interface ControlRequest {
   body: unknown
+  /**
+   * Who is asking, as the kernel recorded it when the client connected (SO_PEERCRED): p2pd runs as root, and a
+   * route that acts on the file system acts with the caller's rights, not its own.
+   */
+  caller: PeerCredentials
   /** The route pattern's match (capture groups for path parameters). */
   match: RegExpExecArray
   /** Aborted when the client goes away or the node stops. */
@@ -90,8 +96,9 @@ export async function startControlServer(node: StrataNode, options: { socket: st
       if (found === undefined) {
         throw Object.assign(new Error(`no route ${req.method} ${url.pathname}`), { name: 'NotFound', status: 404 })
       }
+      const caller = peerCredentials(req.socket)
       const body = await readBody(req)
-      const answer = found.r.handler({ body, match: found.match!, signal })
+      const answer = found.r.handler({ body, caller, match: found.match!, signal })
       if (isIterable(answer)) {
         res.writeHead(200, { 'content-type': 'application/x-ndjson' })
         try {
@@ -123,6 +130,8 @@ export async function startControlServer(node: StrataNode, options: { socket: st
         server.close(() => resolve())
         server.closeIdleConnections()
       })
+      // The server unlinks the name it was bound to (the staging one); the socket's own name goes here.
+      await unlink(path).catch(() => {})
     }
   }
   addNodeRoutes(control, node)
@@ -134,12 +143,21 @@ export async function startControlServer(node: StrataNode, options: { socket: st
         hint: 'another p2pd answers on this socket: stop it, or pass --socket PATH'
       })
     }
-    await unlink(path).catch(() => {})
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject)
-      server.listen(path, () => resolve())
-    })
-    await chmod(path, 0o660)
+    // Bound in a directory only this process can enter, given its mode there, then renamed into place: the
+    // socket is never reachable with the mode the umask gave it.
+    const staging = await mkdtemp(join(dirname(path), `.${basename(path)}.`))
+    try {
+      const staged = join(staging, 'sock')
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject)
+        server.listen(staged, () => resolve())
+      })
+      await chmod(staged, 0o660)
+      await unlink(path).catch(() => {})
+      await rename(staged, path)
+    } finally {
+      await rm(staging, { recursive: true, force: true })
+    }
   } catch (err) {
     if ((err as Error).name === 'ControlSocketError') throw err
     throw new ControlSocketError(path, { cause: err })
