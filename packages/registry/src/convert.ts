@@ -313,6 +313,7 @@ async function buildLayer(
 ): Promise<Output> {
   const toc = l.annotations?.[TOC_DIGEST_ANNOTATION]
   if (toc !== undefined) {
+    await checkKeptLayer(path, toc, options.signal)
     const size = l.annotations?.[UNCOMPRESSED_SIZE_ANNOTATION]
     const result: LayerResult = {
       sourceDigest: l.digest,
@@ -386,6 +387,22 @@ async function buildLayer(
     path: out,
     result,
     diffId: built.diffId
+  }
+}
+
+/**
+ * A layer kept as it is because it is eStargz already is published only if strata could mount it: its TOC must
+ * match the annotation and keep the rules of the TOC parser (no entry named, or hardlinked, out of the layer),
+ * which are the rules the builder applies to the layers it makes. A layer with no footer is left to the reader.
+ */
+async function checkKeptLayer(path: string, tocDigest: string, signal?: AbortSignal): Promise<void> {
+  const reader = await fileReader(path)
+  try {
+    await openLayer(reader, { tocDigest, ...(signal !== undefined ? { signal } : {}) })
+  } catch (err) {
+    if ((err as Error).name !== 'InvalidFooterError') throw err
+  } finally {
+    await reader.close()
   }
 }
 

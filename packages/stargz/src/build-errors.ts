@@ -46,6 +46,25 @@ export class UnsupportedTarEntryError extends StargzError {
   }
 }
 
+/**
+ * A tar entry's name or hardlink target breaks the rule of layer names (names.ts: `..`, absolute, NUL, empty): it
+ * could put a file outside the layer, and strata's TOC parser would refuse the layer, so it is not built.
+ */
+export class UnsafeTarEntryError extends StargzError {
+  override name = 'UnsafeTarEntryError'
+  override readonly code = 'ERR_STARGZ_TAR_UNSAFE_ENTRY'
+  constructor(
+    /** Why, in the words of the TOC parser (`name "../x" contains '..' and could escape the layer`). */
+    readonly reason: string,
+    readonly path: string,
+    readonly offset: number
+  ) {
+    super(`tar entry ${JSON.stringify(path.slice(0, 200))} at offset ${offset}: ${reason}`, {
+      hint: 'the tar names a file outside its root (or by an empty name, or one with a NUL byte): it is hostile or made wrongly; recreate it with relative names (tar -C DIR -cf OUT .)'
+    })
+  }
+}
+
 /** A gzipped input does not inflate. */
 export class InputDecompressError extends StargzError {
   override name = 'InputDecompressError'

@@ -10,8 +10,10 @@ import {
   BuildSpoolError,
   InputDecompressError,
   PrioritizedFileNotFoundError,
+  UnsafeTarEntryError,
   UnsupportedTarEntryError
 } from './build-errors.js'
+import { normaliseEntryName } from './names.js'
 import { regularFileHeader, TAR_TRAILER, type TarHeader, TarParser, tarPadding } from './tar.js'
 import { encodeTOC, formatModtime } from './tocjson.js'
 import type { EntryType, TOCEntryJSON } from './types.js'
@@ -134,6 +136,7 @@ async function spool(input: Input, path: string, signal?: AbortSignal): Promise<
     for await (const chunk of chunks) {
       for (const h of parser.push(chunk)) {
         checkSupported(h)
+        checkNames(h)
         headers.push(h)
       }
       yield chunk
@@ -173,6 +176,18 @@ function checkSupported(h: TarHeader): void {
     if (key.startsWith('GNU.sparse.'))
       throw new UnsupportedTarEntryError('sparse files are not supported', h.name, h.offset)
   }
+}
+
+/**
+ * Refuses a name or hardlink target that strata's TOC parser would refuse (the one rule of names.ts), before
+ * anything is built: such a layer could not be mounted, and other tools might write outside their root.
+ */
+function checkNames(h: TarHeader): void {
+  const name = normaliseEntryName(h.name)
+  if (typeof name !== 'string') throw new UnsafeTarEntryError(name.refused, h.name, h.offset)
+  if (h.typeflag !== '1') return
+  const target = normaliseEntryName(h.linkname, 'hardlink target')
+  if (typeof target !== 'string') throw new UnsafeTarEntryError(target.refused, h.name, h.offset)
 }
 
 /** The input as tar bytes: inflated when it starts with the gzip magic. */

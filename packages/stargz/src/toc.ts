@@ -1,5 +1,6 @@
 import { isSha256Digest } from './digest.js'
 import { InvalidTOCError, UnsupportedTOCError } from './errors.js'
+import { normaliseEntryName } from './names.js'
 import type { Chunk, Entry, EntryType, LayerFormat, TOC } from './types.js'
 
 export interface ParseTOCOptions {
@@ -16,8 +17,6 @@ export const NO_PREFETCH_LANDMARK = '.no.prefetch.landmark'
 const ZSTD_SKIPPABLE_HEADER_SIZE = 8
 
 const ENTRY_TYPES = new Set<string>(['dir', 'reg', 'symlink', 'hardlink', 'char', 'block', 'fifo', 'chunk'])
-/** A name part that is empty, `.` or `..` (after stripping one leading `./` and one trailing `/`). */
-const ODD_NAME = /(^|\/)\.{0,2}(\/|$)/
 const CHUNK_TYPES = new Set(['', 'data', 'zeros'])
 const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/
@@ -78,19 +77,11 @@ function decodeJSON(json: Uint8Array): Record<string, unknown> {
   return doc as Record<string, unknown>
 }
 
-/** Normalises a TOC name: no `./`, no leading or trailing `/`; the root is ''. Refuses `..`, absolute names, NUL. */
-function normaliseName(name: string, where: Where | string): string {
-  if (name === '') throw new InvalidTOCError(`${where}: empty name`)
-  if (name.includes('\0')) throw new InvalidTOCError(`${where}: name contains a NUL byte`)
-  if (name.startsWith('/')) throw new InvalidTOCError(`${where}: absolute name ${JSON.stringify(name)} is refused`)
-  // Fast path for the usual `./dir/file` and `dir/`: no empty, `.` or `..` parts once those are stripped.
-  const stripped = name.slice(name.startsWith('./') ? 2 : 0, name.endsWith('/') ? -1 : undefined)
-  if (!ODD_NAME.test(stripped)) return stripped
-  const parts = name.split('/').filter((p) => p !== '' && p !== '.')
-  if (parts.includes('..')) {
-    throw new InvalidTOCError(`${where}: name ${JSON.stringify(name)} contains '..' and could escape the layer`)
-  }
-  return parts.join('/')
+/** Normalises a TOC name, or refuses it (`..`, absolute names, NUL): the rule of names.ts, which the builder applies too. */
+function normaliseName(name: string, where: Where, what?: string): string {
+  const n = normaliseEntryName(name, what)
+  if (typeof n !== 'string') throw new InvalidTOCError(`${where}: ${n.refused}`)
+  return n
 }
 
 /** The normalised key for a path given by a caller (`/etc/passwd`, `./etc/`, `etc`); undefined for `..` paths. */
@@ -208,9 +199,15 @@ class TOCParser {
     if (groupName !== undefined) entry.groupName = groupName
     if (type === 'symlink' || type === 'hardlink') {
       const link = str(e, 'linkName', where)
-      if (link === undefined || link === '') throw new InvalidTOCError(`${where}: ${type} without a linkName`)
-      if (link.includes('\0')) throw new InvalidTOCError(`${where}: linkName contains a NUL byte`)
-      entry.linkName = type === 'hardlink' ? normaliseName(link, `${where}: linkName`) : link
+      if (link === undefined || (link === '' && type === 'symlink')) {
+        throw new InvalidTOCError(`${where}: ${type} without a linkName`)
+      }
+      if (type === 'hardlink') {
+        entry.linkName = normaliseName(link, where, 'hardlink target')
+      } else {
+        if (link.includes('\0')) throw new InvalidTOCError(`${where}: linkName contains a NUL byte`)
+        entry.linkName = link
+      }
     }
     if (type === 'reg') {
       const digest = e.digest
