@@ -8,6 +8,7 @@ import {
   Denied,
   DigestMismatch,
   type ErrorSubject,
+  IndexTooDeep,
   ManifestTooLarge,
   ManifestUnknown,
   NameUnknown,
@@ -104,7 +105,7 @@ export interface Image {
   manifest: ImageManifest
   config: Descriptor
   layers: Descriptor[]
-  /** The index the image was chosen from, when the reference named one. */
+  /** The index the image was chosen from, when the reference named one (the innermost, when indexes nest). */
   index?: Manifest
   /** The platform of the index entry chosen. */
   platform?: Platform
@@ -345,6 +346,8 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   })
 }
 
+/** Indexes followed from the one a reference names to an image manifest (OCI allows indexes in indexes). */
+const MAX_INDEX_DEPTH = 8
 const REDIRECTS = new Set([301, 302, 303, 307, 308])
 const MAX_REDIRECTS = 5
 
@@ -749,23 +752,24 @@ class Client implements RegistryClient {
     let m = await this.getManifest(ref, options)
     let index: Manifest | undefined
     let platform: Platform | undefined
-    if (isIndexType(m.mediaType)) {
+    const top = m.digest
+    // An index may name indexes (OCI nested indexes): follow the platform's entry down to an image manifest.
+    for (let depth = 1; isIndexType(m.mediaType); depth++) {
+      const subject = { registry: ref.registry, repository: ref.repository, digest: top }
+      if (depth > MAX_INDEX_DEPTH) {
+        throw new IndexTooDeep(
+          `image indexes nested more than ${MAX_INDEX_DEPTH} levels deep (level ${depth} is the index ${m.digest})`,
+          {
+            ...subject,
+            hint: 'an index names image manifests, or indexes of them a level or two deep; this one is malformed or hostile: ask its publisher, or name an image manifest by digest'
+          }
+        )
+      }
       index = m
       const want = options.platform !== undefined ? parsePlatform(options.platform) : hostPlatform()
-      const chosen = selectPlatform(m.manifest as ImageIndex, want, {
-        registry: ref.registry,
-        repository: ref.repository,
-        digest: m.digest
-      })
-      platform = chosen.platform
+      const chosen = selectPlatform(m.manifest as ImageIndex, want, { ...subject, digest: m.digest })
+      platform = chosen.platform ?? platform
       m = await this.getManifest(withDigest(ref, chosen.digest), options)
-      if (isIndexType(m.mediaType)) {
-        throw new UnsupportedMediaType('the index points to another index for this platform', {
-          registry: ref.registry,
-          repository: ref.repository,
-          digest: m.digest
-        })
-      }
     }
     const manifest = m.manifest as ImageManifest
     const image: Image = {

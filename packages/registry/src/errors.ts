@@ -123,6 +123,12 @@ export class PlatformNotFound extends RegistryError {
   override code = 'ERR_PLATFORM_NOT_FOUND'
 }
 
+/** An index that names an index that names an index... deeper than any real image (a malformed or hostile one). */
+export class IndexTooDeep extends RegistryError {
+  override name = 'IndexTooDeep'
+  override code = 'ERR_INDEX_TOO_DEEP'
+}
+
 export class CredentialHelperFailed extends RegistryError {
   override name = 'CredentialHelperFailed'
   override code = 'ERR_CREDENTIAL_HELPER'

@@ -18,6 +18,7 @@ export {
   CredentialHelperFailed,
   Denied,
   DigestMismatch,
+  IndexTooDeep,
   InvalidReference,
   LayerNotConvertible,
   ManifestInvalid,

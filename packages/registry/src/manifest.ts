@@ -172,9 +172,15 @@ export function platformMatches(want: Platform, have: Platform | undefined): boo
   return want.variant === undefined || normalVariant(want) === normalVariant(have)
 }
 
-/** Picks the manifest for a platform from an index. */
+/**
+ * Picks the manifest for a platform from an index; else a nested index that is for the platform, or for no
+ * platform in particular, to look in next.
+ */
 export function selectPlatform(index: ImageIndex, want: Platform, subject: ErrorSubject): Descriptor {
-  const found = index.manifests.find((d) => isManifestType(d.mediaType) && platformMatches(want, d.platform))
+  const found =
+    index.manifests.find((d) => isManifestType(d.mediaType) && platformMatches(want, d.platform)) ??
+    index.manifests.find((d) => isIndexType(d.mediaType) && platformMatches(want, d.platform)) ??
+    index.manifests.find((d) => isIndexType(d.mediaType) && d.platform === undefined)
   if (found !== undefined) return found
   const have = index.manifests
     .filter((d) => d.platform !== undefined)
