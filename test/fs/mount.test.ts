@@ -1,10 +1,10 @@
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
-import { mkdir, mkdtemp, rm } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createFetcher, type ImageLayer } from '@strata/fetcher'
+import { type ChunkSource, createFetcher, type ImageLayer } from '@strata/fetcher'
 import {
   buildTree,
   createOperations,
@@ -61,6 +61,17 @@ async function mountLayers(
   const ops = createOperations(buildTree(layers), read, onError !== undefined ? { onError } : {})
   const mount = await mountFuse(ops, dir)
   return Object.assign(mount, { dir })
+}
+
+/** The fixture's layers as the fetcher serves them (digests of the blob files). */
+function fetcherImage(): { layers: ImageLayer[] } {
+  return {
+    layers: layers.map((layer, i): ImageLayer => {
+      const digest = `sha256:${createHash('sha256').update(readFileSync(fixture.blobs[i]!.path)).digest('hex')}`
+      const mediaType = 'application/vnd.oci.image.layer.v1.tar+gzip'
+      return { ...layer, descriptor: { mediaType, digest, size: layer.size }, digest, verified: true }
+    })
+  }
 }
 
 /** Runs a command to its end without blocking this process (which serves the mount). */
@@ -230,13 +241,7 @@ describe('a mount whose chunks are all in the store', () => {
     const dir = join(work, 'stored')
     await mkdir(dir)
     try {
-      const image = {
-        layers: layers.map((layer, i): ImageLayer => {
-          const digest = `sha256:${createHash('sha256').update(readFileSync(fixture.blobs[i]!.path)).digest('hex')}`
-          const mediaType = 'application/vnd.oci.image.layer.v1.tar+gzip'
-          return { ...layer, descriptor: { mediaType, digest, size: layer.size }, digest, verified: true }
-        })
-      }
+      const image = fetcherImage()
       for (const [i, layer] of layers.entries())
         for (const entry of layer.toc.entries.values())
           for (const chunk of entry.chunks) await store.put(chunk.digest, await readChunk(readers[i]!, layer, chunk))
@@ -275,6 +280,52 @@ describe('a mount whose chunks are all in the store', () => {
       expect(m.bytes).toBeGreaterThan(20 * 1024 * 1024)
       expect(m.misses).toBe(0)
     } finally {
+      await store.close()
+    }
+  })
+})
+
+describe('a chunk file damaged in the store behind its back', () => {
+  it('is never served: the mount reads that chunk again from a source, and the reader gets the right bytes', async () => {
+    const storeDir = join(work, 'store-damaged')
+    const dir = join(work, 'mnt-damaged')
+    await mkdir(dir)
+    const entry = layers[0]!.toc.lookup('data/big')!
+    let store = await openDiskStore(storeDir, { fsync: false })
+    for (const chunk of entry.chunks) await store.put(chunk.digest, await readChunk(readers[0]!, layers[0]!, chunk))
+    await store.close()
+    // One bit flipped in one chunk file while the store was closed (a disk error, another program).
+    const damaged = entry.chunks[2]!
+    const file = join(storeDir, 'chunks', damaged.digest.slice(7, 9), damaged.digest.slice(7))
+    const bytes = await readFile(file)
+    bytes[12_345]! ^= 0x04
+    await writeFile(file, bytes)
+
+    store = await openDiskStore(storeDir, { fsync: false })
+    const image = fetcherImage()
+    const asked: string[] = []
+    // The blobs themselves, as the registry would serve them.
+    const blobs: ChunkSource = {
+      name: 'registry',
+      get(chunk, options) {
+        asked.push(chunk.digest)
+        const i = image.layers.findIndex((l) => l.digest === chunk.layer)
+        return readChunk(readers[i]!, layers[i]!, chunk, options)
+      }
+    }
+    const fetcher = createFetcher({ store, sources: [blobs], readAheadBytes: 0 })
+    const mount = await serveMount({ image, fetcher, mountpoint: dir })
+    try {
+      const [got, want] = await Promise.all([
+        exec('sha256sum', [join(dir, 'data', 'big')]),
+        exec('sha256sum', [join(fixture.reference, 'data', 'big')])
+      ])
+      expect(got.code).toBe(0)
+      expect(got.stdout.slice(0, 64)).toBe(want.stdout.slice(0, 64))
+      expect(asked).toEqual([damaged.digest])
+      expect(await store.stats()).toMatchObject({ corrupt: 1, chunks: entry.chunks.length })
+    } finally {
+      await mount.unmount()
       await store.close()
     }
   })

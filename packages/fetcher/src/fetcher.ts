@@ -248,6 +248,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       m.bytes += n
       at += n
     }
+    this.verifyAhead(entry, last + 1)
     this.readAhead(layer, entry, last + 1)
     return at
   }
@@ -284,6 +285,16 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         if (wait > 0) await sleep(wait, options.signal)
       }
     }
+  }
+
+  /**
+   * A store that checks chunks on their first read (the disk store) is asked to check the next chunks of a file
+   * read in place now, in the background: a sequential reader then finds them checked, and the hashing overlaps
+   * the reads before them.
+   */
+  private verifyAhead(entry: Entry, from: number): void {
+    if (this.store.verify === undefined) return
+    for (const c of entry.chunks.slice(from, from + VERIFY_AHEAD)) this.store.verify(c.digest).catch(() => {})
   }
 
   /** After the first read of a file, its remaining chunks in the background: bounded in bytes and in count. */
@@ -551,6 +562,13 @@ class DefaultFetcher extends EventTarget implements Fetcher {
  */
 const PUTS_IN_FLIGHT = 64
 const PUT_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+
+/**
+ * Chunks after a read in place that the store is asked to check ahead of the reader. A first read through FUSE of
+ * a file whose chunk files were not in the page cache measured 0.34x the unchecked read with none, 0.45x with
+ * one, 0.50x with two (cached: 0.34x, 0.33x, 0.35x: there the hash, 1.7 GB/s, is slower than the read).
+ */
+const VERIFY_AHEAD = 2
 
 /** Store lookups of one batch in flight at once. */
 const LOOKUPS_IN_FLIGHT = 16

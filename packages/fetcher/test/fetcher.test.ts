@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import { join, relative } from 'node:path'
 import { createRegistryClient, type RegistryClient } from '@strata/registry'
 import type { Entry } from '@strata/stargz'
-import { createMemoryStore } from '@strata/store'
+import { type CorruptEventDetail, createMemoryStore, openDiskStore } from '@strata/store'
 import { startFaultProxy } from '@test/fault-proxy.js'
 import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
@@ -227,6 +227,91 @@ describe('reading an eStargz image', () => {
     expect(broken.metrics().sources.store!.errors).toBe(1)
     const aborted = broken.readStored(layer, entry, 0, new Uint8Array(10), { signal: AbortSignal.abort() })
     await expect(aborted).rejects.toMatchObject({ name: 'AbortError' })
+  })
+
+  it("gets a chunk damaged in the disk store behind its back again from a source: never the store's wrong bytes", async () => {
+    const dir = join(work, 'damaged-store')
+    let store = await openDiskStore(dir, { fsync: false })
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('usr/bin/tool')!
+    const [, mid, last] = entry.chunks
+    const filling = createFetcher({
+      store,
+      sources: [createRegistrySource({ client, ref: estargz.ref, layers: image.layers })],
+      readAheadBytes: 0
+    })
+    const whole = await filling.readFile(layer, entry, 0, entry.size)
+    await store.close()
+    // Damaged on disk while the store was closed: one flipped bit in one chunk file, garbage of the right size in
+    // another (a disk error, another program); nothing the store could have seen.
+    const fileOf = (digest: string) => join(dir, 'chunks', digest.slice(7, 9), digest.slice(7))
+    const flipped = whole.slice(mid!.fileOffset, mid!.fileOffset + mid!.size)
+    flipped[1000]! ^= 0x10
+    await writeFile(fileOf(mid!.digest), flipped)
+    await writeFile(fileOf(last!.digest), new Uint8Array(last!.size).fill(0x5a))
+
+    store = await openDiskStore(dir, { fsync: false })
+    const corrupt: CorruptEventDetail[] = []
+    store.addEventListener('corrupt', (e) => corrupt.push((e as CustomEvent<CorruptEventDetail>).detail))
+    const c = counting(client)
+    const fetcher = createFetcher({
+      store,
+      sources: [createRegistrySource({ client: c, ref: estargz.ref, layers: image.layers })],
+      readAheadBytes: 0
+    })
+    try {
+      // In place, as a mount reads stored chunks: the piece of the intact first chunk is copied, the damaged
+      // chunk is a miss and none of its bytes reach the buffer.
+      const off = mid!.fileOffset - 10
+      const into = new Uint8Array(2000).fill(7)
+      expect(await fetcher.readStored(layer, entry, off, into)).toBeUndefined()
+      expect(into.subarray(0, 10)).toEqual(whole.subarray(off, off + 10))
+      expect(into.subarray(10)).toEqual(new Uint8Array(1990).fill(7))
+      expect(c.reads).toBe(0)
+      // What the mount does after a miss: readFile, which gets the chunk from the registry.
+      const got = await fetcher.readFile(layer, entry, off, 2000)
+      expect(Buffer.from(got).equals(Buffer.from(whole.subarray(off, off + 2000)))).toBe(true)
+      expect(c.reads).toBe(1)
+      // A whole chunk by get (the chunk buffer's path, and what a peer is served from).
+      const lastBytes = await fetcher.get(chunkRef(layer, last!))
+      expect(`sha256:${hex(lastBytes)}`).toBe(last!.digest)
+      expect(c.reads).toBe(2)
+      expect(corrupt.map((e) => e.digest)).toEqual([mid!.digest, last!.digest])
+      expect(corrupt[1]).toMatchObject({ size: last!.size, path: fileOf(last!.digest) })
+      expect(await store.stats()).toMatchObject({ corrupt: 2, chunks: entry.chunks.length })
+      // Put back by the fetcher: the whole file now reads in place, right, with no source asked.
+      const all = new Uint8Array(entry.size)
+      expect(await fetcher.readStored(layer, entry, 0, all)).toBe(entry.size)
+      expect(hex(all)).toBe(estargz.layers[0]!.files.get('usr/bin/tool'))
+      expect(c.reads).toBe(2)
+    } finally {
+      await store.close()
+    }
+  })
+
+  it('asks a store that checks chunks on first read to check the next two chunks of a file read in place', async () => {
+    const store = createMemoryStore()
+    const image = await openImage({ client, store, ref: estargz.ref })
+    const layer = image.layers[0]!
+    const entry = layer.toc.lookup('usr/bin/tool')!
+    const filling = createFetcher({
+      store,
+      sources: [createRegistrySource({ client, ref: estargz.ref, layers: image.layers })],
+      readAheadBytes: 0
+    })
+    await filling.readFile(layer, entry, 0, entry.size)
+    const checked: string[] = []
+    const checking = Object.create(store) as typeof store
+    checking.verify = async (digest) => {
+      checked.push(digest)
+      return true
+    }
+    const fetcher = createFetcher({ store: checking, sources: [], readAheadBytes: 0 })
+    expect(await fetcher.readStored(layer, entry, 0, new Uint8Array(10))).toBe(10)
+    expect(checked).toEqual([entry.chunks[1]!.digest, entry.chunks[2]!.digest])
+    expect(await fetcher.readStored(layer, entry, entry.chunks[2]!.fileOffset, new Uint8Array(10))).toBe(10)
+    expect(checked).toHaveLength(2)
   })
 
   it('makes one request for concurrent reads of the same chunk', async () => {

@@ -10,6 +10,11 @@ export interface ChunkRecord {
   layers: string[]
   /** Disk store: the checkpoint generation the chunk was written in (0: known durable). */
   gen?: number
+  /**
+   * Disk store: the chunk file's bytes are known to hash to the digest in this process (it wrote them, or hashed
+   * them on open or on a first read), so reads use it in place. Kept on the record, so it goes when the chunk does.
+   */
+  verified?: boolean
 }
 
 const DIGEST = /^sha256:[0-9a-f]{64}$/
@@ -36,6 +41,8 @@ export class Ledger {
   hits = 0
   misses = 0
   evictions = 0
+  /** Chunks dropped because their file was found damaged when read (disk store). */
+  corrupt = 0
   private lastAccess = 0
   private readonly pins = new Map<string, Set<string>>()
   /** digest -> how many pin names hold it. */
@@ -144,7 +151,8 @@ export class Ledger {
       hits: this.hits,
       misses: this.misses,
       evictions: this.evictions,
-      pinned
+      pinned,
+      corrupt: this.corrupt
     }
   }
 

@@ -23,14 +23,24 @@ export interface StoreStats {
   misses: number
   evictions: number
   pinned: number
+  /**
+   * Chunks dropped because their file did not hash to their digest (or had the wrong size) when read: damaged
+   * behind the store's back. Each was also announced by a `corrupt` event. Always 0 for the memory store.
+   */
+  corrupt: number
 }
 
 /**
- * Events: `put` (detail: { digest, size, layer? }) after a chunk is stored, and `evict`
- * (detail: { digests }) after chunks were removed by the size cap or gc.
+ * Events: `put` (detail: { digest, size, layer? }) after a chunk is stored, `evict` (detail: { digests }) after
+ * chunks were removed by the size cap or gc, and `corrupt` (detail: { digest, size, path, found }) after a chunk
+ * whose file was damaged was dropped (disk store).
  */
 export interface ChunkStore extends EventTarget {
-  /** The bytes, or undefined on a miss. Callers have verified what they put; the store does not re-hash on get. */
+  /**
+   * The bytes, or undefined on a miss. Callers have verified what they put. The disk store hashes each chunk file
+   * on its first read in the process (get or read) and drops a damaged one (a miss, and a `corrupt` event), so
+   * neither get nor read ever gives bytes that do not hash to the digest they were asked for.
+   */
   get(digest: string, options?: AbortOptions): Promise<Uint8Array | undefined>
   /**
    * Copies the chunk's bytes from `offset` into `into` (up to its length, and to the chunk's end) without
@@ -38,6 +48,12 @@ export interface ChunkStore extends EventTarget {
    */
   read(digest: string, offset: number, into: Uint8Array, options?: AbortOptions): Promise<number | undefined>
   has(digest: string, options?: AbortOptions): Promise<boolean>
+  /**
+   * Optional: checks the stored chunk now, so that its next read need not (the disk store hashes each chunk file
+   * on its first read in a process: this runs that hash ahead, e.g. for the chunk a sequential reader reads
+   * next). Whether the chunk is stored and sound; a damaged one is dropped as on a read.
+   */
+  verify?(digest: string, options?: AbortOptions): Promise<boolean>
   /** Stores bytes the caller has verified against `digest`. Idempotent. May evict others to stay under the cap. */
   put(digest: string, bytes: Uint8Array, options?: PutOptions): Promise<void>
   delete(digest: string, options?: AbortOptions): Promise<boolean>
@@ -65,6 +81,17 @@ export interface PutEventDetail {
 /** Detail of the `evict` event. */
 export interface EvictEventDetail {
   digests: string[]
+}
+
+/** Detail of the `corrupt` event: a chunk file found damaged when read, and dropped (file and index entry). */
+export interface CorruptEventDetail {
+  digest: string
+  /** The size the index knew. */
+  size: number
+  /** The chunk file. */
+  path: string
+  /** What the file held instead: `sha256:<hex>` of its bytes, or what was wrong with its size. */
+  found: string
 }
 
 export interface GcOptions extends AbortOptions {
@@ -103,6 +130,12 @@ export interface DiskStoreInit {
    * put and on close. After a power loss, what was put since the last checkpoint is verified on open.
    */
   checkpointMs?: number
+  /**
+   * Hash each chunk file against its digest on its first read in this process (default true): a chunk damaged
+   * behind the store's back (a disk error, another program) is dropped, not served. Chunks this process put or
+   * hashed on open count as checked. False is for benchmarks measuring what the check costs.
+   */
+  verifyReads?: boolean
 }
 
 /** What the repair pass on open found and fixed. */
@@ -127,4 +160,5 @@ export interface RepairReport {
 export interface DiskChunkStore extends LocalChunkStore {
   readonly dir: string
   readonly repair: RepairReport
+  verify(digest: string, options?: AbortOptions): Promise<boolean>
 }

@@ -148,7 +148,8 @@ export function runStoreCompliance(name: string, factory: StoreFactory): void {
         hits: 2,
         misses: 1,
         evictions: 0,
-        pinned: 0
+        pinned: 0,
+        corrupt: 0
       })
       expect((await (await make()).stats()).maxBytes).toBe(Number.POSITIVE_INFINITY)
     })

@@ -1,8 +1,9 @@
+import { createHash, webcrypto } from 'node:crypto'
 import { mkdtemp, readdir, readFile, readlink, rm, unlink, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { afterAll, describe, expect, it } from 'vitest'
-import { openDiskStore } from '../src/index.js'
+import { afterAll, describe, expect, it, vi } from 'vitest'
+import { type CorruptEventDetail, openDiskStore } from '../src/index.js'
 import { randomChunk, runStoreCompliance } from './compliance.js'
 import { chunkFiles, expectConsistent } from './consistency.js'
 
@@ -162,6 +163,101 @@ describe('disk store', () => {
     expect(await store.read(b!.digest, 500, into)).toBeUndefined()
     expect(await store.stats()).toMatchObject({ chunks: 0, bytes: 0 })
     expect(await chunkFiles(dir)).toEqual([])
+    await store.close()
+  })
+
+  /**
+   * A store of four chunks, reopened: a's and b's files overwritten with other bytes of the same size (a flipped
+   * byte, garbage) while it was closed, c's after it was opened, all behind its back; d is intact.
+   */
+  const corruptBehindItsBack = async (init: { verifyReads?: boolean } = {}) => {
+    const dir = await tempDir()
+    let store = await openDiskStore(dir, { fsync: false })
+    const [a, b, c, d] = [randomChunk(100_000), randomChunk(), randomChunk(), randomChunk()] as const
+    for (const x of [a, b, c, d]) await store.put(x.digest, x.bytes)
+    await store.close()
+    const flipped = a.bytes.slice()
+    flipped[54_321]! ^= 0x01
+    await writeFile(chunkPath(dir, a.digest), flipped)
+    await writeFile(chunkPath(dir, b.digest), randomChunk().bytes)
+    store = await openDiskStore(dir, { fsync: false, ...init })
+    await writeFile(chunkPath(dir, c.digest), randomChunk().bytes)
+    const events: CorruptEventDetail[] = []
+    store.addEventListener('corrupt', (e) => events.push((e as CustomEvent<CorruptEventDetail>).detail))
+    return { dir, store, a, b, c, d, flipped, events }
+  }
+
+  it('never serves a chunk file damaged behind its back: get and read miss, the chunk is dropped and counted', async () => {
+    const { dir, store, a, b, c, d, flipped, events } = await corruptBehindItsBack()
+    // A clean close: the open hashed nothing. The damage shows on each chunk's first read.
+    expect(store.repair).toMatchObject({ verified: 0, badRemoved: 0 })
+    const into = new Uint8Array(1000).fill(7)
+    // A piece of a away from the flipped byte, and the piece that holds it: both miss.
+    expect(await store.read(a.digest, 0, into)).toBeUndefined()
+    expect(into).toEqual(new Uint8Array(1000).fill(7))
+    expect(await store.read(a.digest, 54_000, into)).toBeUndefined()
+    expect(await store.get(b.digest)).toBeUndefined()
+    // Checked ahead of a read (what the fetcher asks for the next chunks of a file read in place).
+    expect(await store.verify(c.digest)).toBe(false)
+    expect(await store.read(c.digest, 500, into)).toBeUndefined()
+    expect(into).toEqual(new Uint8Array(1000).fill(7))
+    expect(await store.verify(d.digest)).toBe(true)
+    expect(await store.get(d.digest)).toEqual(d.bytes)
+    expect(events.map((e) => e.digest)).toEqual([a.digest, b.digest, c.digest])
+    expect(events[0]).toEqual({
+      digest: a.digest,
+      size: 100_000,
+      path: chunkPath(dir, a.digest),
+      found: `sha256:${createHash('sha256').update(flipped).digest('hex')}`
+    })
+    expect(await store.stats()).toMatchObject({ chunks: 1, bytes: 1000, corrupt: 3, hits: 1, misses: 1 })
+    expect(await expectConsistent(dir, store)).toEqual([d.digest])
+    // Dropped from the index too, and put again as any missing chunk is.
+    await store.put(a.digest, a.bytes)
+    expect(await store.get(a.digest)).toEqual(a.bytes)
+    await store.close()
+    const reopened = await openDiskStore(dir, { fsync: false })
+    expect(reopened.repair).toMatchObject({ missingDropped: 0, reindexed: 0, badRemoved: 0 })
+    expect((await expectConsistent(dir, reopened)).sort()).toEqual([a.digest, d.digest].sort())
+    await reopened.close()
+  })
+
+  it('hashes a chunk once per process, on its first read: concurrent first reads share it, later reads are in place', async () => {
+    const digest = vi.spyOn(webcrypto.subtle, 'digest')
+    try {
+      const dir = await tempDir()
+      let store = await openDiskStore(dir, { fsync: false })
+      const a = randomChunk(100_000)
+      await store.put(a.digest, a.bytes)
+      // Put by this process: not hashed again.
+      expect(await store.get(a.digest)).toEqual(a.bytes)
+      expect(digest).toHaveBeenCalledTimes(0)
+      await store.close()
+
+      store = await openDiskStore(dir, { fsync: false })
+      const pieces = [0, 25_000, 50_000, 75_000].map((offset) => ({ offset, into: new Uint8Array(25_000) }))
+      const [got] = await Promise.all([
+        store.get(a.digest),
+        ...pieces.map(({ offset, into }) => store.read(a.digest, offset, into))
+      ])
+      expect(got).toEqual(a.bytes)
+      for (const { offset, into } of pieces) expect(into).toEqual(a.bytes.subarray(offset, offset + 25_000))
+      expect(digest).toHaveBeenCalledTimes(1)
+      const into = new Uint8Array(100_000)
+      expect(await store.read(a.digest, 0, into)).toBe(100_000)
+      expect(into).toEqual(a.bytes)
+      expect(await store.get(a.digest)).toEqual(a.bytes)
+      expect(digest).toHaveBeenCalledTimes(1)
+      await store.close()
+    } finally {
+      digest.mockRestore()
+    }
+  })
+
+  it('reads damaged files as they are with verifyReads false (benchmarks only)', async () => {
+    const { store, b } = await corruptBehindItsBack({ verifyReads: false })
+    expect(await store.get(b.digest)).not.toEqual(b.bytes)
+    expect(await store.stats()).toMatchObject({ chunks: 4, corrupt: 0 })
     await store.close()
   })
 
