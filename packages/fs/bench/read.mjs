@@ -11,6 +11,13 @@
 // store's chunk files (FUSE) with `dd iflag=nocache count=0`; each FUSE run uses a fresh mount, so the mount's
 // page cache is empty. A last mount answers reads from memory without the fetcher: the ceiling of FUSE through
 // Node here.
+//
+// With --verify-cost it measures instead what hashing stored chunks on their first read costs (the disk store
+// checks each chunk file against its digest once per process): per run, for the store reopened with the check
+// (the default) and without it (`verifyReads: false`, the baseline), in alternating order, the first read after
+// the reopen (every chunk hashed) and a read on a second fresh mount (steady state: nothing hashed), with the
+// chunk files in the page cache ("cached") and dropped from it; the figure is the median of each run's ratio
+// to the same run's baseline.
 import { execFile } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
@@ -28,7 +35,8 @@ const exec = promisify(execFile)
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '../../..')
 const args = process.argv.slice(2)
 const mib = args.includes('--mib') ? Number(args[args.indexOf('--mib') + 1]) : 256
-const RUNS = 5
+const RUNS = args.includes('--runs') ? Number(args[args.indexOf('--runs') + 1]) : 5
+const verifyCost = args.includes('--verify-cost')
 
 const work = await mkdtemp(join(tmpdir(), 'strata-fs-bench-'))
 const sh = async (script) => (await exec('sh', ['-c', script], { maxBuffer: 1 << 26 })).stdout
@@ -63,7 +71,7 @@ try {
   const blob = await fileReader(blobPath)
   const layer = await openLayer(blob)
   const storeDir = join(work, 'store')
-  const store = await openDiskStore(storeDir)
+  let store = await openDiskStore(storeDir)
   const entry = layer.toc.lookup('big')
   for (const chunk of entry.chunks)
     await store.put(chunk.digest, await readChunk(blob, layer, chunk), { layer: blobDigest })
@@ -85,7 +93,36 @@ try {
     results[name] ??= []
     results[name].push(value)
   }
-  for (let run = 0; run < RUNS; run++) {
+  /** MiB/s of a `dd` of the big file through a fresh mount of the layer over `reader`. */
+  const mountAndRead = async (name, reader, cold) => {
+    const mnt = join(work, name)
+    await mkdir(mnt)
+    const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher: reader, mountpoint: mnt })
+    try {
+      if (cold) await dropCache(chunkFiles)
+      return await ddRead(join(mnt, 'big'))
+    } finally {
+      await mount.unmount()
+    }
+  }
+  for (let run = 0; verifyCost && run < RUNS; run++) {
+    for (const cold of [false, true]) {
+      const cache = cold ? 'chunk files not in the page cache' : 'cached'
+      for (const verifyReads of run % 2 === 0 ? [false, true] : [true, false]) {
+        const mode = verifyReads ? 'verified' : 'baseline'
+        await store.close()
+        store = await openDiskStore(storeDir, { verifyReads })
+        const reader = createFetcher({ store, sources: [] })
+        const first = await mountAndRead(`mnt-${run}-${cold}-${mode}-1`, reader, cold)
+        record(`${cache}, first read after the store's open, ${mode}`, first)
+        const steady = await mountAndRead(`mnt-${run}-${cold}-${mode}-2`, reader, cold)
+        record(`${cache}, later read (steady state), ${mode}`, steady)
+        const hits = (await store.stats()).hits
+        if (hits !== 2 * entry.chunks.length) throw new Error(`expected every chunk read twice, got ${hits} hits`)
+      }
+    }
+  }
+  for (let run = 0; !verifyCost && run < RUNS; run++) {
     await dropCache([file])
     record('local disk, cold page cache', await ddRead(file))
     record('local disk, warm page cache', await ddRead(file))
@@ -115,19 +152,37 @@ try {
   }
   await store.close()
 
-  console.log(
-    `${mib} MiB file, ${entry.chunks.length} chunks of ${entry.chunks[0].size >> 20} MiB, median of ${RUNS} runs`
-  )
-  console.log('| read | MiB/s |\n| --- | ---: |')
-  for (const [name, values] of Object.entries(results)) console.log(`| ${name} | ${median(values).toFixed(0)} |`)
-  // The local cold read swings with the host's own cache (0.6-2.3 GB/s on this VM): each run's FUSE read is
-  // compared with the local read of the same run, and the median of those ratios is the figure.
-  const ratio = (a, b) => {
-    const each = results[a].map((v, i) => v / results[b][i])
-    return `${(median(each) * 100).toFixed(0)}% (runs: ${each.map((r) => `${(r * 100).toFixed(0)}%`).join(', ')})`
+  if (verifyCost) {
+    console.log(
+      `${mib} MiB file, ${entry.chunks.length} chunks of ${entry.chunks[0].size >> 20} MiB, ${RUNS} runs, MiB/s`
+    )
+    console.log('| read | baseline (no check) | verified | verified / baseline, median (runs) |')
+    console.log('| --- | ---: | ---: | --- |')
+    for (const name of Object.keys(results).filter((n) => n.endsWith(', baseline'))) {
+      const what = name.slice(0, -', baseline'.length)
+      const base = results[name]
+      const checked = results[`${what}, verified`]
+      const each = checked.map((v, i) => v / base[i])
+      const runs = each.map((r) => r.toFixed(2)).join(', ')
+      console.log(
+        `| ${what} | ${median(base).toFixed(0)} | ${median(checked).toFixed(0)} | ${median(each).toFixed(2)} (${runs}) |`
+      )
+    }
+  } else {
+    console.log(
+      `${mib} MiB file, ${entry.chunks.length} chunks of ${entry.chunks[0].size >> 20} MiB, median of ${RUNS} runs`
+    )
+    console.log('| read | MiB/s |\n| --- | ---: |')
+    for (const [name, values] of Object.entries(results)) console.log(`| ${name} | ${median(values).toFixed(0)} |`)
+    // The local cold read swings with the host's own cache (0.6-2.3 GB/s on this VM): each run's FUSE read is
+    // compared with the local read of the same run, and the median of those ratios is the figure.
+    const ratio = (a, b) => {
+      const each = results[a].map((v, i) => v / results[b][i])
+      return `${(median(each) * 100).toFixed(0)}% (runs: ${each.map((r) => `${(r * 100).toFixed(0)}%`).join(', ')})`
+    }
+    console.log(`\nFUSE / local, cold: ${ratio('FUSE, store cold, first read', 'local disk, cold page cache')}`)
+    console.log(`FUSE / local, warm: ${ratio('FUSE, store warm, first read', 'local disk, warm page cache')}`)
   }
-  console.log(`\nFUSE / local, cold: ${ratio('FUSE, store cold, first read', 'local disk, cold page cache')}`)
-  console.log(`FUSE / local, warm: ${ratio('FUSE, store warm, first read', 'local disk, warm page cache')}`)
 } finally {
   await rm(work, { recursive: true, force: true })
 }
