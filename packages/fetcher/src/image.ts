@@ -30,7 +30,7 @@ export interface ResolveImageInit {
 }
 
 /** Registry failures that say nothing about a reference: it may well still name what it named. */
-const OUTAGES = new Set(['RegistryUnavailable', 'RegistryTimeout', 'TooManyRequests'])
+const OUTAGES = new Set(['RegistryUnavailable', 'RegistryTimeout', 'RegistryDeadlineExceeded', 'TooManyRequests'])
 
 /** What the store keeps of the image a reference last named (`image/<platform>@<ref>`). */
 interface ImageRecord {
@@ -193,7 +193,9 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
 
     let layer: Layer | undefined
     try {
-      layer = await openLayer(client.blob(ref, digest, descriptor.size), {
+      // The footer and TOC are small reads: under the client's deadline, unlike chunk reads and whole layers.
+      const blob = client.blob(ref, digest, descriptor.size, { deadline: true, what: 'the footer and TOC' })
+      layer = await openLayer(blob, {
         ...(annotation !== undefined ? { tocDigest: annotation } : {}),
         signal
       })

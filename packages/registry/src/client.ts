@@ -14,6 +14,7 @@ import {
   NameUnknown,
   RangeNotSatisfiable,
   RETRYABLE,
+  RegistryDeadlineExceeded,
   RegistryError,
   RegistryTimeout,
   RegistryUnavailable,
@@ -58,6 +59,13 @@ export interface RegistryClientInit {
   userAgent?: string
   /** Longest wait for response headers or for the next piece of a body (default 30 s). */
   timeoutMs?: number
+  /**
+   * Longest a small read may take in all, retries included (default 60 s): a manifest or index, a blob read whole
+   * (fetchBlob: configs), and the reads of a blob opened with `{ deadline: true }` (a TOC). A registry that
+   * trickles bytes never trips the idle timeout; this ends such a read. Whole-layer downloads and chunk reads
+   * have no deadline: they may be big on a slow link, and the idle timeout stops one that stalls.
+   */
+  deadlineMs?: number
   /** Further attempts after a 5xx, 429, timeout, network error or short body (default 3). */
   retries?: number
   /** First backoff between attempts, doubled each time (default 250 ms); Retry-After wins when given. */
@@ -80,6 +88,13 @@ export interface Range {
 }
 
 type ReadOptions = AbortOptions & { onProgress?(bytes: number): void }
+
+export interface BlobOptions {
+  /** Each read of the blob must end within the client's deadlineMs (true) or this many ms: for small reads. */
+  deadline?: boolean | number
+  /** What the reads are of, for the deadline's error (default `a range of the blob`), e.g. `the TOC`. */
+  what?: string
+}
 
 /** A remote blob read with HTTP Range requests. `size` is NaN until known (pass it, or after a first read). */
 export interface RemoteBlob extends ReadAt {
@@ -118,7 +133,8 @@ export interface RegistryClient {
   getManifest(ref: Reference | string, options?: Options): Promise<Manifest>
   /** Resolves a tag or index to one platform's image manifest (default: this machine's; `os/arch[/variant]`). */
   getImage(ref: Reference | string, options?: Options & { platform?: string }): Promise<Image>
-  blob(ref: Reference | string, digest: string | Descriptor, size?: number): RemoteBlob
+  /** Reads of a blob by Range; `options.deadline` bounds each (for a TOC; never for chunks or whole layers). */
+  blob(ref: Reference | string, digest: string | Descriptor, size?: number, options?: BlobOptions): RemoteBlob
   /** Many ranges of one blob: adjacent ones coalesced into one request (at most maxCoalesceBytes each). */
   readRanges(
     ref: Reference | string,
@@ -126,7 +142,7 @@ export interface RegistryClient {
     ranges: Range[],
     options?: Options & { size?: number }
   ): Promise<Uint8Array[]>
-  /** A small blob (a config) read whole and digest-checked (default cap 64 MiB). */
+  /** A small blob (a config) read whole and digest-checked (default cap 64 MiB), within the deadline. */
   fetchBlob(ref: Reference | string, digest: string, options?: Options & { maxBytes?: number }): Promise<Uint8Array>
   /** Streams a blob to `path` (via a temp file, renamed once the digest checks). `onProgress` gets bytes so far. */
   downloadBlob(
@@ -348,6 +364,44 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 
 /** Indexes followed from the one a reference names to an image manifest (OCI allows indexes in indexes). */
 const MAX_INDEX_DEPTH = 8
+/** The longest timer Node keeps: a longer deadline is none. */
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+function formatMs(ms: number): string {
+  return ms >= 1000 ? `${Math.round(ms / 100) / 10} s` : `${ms} ms`
+}
+
+/**
+ * Runs `read` (every attempt of it) under a deadline: past it, the read is aborted and fails with
+ * RegistryDeadlineExceeded naming `what`. The caller's own abort still wins.
+ */
+async function withDeadline<T>(
+  ms: number,
+  what: string,
+  subject: ErrorSubject,
+  signal: AbortSignal | undefined,
+  read: (signal: AbortSignal | undefined) => Promise<T>
+): Promise<T> {
+  if (!(ms > 0 && ms <= MAX_TIMER_MS)) return read(signal)
+  const deadline = new AbortController()
+  const timer = setTimeout(() => {
+    deadline.abort(
+      new RegistryDeadlineExceeded(`${what} took longer than the deadline of ${formatMs(ms)}`, {
+        ...subject,
+        hint: 'the registry, or a proxy in between, sends it too slowly to be usable (a broken or hostile server, or a very slow link): try again, use another registry or mirror, or raise the registry deadline (deadlineMs)'
+      })
+    )
+  }, ms)
+  try {
+    return await read(signal === undefined ? deadline.signal : AbortSignal.any([signal, deadline.signal]))
+  } catch (err) {
+    if (deadline.signal.aborted && signal?.aborted !== true) throw deadline.signal.reason
+    throw err
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
 const REDIRECTS = new Set([301, 302, 303, 307, 308])
 const MAX_REDIRECTS = 5
 
@@ -356,6 +410,7 @@ class Client implements RegistryClient {
   private readonly creds: CredentialStore
   private readonly userAgent: string
   private readonly timeoutMs: number
+  private readonly deadlineMs: number
   private readonly retries: number
   private readonly backoffMs: number
   private readonly maxRetryAfterMs: number
@@ -377,6 +432,7 @@ class Client implements RegistryClient {
     this.creds = new CredentialStore(init.credentials ?? {}, init.dockerConfig)
     this.userAgent = init.userAgent ?? 'strata/0.1'
     this.timeoutMs = init.timeoutMs ?? 30_000
+    this.deadlineMs = init.deadlineMs ?? 60_000
     this.retries = init.retries ?? 3
     this.backoffMs = init.backoffMs ?? 250
     this.maxRetryAfterMs = init.maxRetryAfterMs ?? 60_000
@@ -711,40 +767,44 @@ class Client implements RegistryClient {
         ...subject,
         hint: 'a manifest that large is almost certainly not an image manifest'
       })
-    return this.withRetry(options.signal, async () => {
-      const reply = await this.request(
-        {
-          ref,
-          method: 'GET',
-          path: `manifests/${ref.digest ?? ref.tag ?? 'latest'}`,
-          headers: { accept: MANIFEST_ACCEPT.join(', ') },
-          subject,
-          signal: options.signal
-        },
-        [200]
-      )
-      if (Number(reply.header('content-length') ?? 0) > this.maxManifestBytes) {
-        await reply.discard()
-        throw tooLarge()
-      }
-      const bytes = await reply.bytes(this.maxManifestBytes, tooLarge)
-      const digest = digestOf(bytes, ref.digest ?? 'sha256:')
-      if (ref.digest !== undefined && ref.digest !== digest) {
-        throw new DigestMismatch(`manifest bytes have digest ${digest}, not the requested one`, {
-          ...subject,
-          hint: 'the registry (or a proxy in between) served different content; do not use it'
-        })
-      }
-      let parsedBody: unknown
-      try {
-        parsedBody = JSON.parse(Buffer.from(bytes).toString('utf8'))
-      } catch {
-        parsedBody = undefined
-      }
-      const type = manifestMediaType(reply.header('content-type'), parsedBody)
-      const parsed = parseManifest(bytes, type, { ...subject, digest })
-      return { ref: withDigest(ref, digest), digest, mediaType: parsed.mediaType, bytes, manifest: parsed.manifest }
-    })
+    const name = ref.digest ?? ref.tag ?? 'latest'
+    const what = ref.digest !== undefined ? 'reading the manifest' : `reading the manifest of tag ${name}`
+    return withDeadline(this.deadlineMs, what, subject, options.signal, (signal) =>
+      this.withRetry(signal, async () => {
+        const reply = await this.request(
+          {
+            ref,
+            method: 'GET',
+            path: `manifests/${name}`,
+            headers: { accept: MANIFEST_ACCEPT.join(', ') },
+            subject,
+            signal
+          },
+          [200]
+        )
+        if (Number(reply.header('content-length') ?? 0) > this.maxManifestBytes) {
+          await reply.discard()
+          throw tooLarge()
+        }
+        const bytes = await reply.bytes(this.maxManifestBytes, tooLarge)
+        const digest = digestOf(bytes, ref.digest ?? 'sha256:')
+        if (ref.digest !== undefined && ref.digest !== digest) {
+          throw new DigestMismatch(`manifest bytes have digest ${digest}, not the requested one`, {
+            ...subject,
+            hint: 'the registry (or a proxy in between) served different content; do not use it'
+          })
+        }
+        let parsedBody: unknown
+        try {
+          parsedBody = JSON.parse(Buffer.from(bytes).toString('utf8'))
+        } catch {
+          parsedBody = undefined
+        }
+        const type = manifestMediaType(reply.header('content-type'), parsedBody)
+        const parsed = parseManifest(bytes, type, { ...subject, digest })
+        return { ref: withDigest(ref, digest), digest, mediaType: parsed.mediaType, bytes, manifest: parsed.manifest }
+      })
+    )
   }
 
   async getImage(input: Reference | string, options: Options & { platform?: string } = {}): Promise<Image> {
@@ -823,12 +883,19 @@ class Client implements RegistryClient {
 
   // ---- Blobs -------------------------------------------------------------------------------------------------
 
-  blob(input: Reference | string, d: string | Descriptor, size?: number): RemoteBlob {
+  blob(input: Reference | string, d: string | Descriptor, size?: number, blobOptions: BlobOptions = {}): RemoteBlob {
     const ref = toRef(input)
     const digest = typeof d === 'string' ? d : d.digest
     const known = { size: size ?? (typeof d === 'string' ? Number.NaN : d.size) }
+    const { deadline, what = 'a range of the blob' } = blobOptions
+    const ms = deadline === true ? this.deadlineMs : typeof deadline === 'number' ? deadline : 0
+    const subject = { registry: ref.registry, repository: ref.repository, digest }
     const readRange = (offset: number, length: number, options: ReadOptions = {}) =>
-      this.readRange(ref, digest, known, offset, length, options)
+      ms === 0
+        ? this.readRange(ref, digest, known, offset, length, options)
+        : withDeadline(ms, `reading ${what} (${length} bytes at offset ${offset})`, subject, options.signal, (signal) =>
+            this.readRange(ref, digest, known, offset, length, { ...options, signal })
+          )
     const client = this
     return {
       get size() {
@@ -943,18 +1010,20 @@ class Client implements RegistryClient {
   ): Promise<Uint8Array> {
     const ref = toRef(input)
     const subject = { registry: ref.registry, repository: ref.repository, digest }
-    return this.withRetry(options.signal, async () => {
-      const reply = await this.getBlob(ref, digest, subject, [200], options.signal)
-      const bytes = await reply.bytes(options.maxBytes ?? 64 * 1024 * 1024)
-      const got = digestOf(bytes, digest)
-      if (got !== digest) {
-        throw new DigestMismatch(`blob content has digest ${got}`, {
-          ...subject,
-          hint: 'the registry served corrupt data'
-        })
-      }
-      return bytes
-    })
+    return withDeadline(this.deadlineMs, 'reading the blob (a config, read whole)', subject, options.signal, (signal) =>
+      this.withRetry(signal, async () => {
+        const reply = await this.getBlob(ref, digest, subject, [200], signal)
+        const bytes = await reply.bytes(options.maxBytes ?? 64 * 1024 * 1024)
+        const got = digestOf(bytes, digest)
+        if (got !== digest) {
+          throw new DigestMismatch(`blob content has digest ${got}`, {
+            ...subject,
+            hint: 'the registry served corrupt data'
+          })
+        }
+        return bytes
+      })
+    )
   }
 
   async downloadBlob(

@@ -87,6 +87,15 @@ export class RegistryTimeout extends RegistryError {
   override code = 'ERR_REGISTRY_TIMEOUT'
 }
 
+/**
+ * A small read (manifest, index, config, TOC) did not end within the client's deadline, although bytes kept
+ * coming (else it is a RegistryTimeout): a registry trickling its answer. Not retried: the deadline covers retries.
+ */
+export class RegistryDeadlineExceeded extends RegistryError {
+  override name = 'RegistryDeadlineExceeded'
+  override code = 'ERR_REGISTRY_DEADLINE_EXCEEDED'
+}
+
 export class RangeNotSatisfiable extends RegistryError {
   override name = 'RangeNotSatisfiable'
   override code = 'ERR_RANGE_NOT_SATISFIABLE'

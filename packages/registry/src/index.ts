@@ -1,6 +1,7 @@
 // @strata/registry: OCI distribution client: references, auth, manifests, Range reads, push
 export type { Credentials } from './auth.js'
 export type {
+  BlobOptions,
   BlobSource,
   Image,
   Manifest,
@@ -28,6 +29,7 @@ export {
   PlatformNotFound,
   PrioritizedFileMissing,
   RangeNotSatisfiable,
+  RegistryDeadlineExceeded,
   RegistryError,
   RegistryTimeout,
   RegistryUnavailable,
