@@ -3,7 +3,8 @@ import { createFetcher, createRegistrySource, type FetchEvent, openImage, resolv
 import { type ReadFailure, serveMount } from '@strata/fs'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
 import { openDiskStore } from '@strata/store'
-import { type Context, UsageError } from './command.js'
+import type { Context } from './command.js'
+import { parseCredentials } from './credentials.js'
 import { formatBytes, Progress } from './output.js'
 import { writableDir } from './writable-dir.js'
 
@@ -108,10 +109,6 @@ function registryClient(ctx: Context, image: string): RegistryClient {
   // p2p-mount checked the reference before.
   const { registry } = parseReference(image)
   const insecure = (ctx.opts['insecure-registry'] as string[] | undefined) ?? []
-  const creds = ctx.opts.creds as string | undefined
-  if (creds === undefined) return createRegistryClient({ insecure })
-  const colon = creds.indexOf(':')
-  if (colon <= 0) throw new UsageError(`--creds must be USER:PASS, not '${creds}'`)
-  const credentials = { [registry]: { username: creds.slice(0, colon), password: creds.slice(colon + 1) } }
+  const credentials = parseCredentials((ctx.opts.creds as string[] | undefined) ?? [], [registry])
   return createRegistryClient({ insecure, credentials })
 }

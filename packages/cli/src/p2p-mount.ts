@@ -52,7 +52,12 @@ Examples:
       value: 'HOST',
       description: 'talk plain HTTP to this registry host[:port] (loopback registries always are)'
     },
-    creds: { type: 'string', value: 'USER:PASS', description: 'registry credentials (else ~/.docker/config.json)' },
+    creds: {
+      type: 'string',
+      multiple: true,
+      value: '[HOST=]USER:PASS',
+      description: 'registry credentials, for HOST or the image registry (else ~/.docker/config.json)'
+    },
     'require-verified': {
       type: 'boolean',
       description: 'refuse eStargz layers whose TOC digest the manifest does not vouch for'

@@ -11,6 +11,7 @@ import {
 import { createRegistryClient } from '@strata/registry'
 import { type LocalChunkStore, openDiskStore } from '@strata/store'
 import { type Command, type Options, parseBytes, runCommand, UsageError } from './command.js'
+import { type Credentials, parseCredentials } from './credentials.js'
 import { addMountRoutes } from './mount-routes.js'
 
 const DEFAULTS = {
@@ -29,11 +30,13 @@ interface Settings {
   cacheSize?: number
   pskFile?: string
   insecureRegistry: string[]
-  creds?: { username: string; password: string }
+  /** Registries peers may have this node read from: --registry, --insecure-registry and those of --creds. */
+  registries: string[]
+  credentials: Record<string, Credentials>
   mdns: boolean
 }
 
-const LISTS = new Set(['listen', 'bootstrap', 'insecure-registry'])
+const LISTS = new Set(['listen', 'bootstrap', 'insecure-registry', 'registry', 'creds'])
 const KEYS = [
   'data-dir',
   'listen',
@@ -43,6 +46,7 @@ const KEYS = [
   'cache-size',
   'psk-file',
   'insecure-registry',
+  'registry',
   'creds',
   'mdns'
 ] as const
@@ -93,13 +97,8 @@ async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings
     return String(v)
   }
   const cacheSize = text('cache-size')
-  const creds = text('creds')
-  let parsedCreds: Settings['creds']
-  if (creds !== undefined) {
-    const colon = creds.indexOf(':')
-    if (colon <= 0) throw new UsageError(`--creds must be user:pass`)
-    parsedCreds = { username: creds.slice(0, colon), password: creds.slice(colon + 1) }
-  }
+  const credentials = parseCredentials(list('creds'))
+  const insecureRegistry = list('insecure-registry')
   const metricsListen = text('metrics-listen')
   if (metricsListen !== undefined && !/^.+:\d+$/.test(metricsListen)) {
     throw new UsageError(`--metrics-listen '${metricsListen}' is not HOST:PORT`)
@@ -112,19 +111,11 @@ async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings
     metricsListen,
     cacheSize: cacheSize !== undefined ? parseBytes(cacheSize, 'cache size') : undefined,
     pskFile: text('psk-file'),
-    insecureRegistry: list('insecure-registry'),
-    creds: parsedCreds,
+    insecureRegistry,
+    registries: [...new Set([...list('registry'), ...insecureRegistry, ...Object.keys(credentials)])],
+    credentials,
     mdns: pick('mdns') === true
   }
-}
-
-/** The registries the credentials are for: every registry the node talks to (one private registry). */
-function credentialsFor(creds: Settings['creds']) {
-  if (creds === undefined) return undefined
-  return new Proxy({} as Record<string, { username: string; password: string }>, {
-    get: (_, host) => (typeof host === 'string' ? creds : undefined),
-    has: () => true
-  })
 }
 
 export const p2pd: Command = {
@@ -132,8 +123,12 @@ export const p2pd: Command = {
   summary: 'strata peer-to-peer node: shares image chunks with the cluster and serves local mounts.',
   description: `Settings come from flags, then STRATA_* environment variables (STRATA_DATA_DIR, STRATA_LISTEN,
 STRATA_BOOTSTRAP, STRATA_SOCKET, STRATA_METRICS_LISTEN, STRATA_CACHE_SIZE, STRATA_PSK_FILE,
-STRATA_INSECURE_REGISTRY, STRATA_CREDS; lists comma-separated), then the --config JSON file (same keys as
-the flags, e.g. {"listen": ["/ip4/0.0.0.0/tcp/4001"], "cache-size": "20G"}). Stop with SIGTERM.
+STRATA_INSECURE_REGISTRY, STRATA_REGISTRY, STRATA_CREDS; lists comma-separated), then the --config JSON file
+(same keys as the flags, e.g. {"listen": ["/ip4/0.0.0.0/tcp/4001"], "cache-size": "20G"}). Stop with SIGTERM.
+
+Peers may ask this node to read images (a cluster warm-up, a chunk whose home it is) from the registries it
+is configured for only (--registry, --insecure-registry, --creds), and from those a local caller opened here.
+Credentials go to their own registry only, never to another host (nor on a redirect to one).
 
 Example:
   p2pd --data-dir /var/lib/strata --bootstrap /ip4/10.0.0.10/tcp/4001/p2p/12D3KooW... --cache-size 20G`,
@@ -162,7 +157,18 @@ Example:
       value: 'HOST[:PORT]',
       description: 'registry spoken to over plain HTTP'
     },
-    creds: { type: 'string', value: 'USER:PASS', description: 'registry credentials' },
+    registry: {
+      type: 'string',
+      multiple: true,
+      value: 'HOST[:PORT]',
+      description: 'a registry peers may have this node read from (those of --insecure-registry and --creds are)'
+    },
+    creds: {
+      type: 'string',
+      multiple: true,
+      value: 'HOST=USER:PASS',
+      description: 'credentials for the registry HOST, sent to no other host'
+    },
     mdns: { type: 'boolean', description: 'find peers on the local network by mDNS' }
   },
   async run({ opts, out, signal }) {
@@ -174,7 +180,6 @@ Example:
     let control: ControlServer | undefined
     let metrics: MetricsServer | undefined
     try {
-      const credentials = credentialsFor(s.creds)
       node = await createNode({
         store,
         dataDir: s.dataDir,
@@ -182,12 +187,9 @@ Example:
         bootstrap: s.bootstrap,
         mdns: s.mdns,
         // Peers may ask this node to read from the registries it was configured for (see NodeInit.registries).
-        registries: s.insecureRegistry,
+        registries: s.registries,
         ...(s.pskFile !== undefined ? { pskFile: s.pskFile } : {}),
-        registry: createRegistryClient({
-          insecure: s.insecureRegistry,
-          ...(credentials !== undefined ? { credentials } : {})
-        })
+        registry: createRegistryClient({ insecure: s.insecureRegistry, credentials: s.credentials })
       })
       control = await startControlServer(node, { socket: s.socket })
       // p2p-mount asks the daemon to serve its mount: one process owns the store, and reads use the peers.

@@ -132,7 +132,7 @@ describe('p2pctl inspect and convert', () => {
 
     const u = await p2p('convert', `${reg.host}/cli/app:1`, `${reg.host}/cli/x:1`, '--creds', 'nocolon')
     expect(u.code).toBe(2)
-    expect(u.stderr).toContain('--creds must be USER:PASS')
+    expect(u.stderr).toContain('--creds must be HOST=USER:PASS or USER:PASS')
     const bad = await p2p('inspect', 'Bad//ref')
     expect(bad.code).toBe(2)
     expect(bad.stderr).toContain("invalid image reference 'Bad//ref'")

@@ -71,6 +71,20 @@ export class WarmError extends Error {
   }
 }
 
+/** A peer asked this node to read an image from a registry it does not read from for peers. */
+export class RegistryNotAllowedError extends WarmError {
+  override name = 'RegistryNotAllowedError'
+  constructor(
+    readonly ref: string,
+    registry: string
+  ) {
+    super(
+      `refusing to warm ${ref} for a peer: this node reads from ${registry} for peers only when configured for it ` +
+        `(p2pd --registry ${registry}) or when the image was opened here first`
+    )
+  }
+}
+
 /** How an error travels over the control API. */
 export interface ControlErrorBody {
   name: string

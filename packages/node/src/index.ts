@@ -17,6 +17,7 @@ export {
   PeerTimeoutError,
   PreSharedKeyError,
   ProtocolError,
+  RegistryNotAllowedError,
   WarmError
 } from './errors.js'
 export { digestToCid } from './keys.js'

@@ -15,7 +15,7 @@ import { parseReference, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
 import { createLibp2p } from 'libp2p'
 import { Announcer, type AnnounceStats } from './announcer.js'
-import { ProtocolError, WarmError } from './errors.js'
+import { ProtocolError, RegistryNotAllowedError, WarmError } from './errors.js'
 import { encodeFrame, readFrames } from './frames.js'
 import { loadIdentity, loadPreSharedKey } from './identity.js'
 import { digestToCid } from './keys.js'
@@ -107,7 +107,8 @@ export interface NodeStatus {
      */
     fetchedForPeers: Record<string, number>
   }
-  requests: { served: number; errors: number }
+  /** Peers' requests: answered, failed, and chunk bytes held for answers not yet taken by their readers. */
+  requests: { served: number; errors: number; queuedBytes: number }
   store: StoreStats
   announce: AnnounceStats
 }
@@ -220,7 +221,7 @@ class Node implements StrataNode {
         store: init.store,
         fetch: async (chunks, ref, options) => {
           if (ref !== undefined && chunks.some((c) => !this.router.has(c.layer)) && this.mayOpenForPeer(ref)) {
-            await this.openImage(ref, options).catch(() => undefined)
+            await this.open(ref, options).catch(() => undefined)
           }
           return runForwarded(async () => this.fetchForPeer(chunks, options))
         },
@@ -288,30 +289,27 @@ class Node implements StrataNode {
   }
 
   /**
-   * Fetches chunks a peer asked this node (their home) for, as one batch so adjacent ranges coalesce; each
-   * chunk's promise settles as soon as that chunk lands in the store, not when the whole batch is done.
+   * Fetches chunks a peer asked this node (their home) for into the store, as one batch so adjacent ranges
+   * coalesce; each chunk's promise settles as soon as that chunk lands in the store, not when the whole batch is
+   * done (true), or when it could not be got (false).
    */
-  private fetchForPeer(chunks: ChunkRef[], options?: AbortOptions): Array<Promise<Uint8Array | undefined>> {
-    const waiting = new Map(chunks.map((c) => [c.digest, Promise.withResolvers<Uint8Array | undefined>()]))
-    const onPut = (e: Event) => {
-      const w = waiting.get((e as CustomEvent<{ digest: string }>).detail.digest)
-      if (w !== undefined)
-        this.init.store.get((e as CustomEvent<{ digest: string }>).detail.digest).then(w.resolve, () => {})
-    }
+  private fetchForPeer(chunks: ChunkRef[], options?: AbortOptions): Array<Promise<boolean>> {
+    const waiting = new Map(chunks.map((c) => [c.digest, Promise.withResolvers<boolean>()]))
+    const onPut = (e: Event) => waiting.get((e as CustomEvent<{ digest: string }>).detail.digest)?.resolve(true)
     this.init.store.addEventListener('put', onPut)
     void this.fetcher
       .getMany(chunks, options)
       .then(
-        (all) => {
-          for (const [i, c] of chunks.entries()) waiting.get(c.digest)!.resolve(all[i])
+        () => {
+          for (const c of chunks) waiting.get(c.digest)!.resolve(true)
         },
         // Some chunk could not be got: the others one by one (each joins what is still in flight).
         () =>
           Promise.all(
             chunks.map((c) =>
               this.fetcher.get(c, options).then(
-                (bytes) => waiting.get(c.digest)!.resolve(bytes),
-                () => waiting.get(c.digest)!.resolve(undefined)
+                () => waiting.get(c.digest)!.resolve(true),
+                () => waiting.get(c.digest)!.resolve(false)
               )
             )
           )
@@ -379,23 +377,24 @@ class Node implements StrataNode {
   }
 
   /**
-   * A peer's forwarded request names an image for this node to open. Only registries this node was told about or
-   * has read from itself: a peer must not make it send requests (and credentials) to any host it names.
+   * A peer's request (a forwarded fetch, a warm-up) names an image for this node to open. Only registries this
+   * node was configured for or a local caller opened here: a peer must not make it send requests (and
+   * credentials) to any host it names, nor fill its disk from one. A peer's request never widens the set.
    */
   private mayOpenForPeer(ref: string): boolean {
-    try {
-      return this.registries.has(parseReference(ref).registry)
-    } catch {
-      return false
-    }
+    const registry = registryOf(ref)
+    return registry !== undefined && this.registries.has(registry)
   }
 
+  /** A local caller's open (control API, mounts): its registry becomes one peers may name too. */
   async openImage(ref: string, options?: OpenImageOptions): Promise<Image> {
-    try {
-      this.registries.add(parseReference(ref).registry)
-    } catch {
-      // An invalid reference fails in getImage below, with the registry client's own error.
-    }
+    // An invalid reference fails in open, with the registry client's own error.
+    const registry = registryOf(ref)
+    if (registry !== undefined) this.registries.add(registry)
+    return this.open(ref, options)
+  }
+
+  private async open(ref: string, options?: OpenImageOptions): Promise<Image> {
     const client = this.init.registry
     if (client === undefined) throw new Error(`cannot open ${ref}: this node has no registry client`)
     const signal = options?.signal
@@ -470,7 +469,7 @@ class Node implements StrataNode {
       addrs: this.addrs(),
       peers: this.libp2p.getPeers().length,
       bytes: { served: this.served, fetched, fetchedForPeers: { ...this.forPeers } },
-      requests: { served: this.requestsServed, errors: this.requestErrors },
+      requests: { served: this.requestsServed, errors: this.requestErrors, queuedBytes: this.server.queuedBytes() },
       store: await this.init.store.stats(options),
       announce: this.announcer.stats()
     }
@@ -481,19 +480,29 @@ class Node implements StrataNode {
     return saved === undefined ? [] : (JSON.parse(new TextDecoder().decode(saved)) as ImageRecord[])
   }
 
-  async warm(
+  warm(
     ref: string,
     options: AbortOptions & { onProgress?: (p: WarmProgress) => void; members?: string[] } = {}
   ): Promise<WarmResult> {
+    return this.warmFor('local', ref, options)
+  }
+
+  private async warmFor(
+    caller: 'local' | 'peer',
+    ref: string,
+    options: AbortOptions & { onProgress?: (p: WarmProgress) => void; members?: string[] }
+  ): Promise<WarmResult> {
+    if (caller === 'peer' && !this.mayOpenForPeer(ref)) throw new RegistryNotAllowedError(ref, registryOf(ref) ?? ref)
     let image: Image
     let stale: string | undefined
+    const opening = {
+      ...options,
+      onStale: (message: string) => {
+        stale = message
+      }
+    }
     try {
-      image = await this.openImage(ref, {
-        ...options,
-        onStale: (message) => {
-          stale = message
-        }
-      })
+      image = caller === 'local' ? await this.openImage(ref, opening) : await this.open(ref, opening)
     } catch (err) {
       throw new WarmError(`cannot open image ${ref}: ${(err as Error).message}`, { cause: err })
     }
@@ -597,7 +606,7 @@ class Node implements StrataNode {
         throw new ProtocolError(`bad warm-up request from ${from.toString()}`)
       }
       let last = 0
-      const result = await this.warm(request.image, {
+      const result = await this.warmFor('peer', request.image, {
         members: members as string[],
         onProgress: (p) => {
           if (Date.now() - last < 250 && p.chunks < p.totalChunks) return
@@ -637,6 +646,14 @@ class Node implements StrataNode {
     this.init.store.removeEventListener('put', this.onPut)
     this.init.store.removeEventListener('evict', this.onEvict)
     await this.libp2p.stop()
+  }
+}
+
+function registryOf(ref: string): string | undefined {
+  try {
+    return parseReference(ref).registry
+  } catch {
+    return undefined
   }
 }
 

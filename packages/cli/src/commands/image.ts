@@ -10,6 +10,7 @@ import {
 } from '@strata/registry'
 import { MAX_FOOTER_SIZE, openLayer, parseFooter, TOC_DIGEST_ANNOTATION } from '@strata/stargz'
 import { type Command, type OptionSpec, type Options, UsageError } from '../command.js'
+import { parseCredentials } from '../credentials.js'
 import { formatBytes, type Output, type Progress } from '../output.js'
 import { builderSettings, chunkSizeOption, prioritizedFileOption } from './build-options.js'
 
@@ -22,8 +23,9 @@ const registryOptions: Record<string, OptionSpec> = {
   },
   creds: {
     type: 'string',
-    value: 'USER:PASS',
-    description: 'credentials for the registries named (else ~/.docker/config.json)'
+    multiple: true,
+    value: '[HOST=]USER:PASS',
+    description: 'credentials for HOST, or for the registries named (else ~/.docker/config.json)'
   },
   platform: {
     type: 'string',
@@ -48,13 +50,8 @@ function checkReference(name: string): void {
 function clientFor(opts: Options, references: string[]): RegistryClient {
   for (const r of references) checkReference(r)
   const insecure = (opts['insecure-registry'] as string[] | undefined) ?? []
-  const credentials: Record<string, { username: string; password: string }> = {}
-  if (typeof opts.creds === 'string') {
-    const colon = opts.creds.indexOf(':')
-    if (colon <= 0) throw new UsageError(`--creds must be USER:PASS, not '${opts.creds}'`)
-    const c = { username: opts.creds.slice(0, colon), password: opts.creds.slice(colon + 1) }
-    for (const r of references) if (!r.startsWith('oci:')) credentials[parseReference(r).registry] = c
-  }
+  const named = references.filter((r) => !r.startsWith('oci:')).map((r) => parseReference(r).registry)
+  const credentials = parseCredentials((opts.creds as string[] | undefined) ?? [], named)
   return createRegistryClient({ insecure, credentials })
 }
 
