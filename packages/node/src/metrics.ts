@@ -66,6 +66,14 @@ export function nodeMetrics(node: StrataNode): Registry {
       this.inc((await status()).requests.errors)
     }
   })
+  new Gauge({
+    name: 'strata_chunk_protocol_queued_bytes',
+    help: 'Chunk bytes held for answers to peers not yet taken by their readers (bounded by maxQueuedBytes)',
+    registers: [registry],
+    async collect() {
+      this.set((await status()).requests.queuedBytes)
+    }
+  })
   new Counter({
     name: 'strata_cache_hits_total',
     help: 'Chunk store hits',

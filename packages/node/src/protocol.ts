@@ -35,6 +35,12 @@ export interface ProtocolLimits {
   maxChunkBytes: number
   /** Requests one peer may have in flight at this server; more are refused as busy. */
   maxInflightPerPeer: number
+  /**
+   * Chunk bytes this server holds at once for answers not yet taken by their readers, over all peers and
+   * streams (identities cost nothing without a PSK, so a cap per peer would bound nothing). A reader that does
+   * not read keeps its share until its request times out; other answers wait for room meanwhile.
+   */
+  maxQueuedBytes: number
   /** How long one request may take, either side. */
   requestTimeoutMs: number
 }
@@ -45,6 +51,7 @@ export const DEFAULT_LIMITS: ProtocolLimits = {
   maxResponseBytes: 64 << 20,
   maxChunkBytes: 16 << 20,
   maxInflightPerPeer: 16,
+  maxQueuedBytes: 64 << 20,
   requestTimeoutMs: 30_000
 }
 
@@ -58,15 +65,11 @@ export type ChunkAnswer = { index: number; bytes: Uint8Array } | { index: number
 export interface ServerComponents {
   store: ChunkStore
   /**
-   * Gets chunks this node is the home of, from wherever the node's fetcher finds them (for `fetch`): one promise
-   * per chunk, settled as that chunk arrives (verified bytes, or undefined when it could not be got). `ref` names
+   * Gets chunks this node is the home of into its store, from wherever the node's fetcher finds them (for
+   * `fetch`): one promise per chunk, settled as that chunk lands (true) or could not be got (false). `ref` names
    * the image the chunks come from.
    */
-  fetch?: (
-    chunks: ChunkRef[],
-    ref: string | undefined,
-    options?: AbortOptions
-  ) => Promise<Array<Promise<Uint8Array | undefined>>>
+  fetch?: (chunks: ChunkRef[], ref: string | undefined, options?: AbortOptions) => Promise<Array<Promise<boolean>>>
   /** Told about each chunk served. */
   onServed?: (peer: string, bytes: number) => void
   /** Told about each failed request. */
@@ -79,11 +82,19 @@ const DIGEST = /^sha256:[0-9a-f]{64}$/
 export class ChunkServer {
   private readonly inflight = new Map<string, number>()
   private readonly closing = new AbortController()
+  private readonly queued: ByteBudget
 
   constructor(
     private readonly components: ServerComponents,
     private readonly limits: ProtocolLimits = DEFAULT_LIMITS
-  ) {}
+  ) {
+    this.queued = new ByteBudget(limits.maxQueuedBytes)
+  }
+
+  /** Chunk bytes held now for answers their readers have not taken (at most limits.maxQueuedBytes). */
+  queuedBytes(): number {
+    return this.queued.used()
+  }
 
   /** Stops taking requests and aborts those in flight. */
   stop(): void {
@@ -91,7 +102,15 @@ export class ChunkServer {
   }
 
   async handle(stream: Stream, peer: string): Promise<void> {
-    const signal = AbortSignal.any([AbortSignal.timeout(this.limits.requestTimeoutMs), this.closing.signal])
+    // A request ends with its stream too: an asker that resets it frees what its answer was waiting for.
+    const gone = new AbortController()
+    const onClose = () => gone.abort(new Error(`the stream from ${peer} closed`))
+    stream.addEventListener('close', onClose, { once: true })
+    const signal = AbortSignal.any([
+      AbortSignal.timeout(this.limits.requestTimeoutMs),
+      this.closing.signal,
+      gone.signal
+    ])
     const onAbort = () => stream.abort(new PeerTimeoutError(`request from ${peer} timed out or was cancelled`))
     signal.addEventListener('abort', onAbort, { once: true })
     const count = this.inflight.get(peer) ?? 0
@@ -118,6 +137,7 @@ export class ChunkServer {
       stream.abort(err as Error)
     } finally {
       signal.removeEventListener('abort', onAbort)
+      stream.removeEventListener('close', onClose)
       const left = (this.inflight.get(peer) ?? 1) - 1
       if (left === 0) this.inflight.delete(peer)
       else this.inflight.set(peer, left)
@@ -140,10 +160,9 @@ export class ChunkServer {
   }
 
   private async answerGet(stream: Stream, peer: string, digests: string[], signal: AbortSignal): Promise<void> {
-    let budget = this.limits.maxResponseBytes
+    const answer = { budget: this.limits.maxResponseBytes }
     for (const [i, digest] of digests.entries()) {
-      const bytes = budget > 0 ? await this.components.store.get(digest, { signal }) : undefined
-      budget = await this.answerOne(stream, peer, i, bytes, budget, signal)
+      if (!(await this.answerStored(stream, peer, i, digest, answer, signal))) await sendMissing(stream, i, signal)
     }
   }
 
@@ -154,13 +173,11 @@ export class ChunkServer {
     ref: string | undefined,
     signal: AbortSignal
   ): Promise<void> {
-    let budget = this.limits.maxResponseBytes
+    const answer = { budget: this.limits.maxResponseBytes }
     // What the store holds goes out at once; the rest is fetched as one batch (the registry coalesces ranges).
     const lacking: number[] = []
     for (const [i, chunk] of chunks.entries()) {
-      const bytes = await this.components.store.get(chunk.digest, { signal })
-      if (bytes === undefined) lacking.push(i)
-      else budget = await this.answerOne(stream, peer, i, bytes, budget, signal)
+      if (!(await this.answerStored(stream, peer, i, chunk.digest, answer, signal))) lacking.push(i)
     }
     const fetch = this.components.fetch
     const pending =
@@ -170,32 +187,117 @@ export class ChunkServer {
             ref,
             { signal }
           )
-        : lacking.map(() => Promise.resolve(undefined))
-    // Each chunk is answered as soon as it arrives: the asker's fetcher takes a silent peer for a stalled one.
-    const answers = pending.map((p, j) => p.then((bytes) => ({ index: lacking[j]!, bytes })))
-    const waiting = new Map(answers.map((p, j) => [j, p.then((a) => ({ j, a }))]))
+        : lacking.map(() => Promise.resolve(false))
+    // Each chunk is answered as soon as it lands: the asker's fetcher takes a silent peer for a stalled one.
+    const waiting = new Map(pending.map((p, j) => [j, p.then((landed) => ({ j, landed }))]))
     while (waiting.size > 0) {
-      const { j, a } = await Promise.race(waiting.values())
+      const { j, landed } = await Promise.race(waiting.values())
       waiting.delete(j)
-      budget = await this.answerOne(stream, peer, a.index, a.bytes, budget, signal)
+      const index = lacking[j]!
+      const sent = landed && (await this.answerStored(stream, peer, index, chunks[index]!.digest, answer, signal))
+      if (!sent) await sendMissing(stream, index, signal)
     }
   }
 
-  private async answerOne(
+  /**
+   * Sends chunk `index` from the store if it is there and fits the answer's budget; false if not (the caller
+   * says it is missing). Its bytes count against the node's queued-bytes bound from before they are read until
+   * the stream has handed them to the muxer (within the window the reader grants), so answers nobody reads
+   * cannot pile up in memory. The next chunk is read meanwhile, as far as the bound allows.
+   */
+  private async answerStored(
     stream: Stream,
     peer: string,
     index: number,
-    bytes: Uint8Array | undefined,
-    budget: number,
+    digest: string,
+    answer: { budget: number },
     signal: AbortSignal
-  ): Promise<number> {
-    if (bytes === undefined || bytes.byteLength > budget) {
-      await send(stream, encodeFrame(Uint8Array.of(MISSING), u32(index)), signal)
-      return budget
+  ): Promise<boolean> {
+    if (answer.budget <= 0) return false
+    // The size is known once read: room for the largest chunk first, the rest given back after the read.
+    const reserved = Math.min(this.limits.maxChunkBytes, answer.budget)
+    await this.queued.take(reserved, signal)
+    let bytes: Uint8Array | undefined
+    try {
+      bytes = await this.components.store.get(digest, { signal })
+    } catch (err) {
+      this.queued.give(reserved)
+      throw err
     }
-    await send(stream, encodeFrame(Uint8Array.of(CHUNK), u32(index), bytes), signal)
-    this.components.onServed?.(peer, bytes.byteLength)
-    return budget - bytes.byteLength
+    const size = bytes?.byteLength ?? 0
+    if (bytes === undefined || size > answer.budget) {
+      this.queued.give(reserved)
+      return false
+    }
+    this.queued.give(reserved - size)
+    try {
+      // Header and bytes as two writes: the stream's buffer keeps both without copying the chunk.
+      stream.send(encodeFrameHeader(1 + 4 + size, CHUNK, index))
+      stream.send(bytes)
+    } catch (err) {
+      this.queued.give(size)
+      throw err
+    }
+    void flushed(stream, signal)
+      .catch(() => {})
+      .finally(() => this.queued.give(size))
+    this.components.onServed?.(peer, size)
+    answer.budget -= size
+    return true
+  }
+}
+
+/**
+ * A count of bytes with a ceiling, taken and given back; takers wait in order for room (or their signal). One
+ * taker may take at most the whole ceiling.
+ */
+class ByteBudget {
+  #free: number
+  readonly #waiting: Array<{ n: number; go: () => void }> = []
+
+  constructor(readonly limit: number) {
+    this.#free = limit
+  }
+
+  used(): number {
+    return this.limit - this.#free
+  }
+
+  take(n: number, signal: AbortSignal): Promise<void> {
+    const want = Math.min(n, this.limit)
+    if (this.#waiting.length === 0 && this.#free >= want) {
+      this.#free -= want
+      return Promise.resolve()
+    }
+    return new Promise((resolve, reject) => {
+      const waiter = {
+        n: want,
+        go: () => {
+          signal.removeEventListener('abort', onAbort)
+          resolve()
+        }
+      }
+      const onAbort = () => {
+        this.#waiting.splice(this.#waiting.indexOf(waiter), 1)
+        reject(signal.reason)
+        this.#wake()
+      }
+      signal.addEventListener('abort', onAbort, { once: true })
+      this.#waiting.push(waiter)
+    })
+  }
+
+  give(n: number): void {
+    this.#free = Math.min(this.limit, this.#free + Math.min(n, this.limit))
+    this.#wake()
+  }
+
+  #wake(): void {
+    while (this.#waiting.length > 0 && this.#free >= this.#waiting[0]!.n) {
+      const next = this.#waiting.shift()!
+      this.#free -= next.n
+      next.go()
+    }
   }
 }
 
@@ -260,6 +362,40 @@ function u32(n: number): Uint8Array {
 
 async function send(stream: Stream, frame: Uint8Array, signal: AbortSignal): Promise<void> {
   if (!stream.send(frame)) await stream.onDrain({ signal })
+}
+
+/**
+ * Waits until the stream's write buffer is empty: what was sent is with the muxer, within the window the reader
+ * granted. (A drain of the connection does not mean that: a reader that does not read keeps its window shut.)
+ */
+async function flushed(stream: Stream, signal: AbortSignal): Promise<void> {
+  while (stream.writeBufferLength > 0) {
+    signal.throwIfAborted()
+    if (stream.status !== 'open') throw new ProtocolError(`the stream was ${stream.status} before the answer was sent`)
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        for (const event of ['idle', 'drain', 'close'] as const) stream.removeEventListener(event, done)
+        signal.removeEventListener('abort', done)
+        resolve()
+      }
+      for (const event of ['idle', 'drain', 'close'] as const) stream.addEventListener(event, done)
+      signal.addEventListener('abort', done)
+    })
+  }
+}
+
+function sendMissing(stream: Stream, index: number, signal: AbortSignal): Promise<void> {
+  return send(stream, encodeFrame(Uint8Array.of(MISSING), u32(index)), signal)
+}
+
+/** The first bytes of a frame of `length` bytes whose body starts with `type` and a u32 index. */
+function encodeFrameHeader(length: number, type: number, index: number): Uint8Array {
+  const header = new Uint8Array(9)
+  const view = new DataView(header.buffer)
+  view.setUint32(0, length)
+  header[4] = type
+  view.setUint32(5, index)
+  return header
 }
 
 async function sendError(stream: Stream, reason: string, message: string, signal: AbortSignal): Promise<void> {
