@@ -556,7 +556,7 @@ class Client implements RegistryClient {
           {
             ...subject,
             status: 401,
-            hint: `log in with 'docker login ${registry}' or pass --creds user:pass`
+            hint: `log in with 'docker login ${registry}' or pass --creds ${registry}=USER:PASS`
           }
         )
       }
@@ -626,7 +626,7 @@ class Client implements RegistryClient {
         {
           ...subject,
           status: res.status,
-          hint: `log in with 'docker login ${registry}' or pass --creds user:pass`
+          hint: `log in with 'docker login ${registry}' or pass --creds ${registry}=USER:PASS`
         }
       )
     }
@@ -685,7 +685,7 @@ class Client implements RegistryClient {
       const rejected = this.basic.has(spec.ref.registry) ? 'the registry rejected the credentials: ' : ''
       throw new Unauthorized(`${rejected}not authorised (${detail})`, {
         ...s,
-        hint: `log in with 'docker login ${spec.ref.registry}' or pass --creds user:pass`
+        hint: `log in with 'docker login ${spec.ref.registry}' or pass --creds ${spec.ref.registry}=USER:PASS`
       })
     }
     if (status === 403) {

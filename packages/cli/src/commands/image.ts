@@ -72,7 +72,7 @@ async function probeLayer(client: RegistryClient, ref: string, l: Descriptor, si
   const toc = l.annotations?.[TOC_DIGEST_ANNOTATION]
   if (toc !== undefined) return { ...info, estargz: true, format: 'estargz', tocDigest: toc, from: 'annotation' }
   if (l.size < 47) return info
-  const blob = client.blob(ref, l)
+  const blob = client.blob(ref, l, undefined, { deadline: true, what: 'the footer and TOC' })
   const tailLength = Math.min(MAX_FOOTER_SIZE, l.size)
   const tail = await blob.readAt(l.size - tailLength, tailLength, { signal })
   try {
