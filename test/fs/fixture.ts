@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto'
-import { mkdir, readdir, rm, symlink, writeFile } from 'node:fs/promises'
+import { mkdir, open, readdir, rm, symlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { oracle, run } from '@test/tools.js'
 
@@ -10,7 +10,8 @@ export const PROGRAM = '/usr/bin/ls'
  * Three layers of a small root file system, each a real directory, made a tar by GNU tar and eStargz by the
  * reference builder. Layer 0: a dynamically linked program and its libraries, a 20 MiB file, hardlinks,
  * a symlink, a fifo, a char device, setuid/sticky modes, an owner, xattrs. Layers 1 and 2: whiteouts,
- * opaque directories, a file replaced under its hardlink, new hardlinks and symlinks.
+ * opaque directories, a file replaced under its hardlink, new hardlinks and symlinks, one of them with mode
+ * 0755 in its tar header (as some image builders write; Linux shows every symlink as 0777).
  */
 export interface Fixture {
   /** The layer directories (whiteouts as `.wh.*` files), lowest first. */
@@ -32,6 +33,7 @@ export async function makeFixture(work: string): Promise<Fixture> {
   for (const [i, dir] of dirs.entries()) {
     const tar = join(work, `layer${i}.tar`)
     await run('tar', ['--sort=name', '--numeric-owner', '--xattrs', '--xattrs-include=*', '-C', dir, '-cf', tar, '.'])
+    if (i === 2) await setTarMode(tar, './data/sym755', 0o755)
     const path = join(work, `layer${i}.blob`)
     const built = await oracle(['build', tar, path, '--chunk-size', String(1 << 20)])
     blobs.push({ path, tocDigest: built['toc-digest']! })
@@ -120,10 +122,39 @@ async function layer2(dir: string): Promise<void> {
   await mkdir(join(data, 'opq'), { recursive: true })
   await writeFile(join(data, 'opq', '.wh.new1'), '')
   await symlink('../etc/motd', join(data, 'sym'))
+  await symlink('sym', join(data, 'sym755'))
   await mkdir(join(data, 'private'))
   await run('chmod', ['0700', join(data, 'private')])
   await run('chown', ['1000:1000', join(data, 'private')])
   await writeFile(join(data, 'private', 'secret'), 'secret\n')
+}
+
+/**
+ * Rewrites the mode of one member in a tar's header (GNU tar takes a symlink's mode from lstat, always 0777 on
+ * Linux; other builders write what they like), with the header's checksum.
+ */
+async function setTarMode(tar: string, name: string, mode: number): Promise<void> {
+  const file = await open(tar, 'r+')
+  try {
+    const header = Buffer.alloc(512)
+    for (let at = 0; (await file.read(header, 0, 512, at)).bytesRead === 512; ) {
+      if (header.every((b) => b === 0)) break
+      const member = header.subarray(0, 100).toString('latin1').replace(/\0.*$/s, '')
+      const size = Number.parseInt(header.subarray(124, 136).toString('latin1').replace(/\0.*$/s, '').trim() || '0', 8)
+      if (member === name) {
+        header.write(`${mode.toString(8).padStart(7, '0')}\0`, 100, 'latin1')
+        header.fill(0x20, 148, 156)
+        const sum = header.reduce((a, b) => a + b, 0)
+        header.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 'latin1')
+        await file.write(header, 0, 512, at)
+        return
+      }
+      at += 512 + Math.ceil(size / 512) * 512
+    }
+    throw new Error(`${name} is not in ${tar}`)
+  } finally {
+    await file.close()
+  }
 }
 
 /**

@@ -113,6 +113,10 @@ describe('FUSE mount of an image', () => {
     expect(expected.find((l) => l.startsWith('data/fifo '))).toMatch(/ p 644 /)
     expect(expected.find((l) => l.startsWith('dev/zero '))).toMatch(/ c 644 /)
     expect(expected.find((l) => l.startsWith('data/n1 '))).toMatch(/ f 644 0:0 2 /)
+    // Its tar header says 0755; Linux shows 0777 for every symlink, as the extraction does.
+    expect(expected.find((l) => l.startsWith('data/sym755 '))).toBe('data/sym755 l 777 0:0 1 sym')
+    const header = await exec('tar', ['-tvf', join(work, 'layer2.tar'), './data/sym755'])
+    expect(header.stdout).toMatch(/^lrwxr-xr-x /)
   })
 
   it('runs a dynamically linked program in a chroot', async () => {

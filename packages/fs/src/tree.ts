@@ -194,7 +194,8 @@ function newNode(ino: number, e: Entry, layer: number | undefined): Building {
   const node: Building = {
     ino,
     type,
-    mode: e.mode,
+    // Linux has no mode for a symlink: lstat shows 0777 whatever the tar header says (an extraction does too).
+    mode: type === 'symlink' ? 0o777 : e.mode,
     uid: e.uid,
     gid: e.gid,
     size: type === 'reg' || type === 'dir' || type === 'symlink' ? size : 0,
