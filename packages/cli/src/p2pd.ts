@@ -4,9 +4,11 @@ import {
   type ControlServer,
   createNode,
   type MetricsServer,
+  type MirrorServer,
   type StrataNode,
   startControlServer,
-  startMetricsServer
+  startMetricsServer,
+  startMirrorServer
 } from '@strata/node'
 import { createRegistryClient } from '@strata/registry'
 import { type LocalChunkStore, openDiskStore } from '@strata/store'
@@ -27,6 +29,7 @@ interface Settings {
   bootstrap: string[]
   socket: string
   metricsListen?: string
+  mirrorListen?: string
   cacheSize?: number
   pskFile?: string
   insecureRegistry: string[]
@@ -43,6 +46,7 @@ const KEYS = [
   'bootstrap',
   'socket',
   'metrics-listen',
+  'mirror-listen',
   'cache-size',
   'psk-file',
   'insecure-registry',
@@ -100,8 +104,12 @@ async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings
   const credentials = parseCredentials(list('creds'))
   const insecureRegistry = list('insecure-registry')
   const metricsListen = text('metrics-listen')
-  if (metricsListen !== undefined && !/^.+:\d+$/.test(metricsListen)) {
-    throw new UsageError(`--metrics-listen '${metricsListen}' is not HOST:PORT`)
+  const mirrorListen = text('mirror-listen')
+  for (const [flag, value] of [
+    ['metrics-listen', metricsListen],
+    ['mirror-listen', mirrorListen]
+  ]) {
+    if (value !== undefined && !/^.+:\d+$/.test(value)) throw new UsageError(`--${flag} '${value}' is not HOST:PORT`)
   }
   return {
     dataDir: text('data-dir')!,
@@ -109,6 +117,7 @@ async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings
     bootstrap: list('bootstrap'),
     socket: text('socket')!,
     metricsListen,
+    mirrorListen,
     cacheSize: cacheSize !== undefined ? parseBytes(cacheSize, 'cache size') : undefined,
     pskFile: text('psk-file'),
     insecureRegistry,
@@ -122,7 +131,7 @@ export const p2pd: Command = {
   name: 'p2pd',
   summary: 'strata peer-to-peer node: shares image chunks with the cluster and serves local mounts.',
   description: `Settings come from flags, then STRATA_* environment variables (STRATA_DATA_DIR, STRATA_LISTEN,
-STRATA_BOOTSTRAP, STRATA_SOCKET, STRATA_METRICS_LISTEN, STRATA_CACHE_SIZE, STRATA_PSK_FILE,
+STRATA_BOOTSTRAP, STRATA_SOCKET, STRATA_METRICS_LISTEN, STRATA_MIRROR_LISTEN, STRATA_CACHE_SIZE, STRATA_PSK_FILE,
 STRATA_INSECURE_REGISTRY, STRATA_REGISTRY, STRATA_CREDS; lists comma-separated), then the --config JSON file
 (same keys as the flags, e.g. {"listen": ["/ip4/0.0.0.0/tcp/4001"], "cache-size": "20G"}). Stop with SIGTERM.
 
@@ -149,6 +158,11 @@ Example:
     },
     socket: { type: 'string', value: 'PATH', description: 'control socket (default: /run/strata/p2pd.sock)' },
     'metrics-listen': { type: 'string', value: 'HOST:PORT', description: 'serve Prometheus metrics on /metrics' },
+    'mirror-listen': {
+      type: 'string',
+      value: 'HOST:PORT',
+      description: 'serve the registry pull API as a P2P mirror for containerd, podman and Docker (off)'
+    },
     'cache-size': { type: 'string', value: 'BYTES', description: 'chunk store cap, e.g. 20G (default: no cap)' },
     'psk-file': { type: 'string', value: 'PATH', description: 'pre-shared key: only nodes with the same key connect' },
     'insecure-registry': {
@@ -179,6 +193,7 @@ Example:
     let node: StrataNode | undefined
     let control: ControlServer | undefined
     let metrics: MetricsServer | undefined
+    let mirror: MirrorServer | undefined
     try {
       node = await createNode({
         store,
@@ -189,15 +204,18 @@ Example:
         // Peers may ask this node to read from the registries it was configured for (see NodeInit.registries).
         registries: s.registries,
         ...(s.pskFile !== undefined ? { pskFile: s.pskFile } : {}),
-        registry: createRegistryClient({ insecure: s.insecureRegistry, credentials: s.credentials })
+        registry: createRegistryClient({ insecure: s.insecureRegistry, credentials: s.credentials }),
+        log: (message) => out.info(message)
       })
       control = await startControlServer(node, { socket: s.socket })
       // p2p-mount asks the daemon to serve its mount: one process owns the store, and reads use the peers.
       addMountRoutes(control, node, { dataDir: s.dataDir, socket: s.socket })
       if (s.metricsListen !== undefined) metrics = await startMetricsServer(node, { listen: s.metricsListen })
+      if (s.mirrorListen !== undefined) mirror = await startMirrorServer(node.mirror, { listen: s.mirrorListen })
       out.print(
         `p2pd ready: peer ${node.peerId} listening on ${node.addrs().join(', ')}, socket ${s.socket}` +
-          (metrics !== undefined ? `, metrics http://${metrics.address}/metrics` : '')
+          (metrics !== undefined ? `, metrics http://${metrics.address}/metrics` : '') +
+          (mirror !== undefined ? `, mirror http://${mirror.address}` : '')
       )
       if (!signal.aborted) await new Promise((resolve) => signal.addEventListener('abort', resolve, { once: true }))
       out.info(`p2pd: ${(signal.reason as Error)?.message ?? 'stopping'}; finishing requests in flight`)
@@ -205,6 +223,7 @@ Example:
     } finally {
       await control?.close()
       await metrics?.close()
+      await mirror?.close()
       await node?.stop()
       await store.close()
     }

@@ -32,6 +32,11 @@ export interface ResolveImageInit {
 /** Registry failures that say nothing about a reference: it may well still name what it named. */
 const OUTAGES = new Set(['RegistryUnavailable', 'RegistryTimeout', 'RegistryDeadlineExceeded', 'TooManyRequests'])
 
+/** The registry could not be reached (an outage, a rate limit), as opposed to refusing: a fallback may serve. */
+export function isRegistryOutage(err: unknown): boolean {
+  return OUTAGES.has((err as Error)?.name)
+}
+
 /** What the store keeps of the image a reference last named (`image/<platform>@<ref>`). */
 interface ImageRecord {
   ref: { registry: string; repository: string; tag?: string; digest: string }
@@ -55,7 +60,7 @@ export async function resolveImage(init: ResolveImageInit): Promise<RegistryImag
   try {
     image = await (init.pending ?? init.client.getImage(ref, { platform, signal }))
   } catch (err) {
-    if (signal?.aborted === true || !OUTAGES.has((err as Error).name)) throw err
+    if (signal?.aborted === true || !isRegistryOutage(err)) throw err
     const before = await recallImage(store, key, { signal }).catch(() => undefined)
     if (before === undefined) throw err
     init.onProgress?.({

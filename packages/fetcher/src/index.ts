@@ -8,6 +8,13 @@ export {
   UnverifiedLayerError
 } from './errors.js'
 export { chunkRef, createFetcher, type FetcherInit } from './fetcher.js'
-export { type OpenImageInit, openImage, type ResolveImageInit, resolveImage, TOC_DIGEST_ANNOTATION } from './image.js'
+export {
+  isRegistryOutage,
+  type OpenImageInit,
+  openImage,
+  type ResolveImageInit,
+  resolveImage,
+  TOC_DIGEST_ANNOTATION
+} from './image.js'
 export { createRegistrySource, type RegistrySourceInit } from './registry-source.js'
 export type * from './types.js'

@@ -1,3 +1,4 @@
+import type { Stream } from '@libp2p/interface'
 import { Uint8ArrayList } from 'uint8arraylist'
 import { ProtocolError } from './errors.js'
 
@@ -36,4 +37,24 @@ export async function* readFrames(
     }
   }
   if (buffer.byteLength > 0) throw new ProtocolError(`stream ended inside a frame (${buffer.byteLength} bytes left)`)
+}
+
+/**
+ * Waits until the stream's write buffer is empty: what was sent is with the muxer, within the window the reader
+ * granted. (A drain of the connection does not mean that: a reader that does not read keeps its window shut.)
+ */
+export async function flushed(stream: Stream, signal: AbortSignal): Promise<void> {
+  while (stream.writeBufferLength > 0) {
+    signal.throwIfAborted()
+    if (stream.status !== 'open') throw new ProtocolError(`the stream was ${stream.status} before the answer was sent`)
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        for (const event of ['idle', 'drain', 'close'] as const) stream.removeEventListener(event, done)
+        signal.removeEventListener('abort', done)
+        resolve()
+      }
+      for (const event of ['idle', 'drain', 'close'] as const) stream.addEventListener(event, done)
+      signal.addEventListener('abort', done)
+    })
+  }
 }

@@ -23,6 +23,13 @@ export {
 export { digestToCid } from './keys.js'
 export type { MetricsServer } from './metrics.js'
 export { startMetricsServer } from './metrics.js'
+export {
+  BLOB_PROTOCOL,
+  BlobUnavailableError,
+  type MirrorServer,
+  type MirrorStats,
+  startMirrorServer
+} from './mirror.js'
 export type {
   ClusterWarmProgress,
   ClusterWarmResult,

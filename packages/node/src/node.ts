@@ -11,7 +11,7 @@ import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image } from '@strata/fetcher'
 import { createFetcher, createRegistrySource, openImage, resolveImage } from '@strata/fetcher'
-import { parseReference, type RegistryClient } from '@strata/registry'
+import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
 import { createLibp2p } from 'libp2p'
 import { Announcer, type AnnounceStats } from './announcer.js'
@@ -19,10 +19,11 @@ import { ProtocolError, RegistryNotAllowedError, WarmError } from './errors.js'
 import { encodeFrame, readFrames } from './frames.js'
 import { loadIdentity, loadPreSharedKey } from './identity.js'
 import { digestToCid } from './keys.js'
+import { BLOB_PROTOCOL, Mirror, type MirrorStats } from './mirror.js'
 import { PeerBook, type PeerScore } from './peers.js'
 import { CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
 import { LayerRouter } from './router.js'
-import { isForwarded, PeerSource, runForwarded } from './source.js'
+import { homeOf, isForwarded, PeerSource, runForwarded } from './source.js'
 import { type WarmProgress, type WarmResult, warmImage } from './warm.js'
 
 export const DHT_PROTOCOL = '/strata/kad/1.0.0'
@@ -33,6 +34,8 @@ export interface NodeInit {
   store: ChunkStore & { gc?(options?: AbortOptions): Promise<unknown> }
   /** Holds the identity key (`peer.key`, 0600) and the node's own metadata. */
   dataDir: string
+  /** Told what an operator should know of (p2pd logs it): a peer caught sending a wrong blob, say. */
+  log?: (message: string) => void
   /** Multiaddrs to listen on. Default `/ip4/0.0.0.0/tcp/4001`. */
   listen?: string[]
   /**
@@ -111,6 +114,8 @@ export interface NodeStatus {
   requests: { served: number; errors: number; queuedBytes: number }
   store: StoreStats
   announce: AnnounceStats
+  /** The pull-through mirror's blobs (see mirror.ts): bytes served to runtimes and where they came from. */
+  mirror: MirrorStats
 }
 
 export interface ClusterWarmProgress {
@@ -128,6 +133,8 @@ export interface StrataNode {
   readonly fetcher: Fetcher
   /** The `peer` ChunkSource (what the fetcher asks before the registry). */
   readonly source: ChunkSource
+  /** Whole blobs for the pull-through mirror (startMirrorServer serves them over HTTP). */
+  readonly mirror: Mirror
   /**
    * Opens an image (manifest, verified TOCs) and lets the fetcher read its layers from the registry. The image
    * is the one `ref` names now: its manifest is asked for every time (a tag moves), and an image already
@@ -165,6 +172,7 @@ class Node implements StrataNode {
   readonly peerId: string
   readonly fetcher: Fetcher
   readonly source: PeerSource
+  readonly mirror: Mirror
   private readonly server: ChunkServer
   private readonly announcer: Announcer
   private readonly book: PeerBook
@@ -235,6 +243,27 @@ class Node implements StrataNode {
       },
       limits
     )
+    this.mirror = new Mirror({
+      store: init.store,
+      registry: init.registry ?? createRegistryClient({}),
+      holders: async (digest, options) => {
+        const found = await firstWithin(this.findProviders(digest, options), PROVIDER_PATIENCE_MS)
+        const peers = [...new Set([...found, ...this.book.rank(this.strataPeers)])]
+        return peers.filter((p) => p !== this.peerId && !this.book.isBanned(p))
+      },
+      home: (digest) => {
+        const members = [this.peerId, ...this.strataPeers].filter((m) => m === this.peerId || !this.book.isBanned(m))
+        const home = homeOf(digest, members)
+        return home === this.peerId ? undefined : home
+      },
+      openStream: (peer, protocol, options) =>
+        this.libp2p.dialProtocol(peerIdFromString(peer), protocol, { signal: options?.signal }),
+      onBadPeer: (peer) => this.book.bad(peer),
+      onPeerFailure: (peer) => this.book.failure(peer),
+      mayReadForPeer: (ref) => this.mayOpenForPeer(ref),
+      allowRegistry: (registry) => this.registries.add(registry),
+      ...(init.log !== undefined && { log: init.log })
+    })
     this.announcer = new Announcer({
       ...init.announce,
       provide: (digest, options) => this.provide(digest, options),
@@ -269,6 +298,10 @@ class Node implements StrataNode {
       (stream, connection) => this.track(stream, connection.remotePeer),
       streamLimits
     )
+    await this.libp2p.handle(BLOB_PROTOCOL, (stream, connection) => this.mirror.serve(stream, connection.remotePeer), {
+      maxInboundStreams: 64,
+      maxOutboundStreams: 64
+    })
     await this.libp2p.handle(WARM_PROTOCOL, (stream, connection) => this.serveWarm(stream, connection.remotePeer), {
       maxInboundStreams: 4,
       maxOutboundStreams: 64
@@ -471,7 +504,8 @@ class Node implements StrataNode {
       bytes: { served: this.served, fetched, fetchedForPeers: { ...this.forPeers } },
       requests: { served: this.requestsServed, errors: this.requestErrors, queuedBytes: this.server.queuedBytes() },
       store: await this.init.store.stats(options),
-      announce: this.announcer.stats()
+      announce: this.announcer.stats(),
+      mirror: structuredClone(this.mirror.stats)
     }
   }
 
@@ -638,7 +672,7 @@ class Node implements StrataNode {
   async stop(options: { graceMs?: number } = {}): Promise<void> {
     clearInterval(this.rejoin)
     clearTimeout(this.discovering)
-    await this.libp2p.unhandle([CHUNK_PROTOCOL, WARM_PROTOCOL])
+    await this.libp2p.unhandle([CHUNK_PROTOCOL, WARM_PROTOCOL, BLOB_PROTOCOL])
     const grace = new Promise((resolve) => setTimeout(resolve, options.graceMs ?? 10_000).unref())
     await Promise.race([Promise.allSettled([...this.inflight]), grace])
     this.server.stop()
@@ -647,6 +681,19 @@ class Node implements StrataNode {
     this.init.store.removeEventListener('evict', this.onEvict)
     await this.libp2p.stop()
   }
+}
+
+/** How long a blob's DHT lookup may take before the connected peers are asked without it. */
+const PROVIDER_PATIENCE_MS = 250
+
+/** What `source` yields within `ms` (the rest is left to run out). */
+async function firstWithin<T>(source: AsyncIterable<T>, ms: number): Promise<T[]> {
+  const found: T[] = []
+  const drained = (async () => {
+    for await (const x of source) found.push(x)
+  })().catch(() => {})
+  await Promise.race([drained, new Promise((resolve) => setTimeout(resolve, ms).unref())])
+  return found
 }
 
 function registryOf(ref: string): string | undefined {

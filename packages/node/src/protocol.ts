@@ -2,7 +2,7 @@ import type { Stream } from '@libp2p/interface'
 import type { ChunkRef } from '@strata/fetcher'
 import type { AbortOptions, ChunkStore } from '@strata/store'
 import { PeerRefusedError, PeerTimeoutError, ProtocolError } from './errors.js'
-import { encodeFrame, readFrames } from './frames.js'
+import { encodeFrame, flushed, readFrames } from './frames.js'
 
 /**
  * The chunk exchange protocol. One request per stream: the asker sends one JSON frame and closes its
@@ -362,26 +362,6 @@ function u32(n: number): Uint8Array {
 
 async function send(stream: Stream, frame: Uint8Array, signal: AbortSignal): Promise<void> {
   if (!stream.send(frame)) await stream.onDrain({ signal })
-}
-
-/**
- * Waits until the stream's write buffer is empty: what was sent is with the muxer, within the window the reader
- * granted. (A drain of the connection does not mean that: a reader that does not read keeps its window shut.)
- */
-async function flushed(stream: Stream, signal: AbortSignal): Promise<void> {
-  while (stream.writeBufferLength > 0) {
-    signal.throwIfAborted()
-    if (stream.status !== 'open') throw new ProtocolError(`the stream was ${stream.status} before the answer was sent`)
-    await new Promise<void>((resolve) => {
-      const done = () => {
-        for (const event of ['idle', 'drain', 'close'] as const) stream.removeEventListener(event, done)
-        signal.removeEventListener('abort', done)
-        resolve()
-      }
-      for (const event of ['idle', 'drain', 'close'] as const) stream.addEventListener(event, done)
-      signal.addEventListener('abort', done)
-    })
-  }
 }
 
 function sendMissing(stream: Stream, index: number, signal: AbortSignal): Promise<void> {
