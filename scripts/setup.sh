@@ -12,6 +12,7 @@ APT_PACKAGES=(
   iproute2 apache2-utils attr           # tc/netns for benchmarks; htpasswd; getfattr/setfattr
   golang-go golang-github-containerd-stargz-snapshotter-dev   # Go 1.19 + reference estargz sources for test/oracle
   debootstrap                           # real root file systems for benchmarks
+  containerd runc                       # the container runtime strata serves snapshots to (test/containerd)
   ca-certificates curl git python3 make g++
 )
 

@@ -1,5 +1,6 @@
 import type { Command } from './command.js'
 import { runCommand } from './command.js'
+import { containerdConfigCommand } from './commands/containerd.js'
 import { daemonCommands } from './commands/daemon.js'
 import { imageCommands } from './commands/image.js'
 import { pskCommand } from './commands/psk.js'
@@ -16,7 +17,7 @@ export const p2pctl: Command = {
       description: "p2pd's control socket (default: $STRATA_SOCKET or /run/strata/p2pd.sock)"
     }
   },
-  subcommands: [...daemonCommands, ...imageCommands, stargzCommand, pskCommand]
+  subcommands: [...daemonCommands, ...imageCommands, stargzCommand, pskCommand, containerdConfigCommand]
 }
 
 export function main(argv: string[]): Promise<number> {

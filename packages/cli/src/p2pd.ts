@@ -11,6 +11,7 @@ import {
   startMirrorServer
 } from '@strata/node'
 import { createRegistryClient } from '@strata/registry'
+import { type SnapshotterService, startSnapshotter } from '@strata/snapshotter'
 import { type LocalChunkStore, openDiskStore } from '@strata/store'
 import { type Command, type Options, parseBytes, runCommand, UsageError } from './command.js'
 import { type Credentials, parseCredentials } from './credentials.js'
@@ -37,6 +38,8 @@ interface Settings {
   registries: string[]
   credentials: Record<string, Credentials>
   mdns: boolean
+  /** Serve containerd's snapshots API (a proxy snapshotter plugin) on this Unix socket. */
+  snapshotterSocket?: string
 }
 
 const LISTS = new Set(['listen', 'bootstrap', 'insecure-registry', 'registry', 'creds'])
@@ -52,7 +55,8 @@ const KEYS = [
   'insecure-registry',
   'registry',
   'creds',
-  'mdns'
+  'mdns',
+  'snapshotter-socket'
 ] as const
 
 function envName(key: string): string {
@@ -123,7 +127,8 @@ async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings
     insecureRegistry,
     registries: [...new Set([...list('registry'), ...insecureRegistry, ...Object.keys(credentials)])],
     credentials,
-    mdns: pick('mdns') === true
+    mdns: pick('mdns') === true,
+    snapshotterSocket: text('snapshotter-socket')
   }
 }
 
@@ -132,7 +137,8 @@ export const p2pd: Command = {
   summary: 'strata peer-to-peer node: shares image chunks with the cluster and serves local mounts.',
   description: `Settings come from flags, then STRATA_* environment variables (STRATA_DATA_DIR, STRATA_LISTEN,
 STRATA_BOOTSTRAP, STRATA_SOCKET, STRATA_METRICS_LISTEN, STRATA_MIRROR_LISTEN, STRATA_CACHE_SIZE, STRATA_PSK_FILE,
-STRATA_INSECURE_REGISTRY, STRATA_REGISTRY, STRATA_CREDS; lists comma-separated), then the --config JSON file
+STRATA_INSECURE_REGISTRY, STRATA_REGISTRY, STRATA_CREDS, STRATA_SNAPSHOTTER_SOCKET;
+lists comma-separated), then the --config JSON file
 (same keys as the flags, e.g. {"listen": ["/ip4/0.0.0.0/tcp/4001"], "cache-size": "20G"}). Stop with SIGTERM.
 
 Peers may ask this node to read images (a cluster warm-up, a chunk whose home it is) from the registries it
@@ -183,16 +189,23 @@ Example:
       value: 'HOST=USER:PASS',
       description: 'credentials for the registry HOST, sent to no other host'
     },
-    mdns: { type: 'boolean', description: 'find peers on the local network by mDNS' }
+    mdns: { type: 'boolean', description: 'find peers on the local network by mDNS' },
+    'snapshotter-socket': {
+      type: 'string',
+      value: 'PATH',
+      description: "serve containerd's snapshots API here, as its proxy plugin (off; see p2pctl containerd-config)"
+    }
   },
   async run({ opts, out, signal }) {
     const s = await settings(opts, process.env)
     const store: LocalChunkStore = await openDiskStore(join(s.dataDir, 'store'), {
       ...(s.cacheSize !== undefined ? { maxBytes: s.cacheSize } : {})
     })
+    const registry = createRegistryClient({ insecure: s.insecureRegistry, credentials: s.credentials })
     let node: StrataNode | undefined
     let control: ControlServer | undefined
     let metrics: MetricsServer | undefined
+    let snapshots: SnapshotterService | undefined
     let mirror: MirrorServer | undefined
     try {
       node = await createNode({
@@ -210,10 +223,25 @@ Example:
       control = await startControlServer(node, { socket: s.socket })
       // p2p-mount asks the daemon to serve its mount: one process owns the store, and reads use the peers.
       addMountRoutes(control, node, { dataDir: s.dataDir, socket: s.socket })
+      if (s.snapshotterSocket !== undefined) {
+        // containerd's proxy snapshotter: remote layers open through this node, image configs come from the registry.
+        const n = node
+        snapshots = await startSnapshotter({
+          root: join(s.dataDir, 'snapshotter'),
+          socket: s.snapshotterSocket,
+          source: {
+            openImage: (ref, options) => n.openImage(ref, options),
+            fetcher: n.fetcher,
+            fetchBlob: (ref, digest, options) => registry.fetchBlob(ref, digest, options)
+          },
+          log: (message) => out.info(message)
+        })
+      }
       if (s.metricsListen !== undefined) metrics = await startMetricsServer(node, { listen: s.metricsListen })
       if (s.mirrorListen !== undefined) mirror = await startMirrorServer(node.mirror, { listen: s.mirrorListen })
       out.print(
         `p2pd ready: peer ${node.peerId} listening on ${node.addrs().join(', ')}, socket ${s.socket}` +
+          (snapshots !== undefined ? `, snapshotter ${snapshots.socket}` : '') +
           (metrics !== undefined ? `, metrics http://${metrics.address}/metrics` : '') +
           (mirror !== undefined ? `, mirror http://${mirror.address}` : '')
       )
@@ -222,6 +250,7 @@ Example:
       return 0
     } finally {
       await control?.close()
+      await snapshots?.close()
       await metrics?.close()
       await mirror?.close()
       await node?.stop()

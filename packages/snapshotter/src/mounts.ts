@@ -1,0 +1,213 @@
+// Merged-root mounts of remote layers: one FUSE mount of an image's layers 0..i serves every snapshot whose
+// parent chain tops out at that remote layer, as the lower directory of each one's overlay. A mount lives while
+// some active snapshot or view needs it (the snapshotter asks `release` when the last one goes), and comes back
+// when a snapshot needs it again: after p2pd restarts the old mounts are dead (their FUSE server was this
+// process), so they are detached at start and mounted afresh on demand.
+import { execFile } from 'node:child_process'
+import { mkdir, readdir, rmdir, stat } from 'node:fs/promises'
+import { join } from 'node:path'
+import { promisify } from 'node:util'
+import type { Fetcher, Image } from '@strata/fetcher'
+import { forceUnmount, isMounted, type ServedMount, serveMount } from '@strata/fs'
+import type { AbortOptions } from '@strata/stargz'
+import { MountUnavailable } from './errors.js'
+import type { RemoteLayer } from './state.js'
+
+const exec = promisify(execFile)
+
+/** What the mounts read through: p2pd's node. */
+export interface MountSource {
+  openImage(ref: string, options?: AbortOptions): Promise<Image>
+  readonly fetcher: Fetcher
+}
+
+export interface MergedMountsInit {
+  /** The directory the mounts go in (root-only). */
+  dir: string
+  source: MountSource
+  log: (message: string) => void
+  /** Fetch the prioritized files of the image's eStargz layers when a mount is first made (default true). */
+  prefetch?: boolean
+}
+
+export class MergedMounts {
+  readonly #init: MergedMountsInit
+  readonly #live = new Map<number, ServedMount>()
+  /** Work on each mount, one thing at a time: a mount is never made and removed at once. */
+  readonly #queue = new Map<number, Promise<void>>()
+  readonly #prefetching = new Set<Promise<void>>()
+  readonly #stop = new AbortController()
+
+  constructor(init: MergedMountsInit) {
+    this.#init = init
+  }
+
+  path(id: number): string {
+    return join(this.#init.dir, String(id))
+  }
+
+  /** Ids of the mounts this process serves now. */
+  live(): number[] {
+    return [...this.#live.keys()]
+  }
+
+  /** Detaches what a previous p2pd left mounted (dead now), and removes the empty directories. */
+  async recover(): Promise<void> {
+    await mkdir(this.#init.dir, { recursive: true, mode: 0o700 })
+    for (const name of await readdir(this.#init.dir)) {
+      const path = join(this.#init.dir, name)
+      if (await mountedOrDead(path)) await forceUnmount(path).catch(() => {})
+    }
+  }
+
+  /**
+   * The mountpoint of the merged root of layers 0..remote.index of the remote layer's image, mounted when it
+   * is not (or no longer: a mount whose server died is replaced). MountUnavailable when it cannot be made.
+   */
+  ensure(id: number, remote: RemoteLayer, options?: AbortOptions): Promise<string> {
+    return this.#serial(id, () => this.#ensure(id, remote, options))
+  }
+
+  async #ensure(id: number, remote: RemoteLayer, options?: AbortOptions): Promise<string> {
+    const path = this.path(id)
+    const served = this.#live.get(id)
+    if (served !== undefined) {
+      if (await healthy(path)) return path
+      this.#init.log(`snapshotter: the mount of ${remote.ref} at ${path} stopped answering; mounting it again`)
+      this.#live.delete(id)
+      await served.unmount().catch(() => {})
+    }
+    if (await mountedOrDead(path)) await forceUnmount(path).catch(() => {})
+    let image: Image
+    try {
+      image = await this.#init.source.openImage(remote.ref, options)
+    } catch (err) {
+      throw new MountUnavailable(`cannot open ${remote.ref} to mount it: ${(err as Error).message}`, { cause: err })
+    }
+    const layers = image.layers.slice(0, remote.index + 1)
+    if (layers[remote.index]?.digest !== remote.layer) {
+      throw new MountUnavailable(`${remote.ref} no longer has layer ${remote.layer} at ${remote.index}`)
+    }
+    await mkdir(path, { recursive: true, mode: 0o700 })
+    let mount: ServedMount
+    try {
+      mount = await serveMount(
+        {
+          image: { layers },
+          fetcher: this.#init.source.fetcher,
+          mountpoint: path,
+          onError: (f) => this.#init.log(`snapshotter: read of ${f.path} in ${remote.ref} failed: ${f.error.message}`)
+        },
+        options
+      )
+    } catch (err) {
+      throw new MountUnavailable(`cannot mount ${remote.ref} at ${path}: ${(err as Error).message}`, { cause: err })
+    }
+    try {
+      await allowSetuid(path)
+    } catch (err) {
+      await mount.unmount().catch(() => {})
+      throw new MountUnavailable(`cannot allow setuid programs on ${path}: ${(err as Error).message}`, { cause: err })
+    }
+    this.#live.set(id, mount)
+    this.#init.log(`snapshotter: mounted layers 1-${remote.index + 1} of ${remote.ref} at ${path}`)
+    if (this.#init.prefetch !== false) this.#prefetch({ ...image, layers }, remote.ref)
+    return path
+  }
+
+  /** The prioritized files of the image's eStargz layers into the store, in the background. */
+  #prefetch(image: Image, ref: string): void {
+    if (!image.layers.some((l) => l.toc.prioritized.length > 0)) return
+    const started = Date.now()
+    const p = this.#init.source.fetcher
+      .prefetch(image, { signal: this.#stop.signal })
+      .then(
+        () => this.#init.log(`snapshotter: prefetched the prioritized files of ${ref} in ${Date.now() - started} ms`),
+        (err) => {
+          if (!this.#stop.signal.aborted) this.#init.log(`snapshotter: prefetch of ${ref} failed: ${err.message}`)
+        }
+      )
+      .finally(() => this.#prefetching.delete(p))
+    this.#prefetching.add(p)
+  }
+
+  /** Unmounts the mount of `id` (lazily when busy) and removes its directory. */
+  release(id: number): Promise<void> {
+    return this.#serial(id, async () => {
+      const served = this.#live.get(id)
+      this.#live.delete(id)
+      await detach(this.path(id), served)
+    })
+  }
+
+  /** Unmounts and removes every mount directory whose id is not in `keep`. */
+  async prune(keep: Set<number>): Promise<void> {
+    for (const id of [...this.#live.keys()]) if (!keep.has(id)) await this.release(id)
+    let names: string[] = []
+    try {
+      names = await readdir(this.#init.dir)
+    } catch {}
+    for (const name of names) {
+      const id = /^\d+$/.test(name) ? Number(name) : undefined
+      if (id === undefined) await detach(join(this.#init.dir, name), undefined)
+      else if (!keep.has(id)) await this.release(id)
+    }
+  }
+
+  /** Runs `fn` after whatever else is under way for the mount of `id`. */
+  #serial<T>(id: number, fn: () => Promise<T>): Promise<T> {
+    const before = this.#queue.get(id) ?? Promise.resolve()
+    const run = before.then(fn)
+    const tail = run.then(
+      () => {},
+      () => {}
+    )
+    this.#queue.set(id, tail)
+    void tail.then(() => {
+      if (this.#queue.get(id) === tail) this.#queue.delete(id)
+    })
+    return run
+  }
+
+  /** Stops prefetches and unmounts everything: the mounts cannot outlive this process's FUSE server. */
+  async close(): Promise<void> {
+    this.#stop.abort(new Error('the snapshotter is stopping'))
+    await Promise.allSettled([...this.#prefetching])
+    for (const id of [...this.#live.keys()]) await this.release(id).catch(() => {})
+  }
+}
+
+/** Unmounts what is (or was) mounted at `path` and removes the directory; failures are left for the next try. */
+async function detach(path: string, served: ServedMount | undefined): Promise<void> {
+  if (served !== undefined) await served.unmount().catch(() => {})
+  if (await mountedOrDead(path)) await forceUnmount(path).catch(() => {})
+  await rmdir(path).catch(() => {})
+}
+
+/** A mount that answers (not one whose server died: "transport endpoint is not connected"). */
+async function healthy(path: string): Promise<boolean> {
+  try {
+    await stat(path)
+    return await isMounted(path)
+  } catch {
+    return false
+  }
+}
+
+async function mountedOrDead(path: string): Promise<boolean> {
+  try {
+    await stat(path)
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ENOTCONN'
+  }
+  return isMounted(path)
+}
+
+/**
+ * serveMount mounts `nosuid,nodev`, right for a user's p2p-mount but not under a container's root file system:
+ * a setuid program of the image (sudo, ping, su) must work in the container. The per-mount flags are changed by
+ * a bind remount; the FUSE mount stays read-only.
+ */
+async function allowSetuid(path: string): Promise<void> {
+  await exec('mount', ['-i', '-n', '-o', 'remount,bind,ro,suid,dev', path], { timeout: 30_000 })
+}

@@ -1,0 +1,79 @@
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { buildCli, type P2pdProcess, startP2pd } from '@test/cluster.js'
+import { startRegistry, type TestRegistry } from '@test/registry.js'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { type Containerd, startContainerd } from './containerd.js'
+import { buildRunnableImage, type RunnableImage } from './images.js'
+
+const root = process.getuid?.() === 0
+
+describe.runIf(root)('strata as containerd snapshotter, ctr', () => {
+  let registry: TestRegistry
+  let image: RunnableImage
+  let dataDir: string
+  let p2pd: P2pdProcess
+  let containerd: Containerd
+  const socket = () => join(dataDir, 'snapshotter.sock')
+
+  beforeAll(async () => {
+    await buildCli()
+    registry = await startRegistry()
+    image = await buildRunnableImage({
+      registry: registry.host,
+      repository: 'strata/plain',
+      estargz: false,
+      programs: ['sh', 'cat', 'ls', 'id', 'setpriv', 'sleep'],
+      files: { 'etc/greeting': 'hello from strata\n' },
+      copies: { 'usr/local/bin/suid-id': ['id', 0o4755] }
+    })
+    dataDir = await mkdtemp(join(tmpdir(), 'strata-p2pd-'))
+    p2pd = await startP2pd({ dataDir, insecureRegistry: [registry.host], args: ['--snapshotter-socket', socket()] })
+    containerd = await startContainerd({ snapshotters: { strata: socket() } })
+  })
+
+  afterAll(async () => {
+    await containerd?.stop()
+    await p2pd?.stop()
+    await registry?.stop()
+    if (dataDir !== undefined) await rm(dataDir, { recursive: true, force: true })
+  })
+
+  it('pulls with plain ctr (no labels: layers unpacked by containerd) and runs a container', async () => {
+    await containerd.ctr(['images', 'pull', '--plain-http', '--snapshotter', 'strata', image.ref])
+    const { stdout } = await containerd.ctr([
+      'run',
+      '--rm',
+      '--snapshotter',
+      'strata',
+      image.ref,
+      'plain1',
+      'cat',
+      '/etc/greeting'
+    ])
+    expect(stdout).toBe('hello from strata\n')
+    const { stdout: list } = await containerd.ctr(['snapshots', '--snapshotter', 'strata', 'ls'])
+    // Two committed layers (named by containerd's metadata, which ends each name with the chain ID).
+    expect(list.split('\n').filter((l) => /Committed/.test(l))).toHaveLength(2)
+    // A setuid program of the image works for a user in the container.
+    const { stdout: euid } = await containerd.ctr([
+      'run',
+      '--rm',
+      '--allow-new-privs',
+      '--snapshotter',
+      'strata',
+      image.ref,
+      'plain2',
+      'setpriv',
+      '--reuid',
+      '1000',
+      '--regid',
+      '1000',
+      '--clear-groups',
+      '/usr/local/bin/suid-id',
+      '-u'
+    ])
+    expect(euid).toBe('0\n')
+  })
+})
