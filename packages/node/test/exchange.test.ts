@@ -13,7 +13,7 @@ import { createLibp2p } from 'libp2p'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { encodeFrame, readFrames } from '../src/frames.js'
 import { CHUNK_PROTOCOL, createNode, DEFAULT_LIMITS, type StrataNode } from '../src/index.js'
-import { requestChunks, requestHave } from '../src/protocol.js'
+import { ChunkServer, requestChunks, requestHave } from '../src/protocol.js'
 
 const sha = (b: Uint8Array) => `sha256:${createHash('sha256').update(b).digest('hex')}`
 const LAYER = sha(new TextEncoder().encode('layer'))
@@ -144,13 +144,33 @@ describe('two nodes in one process', () => {
   })
 
   it('marks chunks past the per-answer byte budget missing rather than sending them', async () => {
-    const s = await client.dialProtocol(multiaddr(a.addrs()[0]!), CHUNK_PROTOCOL)
-    const got = []
-    for await (const x of requestChunks(s, a.peerId, { op: 'get', digests: chunks.map((c) => c.ref.digest) })) {
-      got.push(x)
+    // A server whose answers may carry 10,000 bytes: the 40 chunks of about 1 KB are more than that.
+    const server = await createLibp2p({
+      addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
+      transports: [tcp()],
+      connectionEncrypters: [noise()],
+      streamMuxers: [yamux()]
+    })
+    const chunkServer = new ChunkServer({ store: storeA }, { ...DEFAULT_LIMITS, maxResponseBytes: 10_000 })
+    await server.handle(CHUNK_PROTOCOL, (stream, connection) =>
+      chunkServer.handle(stream, connection.remotePeer.toString())
+    )
+    try {
+      const s = await client.dialProtocol(server.getMultiaddrs()[0]!, CHUNK_PROTOCOL)
+      const got = []
+      for await (const x of requestChunks(s, 'server', { op: 'get', digests: chunks.map((c) => c.ref.digest) })) {
+        got.push(x)
+      }
+      const sent = got.filter((x) => x.bytes !== undefined)
+      const bytes = sent.reduce((n, x) => n + x.bytes!.byteLength, 0)
+      expect(bytes).toBeLessThanOrEqual(10_000)
+      expect(bytes).toBeGreaterThan(10_000 - 1100)
+      expect(sent.length).toBeLessThan(chunks.length)
+      // Every chunk is answered once: the rest as missing.
+      expect(new Set(got.map((x) => x.index)).size).toBe(chunks.length)
+    } finally {
+      await server.stop()
     }
-    expect(got.filter((x) => x.bytes !== undefined)).toHaveLength(chunks.length)
-    expect(new Set(got.map((x) => x.index)).size).toBe(chunks.length)
   })
 
   it('a peer that serves corrupt bytes is reported by the fetcher and banned', async () => {
