@@ -2,6 +2,7 @@
 // as eStargz (the reference builder, `oracle build`) or plain gzip layers, with an image config that says
 // what to run, written as an OCI layout and pushed with skopeo.
 import { createHash } from 'node:crypto'
+import { existsSync } from 'node:fs'
 import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -79,7 +80,8 @@ export async function buildRunnableImage(o: RunnableImageOptions): Promise<Runna
       if (o.estargz) {
         blobPath = join(work, `layer${i}.esgz`)
         const args = ['build', tar, blobPath]
-        const prioritized = (o.prioritized ?? []).filter((p) => p !== '')
+        // Each layer puts first those of the prioritized files it has.
+        const prioritized = (o.prioritized ?? []).filter((p) => existsSync(join(tree, p)))
         if (prioritized.length > 0) args.push('--prioritized', prioritized.join(','))
         const { stdout } = await run(oraclePath(), args)
         for (const m of stdout.matchAll(/^annotation: ([^=]+)=(.*)$/gm)) annotations[m[1]!] = m[2]!
