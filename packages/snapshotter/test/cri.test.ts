@@ -207,4 +207,33 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     await cri.image('RemoveImage', { image: { image: ref } })
     await eventually(async () => expect(await committedSnapshots()).toHaveLength(pause.layers.length))
   })
+
+  it('keeps its snapshots when p2pd is killed, and starts new containers once it is back', async () => {
+    const ref = viaProxy(app.ref)
+    await cri.image('PullImage', { image: { image: ref } })
+    const { pod_sandbox_id: sandbox } = await cri.runtime<{ pod_sandbox_id: string }>('RunPodSandbox', {
+      config: sandboxConfig('pod', logs)
+    })
+    const running = await startContainer(sandbox, 'running', ref, ['sleep', '600'])
+    const list = async () =>
+      (await containerd.ctr(['snapshots', '--snapshotter', 'strata', 'ls'], { ns: 'k8s.io' })).stdout.split('\n').sort()
+    const before = await list()
+    expect(before.filter((l) => /\sActive\s*$/.test(l))).toHaveLength(2)
+
+    expect(await p2pd.stop('SIGKILL')).toBeNull()
+    p2pd = await startP2pd({ dataDir, insecureRegistry: [proxy.host], args: ['--snapshotter-socket', socket()] })
+    // containerd dials the plugin again on its next call (the first may fail while it reconnects).
+    await eventually(async () => expect(await list()).toEqual(before))
+
+    const after = await startContainer(sandbox, 'after', ref, ['cat', '/etc/greeting'])
+    expect(await waitExited(after)).toBe(0)
+    expect(await output('after')).toBe('hello from a lazy layer')
+
+    for (const id of [running, after]) {
+      await cri.runtime('StopContainer', { container_id: id, timeout: 1 })
+      await cri.runtime('RemoveContainer', { container_id: id })
+    }
+    await cri.runtime('StopPodSandbox', { pod_sandbox_id: sandbox })
+    await cri.runtime('RemovePodSandbox', { pod_sandbox_id: sandbox })
+  })
 })
