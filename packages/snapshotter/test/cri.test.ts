@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto'
 import { mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { buildCli, type P2pdProcess, startP2pd } from '@test/cluster.js'
+import { buildCli, type P2pdProcess, startP2pd, waitForMesh } from '@test/cluster.js'
 import { type CountingProxy, startCountingProxy } from '@test/counting-proxy.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -235,5 +235,64 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     }
     await cri.runtime('StopPodSandbox', { pod_sandbox_id: sandbox })
     await cri.runtime('RemovePodSandbox', { pod_sandbox_id: sandbox })
+  })
+
+  it('starts a container on a second node with every chunk from the first: none from the registry', async () => {
+    const ref = viaProxy(app.ref)
+    // Node 1 holds every chunk of both images.
+    for (const r of [ref, viaProxy(pause.ref)]) expect((await p2pd.p2pctl(['warm', r])).code).toBe(0)
+    const dir2 = await mkdtemp(join(tmpdir(), 'strata-p2pd2-'))
+    const node2 = await startP2pd({
+      dataDir: dir2,
+      insecureRegistry: [proxy.host],
+      bootstrap: p2pd.addrs,
+      args: ['--snapshotter-socket', join(dir2, 'snapshotter.sock')]
+    })
+    let containerd2: Containerd | undefined
+    let cri2: Cri | undefined
+    try {
+      await waitForMesh([p2pd, node2], 1)
+      containerd2 = await startContainerd({
+        snapshotters: { strata: join(dir2, 'snapshotter.sock') },
+        cri: { snapshotter: 'strata', sandboxImage: viaProxy(pause.ref) },
+        plainHttp: [proxy.host]
+      })
+      cri2 = criClient(containerd2.socket)
+      await cri2.image('PullImage', { image: { image: ref } })
+      const { pod_sandbox_id: sandbox } = await cri2.runtime<{ pod_sandbox_id: string }>('RunPodSandbox', {
+        config: sandboxConfig('pod2', logs)
+      })
+      const { container_id: id } = await cri2.runtime<{ container_id: string }>('CreateContainer', {
+        pod_sandbox_id: sandbox,
+        config: {
+          metadata: { name: 'peer', attempt: 0 },
+          image: { image: ref },
+          command: ['cat', '/etc/greeting'],
+          log_path: 'peer.log'
+        },
+        sandbox_config: sandboxConfig('pod2', logs)
+      })
+      await cri2.runtime('StartContainer', { container_id: id })
+      const deadline = Date.now() + 30_000
+      while (
+        (await cri2.runtime<{ status: { state: string } }>('ContainerStatus', { container_id: id })).status.state !==
+        'CONTAINER_EXITED'
+      ) {
+        if (Date.now() > deadline) throw new Error('the container on node 2 did not exit')
+        await new Promise((r) => setTimeout(r, 100))
+      }
+      expect(await output('peer')).toBe('hello from a lazy layer')
+      const status = await node2.client.get<{ bytes: { fetched: Record<string, number> } }>('/status')
+      expect(status.bytes.fetched.registry).toBe(0)
+      expect(status.bytes.fetched.peer).toBeGreaterThan(0)
+      await cri2.runtime('RemoveContainer', { container_id: id })
+      await cri2.runtime('StopPodSandbox', { pod_sandbox_id: sandbox })
+      await cri2.runtime('RemovePodSandbox', { pod_sandbox_id: sandbox })
+    } finally {
+      cri2?.close()
+      await containerd2?.stop()
+      await node2.stop()
+      await rm(dir2, { recursive: true, force: true })
+    }
   })
 })
