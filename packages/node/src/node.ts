@@ -13,7 +13,7 @@ import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image } from '@strata
 import { createFetcher, createRegistrySource, openImage, resolveImage } from '@strata/fetcher'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
-import { createLibp2p } from 'libp2p'
+import { createLibp2p, type Libp2pOptions } from 'libp2p'
 import { Announcer, type AnnounceStats } from './announcer.js'
 import { ProtocolError, RegistryNotAllowedError, WarmError } from './errors.js'
 import { encodeFrame, readFrames } from './frames.js'
@@ -69,6 +69,12 @@ export interface NodeInit {
   announce?: { concurrency?: number; ratePerSecond?: number; reannounceMs?: number }
   /** Penalties: failures that ban a peer and for how long. */
   bans?: { banAfter?: number; banMs?: number }
+  /**
+   * For simulations of many nodes in one process (bench/sim.ts): libp2p's transports (default TCP, e.g. the
+   * memory transport instead) and the datastore its DHT keeps provider records in (default in memory).
+   */
+  transports?: Libp2pOptions['transports']
+  datastore?: Libp2pOptions['datastore']
   /**
    * References whose opened image is kept (TOCs and merged tree in memory), least recently opened let go first
    * (default 256): a CI that tags every commit must not grow p2pd forever. A reference let go opens again from
@@ -144,6 +150,8 @@ export interface StrataNode {
   openImage(ref: string, options?: OpenImageOptions): Promise<Image>
   addrs(): string[]
   peers(): PeerStatus[]
+  /** Peers the DHT names as holding `digest` (a layer, TOC, chunk or blob), as found within the signal's time. */
+  providers(digest: string, options?: AbortOptions): Promise<string[]>
   status(options?: AbortOptions): Promise<NodeStatus>
   images(options?: AbortOptions): Promise<ImageRecord[]>
   /** Fills the local store with every chunk of the image. */
@@ -478,6 +486,16 @@ class Node implements StrataNode {
     return this.libp2p.getMultiaddrs().map((a) => a.toString())
   }
 
+  async providers(digest: string, options?: AbortOptions): Promise<string[]> {
+    const found: string[] = []
+    try {
+      for await (const p of this.findProviders(digest, options)) found.push(p)
+    } catch (err) {
+      if (options?.signal?.aborted !== true) throw err
+    }
+    return found
+  }
+
   peers(): PeerStatus[] {
     const scores = new Map(this.book.snapshot().map((s) => [s.peer, s]))
     return this.libp2p.getPeers().map((id) => {
@@ -712,7 +730,8 @@ export async function createNode(init: NodeInit): Promise<StrataNode> {
   const libp2p = await createLibp2p({
     privateKey,
     addresses: { listen: init.listen ?? ['/ip4/0.0.0.0/tcp/4001'] },
-    transports: [tcp()],
+    transports: init.transports ?? [tcp()],
+    ...(init.datastore !== undefined && { datastore: init.datastore }),
     connectionEncrypters: [noise()],
     streamMuxers: [yamux()],
     ...(psk !== undefined ? { connectionProtector: preSharedKey({ psk }) } : {}),

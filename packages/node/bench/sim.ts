@@ -1,0 +1,225 @@
+/**
+ * Many nodes in one process (not a test: prints figures, and rewrites the "Scale" section of docs/benchmarks.md).
+ *
+ *   node --experimental-transform-types --no-warnings packages/node/bench/sim.ts [--sizes 50,100,200]
+ *
+ * Each node is a real strata node (createNode: kad-dht, announcer, chunk protocol, homes, Noise, yamux) over
+ * libp2p's memory transport (1 ms a message), with an in-memory store and datastore; the registry is a real
+ * CNCF distribution behind a byte-counting proxy. For each cluster size N it reports:
+ *   - the DHT provides a node makes before its image can be found (the coarse keys), against its chunk count;
+ *   - findProviders of the image's layer from other nodes: p50 and p99, and how many found the holder;
+ *   - provider records each node holds once the holder's chunk keys are announced: mean and max;
+ *   - registry egress when every node warms a second image at once, as a multiple of the image.
+ */
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { cpus, tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+import { memory } from '@libp2p/memory'
+import { MemoryDatastore } from 'datastore-core'
+import { registerStrataHooks } from '../../../test/helpers/ts-loader.mjs'
+
+const root = fileURLToPath(new URL('../../../', import.meta.url))
+registerStrataHooks({ strata: 'src' })
+
+const { createNode } = await import('@strata/node')
+const { createRegistryClient } = await import('@strata/registry')
+const { createMemoryStore } = await import('@strata/store')
+const { startCountingProxy } = await import('@test/counting-proxy.js')
+const { buildTestImage } = await import('@test/images.js')
+const { noiseTree } = await import('@test/noise.js')
+const { startRegistry } = await import('@test/registry.js')
+
+type StrataNode = Awaited<ReturnType<typeof createNode>>
+
+const { values } = parseArgs({ options: { sizes: { type: 'string' } } })
+const sizes = (values.sizes ?? '50,100,200').split(',').map(Number)
+const work = await mkdtemp(join(tmpdir(), 'strata-sim-'))
+const registry = await startRegistry()
+const proxy = await startCountingProxy(registry.host)
+const lines: string[] = []
+const say = (s: string) => {
+  console.log(s)
+  lines.push(s)
+}
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+const pct = (xs: number[], p: number) =>
+  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length * p) / 100))]!
+
+async function image(name: string, seed: number) {
+  // Two layers of 32 files of 32 KiB each: 64 chunks, 2 MiB.
+  const layers = [0, 1].map(async (l) => ({
+    files: await noiseTree(join(work, `${name}-${l}`), 32, () => 32 * 1024, seed * 10 + l)
+  }))
+  const img = await buildTestImage({
+    registry: registry.host,
+    repository: `sim/${name}`,
+    estargz: true,
+    gzipLevel: 1,
+    layers: await Promise.all(layers)
+  })
+  return {
+    ref: img.ref.replace(registry.host, proxy.host),
+    layers: img.layers.map((l) => l.digest),
+    bytes: img.layers.reduce((n, l) => n + l.size, 0),
+    chunks: img.layers.reduce((n, l) => n + l.files.size, 0)
+  }
+}
+
+interface Row {
+  n: number
+  startS: number
+  coarse: number
+  chunks: number
+  findableS: number
+  findP50: number
+  findP99: number
+  found: string
+  recordsMean: number
+  recordsMax: number
+  egress: number
+  warmP50: number
+}
+
+async function cluster(n: number, first: Awaited<ReturnType<typeof image>>, second: Awaited<ReturnType<typeof image>>) {
+  const nodes: StrataNode[] = []
+  const stores: MemoryDatastore[] = []
+  const started = performance.now()
+  try {
+    for (let i = 0; i < n; i++) {
+      const datastore = new MemoryDatastore()
+      stores.push(datastore)
+      const node = await createNode({
+        store: createMemoryStore(),
+        dataDir: await mkdtemp(join(work, `n${n}-${i}-`)),
+        listen: [`/memory/sim-${n}-${i}`],
+        transports: [memory({ latency: 1 })],
+        datastore,
+        bootstrap: i === 0 ? [] : [nodes[Math.floor(Math.random() * Math.min(i, 8))]!.addrs()[0]!],
+        registry: createRegistryClient({ insecure: [proxy.host] }),
+        registries: [proxy.host]
+      })
+      nodes.push(node)
+    }
+    // The cluster has formed once every node knows some strata peers and the walks have settled.
+    for (let t = 0; t < 120; t++) {
+      if (nodes.every((x) => x.peers().filter((p) => p.strata).length >= Math.min(n - 1, 8))) break
+      await sleep(500)
+    }
+    await sleep(3000)
+    const startS = (performance.now() - started) / 1000
+
+    // One holder warms the first image; how soon can the others find it, and at what DHT cost?
+    const holder = nodes[0]!
+    const warmed = await holder.warm(first.ref)
+    const t0 = performance.now()
+    const askers = nodes
+      .slice(1)
+      .sort(() => Math.random() - 0.5)
+      .slice(0, Math.min(40, n - 1))
+    let findableS = Number.NaN
+    for (let t = 0; t < 100; t++) {
+      const got = await askers[0]!.providers(first.layers[0]!, { signal: AbortSignal.timeout(5000) })
+      if (got.includes(holder.peerId)) {
+        findableS = (performance.now() - t0) / 1000
+        break
+      }
+      await sleep(100)
+    }
+    const coarse = (await holder.status()).announce
+    const times: number[] = []
+    let found = 0
+    await Promise.all(
+      askers.map(async (a) => {
+        const t = performance.now()
+        const got = await a.providers(first.layers[0]!, { signal: AbortSignal.timeout(10_000) })
+        times.push(performance.now() - t)
+        if (got.includes(holder.peerId)) found++
+      })
+    )
+    // Provider records per node once the chunk keys have landed too.
+    await Promise.race([holder.announced(), sleep(120_000)])
+    const records: number[] = []
+    for (const ds of stores) {
+      let k = 0
+      for await (const _ of ds.queryKeys({ prefix: '/dht/provider' })) k++
+      records.push(k)
+    }
+
+    // Every node warms the second image at once.
+    const before = proxy.blobBytes()
+    const warmTimes: number[] = []
+    await Promise.all(
+      nodes.map(async (x) => {
+        const t = performance.now()
+        await x.warm(second.ref)
+        warmTimes.push(performance.now() - t)
+      })
+    )
+    const egress = (proxy.blobBytes() - before) / second.bytes
+    const row: Row = {
+      n,
+      startS,
+      coarse: coarse.landed,
+      chunks: warmed.totalChunks,
+      findableS,
+      findP50: pct(times, 50),
+      findP99: pct(times, 99),
+      found: `${found}/${askers.length}`,
+      recordsMean: records.reduce((a, b) => a + b, 0) / records.length,
+      recordsMax: Math.max(...records),
+      egress,
+      warmP50: pct(warmTimes, 50)
+    }
+    console.log(JSON.stringify(row))
+    return row
+  } finally {
+    await Promise.allSettled(nodes.map((x) => x.stop({ graceMs: 0 })))
+  }
+}
+
+try {
+  const rows: Row[] = []
+  for (const n of sizes) {
+    const first = await image(`first-${n}`, n)
+    const second = await image(`second-${n}`, n + 1)
+    rows.push(await cluster(n, first, second))
+  }
+  say(
+    `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} CPUs shared with other work, Node ${process.version}, with`
+  )
+  say(
+    '`node --experimental-transform-types --no-warnings packages/node/bench/sim.ts`: N strata nodes in one process over'
+  )
+  say(
+    "libp2p's memory transport (1 ms a message), the real DHT, announcer, chunk protocol and homes; a 2-layer image of 64"
+  )
+  say('chunks (2 MiB); the registry behind a counting proxy.')
+  say('')
+  say(
+    '| nodes | keys provided when findable | chunks | findable after s | findProviders p50 / p99 ms | found | provider records per node, mean / max | registry egress, all warm at once | warm p50 s |'
+  )
+  say('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  for (const r of rows) {
+    say(
+      `| ${r.n} | ${r.coarse} | ${r.chunks} | ${r.findableS.toFixed(2)} | ${r.findP50.toFixed(0)} / ${r.findP99.toFixed(0)} | ${r.found} | ${r.recordsMean.toFixed(1)} / ${r.recordsMax} | ${r.egress.toFixed(2)}x | ${(r.warmP50 / 1000).toFixed(2)} |`
+    )
+  }
+  say('')
+  const doc = join(root, 'docs', 'benchmarks.md')
+  const text = await readFile(doc, 'utf8')
+  const section = `## Scale\n\n${lines.join('\n').trimEnd()}\n`
+  const at = text.indexOf('\n## Scale\n')
+  let out: string
+  if (at < 0) out = `${text.trimEnd()}\n\n${section}`
+  else {
+    const end = text.indexOf('\n## ', at + 1)
+    out = text.slice(0, at + 1) + section + (end < 0 ? '' : text.slice(end))
+  }
+  await writeFile(doc, out)
+} finally {
+  await proxy.stop()
+  await registry.stop()
+  await rm(work, { recursive: true, force: true })
+}
