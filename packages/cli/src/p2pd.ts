@@ -12,10 +12,11 @@ import {
 } from '@strata/node'
 import { createRegistryClient } from '@strata/registry'
 import { type SnapshotterService, startSnapshotter } from '@strata/snapshotter'
-import { type LocalChunkStore, openDiskStore } from '@strata/store'
+import { type LocalChunkStore, openDiskStore, type StoreErrorEventDetail } from '@strata/store'
 import { type Command, type Options, parseBytes, runCommand, UsageError } from './command.js'
 import { type Credentials, parseCredentials } from './credentials.js'
 import { addMountRoutes } from './mount-routes.js'
+import type { Output } from './output.js'
 
 const DEFAULTS = {
   'data-dir': '/var/lib/strata',
@@ -132,6 +133,28 @@ async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings
   }
 }
 
+/**
+ * Logs the store's failed writes (a full disk, an I/O error) once per cause: a warm-up on a full disk fails
+ * thousands of puts, and strata_store_errors_total (and p2pctl status) count them all.
+ */
+function logStoreErrors(store: LocalChunkStore, out: Output): void {
+  const logged = new Set<string>()
+  store.addEventListener('error', (e) => {
+    const { operation, error } = (e as CustomEvent<StoreErrorEventDetail>).detail
+    let inner: unknown = error
+    while (inner instanceof Error && inner.cause instanceof Error) inner = inner.cause
+    const cause = `${error.name} ${(inner as { code?: unknown })?.code ?? (inner as Error)?.message ?? ''}`
+    if (logged.has(cause)) return
+    logged.add(cause)
+    const hint = (error as { hint?: unknown }).hint
+    out.warn(
+      `p2pd: the chunk store failed to write (${operation}): ${error.message}` +
+        (typeof hint === 'string' ? `; ${hint}` : '') +
+        ' (further failures of this kind are counted in strata_store_errors_total, not logged)'
+    )
+  })
+}
+
 export const p2pd: Command = {
   name: 'p2pd',
   summary: 'strata peer-to-peer node: shares image chunks with the cluster and serves local mounts.',
@@ -198,9 +221,12 @@ Example:
   },
   async run({ opts, out, signal }) {
     const s = await settings(opts, process.env)
+    // A full disk fails the open with StoreFullError, said plainly; one that filled up meanwhile is made room on by
+    // evicting unpinned chunks (the store keeps headroom for its index).
     const store: LocalChunkStore = await openDiskStore(join(s.dataDir, 'store'), {
       ...(s.cacheSize !== undefined ? { maxBytes: s.cacheSize } : {})
     })
+    logStoreErrors(store, out)
     const registry = createRegistryClient({ insecure: s.insecureRegistry, credentials: s.credentials })
     let node: StrataNode | undefined
     let control: ControlServer | undefined

@@ -322,17 +322,25 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       })
   }
 
+  async missing(chunks: ChunkRef[], options: AbortOptions = {}): Promise<ChunkRef[]> {
+    const unique = [...new Map(chunks.map((c) => [c.digest, c])).values()]
+    // A store that fails to answer does not hold the chunk, as far as its reader can tell.
+    const present = await mapLimit(unique, LOOKUPS_IN_FLIGHT, (c) =>
+      this.store.has(c.digest, options).catch(() => {
+        options.signal?.throwIfAborted()
+        return false
+      })
+    )
+    return unique.filter((_, i) => !present[i])
+  }
+
   /**
    * Gets the chunks the store does not have into it, without reading those it has (a read-ahead or prefetch
    * of a file already stored costs lookups only). Returns the bytes of the chunks that were missing.
    */
   private async ensure(chunks: ChunkRef[], options: AbortOptions = {}): Promise<number> {
-    const unique = [...new Map(chunks.map((c) => [c.digest, c])).values()]
     // A store that fails to answer counts as not having the chunk: getMany then sorts it out.
-    const present = await mapLimit(unique, LOOKUPS_IN_FLIGHT, (c) =>
-      this.store.has(c.digest, options).catch(() => false)
-    )
-    const missing = unique.filter((_, i) => !present[i])
+    const missing = await this.missing(chunks, options)
     if (missing.length > 0) await this.getMany(missing, options)
     return sum(missing)
   }

@@ -123,6 +123,11 @@ export interface Fetcher extends EventTarget {
     into: Uint8Array,
     options?: AbortOptions
   ): Promise<number | undefined>
+  /**
+   * The chunks of `chunks` the store does not hold now (one lookup each, no read): what a warm-up left out
+   * because the store could not keep it (a full disk, a cap smaller than the image).
+   */
+  missing(chunks: ChunkRef[], options?: AbortOptions): Promise<ChunkRef[]>
   /** Fetches the prioritized files of every layer (those before `.prefetch.landmark`) into the store. */
   prefetch(image: Image, options?: PrefetchOptions): Promise<void>
   metrics(): FetcherMetrics

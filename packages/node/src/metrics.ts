@@ -92,6 +92,15 @@ export function nodeMetrics(node: StrataNode): Registry {
       this.inc((await status()).store.misses)
     }
   })
+  new Counter({
+    name: 'strata_store_errors_total',
+    help: 'Chunk store writes that failed (a full disk, an I/O error, no room beside pinned chunks under the cap)',
+    registers: [registry],
+    async collect() {
+      this.reset()
+      this.inc((await status()).store.writeErrors ?? 0)
+    }
+  })
   new Gauge({
     name: 'strata_store_bytes',
     help: 'Bytes held in the chunk store',

@@ -16,6 +16,12 @@ export interface WarmResult extends WarmProgress {
   ms: number
   /** The registry could not be reached: the image warmed is what the reference named when last opened here. */
   stale?: string
+  /**
+   * Whether the store holds every chunk of the image once the warm-up is done: not when it could not keep them (a
+   * full disk, a cap smaller than the image). `held` says how much of it stayed.
+   */
+  complete: boolean
+  held: { chunks: number; bytes: number }
 }
 
 export interface WarmOptions extends AbortOptions {
@@ -101,7 +107,21 @@ export async function warmImage(fetcher: Fetcher, image: Image, options: WarmOpt
   }
   const members = options.members
   const progress = members !== undefined ? await runWithMembers(members, run) : await run()
-  return { image: image.ref, digest: image.digest, layers: image.layers.length, ...progress, ms: Date.now() - started }
+  // What stayed: every chunk was fetched, but a full disk or a cap smaller than the image keeps some out.
+  const missing = await fetcher.missing(imageChunks(image), { signal: options.signal })
+  const held = {
+    chunks: progress.totalChunks - missing.length,
+    bytes: progress.totalBytes - missing.reduce((n, c) => n + c.size, 0)
+  }
+  return {
+    image: image.ref,
+    digest: image.digest,
+    layers: image.layers.length,
+    ...progress,
+    complete: missing.length === 0,
+    held,
+    ms: Date.now() - started
+  }
 }
 
 function toBatches(chunks: ChunkRef[]): ChunkRef[][] {

@@ -1,6 +1,17 @@
 import { execFile } from 'node:child_process'
 import { createHash, randomBytes, webcrypto } from 'node:crypto'
-import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, unlink, writeFile } from 'node:fs/promises'
+import {
+  type FileHandle,
+  mkdir,
+  open,
+  readdir,
+  readFile,
+  rename,
+  rm,
+  statfs,
+  unlink,
+  writeFile
+} from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { Level } from 'level'
@@ -17,6 +28,7 @@ import type {
   PutEventDetail,
   PutOptions,
   RepairReport,
+  StoreErrorEventDetail,
   StoreStats
 } from './types.js'
 
@@ -57,6 +69,15 @@ const MAX_UNSYNCED_BYTES = 4 * CHECKPOINT_BYTES
 const SYNCS_IN_FLIGHT = 16
 /** Longest a sync of the whole file system may take before the files are fsynced one by one instead. */
 const SYNC_TIMEOUT_MS = 120_000
+/**
+ * Most of its file system the store leaves free by default (DiskStoreInit.headroomBytes), and the share of a
+ * small one: LevelDB needs room for its log, for turning it into a table (it does so on every open), and for
+ * compactions; a few MiB covers that for millions of chunks.
+ */
+const MAX_HEADROOM_BYTES = 8 * 1024 * 1024
+const HEADROOM_SHARE = 1 / 8
+/** Free space is asked of the file system again after this long (others write to it too), or when it runs low. */
+const STATFS_MS = 1000
 
 type Op = { type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string }
 type Db = Level<string, Uint8Array>
@@ -75,6 +96,12 @@ function recordOp(digest: string, r: ChunkRecord): Op {
 function decodeRecord(value: Uint8Array): ChunkRecord {
   const v = JSON.parse(decoder.decode(value)) as { s: number; a: number; l?: string[]; g?: number }
   return { size: v.s, atime: v.a, layers: v.l ?? [], gen: v.g ?? 0, verified: false }
+}
+
+/** Bytes free on the file system holding `dir` for this user, and its size. */
+async function diskSpace(dir: string): Promise<{ free: number; size: number; block: number }> {
+  const s = await statfs(dir)
+  return { free: s.bavail * s.bsize, size: s.blocks * s.bsize, block: s.bsize }
 }
 
 function syncedOp(gen: number): Op {
@@ -297,13 +324,29 @@ class DiskStore extends EventTarget implements DiskChunkStore {
   private checkpoints: Promise<void> | undefined
   /** A checkpoint failed: what it covered may not be on disk, so no later one may claim durability. */
   private syncFailed = false
+  /** Bytes of the file system left free for the index (0: none). */
+  private readonly headroom: number
+  /**
+   * Free space as the file system last said, less what puts reserved since (an estimate that errs low), and when
+   * it was asked; chunk files being written count in `writing` until they are.
+   */
+  private space: { free: number; at: number; block: number }
+  private writing = 0
+  private spaceCheck: Promise<void> | undefined
 
   constructor(
     dir: string,
     db: Db,
     ledger: Ledger,
     repair: RepairReport,
-    init: { fsync: boolean; gen: number; checkpointMs: number; verifyReads: boolean }
+    init: {
+      fsync: boolean
+      gen: number
+      checkpointMs: number
+      verifyReads: boolean
+      headroom: number
+      space: { free: number; block: number }
+    }
   ) {
     super()
     this.dir = dir
@@ -313,6 +356,8 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     this.repair = repair
     this.fsync = init.fsync
     this.verifyReads = init.verifyReads
+    this.headroom = init.headroom
+    this.space = { ...init.space, at: performance.now() }
     this.writer = new IndexWriter(db)
     this.gen = init.gen
     this.timer = setInterval(() => this.flushAtimes(), ATIME_FLUSH_MS)
@@ -407,22 +452,30 @@ class DiskStore extends EventTarget implements DiskChunkStore {
 
   async put(digest: string, bytes: Uint8Array, options?: PutOptions): Promise<void> {
     this.check(options, digest)
-    const stored = await this.serial(digest, () => this.store(digest, bytes, options))
+    const stored = await this.serial(digest, () => this.store(digest, bytes, options)).catch((err: unknown) => {
+      throw this.failed('put', err, digest)
+    })
     if (!stored) return
     const layer = options?.layer
     const detail: PutEventDetail = { digest, size: bytes.length, ...(layer === undefined ? {} : { layer }) }
     this.dispatchEvent(new CustomEvent('put', { detail }))
     // Concurrent puts reserve room at once: what they could not free before writing is freed as they land
     // (outside serial(): two landed puts may each evict the other's chunk).
-    await this.dropEvicted(this.ledger.shrinkTo(this.ledger.maxBytes))
+    await this.dropEvicted(this.ledger.shrinkTo(this.ledger.maxBytes)).catch((err: unknown) => {
+      throw this.failed('evict', err)
+    })
   }
 
   async delete(digest: string, options?: AbortOptions): Promise<boolean> {
     this.check(options, digest)
     if (this.ledger.remove(digest) === undefined) return false
     this.dirty.delete(digest)
-    await this.serial(digest, () => this.unlinkChunk(digest))
-    await this.writer.write([{ type: 'del', key: CHUNK + digest }])
+    try {
+      await this.serial(digest, () => this.unlinkChunk(digest))
+      await this.writer.write([{ type: 'del', key: CHUNK + digest }])
+    } catch (err) {
+      throw this.failed('delete', err)
+    }
     return true
   }
 
@@ -444,13 +497,19 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     const list = [...digests]
     for (const digest of list) assertDigest(digest)
     const added = this.ledger.pin(name, list)
-    await this.writer.write(added.map((d) => ({ type: 'put', key: `${PIN}${name}\0${d}`, value: EMPTY })))
+    await this.writer
+      .write(added.map((d) => ({ type: 'put', key: `${PIN}${name}\0${d}`, value: EMPTY })))
+      .catch((err: unknown) => {
+        throw this.failed('pin', err)
+      })
   }
 
   async unpin(name: string, options?: AbortOptions): Promise<void> {
     this.check(options)
     const removed = this.ledger.unpin(name)
-    await this.writer.write(removed.map((d) => ({ type: 'del', key: `${PIN}${name}\0${d}` })))
+    await this.writer.write(removed.map((d) => ({ type: 'del', key: `${PIN}${name}\0${d}` }))).catch((err: unknown) => {
+      throw this.failed('unpin', err)
+    })
   }
 
   async getMeta(key: string, options?: AbortOptions): Promise<Uint8Array | undefined> {
@@ -461,7 +520,9 @@ class DiskStore extends EventTarget implements DiskChunkStore {
 
   async putMeta(key: string, value: Uint8Array, options?: AbortOptions): Promise<void> {
     this.check(options)
-    await this.writer.write([{ type: 'put', key: META + key, value: value.slice() }])
+    await this.writer.write([{ type: 'put', key: META + key, value: value.slice() }]).catch((err: unknown) => {
+      throw this.failed('putMeta', err)
+    })
   }
 
   async gc(options?: GcOptions): Promise<GcResult> {
@@ -529,11 +590,14 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     while (this.unsyncedBytes >= MAX_UNSYNCED_BYTES) await this.checkpoint()
     const victims = this.ledger.reserve(digest, size)
     const path = this.chunkPath(digest)
+    let room = 0
     try {
       await this.dropEvicted(victims)
+      room = await this.takeRoom(digest, size)
       await this.writeChunk(digest, path, bytes, options?.signal)
     } finally {
       this.ledger.release(size)
+      this.writing -= room
     }
     const record: ChunkRecord = {
       size,
@@ -590,8 +654,9 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       try {
         if (this.fsync) await syncChunks(this.dir, files)
         if (!this.syncFailed) await this.writer.write([syncedOp(gen)], true)
-      } catch {
+      } catch (err) {
         this.syncFailed = true
+        this.failed('checkpoint', err)
       }
     })
     this.checkpoints = next
@@ -700,7 +765,8 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       if (record !== undefined) ops.push(recordOp(digest, record))
     }
     // Last-access times are a hint for eviction order: on failure they are retried at the next flush.
-    this.writer.write(ops).catch(() => {
+    this.writer.write(ops).catch((err: unknown) => {
+      this.failed('atimes', err)
       for (const digest of digests) this.dirty.add(digest)
     })
   }
@@ -718,6 +784,51 @@ class DiskStore extends EventTarget implements DiskChunkStore {
       if (this.busy.get(digest) === tail) this.busy.delete(digest)
     })
     return result
+  }
+
+  /**
+   * Room on the file system for a chunk file of `size` bytes, leaving the headroom free; the bytes taken, which the
+   * caller gives back from `writing` once the file is written. The file system is asked again when its last answer
+   * is old or the estimate runs low (one question at a time). Throws StoreFullError when there is no room.
+   */
+  private async takeRoom(digest: string, size: number): Promise<number> {
+    if (this.headroom <= 0) return 0
+    const need = Math.ceil(Math.max(size, 1) / this.space.block) * this.space.block
+    if (this.space.free - need < 2 * this.headroom || performance.now() - this.space.at > STATFS_MS) {
+      this.spaceCheck ??= diskSpace(this.dir)
+        .then(({ free, block }) => {
+          // Files being written may not show in the answer yet: they count against it.
+          this.space = { free: free - this.writing, at: performance.now(), block }
+        })
+        .catch(() => {
+          // Unknown: the write below says whether there is room.
+          this.space = { free: Number.POSITIVE_INFINITY, at: performance.now(), block: this.space.block }
+        })
+        .finally(() => {
+          this.spaceCheck = undefined
+        })
+      await this.spaceCheck
+    }
+    if (this.space.free - need < this.headroom) {
+      throw new StoreFullError(this.dir, digest, { free: Math.max(0, Math.round(this.space.free)) })
+    }
+    this.space.free -= need
+    this.writing += need
+    return need
+  }
+
+  /** A write that failed: counted, announced (`error` event) and returned to throw. Aborts and close are not failures. */
+  private failed(operation: string, err: unknown, digest?: string): unknown {
+    const error = err as Error
+    if (error?.name === 'AbortError' || error?.name === 'StoreClosedError' || this.closing !== undefined) return err
+    this.ledger.writeErrors++
+    const detail: StoreErrorEventDetail = {
+      operation,
+      ...(digest === undefined ? {} : { digest }),
+      error: error instanceof Error ? error : new Error(String(err))
+    }
+    this.dispatchEvent(new CustomEvent('error', { detail }))
+    return err
   }
 
   private chunkPath(digest: string): string {
@@ -877,16 +988,44 @@ export async function openDiskStore(dir: string, init: DiskStoreInit = {}): Prom
   const ledger = new Ledger(init.maxBytes)
   const chunksDir = join(dir, 'chunks')
   const indexDir = join(dir, 'index')
-  await mkdir(chunksDir, { recursive: true })
-  const { db, rebuilt } = await openIndex(dir, indexDir)
+  /** A full disk, said plainly (not as a permissions problem), with what is free. */
+  const full = async (err: unknown): Promise<never> => {
+    if (!isDiskFull(err) && !isDiskFull((err as Error)?.cause)) throw err
+    const free = await diskSpace(dir).then(
+      (s) => s.free,
+      () => undefined
+    )
+    throw new StoreFullError(dir, undefined, { cause: err, ...(free === undefined ? {} : { free }) })
+  }
+  await mkdir(chunksDir, { recursive: true }).catch(full)
+  const { db, rebuilt } = await openIndex(dir, indexDir).catch(full)
   try {
     await loadIndex(db, ledger)
     const fsync = init.fsync ?? true
-    const { gen, ...found } = await repairStore(chunksDir, db, ledger, fsync)
+    const { gen, ...found } = await repairStore(chunksDir, db, ledger, fsync).catch(full)
+    const unknown = { free: Number.POSITIVE_INFINITY, size: 0, block: 4096 }
+    let space = await diskSpace(dir).catch(() => unknown)
+    const headroom = init.headroomBytes ?? Math.min(MAX_HEADROOM_BYTES, Math.floor(space.size * HEADROOM_SHARE))
+    // A disk that filled up while the store was closed (or before it kept headroom): unpinned chunks, least
+    // recently used first, make room (asked again after each round: files take whole blocks, the index writes).
+    for (let round = 0; space.free < headroom && round < 8; round++) {
+      const victims = ledger.shrinkTo(Math.max(0, ledger.bytes - (headroom - space.free)))
+      if (victims.length === 0) break
+      for (const [digest] of victims) await rm(join(chunksDir, digest.slice(7, 9), digest.slice(7)), { force: true })
+      await db.batch(victims.map(([digest]) => ({ type: 'del' as const, key: CHUNK + digest }))).catch(full)
+      space = await diskSpace(dir).catch(() => unknown)
+    }
     const checkpointMs = init.checkpointMs ?? 1000
     const verifyReads = init.verifyReads ?? true
     const repair = { ...found, indexRebuilt: rebuilt }
-    return new DiskStore(dir, db, ledger, repair, { fsync, gen: gen + 1, checkpointMs, verifyReads })
+    return new DiskStore(dir, db, ledger, repair, {
+      fsync,
+      gen: gen + 1,
+      checkpointMs,
+      verifyReads,
+      headroom,
+      space: { free: space.free, block: space.block }
+    })
   } catch (err) {
     await db.close()
     throw err

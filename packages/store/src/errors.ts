@@ -16,19 +16,35 @@ export class StoreLockedError extends Error {
   }
 }
 
-/** The file system holding the store ran out of space (ENOSPC, EDQUOT) while storing a chunk. */
+/**
+ * The file system holding the store ran out of space (ENOSPC, EDQUOT), or would leave the store's index too
+ * little room to write and to open again (see DiskStoreInit.headroomBytes): while storing a chunk (`digest`), or
+ * when opening the store (no `digest`).
+ */
 export class StoreFullError extends Error {
   override readonly name = 'StoreFullError'
   readonly code = 'STORE_FULL'
   readonly hint: string
   readonly dir: string
-  readonly digest: string
+  readonly digest: string | undefined
+  /** Bytes free on the file system when it was found full, when known. */
+  readonly free: number | undefined
 
-  constructor(dir: string, digest: string, options?: ErrorOptions) {
-    super(`cannot store chunk ${digest}: the disk holding the store at ${dir} is full`, options)
+  constructor(dir: string, digest: string | undefined, options?: ErrorOptions & { free?: number }) {
+    const free = options?.free === undefined ? '' : ` (${options.free} bytes free)`
+    super(
+      digest !== undefined
+        ? `cannot store chunk ${digest}: the disk holding the store at ${dir} is full${free}`
+        : `cannot open the store at ${dir}: the disk holding it is full${free}, and its index needs room to open`,
+      options
+    )
     this.dir = dir
     this.digest = digest
-    this.hint = `free space on the file system of ${dir}, or set a size cap (maxBytes) below its free space`
+    this.free = options?.free
+    this.hint =
+      digest !== undefined
+        ? `free space on the file system of ${dir}, or set a size cap (maxBytes) below its free space`
+        : `free space on the file system of ${dir} (a few MiB will do: the store then evicts unpinned chunks until it has room again), or remove ${dir} to start with an empty cache`
   }
 }
 

@@ -43,6 +43,8 @@ export class Ledger {
   evictions = 0
   /** Chunks dropped because their file was found damaged when read (disk store). */
   corrupt = 0
+  /** Writes that failed (see StoreStats.writeErrors). */
+  writeErrors = 0
   private lastAccess = 0
   private readonly pins = new Map<string, Set<string>>()
   /** digest -> how many pin names hold it. */
@@ -152,7 +154,8 @@ export class Ledger {
       misses: this.misses,
       evictions: this.evictions,
       pinned,
-      corrupt: this.corrupt
+      corrupt: this.corrupt,
+      writeErrors: this.writeErrors
     }
   }
 

@@ -9,6 +9,7 @@ import type {
   MemoryStoreInit,
   PutEventDetail,
   PutOptions,
+  StoreErrorEventDetail,
   StoreStats
 } from './types.js'
 
@@ -62,7 +63,16 @@ class MemoryStore extends EventTarget implements LocalChunkStore {
       if (layer !== undefined && !existing.layers.includes(layer)) existing.layers.push(layer)
       return
     }
-    const victims = this.ledger.reserve(digest, bytes.length)
+    let victims: ReturnType<Ledger['reserve']>
+    try {
+      victims = this.ledger.reserve(digest, bytes.length)
+    } catch (err) {
+      // No room beside the pinned chunks under the cap: a write that failed, counted and announced.
+      this.ledger.writeErrors++
+      const detail: StoreErrorEventDetail = { operation: 'put', digest, error: err as Error }
+      this.dispatchEvent(new CustomEvent('error', { detail }))
+      throw err
+    }
     this.ledger.release(bytes.length)
     this.drop(victims.map(([d]) => d))
     this.data.set(digest, bytes.slice())

@@ -28,12 +28,18 @@ export interface StoreStats {
    * behind the store's back. Each was also announced by a `corrupt` event. Always 0 for the memory store.
    */
   corrupt: number
+  /**
+   * Writes that failed: chunks not stored (a full disk, an I/O error, no room beside the pinned chunks under the
+   * cap), metadata, pins and index records not written. Each was also announced by an `error` event.
+   */
+  writeErrors: number
 }
 
 /**
  * Events: `put` (detail: { digest, size, layer? }) after a chunk is stored, `evict` (detail: { digests }) after
- * chunks were removed by the size cap or gc, and `corrupt` (detail: { digest, size, path, found }) after a chunk
- * whose file was damaged was dropped (disk store).
+ * chunks were removed by the size cap or gc, `corrupt` (detail: { digest, size, path, found }) after a chunk
+ * whose file was damaged was dropped (disk store), and `error` (detail: { operation, error }) after a write failed
+ * (the caller of a put, putMeta or pin also gets the error; background writes have no other caller).
  */
 export interface ChunkStore extends EventTarget {
   /**
@@ -94,6 +100,16 @@ export interface CorruptEventDetail {
   found: string
 }
 
+/** Detail of the `error` event: a write of the store that failed. */
+export interface StoreErrorEventDetail {
+  /** What was being written: `put`, `putMeta`, `pin`, `unpin`, `delete`, `evict`, `atimes`, `checkpoint`. */
+  operation: string
+  /** The chunk being put, when the write was a put. */
+  digest?: string
+  /** StoreFullError, StoreCapError or StoreIOError (each with a `hint`), or what the file system said. */
+  error: Error
+}
+
 export interface GcOptions extends AbortOptions {
   /** Evict least recently used unpinned chunks until at most this many bytes remain (default: the size cap). */
   targetBytes?: number
@@ -136,6 +152,13 @@ export interface DiskStoreInit {
    * hashed on open count as checked. False is for benchmarks measuring what the check costs.
    */
   verifyReads?: boolean
+  /**
+   * Bytes of its file system the store leaves free: a put that would leave less fails with StoreFullError, so
+   * the index always has room to write, to compact and to open again after a restart; an open that finds less
+   * evicts unpinned chunks until it has it. Default: an eighth of the file system, at most 8 MiB. 0: none (the
+   * disk fills up until a write fails with ENOSPC).
+   */
+  headroomBytes?: number
 }
 
 /** What the repair pass on open found and fixed. */

@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto'
 import { afterEach, describe, expect, it } from 'vitest'
-import type { EvictEventDetail, LocalChunkStore, PutEventDetail } from '../src/index.js'
+import type { EvictEventDetail, LocalChunkStore, PutEventDetail, StoreErrorEventDetail } from '../src/index.js'
 
 export interface Chunk {
   digest: string
@@ -149,7 +149,8 @@ export function runStoreCompliance(name: string, factory: StoreFactory): void {
         misses: 1,
         evictions: 0,
         pinned: 0,
-        corrupt: 0
+        corrupt: 0,
+        writeErrors: 0
       })
       expect((await (await make()).stats()).maxBytes).toBe(Number.POSITIVE_INFINITY)
     })
@@ -252,6 +253,22 @@ export function runStoreCompliance(name: string, factory: StoreFactory): void {
       expect(await store.stats()).toMatchObject({ chunks: 2, bytes: 2000, evictions: 0 })
       const huge = randomChunk(3000)
       await expect(store.put(huge.digest, huge.bytes)).rejects.toThrow(/larger/)
+    })
+
+    it('counts and announces every write that fails', async () => {
+      const store = await make({ maxBytes: 2500 })
+      const errors: StoreErrorEventDetail[] = []
+      store.addEventListener('error', (e) => errors.push((e as CustomEvent<StoreErrorEventDetail>).detail))
+      const [a, b, c] = [randomChunk(), randomChunk(), randomChunk()]
+      await store.put(a!.digest, a!.bytes)
+      await store.put(b!.digest, b!.bytes)
+      await store.pin('image', [a!.digest, b!.digest])
+      expect((await store.stats()).writeErrors).toBe(0)
+      await expect(store.put(c!.digest, c!.bytes)).rejects.toMatchObject({ name: 'StoreCapError' })
+      await expect(store.put(c!.digest, c!.bytes)).rejects.toMatchObject({ name: 'StoreCapError' })
+      expect((await store.stats()).writeErrors).toBe(2)
+      expect(errors).toHaveLength(2)
+      expect(errors[0]).toMatchObject({ operation: 'put', digest: c!.digest, error: { name: 'StoreCapError' } })
     })
 
     it('fires put and evict events', async () => {

@@ -36,7 +36,9 @@ const status: Command = {
       fetched: bySource(s.bytes.fetched),
       'fetched-for-peers': bySource(s.bytes.fetchedForPeers),
       store: `${s.store.chunks} chunks, ${formatBytes(s.store.bytes)}${Number.isFinite(s.store.maxBytes) ? ` of ${formatBytes(s.store.maxBytes)}` : ''}`,
-      announce: `${s.announce.landed} keys announced, ${s.announce.backlog} waiting`
+      announce: `${s.announce.landed} keys announced, ${s.announce.backlog} waiting`,
+      // Writes the store could not make (a full disk): p2pd logs the first of each cause.
+      'store-errors': s.store.writeErrors ?? 0
     })
     return 0
   }
@@ -90,7 +92,10 @@ const warm: Command = {
   summary: 'fetch every chunk of an image into this node (or, with --cluster, into every node)',
   usage: 'IMAGE',
   description: `With --cluster every reachable node fetches its share of the chunks (from the registry or a peer),
-then the rest from the others: the registry serves each chunk about once.`,
+then the rest from the others: the registry serves each chunk about once.
+
+Exits 1 when the image did not stay: a node failed, or a store could not keep every chunk (a full disk, a
+--cache-size smaller than the image). A warning says how much stayed; with --json, "complete" is false.`,
   args: { min: 1, max: 1 },
   options: { cluster: { type: 'boolean', description: 'warm every node of the cluster' }, json },
   async run(ctx) {
@@ -112,27 +117,60 @@ then the rest from the others: the registry serves each chunk about once.`,
     const result = await client(ctx).stream<WarmResult | ClusterWarmResult>('/warm', { image, cluster }, onEvent, {
       signal: ctx.signal
     })
-    if (ctx.out.json) {
-      ctx.out.printJson(result)
-      return 0
-    }
     if ('nodes' in result) {
-      const failed = Object.entries(result.nodes).filter(([, r]) => !r.ok)
+      // A node holds the image when its warm-up succeeded and its store kept every chunk.
+      const failed = Object.entries(result.nodes).filter(([, r]) => !r.ok || r.result?.complete === false)
+      if (ctx.out.json) {
+        ctx.out.printJson(result)
+        return failed.length > 0 ? 1 : 0
+      }
       bar?.finish(
         `warm ${image}: ${Object.keys(result.nodes).length - failed.length} of ${Object.keys(result.nodes).length} nodes hold the image`
       )
       for (const [peer, r] of Object.entries(result.nodes)) {
         if (!r.ok) ctx.out.warn(`${peer}: ${r.error}`)
-        else if (r.result?.stale !== undefined) ctx.out.warn(`${peer}: ${r.result.stale}`)
+        else if (r.result?.complete === false) ctx.out.warn(`${peer}: ${notKept(r.result)} stayed in its store`)
+        if (r.ok && r.result?.stale !== undefined) ctx.out.warn(`${peer}: ${r.result.stale}`)
       }
       return failed.length > 0 ? 1 : 0
+    }
+    // The image did not stay (a full disk, a cap smaller than it): say so, and why as far as the store tells.
+    const why = result.complete === false ? await whyNotKept(ctx, result) : undefined
+    if (ctx.out.json) {
+      ctx.out.printJson(result)
+      if (why !== undefined) ctx.out.warn(why)
+      return result.complete === false ? 1 : 0
     }
     bar?.finish(
       `warm ${image}: ${result.totalChunks} chunks, ${formatBytes(result.totalBytes)} in ${(result.ms / 1000).toFixed(1)}s`
     )
     if (result.stale !== undefined) ctx.out.warn(result.stale)
+    if (why !== undefined) {
+      ctx.out.warn(why)
+      return 1
+    }
     return 0
   }
+}
+
+/** `only 1700 of 4425 chunks (94.1 MiB of 246.7 MiB)` of a warm-up whose store did not keep them all. */
+function notKept(r: WarmResult): string {
+  return `only ${r.held.chunks} of ${r.totalChunks} chunks (${formatBytes(r.held.bytes)} of ${formatBytes(r.totalBytes)})`
+}
+
+/** What to tell of a local warm-up whose store did not keep the whole image: how much stayed, and why. */
+async function whyNotKept(ctx: Context, r: WarmResult): Promise<string> {
+  const kept = `${notKept(r)} stayed in p2pd's store`
+  const s = await client(ctx)
+    .get<NodeStatus>('/status', { signal: ctx.signal })
+    .then((status) => status.store)
+    .catch(() => undefined)
+  if (s === undefined) return kept
+  if (Number.isFinite(s.maxBytes) && s.maxBytes < r.totalBytes)
+    return `${kept}: its cap (--cache-size) is ${formatBytes(s.maxBytes)}, smaller than the image`
+  if ((s.writeErrors ?? 0) > 0)
+    return `${kept}: ${s.writeErrors} writes to it failed (is its disk full? p2pd's log says why)`
+  return `${kept}: the rest was evicted to stay under its cap of ${formatBytes(s.maxBytes)}`
 }
 
 const gc: Command = {
