@@ -58,3 +58,17 @@ if [ ! -x $oracle ] || [ test/oracle/main.go -nt $oracle ] || [ test/oracle/buil
   sh test/oracle/build.sh $oracle
 fi
 echo "oracle $oracle"
+
+# ctr-remote: stargz-snapshotter's ctr, whose `images rpull` passes the image and layer to the snapshotter as
+# labels (what test/containerd's remote pull drives), built from Debian's sources in GOPATH mode (no network;
+# about a minute the first time).
+ctr_remote=.tools/ctr-remote/ctr-remote
+if [ ! -x $ctr_remote ]; then
+  step "ctr-remote: building it from golang-github-containerd-stargz-snapshotter-dev"
+  mkdir -p .tools/ctr-remote/gopath
+  GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH="$PWD/.tools/ctr-remote/gopath:/usr/share/gocode" \
+    GOCACHE="${GOCACHE:-$PWD/.tools/gocache}" \
+    go build -trimpath -o $ctr_remote.tmp github.com/containerd/stargz-snapshotter/cmd/ctr-remote
+  mv $ctr_remote.tmp $ctr_remote
+fi
+echo "ctr-remote $ctr_remote"

@@ -139,3 +139,16 @@ export async function strataMountsUnder(dir: string): Promise<string[]> {
     .map((l) => l.split(' ')[4] ?? '')
     .filter((p) => p.startsWith(`${dir}/`))
 }
+
+/** Retries `check` until it passes, at most `ms` (containerd's garbage collector removes snapshots when it runs). */
+export async function eventually(check: () => Promise<void>, ms = 30_000): Promise<void> {
+  const deadline = Date.now() + ms
+  for (;;) {
+    try {
+      return await check()
+    } catch (err) {
+      if (Date.now() > deadline) throw err
+      await new Promise((r) => setTimeout(r, 200))
+    }
+  }
+}

@@ -1,17 +1,24 @@
+import { existsSync } from 'node:fs'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { buildCli, type P2pdProcess, startP2pd } from '@test/cluster.js'
+import { type CountingProxy, startCountingProxy } from '@test/counting-proxy.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
+import { repoRoot, run } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { type Containerd, startContainerd } from './containerd.js'
+import { type Containerd, eventually, startContainerd, strataMountsUnder } from './containerd.js'
 import { buildRunnableImage, type RunnableImage } from './images.js'
 
 const root = process.getuid?.() === 0
+/** stargz-snapshotter's ctr, built by scripts/setup.sh from Debian's sources. */
+const ctrRemote = process.env.STRATA_CTR_REMOTE ?? join(repoRoot, '.tools', 'ctr-remote', 'ctr-remote')
 
 describe.runIf(root)('strata as containerd snapshotter, ctr', () => {
   let registry: TestRegistry
   let image: RunnableImage
+  let lazy: RunnableImage
+  let proxy: CountingProxy
   let dataDir: string
   let p2pd: P2pdProcess
   let containerd: Containerd
@@ -28,6 +35,14 @@ describe.runIf(root)('strata as containerd snapshotter, ctr', () => {
       files: { 'etc/greeting': 'hello from strata\n' },
       copies: { 'usr/local/bin/suid-id': ['id', 0o4755] }
     })
+    proxy = await startCountingProxy(registry.host)
+    lazy = await buildRunnableImage({
+      registry: registry.host,
+      repository: 'strata/lazy',
+      estargz: true,
+      programs: ['sh', 'cat'],
+      files: { 'etc/greeting': 'hello from a remote snapshot\n' }
+    })
     dataDir = await mkdtemp(join(tmpdir(), 'strata-p2pd-'))
     p2pd = await startP2pd({ dataDir, insecureRegistry: [registry.host], args: ['--snapshotter-socket', socket()] })
     containerd = await startContainerd({ snapshotters: { strata: socket() } })
@@ -36,6 +51,7 @@ describe.runIf(root)('strata as containerd snapshotter, ctr', () => {
   afterAll(async () => {
     await containerd?.stop()
     await p2pd?.stop()
+    await proxy?.stop()
     await registry?.stop()
     if (dataDir !== undefined) await rm(dataDir, { recursive: true, force: true })
   })
@@ -76,4 +92,45 @@ describe.runIf(root)('strata as containerd snapshotter, ctr', () => {
     ])
     expect(euid).toBe('0\n')
   })
+
+  it.runIf(existsSync(ctrRemote))(
+    'pulls remotely with ctr-remote rpull (stargz labels) and runs with plain ctr',
+    async () => {
+      const ref = lazy.ref.replace(registry.host, proxy.host)
+      await run(ctrRemote, [
+        '-a',
+        containerd.socket,
+        '-n',
+        'strata-test',
+        'images',
+        'rpull',
+        '--plain-http',
+        '--snapshotter',
+        'strata',
+        ref
+      ])
+      // containerd fetched no layer: strata serves them.
+      const layerGets = proxy.requests.filter(
+        (r) => lazy.layers.some((d) => r.path.endsWith(`/blobs/${d}`)) && r.rangeStart === undefined
+      )
+      expect(layerGets).toEqual([])
+      const { stdout } = await containerd.ctr([
+        'run',
+        '--rm',
+        '--snapshotter',
+        'strata',
+        ref,
+        'lazy1',
+        'cat',
+        '/etc/greeting'
+      ])
+      expect(stdout).toBe('hello from a remote snapshot\n')
+      const { stdout: info } = await containerd.ctr(['snapshots', '--snapshotter', 'strata', 'ls'])
+      expect(info.split('\n').filter((l) => /\sCommitted\s*$/.test(l)).length).toBeGreaterThanOrEqual(
+        lazy.layers.length
+      )
+      // The container is gone (--rm): so is the merged root it ran on, once containerd's GC removed its snapshot.
+      await eventually(async () => expect(await strataMountsUnder(join(dataDir, 'snapshotter'))).toEqual([]))
+    }
+  )
 })

@@ -9,7 +9,7 @@ import { buildCli, type P2pdProcess, startP2pd, waitForMesh } from '@test/cluste
 import { type CountingProxy, startCountingProxy } from '@test/counting-proxy.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { type Containerd, startContainerd, strataMountsUnder } from '../../../test/containerd/containerd.js'
+import { type Containerd, eventually, startContainerd, strataMountsUnder } from '../../../test/containerd/containerd.js'
 import { buildRunnableImage, type RunnableImage } from '../../../test/containerd/images.js'
 import { type Cri, criClient, sandboxConfig } from './cri.js'
 
@@ -116,19 +116,6 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
       .filter((l) => l !== '')
       .map((l) => l.split(' ').slice(3).join(' '))
       .join('\n')
-  }
-
-  /** Retries `check` until it passes (containerd's garbage collector runs when it sees fit), at most 30 s. */
-  async function eventually(check: () => Promise<void>): Promise<void> {
-    const deadline = Date.now() + 30_000
-    for (;;) {
-      try {
-        return await check()
-      } catch (err) {
-        if (Date.now() > deadline) throw err
-        await new Promise((r) => setTimeout(r, 200))
-      }
-    }
   }
 
   async function committedSnapshots(): Promise<string[]> {
