@@ -9,6 +9,7 @@ import type { AddressInfo } from 'node:net'
  * - ignoreRange: forward without the Range header, so the target answers 200 with the whole body
  * - delay: wait `ms` before forwarding (slow headers)
  * - stall: forward, send `afterBytes` bytes of the body, then send nothing more (slow body)
+ * - corrupt: forward, with the byte at offset `at` of the body flipped (default: its middle, by Content-Length)
  * - redirect: answer 307 to `/_storage/...` on this proxy, which serves the same target URL without
  *   Authorization, like a signed blob-storage URL (put faults on path /_storage/ to expire it)
  */
@@ -19,6 +20,7 @@ export type FaultAction =
   | { kind: 'ignoreRange' }
   | { kind: 'delay'; ms: number }
   | { kind: 'stall'; afterBytes: number }
+  | { kind: 'corrupt'; at?: number }
   | { kind: 'redirect' }
 
 export type Fault = FaultAction & {
@@ -88,6 +90,21 @@ export async function startFaultProxy(target: string, faults: Fault[] = []): Pro
     if (dropAuth) delete headers.authorization
     const up = request({ host: targetHost, port: Number(targetPort), method: req.method, path, headers }, (upRes) => {
       res.writeHead(upRes.statusCode ?? 502, upRes.headers)
+      if (fault?.kind === 'corrupt') {
+        const at = fault.at ?? Math.floor(Number(upRes.headers['content-length'] ?? 0) / 2)
+        let seen = 0
+        upRes.on('data', (chunk: Buffer) => {
+          let part = chunk
+          if (at >= seen && at < seen + chunk.length) {
+            part = Buffer.from(chunk)
+            part[at - seen] = (part[at - seen] ?? 0) ^ 0xff
+          }
+          seen += chunk.length
+          res.write(part)
+        })
+        upRes.on('end', () => res.end())
+        return
+      }
       if (fault?.kind !== 'truncate' && fault?.kind !== 'stall') {
         upRes.pipe(res)
         return

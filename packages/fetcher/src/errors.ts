@@ -95,3 +95,23 @@ export class SourceTimeoutError extends Error {
     super(`source ${source} made no progress for ${timeoutMs} ms while asked for chunk ${digest}`)
   }
 }
+
+/**
+ * Bytes a source received for chunks are not those chunks (a compressed member that does not inflate): bad bytes,
+ * as a failed digest check is. Thrown by a source's `getMany` after it has handed over the chunks it could; the
+ * fetcher counts each as a verification failure of that source and asks again (see FetcherInit.badBytesRetries).
+ * `cause` is what happened to the other chunks it could not give, if anything did.
+ */
+export class BadChunkBytesError extends Error {
+  override readonly name = 'BadChunkBytesError'
+  readonly code = 'ERR_BAD_CHUNK_BYTES'
+  constructor(
+    readonly chunks: Array<{ digest: string; reason: string }>,
+    options?: { cause?: unknown }
+  ) {
+    super(
+      `bad bytes for ${chunks.length === 1 ? `chunk ${chunks[0]!.digest}` : `${chunks.length} chunks`}: ${chunks[0]?.reason}`,
+      options
+    )
+  }
+}

@@ -1,6 +1,6 @@
 import { type Entry, verifyChunk } from '@strata/stargz'
 import type { ChunkStore } from '@strata/store'
-import { ChunkUnavailableError, SourceTimeoutError } from './errors.js'
+import { type BadChunkBytesError, ChunkUnavailableError, SourceTimeoutError } from './errors.js'
 import { Metrics } from './metrics.js'
 import type {
   AbortOptions,
@@ -27,6 +27,12 @@ export interface FetcherInit {
    * request of this fetcher. A slow but moving source is never given up. Default 30 s.
    */
   sourceTimeoutMs?: number
+  /**
+   * When the bytes the last source gave for a chunk fail their check (a digest that does not match, a compressed
+   * member that does not inflate: a byte flipped on the way), it is asked again for that chunk this many times
+   * before the chunk is unavailable. Default 2. (An earlier source is not asked again: the next one is.)
+   */
+  badBytesRetries?: number
   /** Per-chunk requests in flight for one batch, to sources without `getMany`. Default 8. */
   concurrency?: number
   /** After the first read of a file, at most this many bytes of the rest of it are fetched in the background. Default 64 MiB; 0 disables. */
@@ -116,10 +122,13 @@ class DefaultFetcher extends EventTarget implements Fetcher {
   private readonly sources: ChunkSource[]
   private readonly hedgeDelayMs: number
   private readonly sourceTimeoutMs: number
+  private readonly badBytesRetries: number
   private readonly concurrency: number
   private readonly readAheadBytes: number
   private readonly readAheadConcurrency: number
   private readonly inflight = new Map<string, Promise<Uint8Array>>()
+  /** Digests in flight that a later caller joined (a getMany with cancelOnAbort does not give those up). */
+  private readonly joined = new Set<string>()
   private readonly readAheadDone = new Set<string>()
   /** When each source last made progress (a verified chunk, or its `onProgress`), in performance.now() time. */
   private readonly progressAt = new Map<ChunkSource, number>()
@@ -132,6 +141,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     this.sources = init.sources
     this.hedgeDelayMs = init.hedgeDelayMs ?? 300
     this.sourceTimeoutMs = init.sourceTimeoutMs ?? 30_000
+    this.badBytesRetries = init.badBytesRetries ?? 2
     this.concurrency = init.concurrency ?? 8
     this.readAheadBytes = init.readAheadBytes ?? 64 * 1024 * 1024
     this.readAheadConcurrency = init.readAheadConcurrency ?? 4
@@ -149,7 +159,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     const cached = await this.fromStore(chunk, options)
     if (cached !== undefined) return cached
     return raceSignal(
-      this.join(chunk, () => this.fromSources([chunk]).get(chunk.digest)!),
+      this.join(chunk, () => this.fromSources([chunk]).results.get(chunk.digest)!),
       options.signal
     )
   }
@@ -165,21 +175,35 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       else if (this.inflight.has(chunk.digest))
         byDigest.set(
           chunk.digest,
-          this.join(chunk, () => this.fromSources([chunk]).get(chunk.digest)!)
+          this.join(chunk, () => this.fromSources([chunk]).results.get(chunk.digest)!)
         )
       else missing.push(chunk)
     })
+    let stop: (() => void) | undefined
     if (missing.length > 0) {
       const batch = this.fromSources(missing, options.hedgeDelayMs)
       for (const chunk of missing)
         byDigest.set(
           chunk.digest,
-          this.join(chunk, () => batch.get(chunk.digest)!)
+          this.join(chunk, () => batch.results.get(chunk.digest)!)
         )
+      const signal = options.signal
+      if (options.cancelOnAbort === true && signal !== undefined) {
+        // What this call started and nobody joined since is given up with it.
+        stop = () => {
+          for (const chunk of missing) if (!this.joined.has(chunk.digest)) batch.cancel(chunk.digest, signal.reason)
+        }
+        if (signal.aborted) stop()
+        else signal.addEventListener('abort', stop, { once: true })
+      }
     }
     const all = Promise.all(chunks.map((c) => byDigest.get(c.digest)!))
-    // Chunks a caller stops waiting for still land in the store for the next reader.
+    // Chunks a caller stops waiting for still land in the store for the next reader (unless cancelOnAbort).
     all.catch(() => {})
+    if (stop !== undefined) {
+      const listener = stop
+      void all.catch(() => {}).finally(() => options.signal?.removeEventListener('abort', listener))
+    }
     return raceSignal(all, options.signal)
   }
 
@@ -369,9 +393,13 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     const running = this.inflight.get(chunk.digest)
     if (running !== undefined) {
       this.counters.singleFlightJoins++
+      this.joined.add(chunk.digest)
       return running
     }
-    const p = start().finally(() => this.inflight.delete(chunk.digest))
+    const p = start().finally(() => {
+      this.inflight.delete(chunk.digest)
+      this.joined.delete(chunk.digest)
+    })
     this.inflight.set(chunk.digest, p)
     return p
   }
@@ -379,16 +407,19 @@ class DefaultFetcher extends EventTarget implements Fetcher {
   /** THE choke point: bytes from `source` are checked here; a failure is counted, reported and returned as a reason. */
   private check(source: ChunkSource, chunk: ChunkRef, bytes: Uint8Array): string | undefined {
     const bad = verify(chunk, bytes)
-    if (bad !== undefined) {
-      this.counters.verificationFailure(source.name)
-      source.reportBad?.(chunk, bad)
-      this.emit({ type: 'chunk:bad', digest: chunk.digest, layer: chunk.layer, source: source.name, reason: bad })
-      return `${source.name}: bad bytes (${bad})`
-    }
+    if (bad !== undefined) return this.badBytes(source, chunk, bad)
     const m = this.counters.source(source.name)
     m.chunks++
     m.bytes += bytes.byteLength
     return undefined
+  }
+
+  /** Bytes from `source` that are not `chunk`: counted, reported and returned as the attempt's reason. */
+  private badBytes(source: ChunkSource, chunk: ChunkRef, reason: string): string {
+    this.counters.verificationFailure(source.name)
+    source.reportBad?.(chunk, reason)
+    this.emit({ type: 'chunk:bad', digest: chunk.digest, layer: chunk.layer, source: source.name, reason })
+    return `${source.name}: bad bytes (${reason})`
   }
 
   /**
@@ -409,9 +440,12 @@ class DefaultFetcher extends EventTarget implements Fetcher {
    * by its `getMany` where it has one (the registry coalesces adjacent ranges), else chunk by chunk. Hedged:
    * what a source has not delivered after `hedgeDelayMs` is also asked of the next source, one more source at a
    * time, never all at once; the first verified copy wins. Returns one promise per digest, settled as soon as
-   * that chunk is known.
+   * that chunk is known, and `cancel`, which gives a chunk up (its asks stop once they have nothing left to get).
    */
-  private fromSources(chunks: ChunkRef[], hedgeDelayMs = this.hedgeDelayMs): Map<string, Promise<Uint8Array>> {
+  private fromSources(
+    chunks: ChunkRef[],
+    hedgeDelayMs = this.hedgeDelayMs
+  ): { results: Map<string, Promise<Uint8Array>>; cancel(digest: string, reason: unknown): void } {
     interface State {
       chunk: ChunkRef
       done: boolean
@@ -420,6 +454,8 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       /** Index of the next source to ask. */
       next: number
       attempts: string[]
+      /** Times the last source was asked again after its bytes failed their check. */
+      retries: number
       /** The asks working on it: each stops once all its chunks are done, whoever delivered them. */
       asks: Array<{ remaining: number; controller: AbortController }>
       resolve(bytes: Uint8Array): void
@@ -429,7 +465,17 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     const results = new Map<string, Promise<Uint8Array>>()
     for (const chunk of chunks) {
       const p = new Promise<Uint8Array>((resolve, reject) => {
-        states.set(chunk.digest, { chunk, done: false, working: 0, next: 0, attempts: [], asks: [], resolve, reject })
+        states.set(chunk.digest, {
+          chunk,
+          done: false,
+          working: 0,
+          next: 0,
+          attempts: [],
+          retries: 0,
+          asks: [],
+          resolve,
+          reject
+        })
       })
       p.catch(() => {})
       results.set(chunk.digest, p)
@@ -489,12 +535,15 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       // chunk settles once it is kept.
       const puts = new Set<Promise<void>>()
       let putBytes = 0
+      /** Chunks this source gave bad bytes for (failed check, or did not inflate): the last source is asked again. */
+      const badNow = new Set<State>()
       const take = async (chunk: ChunkRef, bytes: Uint8Array) => {
         const st = states.get(chunk.digest)
         if (st === undefined || st.done) return
         const bad = this.check(source, chunk, bytes)
         if (bad !== undefined) {
           st.attempts.push(bad)
+          badNow.add(st)
           return
         }
         onProgress()
@@ -540,8 +589,22 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       run()
         .catch((err: unknown) => {
           if (controller.signal.aborted) return
+          let rest = err
+          if ((err as Error)?.name === 'BadChunkBytesError') {
+            // Bytes that arrived but are not the chunk: bad bytes, as a failed digest check.
+            const e = err as BadChunkBytesError
+            for (const { digest, reason } of e.chunks) {
+              const st = states.get(digest)
+              if (st === undefined || st.done || !list.includes(st)) continue
+              st.attempts.push(this.badBytes(source, st.chunk, reason))
+              badNow.add(st)
+            }
+            if (e.cause === undefined) return
+            rest = e.cause
+          }
           m.errors++
-          for (const st of list) if (!st.done) said(st, idle.signal.aborted ? timeoutMessage(st.chunk) : describe(err))
+          for (const st of list)
+            if (!st.done && !badNow.has(st)) said(st, idle.signal.aborted ? timeoutMessage(st.chunk) : describe(rest))
         })
         .then(() => Promise.all(puts))
         .then(() => {
@@ -554,13 +617,27 @@ class DefaultFetcher extends EventTarget implements Fetcher {
               said(st, 'does not have it')
             }
           }
+          // The last source gave bad bytes (a byte flipped on the way): asked again, a bounded number of times.
+          const again =
+            i === this.sources.length - 1
+              ? list.filter((st) => !st.done && badNow.has(st) && st.retries < this.badBytesRetries)
+              : []
+          for (const st of again) st.retries++
+          if (again.length > 0) ask(i, again)
           handOn(i, list)
           for (const st of list) failIfExhausted(st)
         })
     }
+    const cancel = (digest: string, reason: unknown) => {
+      const st = states.get(digest)
+      if (st === undefined || st.done) return
+      st.done = true
+      for (const a of st.asks) if (--a.remaining === 0) a.controller.abort()
+      st.reject(reason)
+    }
     if (this.sources.length === 0) for (const st of states.values()) failIfExhausted(st)
     else ask(0, [...states.values()])
-    return results
+    return { results, cancel }
   }
 }
 

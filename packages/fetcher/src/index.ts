@@ -1,5 +1,6 @@
 // @strata/fetcher: the one read path: store -> peers -> registry; verify; single-flight; prefetch.
 export {
+  BadChunkBytesError,
   ChunkUnavailableError,
   LayerDigestMismatchError,
   SourceTimeoutError,

@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Reference, RegistryClient, RemoteBlob } from '@strata/registry'
 import { type Compression, inflateChunk } from '@strata/stargz'
+import { BadChunkBytesError } from './errors.js'
 import { decompressedStream, sliceStream } from './indexed.js'
 import type { ChunkRef, ChunkSource, ImageLayer, SourceOptions } from './types.js'
 
@@ -25,8 +26,17 @@ interface Waiter {
   chunk: ChunkRef
   /** The asker's `onProgress`: told as the bytes of the read carrying this chunk arrive. */
   progress: (() => void) | undefined
+  /** The asker's signal: once every waiter of a read has gone, the read is cancelled. */
+  signal: AbortSignal | undefined
   deliver(bytes: Uint8Array): void
   fail(err: unknown): void
+}
+
+/** A chunk's compressed bytes arrived but did not inflate: bad bytes from the registry (retried by the fetcher). */
+class Undecodable extends Error {
+  constructor(readonly reason: string) {
+    super(reason)
+  }
 }
 
 interface Run {
@@ -80,6 +90,7 @@ class LayerReader {
       const waiter: Waiter = {
         chunk,
         progress: options.onProgress,
+        signal,
         deliver: (bytes) => {
           signal?.removeEventListener('abort', onAbort)
           resolve(bytes)
@@ -114,8 +125,17 @@ class LayerReader {
       // Each asker hears every piece of the body: an 8 MiB range on a crowded link is slow but moving. No total
       // time limit: the registry client gives up when it waits too long for headers or for the next piece.
       const askers = new Set(run.waiters.flatMap((w) => (w.progress === undefined ? [] : [w.progress])))
+      // Cancelled once every asker has gone (another source delivered, the asker gave the registry up, or its
+      // caller stopped): a stalled read no longer holds a slot, nor does a read nobody waits for cost egress.
+      const cancel = new AbortController()
+      const gone = () => {
+        if (run.waiters.every((w) => w.signal?.aborted === true)) cancel.abort(new Error('nobody waits for this read'))
+      }
+      for (const w of run.waiters) w.signal?.addEventListener('abort', gone, { once: true })
+      gone()
       this.blob
         .readAt(run.offset, run.end - run.offset, {
+          signal: cancel.signal,
           onProgress: () => {
             for (const progress of askers) progress()
           }
@@ -124,7 +144,10 @@ class LayerReader {
           (bytes) => {
             for (const w of run.waiters) {
               const compressed = bytes.subarray(w.chunk.offset - run.offset, w.chunk.end - run.offset)
-              inflateChunk(this.compression, compressed, w.chunk).then(w.deliver, w.fail)
+              inflateChunk(this.compression, compressed, w.chunk).then(w.deliver, (err: unknown) => {
+                const name = (err as Error)?.name
+                w.fail(name === 'AbortError' || name === 'ChunkTooLargeError' ? err : new Undecodable(describe(err)))
+              })
             }
           },
           (err: unknown) => {
@@ -132,6 +155,7 @@ class LayerReader {
           }
         )
         .finally(() => {
+          for (const w of run.waiters) w.signal?.removeEventListener('abort', gone)
           this.reading--
           this.pump()
         })
@@ -175,18 +199,30 @@ class RegistrySource implements ChunkSource {
       list.push(c)
       byLayer.set(c.layer, list)
     }
+    // A layer that fails fails after the other layers are read; chunks that arrived but did not inflate are
+    // named as bad bytes (the fetcher asks again), beside what happened to the rest.
+    const bad: Array<{ digest: string; reason: string }> = []
+    let failure: unknown
     for (const [digest, list] of byLayer) {
       const layer = this.layers.get(digest)!
-      if (layer.format === 'indexed') yield* this.fromWholeBlob(layer, list, options)
-      else yield* this.fromRanges(layer, list, options)
+      try {
+        if (layer.format === 'indexed') yield* this.fromWholeBlob(layer, list, options)
+        else yield* this.fromRanges(layer, list, options, bad)
+      } catch (err) {
+        if (options.signal?.aborted === true) throw err
+        failure ??= err
+      }
     }
+    if (bad.length > 0) throw new BadChunkBytesError(bad, failure === undefined ? {} : { cause: failure })
+    if (failure !== undefined) throw failure
   }
 
   /** eStargz family: Range reads of whole compressed members through the layer's shared queue. */
   private async *fromRanges(
     layer: ImageLayer,
     chunks: ChunkRef[],
-    options: SourceOptions
+    options: SourceOptions,
+    bad: Array<{ digest: string; reason: string }>
   ): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     let reader = this.readers.get(layer.digest)
     if (reader === undefined) {
@@ -203,7 +239,8 @@ class RegistrySource implements ChunkSource {
       try {
         yield { chunk: sorted[i]!, bytes: await p }
       } catch (err) {
-        failure ??= err
+        if (err instanceof Undecodable) bad.push({ digest: sorted[i]!.digest, reason: err.reason })
+        else failure ??= err
       }
     }
     if (failure !== undefined) throw failure
@@ -240,4 +277,8 @@ class RegistrySource implements ChunkSource {
 /** The registry as a chunk source: Range reads of eStargz layers (coalesced), whole-blob reads of indexed layers. */
 export function createRegistrySource(init: RegistrySourceInit): ChunkSource {
   return new RegistrySource(init)
+}
+
+function describe(err: unknown): string {
+  return err instanceof Error ? err.message : String(err)
 }

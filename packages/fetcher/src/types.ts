@@ -97,6 +97,11 @@ export interface GetManyOptions extends AbortOptions {
    * longer on its peers before it also asks the registry.
    */
   hedgeDelayMs?: number
+  /**
+   * When `signal` aborts, the chunks this call started fetching and no other caller joined are given up (a
+   * warm-up that failed or was stopped). By default they still land in the store for the next reader.
+   */
+  cancelOnAbort?: boolean
 }
 
 /** The one read path. */

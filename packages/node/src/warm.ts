@@ -91,18 +91,29 @@ export async function warmImage(fetcher: Fetcher, image: Image, options: WarmOpt
       totalBytes: chunks.reduce((n, c) => n + c.size, 0)
     }
     options.onProgress?.({ ...progress })
+    // The first batch that fails stops the others, and what they have in flight that no reader shares is given
+    // up: a failed warm-up must not go on filling the store.
+    const stop = new AbortController()
+    const signal = options.signal === undefined ? stop.signal : AbortSignal.any([options.signal, stop.signal])
     let next = 0
     const worker = async () => {
       while (next < batches.length) {
-        options.signal?.throwIfAborted()
+        signal.throwIfAborted()
         const batch = batches[next++]!
-        await fetcher.getMany(batch, { signal: options.signal, hedgeDelayMs: WARM_HEDGE_DELAY_MS })
+        await fetcher.getMany(batch, { signal, hedgeDelayMs: WARM_HEDGE_DELAY_MS, cancelOnAbort: true })
         progress.chunks += batch.length
         progress.bytes += batch.reduce((n, c) => n + c.size, 0)
         options.onProgress?.({ ...progress })
       }
     }
-    await Promise.all(Array.from({ length: PARALLEL_BATCHES }, worker))
+    await Promise.all(
+      Array.from({ length: PARALLEL_BATCHES }, () =>
+        worker().catch((err: unknown) => {
+          stop.abort(err)
+          throw err
+        })
+      )
+    )
     return progress
   }
   const members = options.members
