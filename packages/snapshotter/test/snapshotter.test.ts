@@ -1,7 +1,7 @@
 // The snapshotter without containerd: overlay semantics, labels, remote resolution, filters, persistence, and
 // the gRPC surface containerd sees (status codes). Mounting is left to the containerd tests.
 import { createHash } from 'node:crypto'
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { credentials, loadPackageDefinition, type ServiceError } from '@grpc/grpc-js'
@@ -10,6 +10,7 @@ import type { Image } from '@strata/fetcher'
 import {
   CRI_LABELS,
   chainIds,
+  containerdConfig,
   parseFilters,
   REMOTE_LABEL,
   remoteRequest,
@@ -287,5 +288,32 @@ describe('labels and filters', () => {
     expect(parseFilters(['name~=/^n$/'])(info)).toBe(true)
     expect(parseFilters(['name==m', 'kind==committed'])(info)).toBe(true)
     expect(parseFilters([])(info)).toBe(true)
+  })
+})
+
+describe('containerd config', () => {
+  /** TOML lines without comments and indentation, in order. */
+  const lines = (toml: string) =>
+    toml
+      .split('\n')
+      .map((l) => l.replace(/#.*$/, '').trim())
+      .filter((l) => l !== '')
+
+  it('is what the DaemonSet ConfigMap shows, for containerd 1.x and 2.x', async () => {
+    const yaml = await readFile(new URL('../../../deploy/k8s/daemonset.yaml', import.meta.url), 'utf8')
+    const block = (key: string) => {
+      const start = yaml.indexOf(`  ${key}: |\n`)
+      const out: string[] = []
+      for (const l of yaml.slice(start).split('\n').slice(1)) {
+        if (l !== '' && !l.startsWith('    ')) break
+        out.push(l)
+      }
+      return out.join('\n')
+    }
+    const socket = '/run/strata/snapshotter.sock'
+    expect(lines(block('strata.toml'))).toEqual(lines(containerdConfig({ socket })))
+    expect(lines(block('strata-v2.toml'))).toEqual(
+      lines(containerdConfig({ socket, containerd: 2, root: '/var/lib/strata/snapshotter' }))
+    )
   })
 })
