@@ -20,6 +20,7 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
   let proxy: CountingProxy
   let app: RunnableImage
   let pause: RunnableImage
+  let plain: RunnableImage
   let dataDir: string
   let logs: string
   let p2pd: P2pdProcess
@@ -33,7 +34,7 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     registry = await startRegistry()
     proxy = await startCountingProxy(registry.host)
     const programs = ['sh', 'cat', 'ls', 'id', 'setpriv', 'sleep']
-    ;[app, pause] = await Promise.all([
+    ;[app, pause, plain] = await Promise.all([
       buildRunnableImage({
         registry: registry.host,
         repository: 'strata/app',
@@ -50,6 +51,13 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
         estargz: true,
         programs: ['sleep'],
         entrypoint: ['/usr/bin/sleep', 'infinity']
+      }),
+      buildRunnableImage({
+        registry: registry.host,
+        repository: 'strata/plain',
+        estargz: false,
+        programs: ['cat'],
+        files: { 'etc/greeting': 'hello from a plain layer\n' }
       })
     ])
     dataDir = await mkdtemp(join(tmpdir(), 'strata-p2pd-'))
@@ -281,5 +289,21 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
       await node2.stop()
       await rm(dir2, { recursive: true, force: true })
     }
+  })
+
+  it('serves layers that are not eStargz remotely too: strata downloads them once and indexes them', async () => {
+    const ref = viaProxy(plain.ref)
+    await cri.image('PullImage', { image: { image: ref } })
+    const { stdout } = await containerd.ctr(['content', 'ls', '-q'], { ns: 'k8s.io' })
+    for (const layer of plain.layers) expect(stdout).not.toContain(layer)
+    const { pod_sandbox_id: sandbox } = await cri.runtime<{ pod_sandbox_id: string }>('RunPodSandbox', {
+      config: sandboxConfig('pod', logs)
+    })
+    const id = await startContainer(sandbox, 'plain', ref, ['cat', '/etc/greeting'])
+    expect(await waitExited(id)).toBe(0)
+    expect(await output('plain')).toBe('hello from a plain layer')
+    await cri.runtime('RemoveContainer', { container_id: id })
+    await cri.runtime('StopPodSandbox', { pod_sandbox_id: sandbox })
+    await cri.runtime('RemovePodSandbox', { pod_sandbox_id: sandbox })
   })
 })
