@@ -161,7 +161,8 @@ describe('the control API acts with the caller rights', () => {
       ['/tmp', /system directory/],
       [`${empty}/../empty`, /not absolute and normalised/],
       [`${work}//empty`, /not absolute and normalised/],
-      [dataDir, /p2pd needs/]
+      [dataDir, /would cover .* which p2pd needs/],
+      [work, /would cover .* which p2pd needs/]
     ]
     for (const [mountpoint, message] of cases) {
       await expect(mount({ image: image.ref, mountpoint }), mountpoint).rejects.toThrow(message)

@@ -16,7 +16,7 @@ export interface Caller {
 export interface MountpointPolicy {
   /** Whose request it is; a caller that is not root must own the mountpoint (default: this process). */
   caller?: Caller
-  /** Paths no mount may cover or go inside (p2pd's data dir and socket). */
+  /** Paths no mount may cover (p2pd's data dir and socket): the mountpoint may not be one of them or above one. */
   protect?: string[]
 }
 
@@ -63,7 +63,7 @@ export async function holdMountpoint(path: string, policy?: MountpointPolicy): P
     refuse('the path is not absolute and normalised (no ., .., // or trailing /)', 'pass the plain absolute path')
   if (isSystemPath(path)) refuse('it is a system directory', 'mount on an empty directory of your own, e.g. /mnt/image')
   for (const p of policy.protect ?? []) {
-    if (within(p, path) || within(path, p)) refuse(`it would cover or lie inside ${p}, which p2pd needs`)
+    if (within(path, p)) refuse(`it would cover ${p}, which p2pd needs`)
   }
   const dir = await holdDirectory(path, 'the mountpoint', refuse)
   try {
