@@ -100,6 +100,11 @@ export interface Operations {
   access(path: string, mode: number): void
   /** Every operation that would change the file system: always EROFS. */
   modify(path: string): never
+  /**
+   * A path of the node with this inode number: a FUSE session served again by a new process (after a p2pd
+   * restart) gets node ids the kernel learnt from the old one, which never looked them up here.
+   */
+  pathOf?(ino: number): string | undefined
 }
 
 const TYPE_BITS: Record<NodeType, number> = {
@@ -257,6 +262,10 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
 
     modify(path) {
       throw new FsError('EROFS', `read-only image: cannot change ${path}`)
+    },
+
+    pathOf(ino) {
+      return tree.pathOf(ino)
     }
   }
 }

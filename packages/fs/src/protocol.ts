@@ -1,5 +1,6 @@
 // The FUSE kernel protocol (linux/fuse.h), the part a read-only file system speaks: message layouts and the
 // answers to each request, over the plain-function Operations. No I/O here: fuse.ts moves the bytes.
+import { randomInt } from 'node:crypto'
 import { constants } from 'node:os'
 import { FsError } from './errors.js'
 import type { Operations, Stat } from './operations.js'
@@ -158,8 +159,13 @@ export class Session {
   readonly #ops: Operations
   readonly #init: SessionInit
   readonly #paths = new Map<number, string>([[1, '/']])
-  readonly #dirs = new Map<bigint, DirEntry[]>()
-  #nextHandle = 1n
+  /** Open directories' listings by handle, with the node each is of. */
+  readonly #dirs = new Map<bigint, { nodeid: number; entries: DirEntry[] }>()
+  /**
+   * Directory handles start anywhere: a connection served again by a new process (p2pd restarted) still has
+   * handles of the old one open, and a listing is checked against the node it is of.
+   */
+  #nextHandle = BigInt(randomInt(1, 2 ** 47)) << 16n
   /** The protocol minor agreed in INIT; 0 before. */
   minor = 0
 
@@ -197,8 +203,13 @@ export class Session {
   }
 
   #path(nodeid: number): string {
-    const path = this.#paths.get(nodeid)
-    if (path === undefined) throw new FsError('ESTALE', `unknown node ${nodeid}`)
+    let path = this.#paths.get(nodeid)
+    if (path === undefined) {
+      // A node id the kernel had from the process that served this connection before (p2pd restarted).
+      path = this.#ops.pathOf?.(nodeid)
+      if (path === undefined) throw new FsError('ESTALE', `unknown node ${nodeid}`)
+      this.#paths.set(nodeid, path)
+    }
     return path
   }
 
@@ -228,11 +239,11 @@ export class Session {
       }
       case Op.OPENDIR: {
         const handle = this.#nextHandle++
-        this.#dirs.set(handle, this.#listing(req.nodeid))
+        this.#dirs.set(handle, { nodeid: req.nodeid, entries: this.#listing(req.nodeid) })
         return openReply(handle, FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR)
       }
       case Op.READDIR:
-        return this.#readdir(body)
+        return this.#readdir(req.nodeid, body)
       case Op.RELEASEDIR:
         this.#dirs.delete(view(body).getBigUint64(0, true))
         return message(0).bytes
@@ -337,10 +348,17 @@ export class Session {
     return entries
   }
 
-  #readdir(body: Uint8Array): Uint8Array {
+  #readdir(nodeid: number, body: Uint8Array): Uint8Array {
     const v = view(body)
-    const entries = this.#dirs.get(v.getBigUint64(0, true))
-    if (entries === undefined) throw new FsError('EIO', 'READDIR of a directory that is not open')
+    const handle = v.getBigUint64(0, true)
+    let open = this.#dirs.get(handle)
+    if (open?.nodeid !== nodeid) {
+      // Opened while another process served this connection (p2pd restarted): the image has not changed, so
+      // the listing is the one that process had.
+      open = { nodeid, entries: this.#listing(nodeid) }
+      this.#dirs.set(handle, open)
+    }
+    const entries = open.entries
     const start = Number(v.getBigUint64(8, true))
     const size = v.getUint32(16, true)
     let used = 0

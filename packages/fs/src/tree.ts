@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto'
 import { type Entry, implicitDir, type TOC } from '@strata/stargz'
 import { UnsafePathError } from './errors.js'
 
@@ -34,6 +35,13 @@ export interface Tree {
   readonly inodes: number
   /** Sum of the sizes of distinct regular files. */
   readonly bytes: number
+  /** A path of the node with inode number `ino` (FUSE style, `/a/b`; one of them for a hardlinked file). */
+  pathOf(ino: number): string | undefined
+  /**
+   * The digest of the tree's inode numbering (every path with its inode number): a FUSE session made over one
+   * tree can be served by another only when both number their files alike (the kernel holds node ids).
+   */
+  readonly numbering: string
 }
 
 const OPAQUE = '.wh..wh..opq'
@@ -178,12 +186,29 @@ function finish(root: Building): Tree {
     delete node.children
   }
   walk('', root)
+  let byIno: Map<number, string> | undefined
+  let numbering: string | undefined
   return {
     root,
     inodes: seen.size,
     bytes,
     lookup(path: string): Node | undefined {
       return byPath.get(path.startsWith('/') ? path.slice(1) : path)
+    },
+    pathOf(ino: number): string | undefined {
+      if (byIno === undefined) {
+        byIno = new Map()
+        for (const [path, node] of byPath) if (!byIno.has(node.ino)) byIno.set(node.ino, `/${path}`)
+      }
+      return byIno.get(ino)
+    },
+    get numbering(): string {
+      if (numbering === undefined) {
+        const hash = createHash('sha256')
+        for (const [path, node] of byPath) hash.update(`${node.ino} ${path}\0`)
+        numbering = `sha256:${hash.digest('hex')}`
+      }
+      return numbering
     }
   }
 }
