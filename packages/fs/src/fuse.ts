@@ -35,9 +35,9 @@ export interface Mount {
 const exec = promisify(execFile)
 
 /** Largest read the kernel may ask for at once: 256 pages (the kernel's own limit for max_pages). */
-const MAX_READ = 1 << 20
+export const MAX_READ = 1 << 20
 /** The relay's read buffer: larger than any request the kernel sends a read-only mount (the kernel checks). */
-const RELAY_BUFFER = 1 << 20
+export const RELAY_BUFFER = 1 << 20
 /** Kernel read-ahead on the mount, so that a sequential reader gets MAX_READ requests (default 128 KiB). */
 const READ_AHEAD_KB = 4096
 
@@ -63,6 +63,30 @@ export async function mountFuse(
 
 async function mountHeld(ops: Operations, target: HeldDirectory, init: FuseMountInit, options?: AbortOptions) {
   const mountpoint = target.path
+  await refuseMounted(mountpoint)
+  const fd = await mountDevice(mountpoint, target.handle.fd, init.allowOther)
+  const connection = new Connection(fd, ops, init.cacheTimeout ?? DAY, init.debug === true)
+  try {
+    await connection.responder.started(mountpoint, init.timeoutMs ?? 30_000, options?.signal)
+    await setReadAhead(mountpoint)
+  } catch (err) {
+    await connection.close(mountpoint)
+    throw err
+  }
+  let unmounted: Promise<void> | undefined
+  return {
+    mountpoint,
+    unmount() {
+      unmounted ??= connection.close(mountpoint)
+      return unmounted
+    }
+  }
+}
+
+const DAY = 86_400
+
+/** A mount there would hide another (or a dead one, which the user should clean up knowingly). */
+export async function refuseMounted(mountpoint: string): Promise<void> {
   if (await isMounted(mountpoint)) {
     throw new MountError(
       mountpoint,
@@ -70,7 +94,13 @@ async function mountHeld(ops: Operations, target: HeldDirectory, init: FuseMount
       `unmount it first ('p2p-mount --unmount ${mountpoint}' if it is a p2p-mount that died)`
     )
   }
-  const timeout = init.cacheTimeout ?? 86_400
+}
+
+/**
+ * Opens /dev/fuse and mounts it read-only on the directory open as `dirFd` in this process (`mountpoint` is its
+ * name, for messages). Returns the /dev/fuse descriptor of the new connection, whose INIT is still to be read.
+ */
+export async function mountDevice(mountpoint: string, dirFd: number, allowOther?: boolean): Promise<number> {
   const fd = await new Promise<number>((resolve, reject) =>
     open('/dev/fuse', 'r+', (err, fd) => (err === null ? resolve(fd) : reject(err)))
   ).catch((err: NodeJS.ErrnoException) => {
@@ -89,11 +119,11 @@ async function mountHeld(ops: Operations, target: HeldDirectory, init: FuseMount
     'default_permissions',
     `max_read=${MAX_READ}`
   ]
-  if (init.allowOther ?? uid === 0) data.push('allow_other')
+  if (allowOther ?? uid === 0) data.push('allow_other')
   try {
     // The target is the directory held open since it was checked (fd 4), not its path, which could have changed.
     const args = ['-i', '-n', '-c', '-t', 'fuse.strata', '-o', data.join(','), 'strata', '/proc/self/fd/4']
-    await withFds([fd, target.handle.fd], 'mount', args)
+    await withFds([fd, dirFd], 'mount', args)
   } catch (err) {
     close(fd, () => {})
     throw new MountError(
@@ -103,70 +133,162 @@ async function mountHeld(ops: Operations, target: HeldDirectory, init: FuseMount
       { cause: err }
     )
   }
+  return fd
+}
 
-  const connection = new Connection(fd, ops, timeout, init.debug === true)
-  try {
-    await connection.started(mountpoint, init.timeoutMs ?? 30_000, options?.signal)
-    await setReadAhead(mountpoint)
-  } catch (err) {
-    await connection.close(mountpoint)
-    throw err
+/**
+ * Splits a byte stream into FUSE messages, each of which starts with its length (u32): requests from the relay's
+ * pipe, replies and requests on a holder's socket. A message split over reads is put together in a buffer of
+ * its size; one whole in a read is passed on as a view of it.
+ */
+export class MessageStream {
+  readonly #min: number
+  readonly #max: number
+  readonly #onMessage: (message: Buffer) => void
+  readonly #head = Buffer.alloc(4)
+  #headBytes = 0
+  #partial: Buffer | undefined
+  #have = 0
+  #broken = false
+  readonly #scratch: Buffer | undefined
+
+  /**
+   * `onBroken` hears of a length outside [min, max]: the stream is not FUSE messages; nothing more is read.
+   * `reuse`: messages are put together in one buffer, used again for the next: a message is valid only until
+   * `onMessage` returns (the holder, which writes each reply at once, allocates nothing per reply).
+   */
+  constructor(
+    min: number,
+    max: number,
+    onMessage: (message: Buffer) => void,
+    readonly onBroken: () => void,
+    reuse = false
+  ) {
+    this.#min = min
+    this.#max = max
+    this.#onMessage = onMessage
+    if (reuse) this.#scratch = Buffer.allocUnsafeSlow(max)
   }
-  let unmounted: Promise<void> | undefined
-  return {
-    mountpoint,
-    unmount() {
-      unmounted ??= connection.close(mountpoint)
-      return unmounted
+
+  #buffer(len: number): Buffer {
+    return this.#scratch?.subarray(0, len) ?? Buffer.allocUnsafe(len)
+  }
+
+  /** Whether part of a message is waiting for the rest. */
+  get midway(): boolean {
+    return this.#partial !== undefined || this.#headBytes > 0
+  }
+
+  push(data: Buffer): void {
+    let at = 0
+    while (at < data.length && !this.#broken) {
+      if (this.#partial !== undefined) {
+        const n = Math.min(this.#partial.length - this.#have, data.length - at)
+        data.copy(this.#partial, this.#have, at, at + n)
+        this.#have += n
+        at += n
+        if (this.#have === this.#partial.length) {
+          const message = this.#partial
+          this.#partial = undefined
+          this.#onMessage(message)
+        }
+        continue
+      }
+      let len: number
+      if (this.#headBytes > 0 || data.length - at < 4) {
+        const n = Math.min(4 - this.#headBytes, data.length - at)
+        data.copy(this.#head, this.#headBytes, at, at + n)
+        this.#headBytes += n
+        at += n
+        if (this.#headBytes < 4) return
+        this.#headBytes = 0
+        len = this.#head.readUInt32LE(0)
+        if (!this.#check(len)) return
+        this.#partial = this.#buffer(len)
+        this.#head.copy(this.#partial)
+        this.#have = 4
+        continue
+      }
+      len = data.readUInt32LE(at)
+      if (!this.#check(len)) return
+      if (data.length - at >= len) {
+        this.#onMessage(data.subarray(at, at + len))
+        at += len
+        continue
+      }
+      this.#partial = this.#buffer(len)
+      this.#have = data.copy(this.#partial, 0, at)
+      at = data.length
     }
+  }
+
+  #check(len: number): boolean {
+    if (len >= this.#min && len <= this.#max) return true
+    this.#broken = true
+    this.onBroken()
+    return false
   }
 }
 
-/** One FUSE connection: the relay that brings requests, the session that answers them, the replies. */
-class Connection {
-  readonly #fd: number
-  readonly #session: Session
-  readonly #relay: ChildProcess
-  readonly #relayed: Promise<void>
-  readonly #inflight = new AbortController()
-  readonly #writes = new Set<Promise<void>>()
-  readonly #spare: Buffer[] = []
-  readonly #debug: boolean
-  #pending: Buffer = Buffer.alloc(0)
-  #closed = false
-  #ended: Promise<void> | undefined
-  #init = Promise.withResolvers<void>()
+/**
+ * The `dd` child that reads requests from /dev/fuse into a pipe (a read of /dev/fuse blocks; Node waits on a
+ * pipe without tying up one of its I/O threads), and the requests it brings, one message each. `setpriv
+ * --pdeathsig` makes it die with this process: a dead server leaves a mount that says "not connected".
+ */
+export class Relay {
+  readonly #child: ChildProcess
+  /** When the relay has exited (the connection ended, or it was killed): with what it said on stderr. */
+  readonly ended: Promise<string>
 
-  constructor(fd: number, ops: Operations, cacheTimeout: number, debug: boolean) {
-    this.#fd = fd
-    this.#debug = debug
-    this.#session = new Session(ops, { cacheTimeout, maxRead: MAX_READ })
-    // setpriv: the relay dies with this process, so a killed p2p-mount leaves a mount that says "not connected".
-    this.#relay = spawn('setpriv', ['--pdeathsig', 'KILL', '--', 'dd', `bs=${RELAY_BUFFER}`, 'status=none'], {
+  constructor(fd: number, onRequest: (request: Buffer) => void) {
+    this.#child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', 'dd', `bs=${RELAY_BUFFER}`, 'status=none'], {
       stdio: [fd, 'pipe', 'pipe']
     })
     let stderr = ''
-    this.#relay.stderr!.on('data', (d) => {
+    this.#child.stderr!.on('data', (d) => {
       stderr += d
     })
-    this.#relay.stdout!.on('data', (d: Buffer) => this.#receive(d))
-    // A broken pipe ends the relay, and with it the connection (below); it must not end the process.
-    this.#relay.stdout!.on('error', () => this.#relay.kill('SIGKILL'))
-    this.#relay.stderr!.on('error', () => {})
-    this.#relayed = new Promise((resolve) => {
-      this.#relay.on('error', (err) => {
-        this.#init.reject(err)
-        resolve()
-      })
-      this.#relay.on('close', () => {
-        this.#init.reject(new Error(`the FUSE connection ended before it started${stderr ? `: ${stderr.trim()}` : ''}`))
-        resolve()
-      })
+    // Not a FUSE request: the stream is broken. Stop rather than guess.
+    const requests = new MessageStream(IN_HEADER, RELAY_BUFFER, onRequest, () => this.kill())
+    this.#child.stdout!.on('data', (d: Buffer) => requests.push(d))
+    // A broken pipe ends the relay, and with it the connection; it must not end the process.
+    this.#child.stdout!.on('error', () => this.kill())
+    this.#child.stderr!.on('error', () => {})
+    this.ended = new Promise((resolve) => {
+      this.#child.on('error', (err) => resolve(err.message))
+      this.#child.on('close', () => resolve(stderr.trim()))
     })
+  }
+
+  kill(): void {
+    this.#child.kill('SIGKILL')
+  }
+}
+
+export interface ResponderInit {
+  cacheTimeout: number
+  debug: boolean
+}
+
+/**
+ * The file system side of a FUSE connection: answers each request with the operations and hands the reply to
+ * `send` (to /dev/fuse, or to the holder that writes it there). Reads run concurrently, each into a reply buffer
+ * of its own, reused once sent.
+ */
+export class Responder {
+  readonly #session: Session
+  readonly #send: (reply: Uint8Array) => Promise<void>
+  readonly #inflight = new AbortController()
+  readonly #spare: Buffer[] = []
+  readonly #debug: boolean
+  readonly #init = Promise.withResolvers<void>()
+  #stopped = false
+
+  constructor(ops: Operations, init: ResponderInit, send: (reply: Uint8Array) => Promise<void>) {
+    this.#session = new Session(ops, { cacheTimeout: init.cacheTimeout, maxRead: MAX_READ })
+    this.#send = send
+    this.#debug = init.debug
     this.#init.promise.catch(() => {})
-    // However the relay ends (an unmount, or killed by someone), the connection ends with it: readers of the
-    // mount then get an error instead of waiting for answers nobody will read the requests for.
-    this.#relayed.then(() => this.#end())
   }
 
   /** Waits for the kernel's INIT to be answered. */
@@ -188,76 +310,93 @@ class Connection {
     }
   }
 
+  /** The connection ended before INIT was answered. */
+  failed(err: Error): void {
+    this.#init.reject(err)
+  }
+
   /**
-   * Detaches the mount (lazily: a busy mount goes too), aborts reads in flight, and ends the connection: with
-   * the relay and this fd closed, the kernel fails whatever a process still holding a file of it asks.
+   * Aborts the reads in flight. `answer`: their readers get EIO (the connection ends); else nothing more is
+   * sent (the holder keeps the requests for the next process to answer).
    */
-  async close(mountpoint: string): Promise<void> {
-    this.#inflight.abort(new Error(`${mountpoint} is being unmounted`))
-    let failure: unknown
-    if (await isMounted(mountpoint)) {
-      await exec('umount', ['-l', mountpoint], { timeout: 30_000 }).catch((err) => {
-        failure = err
-      })
-    }
-    this.#relay.kill('SIGKILL')
-    await this.#end()
-    if (failure !== undefined && (await isMounted(mountpoint))) {
-      const stderr = (failure as { stderr?: string }).stderr ?? String(failure)
-      throw new UnmountError(mountpoint, stderr.trim(), `try 'p2p-mount --unmount ${mountpoint}'`, { cause: failure })
-    }
+  stop(reason: Error, answer: boolean): void {
+    if (!answer) this.#stopped = true
+    this.#inflight.abort(reason)
   }
 
-  /** Closes /dev/fuse once the relay is gone and no reply is being written (the fd number could be reused). */
-  #end(): Promise<void> {
-    this.#ended ??= (async () => {
-      await this.#relayed
-      this.#closed = true
-      this.#inflight.abort(new Error('the FUSE connection ended'))
-      await Promise.allSettled(this.#writes)
-      await new Promise<void>((resolve) => close(this.#fd, () => resolve()))
-    })()
-    return this.#ended
-  }
-
-  /** Requests arrive as the relay wrote them; a pipe read may hold parts of several. */
-  #receive(data: Buffer): void {
-    let buf = this.#pending.length === 0 ? data : Buffer.concat([this.#pending, data])
-    while (buf.length >= 4) {
-      const len = buf.readUInt32LE(0)
-      if (len < IN_HEADER) {
-        // Not a FUSE request: the stream is broken. Stop rather than guess.
-        this.#relay.kill('SIGKILL')
-        return
-      }
-      if (buf.length < len) break
-      this.#dispatch(buf.subarray(0, len))
-      buf = buf.subarray(len)
-    }
-    this.#pending = buf.length === 0 ? Buffer.alloc(0) : Buffer.from(buf)
-  }
-
-  #dispatch(bytes: Buffer): void {
+  dispatch(bytes: Buffer): void {
     const req = parseRequest(bytes)
     if (this.#debug) process.stderr.write(`fuse: #${req.unique} op ${req.opcode} node ${req.nodeid} ${describe(req)}\n`)
     if (req.opcode === Op.READ) {
       const into = this.#spare.pop() ?? Buffer.allocUnsafeSlow(OUT_HEADER + MAX_READ)
       this.#session.read(req, into, this.#inflight.signal).then((reply) =>
-        this.#send(reply).finally(() => {
+        this.#reply(reply).finally(() => {
           if (this.#spare.length < 16) this.#spare.push(into)
         })
       )
       return
     }
     const reply = this.#session.answer(req)
-    if (reply !== undefined) this.#send(reply)
+    if (reply !== undefined) this.#reply(reply)
     if (req.opcode === Op.INIT) {
       if (this.#session.minor > 0) this.#init.resolve()
       else this.#init.reject(new Error('the kernel refused the FUSE protocol version'))
     }
   }
 
-  #send(reply: Uint8Array): Promise<void> {
+  #reply(reply: Uint8Array): Promise<void> {
+    return this.#stopped ? Promise.resolve() : this.#send(reply)
+  }
+}
+
+/** One FUSE connection served in this process: the relay that brings requests, the responder, the replies. */
+class Connection {
+  readonly #fd: number
+  readonly #relay: Relay
+  readonly #writes = new Set<Promise<void>>()
+  readonly responder: Responder
+  #closed = false
+  #ended: Promise<void> | undefined
+
+  constructor(fd: number, ops: Operations, cacheTimeout: number, debug: boolean) {
+    this.#fd = fd
+    this.responder = new Responder(ops, { cacheTimeout, debug }, (reply) => this.#write(reply))
+    this.#relay = new Relay(fd, (request) => this.responder.dispatch(request))
+    // However the relay ends (an unmount, or killed by someone), the connection ends with it: readers of the
+    // mount then get an error instead of waiting for answers nobody will read the requests for.
+    this.#relay.ended.then((stderr) => {
+      this.responder.failed(new Error(`the FUSE connection ended before it started${stderr ? `: ${stderr}` : ''}`))
+      return this.#end()
+    })
+  }
+
+  /**
+   * Detaches the mount (lazily: a busy mount goes too), aborts reads in flight, and ends the connection: with
+   * the relay and this fd closed, the kernel fails whatever a process still holding a file of it asks.
+   */
+  async close(mountpoint: string): Promise<void> {
+    this.responder.stop(new Error(`${mountpoint} is being unmounted`), true)
+    const failure = await lazyUnmount(mountpoint)
+    this.#relay.kill()
+    await this.#end()
+    if (failure !== undefined && (await isMounted(mountpoint))) {
+      throw new UnmountError(mountpoint, failure, `try 'p2p-mount --unmount ${mountpoint}'`)
+    }
+  }
+
+  /** Closes /dev/fuse once the relay is gone and no reply is being written (the fd number could be reused). */
+  #end(): Promise<void> {
+    this.#ended ??= (async () => {
+      await this.#relay.ended
+      this.#closed = true
+      this.responder.stop(new Error('the FUSE connection ended'), true)
+      await Promise.allSettled(this.#writes)
+      await new Promise<void>((resolve) => close(this.#fd, () => resolve()))
+    })()
+    return this.#ended
+  }
+
+  #write(reply: Uint8Array): Promise<void> {
     if (this.#closed) return Promise.resolve()
     const done = new Promise<void>((resolve) => {
       // ENOENT: the request was interrupted meanwhile; ENODEV: the connection is gone. Nobody to tell either way.
@@ -266,6 +405,17 @@ class Connection {
     this.#writes.add(done)
     done.finally(() => this.#writes.delete(done))
     return done
+  }
+}
+
+/** `umount -l` when something is mounted there; what went wrong, if anything. */
+export async function lazyUnmount(mountpoint: string): Promise<string | undefined> {
+  if (!(await isMounted(mountpoint))) return undefined
+  try {
+    await exec('umount', ['-l', mountpoint], { timeout: 30_000 })
+    return undefined
+  } catch (err) {
+    return ((err as { stderr?: string }).stderr ?? String(err)).trim()
   }
 }
 
@@ -294,7 +444,7 @@ export function withFds(fds: number[], cmd: string, args: string[]): Promise<voi
 }
 
 /** Raises the kernel's read-ahead on the mount (its bdi), so sequential reads come in MAX_READ pieces. */
-async function setReadAhead(mountpoint: string): Promise<void> {
+export async function setReadAhead(mountpoint: string): Promise<void> {
   const { dev } = await stat(mountpoint)
   const major = Number((BigInt(dev) >> 8n) & 0xfffn)
   const minor = Number((BigInt(dev) & 0xffn) | ((BigInt(dev) >> 12n) & ~0xffn))
