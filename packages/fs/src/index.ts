@@ -1,9 +1,10 @@
 // @strata/fs: FUSE: a merged read-only view of an image over the fetcher.
 // buildTree merges the layers' TOCs; createOperations are the FUSE operations as plain functions;
 // mountFuse serves them over /dev/fuse (the one place that speaks to the kernel); serveMount is the whole thing
-// in one call.
+// in one call. createFuseHolder: the process that keeps p2pd's FUSE sessions across its restarts (resumeMount).
 export { type ErrnoCode, FsError, MountError, UnmountError, UnsafePathError } from './errors.js'
 export { type FuseMountInit, forceUnmount, isMounted, type Mount, mountFuse } from './fuse.js'
+export { createFuseHolder, type FuseHolder, type HeldSession } from './held.js'
 export {
   type Caller,
   type HeldDirectory,
@@ -23,5 +24,15 @@ export {
   type StatFs
 } from './operations.js'
 export { createReadRecorder, type ReadRecorder, type ReadRecorderInit } from './record.js'
-export { type LayerReader, type ServedMount, type ServeMountInit, serveMount } from './serve.js'
+export {
+  discardMount,
+  type HeldMountInfo,
+  heldMounts,
+  type LayerReader,
+  type ResumeMountInit,
+  resumeMount,
+  type ServedMount,
+  type ServeMountInit,
+  serveMount
+} from './serve.js'
 export { buildTree, type Node, type NodeType, type Tree } from './tree.js'

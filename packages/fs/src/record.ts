@@ -22,6 +22,11 @@ export interface ReadRecorderInit {
   flushIntervalMs?: number
   /** Whose record it is: the directory must be theirs (unless root), and the file is made theirs. */
   owner?: Caller
+  /**
+   * Go on from the paths the file holds (a mount served again after a p2pd restart), instead of starting
+   * afresh. A file that is missing, or not a plain file, starts afresh.
+   */
+  resume?: boolean
 }
 
 /**
@@ -35,7 +40,11 @@ export async function createReadRecorder(file: string, init: ReadRecorderInit = 
   const dir = await holdCallerDirectory(file, owner)
   const inDir = (name: string) => join(procPath(dir.handle), name)
   const seen = new Set<string>()
-  let written = 0
+  if (init.resume === true) {
+    const before = await readPlain(inDir(basename(file)))
+    for (const line of before?.split('\n') ?? []) if (line !== '') seen.add(line)
+  }
+  let written = seen.size
   let writing: Promise<void> = Promise.resolve()
 
   const write = async (text: string, options?: AbortOptions) => {
@@ -85,5 +94,17 @@ export async function createReadRecorder(file: string, init: ReadRecorderInit = 
         await dir.close()
       }
     }
+  }
+}
+
+/** A plain file's text, opened without following a link; undefined when there is none. */
+async function readPlain(path: string): Promise<string | undefined> {
+  const file = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK).catch(() => undefined)
+  if (file === undefined) return undefined
+  try {
+    if (!(await file.stat()).isFile()) return undefined
+    return await file.readFile('utf8')
+  } finally {
+    await file.close()
   }
 }
