@@ -83,16 +83,25 @@ export class UnsupportedLayerError extends Error {
   }
 }
 
-/** A source asked for a chunk made no progress (no chunk, no bytes, for anyone) for its liveness timeout. */
+/**
+ * A source asked for a chunk made no progress (no chunk, no bytes, for anyone) for its liveness timeout; or, when
+ * `stalledMs` is set, for the shorter time a source found stalled gets (it had made none for `stalledMs`).
+ */
 export class SourceTimeoutError extends Error {
   override readonly name = 'SourceTimeoutError'
   readonly code = 'ERR_SOURCE_TIMEOUT'
+  readonly stalledMs: number | undefined
   constructor(
     readonly source: string,
     readonly digest: string,
-    readonly timeoutMs: number
+    readonly timeoutMs: number,
+    options?: { stalledMs?: number }
   ) {
-    super(`source ${source} made no progress for ${timeoutMs} ms while asked for chunk ${digest}`)
+    super(
+      `source ${source} made no progress for ${timeoutMs} ms while asked for chunk ${digest}` +
+        (options?.stalledMs === undefined ? '' : ` (it is stalled: none for ${options.stalledMs} ms)`)
+    )
+    this.stalledMs = options?.stalledMs
   }
 }
 

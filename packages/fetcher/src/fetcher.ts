@@ -24,9 +24,16 @@ export interface FetcherInit {
   /**
    * A liveness timeout: a source asked for chunks is given up for them (the next source is asked, or the read
    * fails) once it has made no progress for this long: no verified chunk and no bytes arriving, for any
-   * request of this fetcher. A slow but moving source is never given up. Default 30 s.
+   * request of this fetcher. A slow but moving source is never given up. Default 24 s (see stallBound).
    */
   sourceTimeoutMs?: number
+  /**
+   * A source given up for making no progress is stalled until it delivers a chunk, for at most the next
+   * sourceTimeoutMs: every ask to it is given up after this long without progress, those waiting already at
+   * once. The kernel asks again for a read that failed: its retry fails as fast, instead of waiting out the
+   * timeout again (and a source that recovered shows it within this long). Default 1 s.
+   */
+  stalledTimeoutMs?: number
   /**
    * When the bytes the last source gave for a chunk fail their check (a digest that does not match, a compressed
    * member that does not inflate: a byte flipped on the way), it is asked again for that chunk this many times
@@ -122,6 +129,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
   private readonly sources: ChunkSource[]
   private readonly hedgeDelayMs: number
   private readonly sourceTimeoutMs: number
+  private readonly stalledTimeoutMs: number
   private readonly badBytesRetries: number
   private readonly concurrency: number
   private readonly readAheadBytes: number
@@ -130,8 +138,8 @@ class DefaultFetcher extends EventTarget implements Fetcher {
   /** Digests in flight that a later caller joined (a getMany with cancelOnAbort does not give those up). */
   private readonly joined = new Set<string>()
   private readonly readAheadDone = new Set<string>()
-  /** When each source last made progress (a verified chunk, or its `onProgress`), in performance.now() time. */
-  private readonly progressAt = new Map<ChunkSource, number>()
+  /** How each source is doing: see Liveness. */
+  private readonly liveness = new Map<ChunkSource, Liveness>()
   private readAheadsRunning = 0
   private readonly counters = new Metrics()
 
@@ -139,8 +147,9 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     super()
     this.store = init.store
     this.sources = init.sources
-    this.hedgeDelayMs = init.hedgeDelayMs ?? 300
-    this.sourceTimeoutMs = init.sourceTimeoutMs ?? 30_000
+    this.hedgeDelayMs = init.hedgeDelayMs ?? DEFAULT_HEDGE_DELAY_MS
+    this.sourceTimeoutMs = init.sourceTimeoutMs ?? DEFAULT_SOURCE_TIMEOUT_MS
+    this.stalledTimeoutMs = init.stalledTimeoutMs ?? DEFAULT_STALLED_TIMEOUT_MS
     this.badBytesRetries = init.badBytesRetries ?? 2
     this.concurrency = init.concurrency ?? 8
     this.readAheadBytes = init.readAheadBytes ?? 64 * 1024 * 1024
@@ -504,20 +513,53 @@ class DefaultFetcher extends EventTarget implements Fetcher {
       const self = { remaining: list.length, controller }
       for (const st of list) st.asks.push(self)
       // Liveness, not total time: the ask is given up once the source has made no progress (for anyone) for
-      // sourceTimeoutMs since the ask started. A source working through a long queue is alive.
+      // sourceTimeoutMs since the ask started. A source working through a long queue is alive. One given up is
+      // stalled: its asks get stalledTimeoutMs, and those waiting on it are given up with this one.
       const idle = new AbortController()
       const signal = AbortSignal.any([controller.signal, idle.signal])
       const started = performance.now()
-      const onProgress = () => this.progressAt.set(source, performance.now())
-      let watchdog: NodeJS.Timeout | undefined
-      const watch = (ms: number) => {
-        watchdog = setTimeout(() => {
-          const quiet = performance.now() - Math.max(started, this.progressAt.get(source) ?? 0)
-          if (quiet >= this.sourceTimeoutMs) idle.abort(new Error(`no progress for ${this.sourceTimeoutMs} ms`))
-          else watch(this.sourceTimeoutMs - quiet)
-        }, ms)
+      let live = this.liveness.get(source)
+      if (live === undefined) {
+        live = { progressAt: Number.NEGATIVE_INFINITY, watchers: new Set() }
+        this.liveness.set(source, live)
       }
-      watch(this.sourceTimeoutMs)
+      const state = live
+      // Bytes arriving keep an ask alive; only a chunk delivered shows a stalled source has recovered (one that
+      // sends a few bytes of each request and then nothing stays stalled).
+      const onProgress = () => {
+        state.progressAt = performance.now()
+      }
+      const delivered = () => {
+        state.progressAt = performance.now()
+        state.stalled = undefined
+      }
+      let watchdog: NodeJS.Timeout | undefined
+      /** Why this ask was given up, once it was. */
+      let gaveUp: SourceTimeoutError | undefined
+      const check = () => {
+        clearTimeout(watchdog)
+        const now = performance.now()
+        const quiet = now - Math.max(started, state.progressAt)
+        const stalled = state.stalled !== undefined && now - state.stalled.at < this.sourceTimeoutMs
+        const limit = stalled ? this.stalledTimeoutMs : this.sourceTimeoutMs
+        if (quiet < limit) {
+          watchdog = setTimeout(check, limit - quiet)
+          return
+        }
+        state.watchers.delete(check)
+        if (stalled) {
+          const silent = Math.round(now - state.stalled!.since)
+          gaveUp = new SourceTimeoutError(source.name, '', Math.round(quiet), { stalledMs: silent })
+        } else {
+          gaveUp = new SourceTimeoutError(source.name, '', this.sourceTimeoutMs)
+          state.stalled = { at: now, since: Math.max(started, state.progressAt) }
+          // The others waiting on it have waited long enough too (more than stalledTimeoutMs, as a rule).
+          for (const other of [...state.watchers]) other()
+        }
+        idle.abort(gaveUp)
+      }
+      state.watchers.add(check)
+      check()
       // The hedge fires when this source has delivered nothing for hedgeDelayMs: a source that is steadily
       // delivering a big batch is not doubled by the next one.
       let hedge: NodeJS.Timeout | undefined
@@ -546,7 +588,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
           badNow.add(st)
           return
         }
-        onProgress()
+        delivered()
         st.done = true
         for (const a of st.asks) if (--a.remaining === 0) a.controller.abort()
         if (hedge !== undefined) armHedge()
@@ -561,7 +603,9 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         while (puts.size >= PUTS_IN_FLIGHT || putBytes >= PUT_BYTES_IN_FLIGHT) await Promise.race(puts)
       }
       const timeoutMessage = (chunk: ChunkRef) =>
-        new SourceTimeoutError(source.name, chunk.digest, this.sourceTimeoutMs).message
+        new SourceTimeoutError(source.name, chunk.digest, gaveUp?.timeoutMs ?? this.sourceTimeoutMs, {
+          ...(gaveUp?.stalledMs === undefined ? {} : { stalledMs: gaveUp.stalledMs })
+        }).message
       const said = (st: State, what: string) => {
         if (!st.attempts.some((a) => a.startsWith(`${source.name}:`))) st.attempts.push(`${source.name}: ${what}`)
       }
@@ -610,6 +654,7 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         .then(() => {
           clearTimeout(hedge)
           clearTimeout(watchdog)
+          state.watchers.delete(check)
           for (const st of list) {
             st.working--
             if (!st.done) {
@@ -657,6 +702,47 @@ const VERIFY_AHEAD = 2
 
 /** Store lookups of one batch in flight at once. */
 const LOOKUPS_IN_FLIGHT = 16
+
+/**
+ * A source silent this long is given up. With p2pd's 8 s before the registry is asked beside a silent peer, a read
+ * whose sources all stall fails after 32 s; the kernel's retry of it after 2 more (stalledTimeoutMs for each
+ * source): within 35 s of the stall, as the read path promises (docs/ARCHITECTURE.md). The registry client's idle
+ * timeout (30 s) is longer: a stalled Range read is given up (and cancelled) before it is retried, whose first
+ * bytes would look like progress again.
+ */
+const DEFAULT_SOURCE_TIMEOUT_MS = 24_000
+const DEFAULT_STALLED_TIMEOUT_MS = 1_000
+const DEFAULT_HEDGE_DELAY_MS = 300
+
+/** How a source is doing, for its liveness timeout: one per source, shared by every ask to it. */
+interface Liveness {
+  /** When it last made progress (a verified chunk, or its `onProgress`), in performance.now() time. */
+  progressAt: number
+  /** Since it was given up for making no progress (`at`), having made none since `since`; until it delivers a chunk. */
+  stalled?: { at: number; since: number }
+  /** The watchdogs of the asks waiting on it: run at once when it is found stalled. */
+  watchers: Set<() => void>
+}
+
+/**
+ * The longest a read waits when every one of `sources` sources stalls (accepts the request, then sends nothing),
+ * with these settings: `freshMs` for a read that starts as they stall (the next source is asked after
+ * min(hedgeDelayMs, sourceTimeoutMs), each given sourceTimeoutMs), `knownMs` for one that starts once they were
+ * found stalled, such as the kernel's retry of a read that just failed (each given stalledTimeoutMs).
+ */
+export function stallBound(
+  init: Pick<FetcherInit, 'hedgeDelayMs' | 'sourceTimeoutMs' | 'stalledTimeoutMs'> = {},
+  sources = 1
+): { freshMs: number; knownMs: number } {
+  const hedge = init.hedgeDelayMs ?? DEFAULT_HEDGE_DELAY_MS
+  const timeout = init.sourceTimeoutMs ?? DEFAULT_SOURCE_TIMEOUT_MS
+  const stalled = init.stalledTimeoutMs ?? DEFAULT_STALLED_TIMEOUT_MS
+  const n = Math.max(1, sources)
+  return {
+    freshMs: (n - 1) * Math.min(hedge, timeout) + timeout,
+    knownMs: (n - 1) * Math.min(hedge, stalled) + stalled
+  }
+}
 
 function sum(refs: ChunkRef[]): number {
   return refs.reduce((a, r) => a + r.size, 0)

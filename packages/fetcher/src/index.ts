@@ -8,7 +8,7 @@ export {
   UnsupportedLayerError,
   UnverifiedLayerError
 } from './errors.js'
-export { chunkRef, createFetcher, type FetcherInit } from './fetcher.js'
+export { chunkRef, createFetcher, type FetcherInit, stallBound } from './fetcher.js'
 export {
   isRegistryOutage,
   type OpenImageInit,

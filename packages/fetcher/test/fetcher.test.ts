@@ -10,7 +10,7 @@ import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { run } from '@test/tools.js'
 import { startWanProxy } from '@test/wan-proxy.js'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
 import {
   type ChunkRef,
   type ChunkSource,
@@ -19,10 +19,12 @@ import {
   createRegistrySource,
   type FetchEvent,
   type Fetcher,
+  type FetcherInit,
   type Image,
   type ImageLayer,
   openImage,
-  resolveImage
+  resolveImage,
+  stallBound
 } from '../src/index.js'
 
 const hex = (b: Uint8Array) => createHash('sha256').update(b).digest('hex')
@@ -1096,5 +1098,220 @@ describe('damaged registry responses: a flipped byte is asked again, a bounded n
       expect(proxy.requests.filter((r) => r.fault === 'corrupt')).toHaveLength(3)
       expect(fetcher.metrics().verificationFailures).toEqual({ registry: 3 })
     })
+  })
+})
+
+describe('stalled sources: a read gets its answer, or its error, within a bound of its sources stalling', () => {
+  it('bounds a read by default within 35 s of its sources stalling, p2pd (a peer, then the registry) included', () => {
+    expect(stallBound()).toEqual({ freshMs: 24_000, knownMs: 1_000 })
+    // p2pd: peers first, the registry 8 s after a silent peer (node.ts); the kernel asks again once for a read
+    // that failed, when its sources are known stalled.
+    const p2pd = stallBound({ hedgeDelayMs: 8_000 }, 2)
+    expect(p2pd).toEqual({ freshMs: 32_000, knownMs: 2_000 })
+    expect(p2pd.freshMs + p2pd.knownMs).toBeLessThanOrEqual(35_000)
+  })
+
+  /** Fetchers over registries behind proxies whose blob requests stall (headers and `afterBytes`, then nothing). */
+  const stalling = async (
+    afterBytes: number,
+    fn: (p: {
+      proxies: FaultProxy[]
+      refs: string[]
+      image: Image
+      store: ReturnType<typeof createMemoryStore>
+    }) => Promise<void>,
+    count = 1
+  ) => {
+    const proxies = await Promise.all(Array.from({ length: count }, () => startFaultProxy(registry.host)))
+    try {
+      const refs = proxies.map((p) => estargz.ref.replace(registry.host, p.host))
+      const store = createMemoryStore()
+      const image = await openImage({ client, store, ref: refs[0]! })
+      for (const p of proxies)
+        p.faults.push({ kind: 'stall', afterBytes, path: /\/blobs\//, times: Number.POSITIVE_INFINITY })
+      await fn({ proxies, refs, image, store })
+    } finally {
+      await Promise.all(proxies.map((p) => p.stop()))
+    }
+  }
+  const timeouts = { sourceTimeoutMs: 400, stalledTimeoutMs: 100, readAheadBytes: 0 }
+  /** Milliseconds `read` takes to settle, and its error. */
+  const timed = async (read: () => Promise<unknown>) => {
+    const started = performance.now()
+    const err = await read().then(
+      () => undefined,
+      (e: unknown) => e as Error
+    )
+    return { ms: performance.now() - started, err }
+  }
+
+  for (const afterBytes of [0, 100]) {
+    it(`fails a read within the bound, and the kernel's retry of it within its short one (${afterBytes} bytes, then nothing)`, async () => {
+      await stalling(afterBytes, async ({ proxies, refs, image, store }) => {
+        // The client's own idle timeout (30 s) is longer, as by default: the fetcher's liveness gives up first.
+        const c = createRegistryClient({ timeoutMs: 30_000 })
+        const fetcher = createFetcher({
+          ...timeouts,
+          store,
+          sources: [createRegistrySource({ client: c, ref: refs[0]!, layers: image.layers })]
+        })
+        const bound = stallBound(timeouts, 1)
+        const layer = image.layers[1]!
+        const entry = layer.toc.lookup('etc/conf4.txt')!
+        const first = await timed(() => fetcher.readFile(layer, entry, 0, entry.size))
+        expect(first.err).toMatchObject({ name: 'ChunkUnavailableError' })
+        expect(first.err!.message).toContain('registry: source registry made no progress for 400 ms')
+        expect(first.ms).toBeGreaterThanOrEqual(bound.freshMs - 5)
+        expect(first.ms).toBeLessThan(bound.freshMs + 300)
+        const again = await timed(() => fetcher.readFile(layer, entry, 0, entry.size))
+        expect(again.err!.message).toMatch(
+          /made no progress for 1\d\d ms while asked for chunk \S+ \(it is stalled: none for \d+ ms\)/
+        )
+        expect(again.ms).toBeGreaterThanOrEqual(bound.knownMs - 5)
+        expect(again.ms).toBeLessThan(bound.knownMs + 300)
+        // Each read made one request, cancelled when given up: none was retried by the client meanwhile.
+        await new Promise((r) => setTimeout(r, 200))
+        expect(proxies[0]!.requests.filter((r) => r.fault === 'stall')).toHaveLength(2)
+      })
+    })
+  }
+
+  it('gives up every read waiting on a source once it is found stalled, not each at its own timeout', async () => {
+    await stalling(0, async ({ refs, image, store }) => {
+      const fetcher = createFetcher({
+        ...timeouts,
+        store,
+        sources: [createRegistrySource({ client, ref: refs[0]!, layers: image.layers })]
+      })
+      const layer = image.layers[1]!
+      const started = performance.now()
+      const first = timed(() => fetcher.readFile(layer, layer.toc.lookup('etc/conf4.txt')!, 0, 10))
+      await new Promise((r) => setTimeout(r, 250))
+      const later = await timed(() => fetcher.readFile(layer, layer.toc.lookup('etc/conf5.txt')!, 0, 10))
+      expect((await first).ms).toBeLessThan(400 + 300)
+      // Started 250 ms after the first, it fails with it: 400 ms after the stall began, not 650.
+      expect(performance.now() - started).toBeLessThan(400 + 200)
+      expect(later.err).toMatchObject({ name: 'ChunkUnavailableError' })
+    })
+  })
+
+  it('with two stalled sources hedged one after the other, fails within their bound, then its retry within the short one', async () => {
+    await stalling(
+      0,
+      async ({ refs, image, store }) => {
+        const init = { ...timeouts, hedgeDelayMs: 150 }
+        const fetcher = createFetcher({
+          ...init,
+          store,
+          sources: [
+            createRegistrySource({ client, ref: refs[0]!, layers: image.layers, name: 'mirror' }),
+            createRegistrySource({ client, ref: refs[1]!, layers: image.layers })
+          ]
+        })
+        const bound = stallBound(init, 2)
+        expect(bound).toEqual({ freshMs: 550, knownMs: 200 })
+        const layer = image.layers[0]!
+        const entry = layer.toc.lookup('etc/conf2.txt')!
+        const first = await timed(() => fetcher.readFile(layer, entry, 0, entry.size))
+        expect(first.err!.message).toMatch(
+          /mirror: source mirror made no progress.*registry: source registry made no progress/
+        )
+        expect(first.ms).toBeGreaterThanOrEqual(bound.freshMs - 5)
+        expect(first.ms).toBeLessThan(bound.freshMs + 300)
+        const again = await timed(() => fetcher.readFile(layer, entry, 0, entry.size))
+        expect(again.err).toMatchObject({ name: 'ChunkUnavailableError' })
+        expect(again.ms).toBeLessThan(bound.knownMs + 300)
+      },
+      2
+    )
+  })
+
+  it('reads again at once when the stalled source recovers', async () => {
+    await stalling(0, async ({ proxies, refs, image, store }) => {
+      const fetcher = createFetcher({
+        ...timeouts,
+        store,
+        sources: [createRegistrySource({ client, ref: refs[0]!, layers: image.layers })]
+      })
+      const layer = image.layers[1]!
+      const entry = layer.toc.lookup('etc/conf6.txt')!
+      await expect(fetcher.readFile(layer, entry, 0, entry.size)).rejects.toMatchObject({
+        name: 'ChunkUnavailableError'
+      })
+      proxies[0]!.faults.length = 0
+      // Within the stalled window: a source that answers shows it within stalledTimeoutMs.
+      const bytes = await fetcher.readFile(layer, entry, 0, entry.size)
+      expect(hex(bytes)).toBe(estargz.layers[1]!.files.get('etc/conf6.txt'))
+      const tool = layer.toc.lookup('usr/bin/tool')!
+      expect(hex(await fetcher.readFile(layer, tool, 0, tool.size))).toBe(estargz.layers[1]!.files.get('usr/bin/tool'))
+    })
+  })
+})
+
+describe('stalled sources: the timing, with the defaults (fake timers)', () => {
+  afterEach(() => {
+    vi.useRealTimers()
+  })
+
+  /** Sources that accept every request and never answer (nor heed their signal), and a chunk to ask them for. */
+  const hungFetcher = (names: string[], init: Partial<FetcherInit> = {}) => {
+    const asked: string[] = []
+    const sources: ChunkSource[] = names.map((name) => ({
+      name,
+      get: () => {
+        asked.push(name)
+        return new Promise<undefined>(() => {})
+      }
+    }))
+    const fetcher = createFetcher({ store: createMemoryStore(), sources, ...init })
+    const chunk = (i: number): ChunkRef => ({
+      digest: `sha256:${String(i).padStart(64, '0')}`,
+      layer: `sha256:${'1'.repeat(64)}`,
+      compression: 'gzip',
+      offset: 0,
+      end: 10,
+      size: 10,
+      innerOffset: 0,
+      fileOffset: 0
+    })
+    return { fetcher, chunk, asked }
+  }
+  /** When (fake ms from now) `p` settles. */
+  const settlesAfter = async (p: Promise<unknown>, step = 100, max = 120_000): Promise<number> => {
+    let done = false
+    p.then(
+      () => {
+        done = true
+      },
+      () => {
+        done = true
+      }
+    )
+    let t = 0
+    while (!done && t < max) {
+      await vi.advanceTimersByTimeAsync(step)
+      t += step
+    }
+    return t
+  }
+
+  it("p2pd's sources (a peer, the registry 8 s later) stalled: a read fails at 32 s, the kernel's retry 2 s later", async () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'performance', 'Date'] })
+    const { fetcher, chunk, asked } = hungFetcher(['peer', 'registry'], { hedgeDelayMs: 8_000 })
+    const first = await settlesAfter(fetcher.get(chunk(1)))
+    expect(first).toBe(32_000)
+    expect(asked).toEqual(['peer', 'registry'])
+    const retry = await settlesAfter(fetcher.get(chunk(1)))
+    expect(retry).toBe(2_000)
+    expect(first + retry).toBeLessThanOrEqual(35_000)
+  })
+
+  it('gives a source found stalled its full timeout again once sourceTimeoutMs has passed', async () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'performance', 'Date'] })
+    const { fetcher, chunk } = hungFetcher(['registry'])
+    expect(await settlesAfter(fetcher.get(chunk(1)))).toBe(24_000)
+    expect(await settlesAfter(fetcher.get(chunk(2)))).toBe(1_000)
+    await vi.advanceTimersByTimeAsync(24_000)
+    expect(await settlesAfter(fetcher.get(chunk(3)))).toBe(24_000)
   })
 })
