@@ -15,7 +15,7 @@ import { type SnapshotterService, startSnapshotter } from '@strata/snapshotter'
 import { type LocalChunkStore, openDiskStore, type StoreErrorEventDetail } from '@strata/store'
 import { type Command, type Options, parseBytes, runCommand, UsageError } from './command.js'
 import { type Credentials, parseCredentials } from './credentials.js'
-import { addMountRoutes } from './mount-routes.js'
+import { addMountRoutes, type MountRoutes } from './mount-routes.js'
 import type { Output } from './output.js'
 
 const DEFAULTS = {
@@ -230,6 +230,7 @@ Example:
     const registry = createRegistryClient({ insecure: s.insecureRegistry, credentials: s.credentials })
     let node: StrataNode | undefined
     let control: ControlServer | undefined
+    let mounts: MountRoutes | undefined
     let metrics: MetricsServer | undefined
     let snapshots: SnapshotterService | undefined
     let mirror: MirrorServer | undefined
@@ -248,7 +249,8 @@ Example:
       })
       control = await startControlServer(node, { socket: s.socket })
       // p2p-mount asks the daemon to serve its mount: one process owns the store, and reads use the peers.
-      addMountRoutes(control, node, { dataDir: s.dataDir, socket: s.socket })
+      // Mounts held from an earlier p2pd (restarted, upgraded, killed) are served again at once.
+      mounts = addMountRoutes(control, node, { dataDir: s.dataDir, socket: s.socket, log: (m) => out.info(m) })
       if (s.snapshotterSocket !== undefined) {
         // containerd's proxy snapshotter: remote layers open through this node, image configs come from the registry.
         const n = node
@@ -275,6 +277,8 @@ Example:
       out.info(`p2pd: ${(signal.reason as Error)?.message ?? 'stopping'}; finishing requests in flight`)
       return 0
     } finally {
+      // Before the control server: the mounts stay, held for the next p2pd, and their p2p-mounts wait for it.
+      await mounts?.close()
       await control?.close()
       await snapshots?.close()
       await metrics?.close()
