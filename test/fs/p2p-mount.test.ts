@@ -12,7 +12,7 @@ import { repoRoot, run } from '@test/tools.js'
 import { startWanProxy, type WanProxy } from '@test/wan-proxy.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 // p2pd's side of daemon mode, run in this process (p2pd.ts wires the same function).
-import { addMountRoutes } from '../../packages/cli/src/mount-routes.js'
+import { addMountRoutes, type MountRoutes } from '../../packages/cli/src/mount-routes.js'
 
 // The p2p-mount binary against a real registry: mount, read, record, SIGTERM mid-read, --unmount after
 // a kill, --writable, a layer that is not eStargz.
@@ -312,10 +312,12 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
   // This process is the p2pd here: it serves the mounts, so only child processes touch them.
   let node: StrataNode
   let control: ControlServer | undefined
+  let mounts: MountRoutes | undefined
   let socket: string
+  let dataDir: string
 
   beforeAll(async () => {
-    const dataDir = await newDir('p2pd')
+    dataDir = await newDir('p2pd')
     socket = join(dataDir, 'p2pd.sock')
     node = await createNode({
       store: createMemoryStore(),
@@ -324,7 +326,7 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
       registry: createRegistryClient({})
     })
     control = await startControlServer(node, { socket })
-    addMountRoutes(control, node, { dataDir, socket })
+    mounts = addMountRoutes(control, node, { dataDir, socket })
   })
 
   afterAll(async () => {
@@ -367,13 +369,37 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
     await movingTag('daemon', [], socket)
   })
 
-  it('ends the mount and says so when p2pd stops', async () => {
+  it('keeps the mount when p2pd stops: reads wait, p2p-mount waits, and the next p2pd serves both', async () => {
     const mnt = await newDir('mnt-daemon-stop')
     const m = await startMount([image.ref, mnt], socket)
+    const waitFor = async (text: string) => {
+      for (let i = 0; i < 100 && !m.stderr().includes(text); i++) await new Promise((r) => setTimeout(r, 100))
+      expect(m.stderr()).toContain(text)
+    }
+    // What p2pd does on SIGTERM: its mounts stay, held for the next p2pd.
+    await mounts!.close()
     await control!.close()
     control = undefined
-    expect(await m.exited).toBe(1)
-    expect(m.stderr()).toContain(`p2pd at ${socket} ended the mount at ${mnt} (is it stopping?)`)
+    await waitFor(`p2pd is stopping: the mount at ${mnt} stays, held for the next p2pd`)
+    expect(await isMounted(mnt)).toBe(true)
+    expect(m.proc.exitCode).toBe(null)
+    // Nobody serves the mount now: a reader waits (and its request is kept) until the next p2pd answers it.
+    const reader = run('sha256sum', [join(mnt, 'usr', 'bin', 'tool')])
+    let read = false
+    void reader.then(() => {
+      read = true
+    })
+    await new Promise((r) => setTimeout(r, 500))
+    expect(read).toBe(false)
+
+    control = await startControlServer(node, { socket })
+    mounts = addMountRoutes(control, node, { dataDir, socket })
+    await mounts.resumed
+    expect(hex((await reader).stdout)).toBe(image.layers[0]!.files.get('usr/bin/tool'))
+    await waitFor(`p2pd at ${socket} serves the mount at ${mnt} again`)
+    expect((await run('cat', [join(mnt, 'etc', 'added.txt')])).stdout).toBe('added in layer 1\n')
+    m.proc.kill('SIGTERM')
+    expect(await m.exited).toBe(0)
     expect(await isMounted(mnt)).toBe(false)
   })
 })

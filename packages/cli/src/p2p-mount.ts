@@ -74,9 +74,19 @@ export function main(argv: string[]): Promise<number> {
 async function unmount(ctx: Context): Promise<number> {
   if (ctx.args.length !== 1) throw new UsageError('--unmount takes only MOUNTPOINT')
   const mountpoint = resolve(ctx.args[0]!)
+  // A mount p2pd serves (or holds for its p2p-mount that died) ends through p2pd, which ends its FUSE session.
+  const socket = (ctx.opts.socket as string | undefined) ?? process.env.STRATA_SOCKET ?? DEFAULT_SOCKET
+  const byDaemon =
+    (await daemonAnswers(socket, ctx.signal)) &&
+    (await createControlClient(socket)
+      .post<{ unmounted?: boolean }>('/unmount', { mountpoint }, { signal: ctx.signal })
+      .then(
+        (r) => r.unmounted === true,
+        () => false
+      ))
   const lower = join(writableDirOf(dataDir(ctx), mountpoint), 'lower')
   const { forceUnmount, isMounted } = await import('@strata/fs')
-  const removed = await forceUnmount(mountpoint, { signal: ctx.signal })
+  const removed = (await forceUnmount(mountpoint, { signal: ctx.signal })) || byDaemon
   // A writable mount has its FUSE mount under the data dir, below the overlay.
   const removedLower = (await isMounted(lower)) && (await forceUnmount(lower, { signal: ctx.signal }))
   if (!removed && !removedLower) {
@@ -129,6 +139,10 @@ function daemonAnswers(socket: string, signal: AbortSignal): Promise<boolean> {
 /**
  * Daemon mode: p2pd serves the mount (its store, its peers) for as long as this process holds the request
  * open. Undefined when this p2pd does not serve mounts: the caller mounts in this process instead.
+ *
+ * When p2pd goes away (it stops, restarts, is upgraded or killed), the mount stays: its FUSE session is held
+ * for the next p2pd, and reads wait for it. This process waits too, and asks the next p2pd for the mount
+ * again (`resume`); a SIGTERM meanwhile unmounts as soon as a p2pd answers.
  */
 async function mountThroughDaemon(
   ctx: Context,
@@ -147,55 +161,130 @@ async function mountThroughDaemon(
   const stream = new AbortController()
   let mounted = false
   let unmounting: Promise<unknown> | undefined
+  const unmount = () => {
+    unmounting ??= control.post('/unmount', { mountpoint: request.mountpoint })
+    unmounting.catch(() => {})
+  }
   const onAbort = () => {
-    if (mounted) unmounting ??= control.post('/unmount', { mountpoint: request.mountpoint })
+    if (mounted) unmount()
     else stream.abort(signal.reason)
   }
   signal.addEventListener('abort', onAbort, { once: true })
+  /** p2pd went away and has not served the mount again yet (said once). */
+  let away = false
+  const gone = (message: string) => {
+    if (!away) out.warn(message)
+    away = true
+  }
   try {
-    await control.stream(
-      '/mount',
-      request,
-      (event) => {
-        const e = event as MountEvent
-        if (e.type === 'opened') out.info(`opened ${request.image} through p2pd at ${socket}: ${e.layers} layers`)
-        else if (e.type === 'read-error') out.warn(`read of ${e.path} (layer ${e.layer}) failed: ${e.message}`)
-        else if (e.type === 'warning') out.warn(e.message)
-        else if (e.type === 'mounted') {
-          mounted = true
-          out.print(`mounted ${request.image} at ${shownMountpoint}`)
-          if (signal.aborted) onAbort()
+    for (;;) {
+      try {
+        await control.stream(
+          '/mount',
+          mounted ? { ...request, resume: true } : request,
+          (event) => {
+            const e = event as MountEvent
+            if (e.type === 'opened') out.info(`opened ${request.image} through p2pd at ${socket}: ${e.layers} layers`)
+            else if (e.type === 'read-error') out.warn(`read of ${e.path} (layer ${e.layer}) failed: ${e.message}`)
+            else if (e.type === 'warning') out.warn(e.message)
+            else if (e.type === 'resumed') {
+              away = false
+              out.info(`p2pd at ${socket} serves the mount at ${request.mountpoint} again`)
+            } else if (e.type === 'detached') gone(`${e.message}; waiting for p2pd at ${socket} to come back`)
+            else if (e.type === 'mounted') {
+              mounted = true
+              out.print(`mounted ${request.image} at ${shownMountpoint}`)
+              if (signal.aborted) onAbort()
+            }
+          },
+          { signal: stream.signal }
+        )
+        break
+      } catch (err) {
+        const name = (err as Error).name
+        if (!mounted) {
+          if (name === 'NotFound') {
+            out.warn(`p2pd at ${socket} does not serve mounts: mounting in this process`)
+            return undefined
+          }
+          throw err
         }
-      },
-      { signal: stream.signal }
-    )
-  } catch (err) {
-    if ((err as Error).name === 'NotFound' && !mounted) {
-      out.warn(`p2pd at ${socket} does not serve mounts: mounting in this process`)
-      return undefined
+        // Asked to stop, and p2pd has unmounted (the stream may end before its result then).
+        if (
+          signal.aborted &&
+          (await unmounting?.then(
+            () => true,
+            () => false
+          ))
+        )
+          break
+        if (name === 'MountGone' || name === 'Forbidden' || name === 'MountBusy') throw err
+        if (!signal.aborted) {
+          gone(`lost p2pd at ${socket}; the mount at ${request.mountpoint} stays: waiting for p2pd to come back`)
+        }
+      }
+      // p2pd is away (or stopping still). Asked to stop meanwhile: unmount through the next p2pd, if one answers.
+      if (signal.aborted) return await unmountLater(ctx, socket, request.mountpoint)
+      unmounting = undefined
+      await new Promise((r) => setTimeout(r, 250))
+      await untilDaemonAnswers(socket, signal)
+      if (signal.aborted) return await unmountLater(ctx, socket, request.mountpoint)
     }
-    if (mounted && !signal.aborted) throw new DaemonLostError(socket, request.mountpoint, { cause: err })
-    throw err
   } finally {
     signal.removeEventListener('abort', onAbort)
   }
   await unmounting
   if (!signal.aborted) {
-    out.error(`p2pd at ${socket} ended the mount at ${request.mountpoint} (is it stopping?)`)
+    out.error(`p2pd at ${socket} ended the mount at ${request.mountpoint}`)
     return 1
   }
   out.info(`unmounted ${request.mountpoint}`)
   return 0
 }
 
-/** The p2pd serving this mount went away mid-mount (it crashed or was killed). */
+/** Polls p2pd until it answers, or the signal aborts. */
+async function untilDaemonAnswers(socket: string, signal: AbortSignal, deadline = Number.POSITIVE_INFINITY) {
+  while (!signal.aborted && Date.now() < deadline && !(await daemonAnswers(socket, signal))) {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, 250)
+      signal.addEventListener('abort', () => {
+        clearTimeout(timer)
+        resolve()
+      })
+    })
+  }
+}
+
+/** How long a p2p-mount asked to stop while p2pd is away waits for a p2pd to unmount through. */
+const UNMOUNT_WAIT_MS = 15_000
+
+/** SIGTERM while p2pd is away: the mount goes when a p2pd answers within a while; else the next p2pd ends it. */
+async function unmountLater(ctx: Context, socket: string, mountpoint: string): Promise<number> {
+  const deadline = Date.now() + UNMOUNT_WAIT_MS
+  const never = new AbortController().signal
+  for (;;) {
+    await untilDaemonAnswers(socket, never, deadline)
+    try {
+      await createControlClient(socket).post('/unmount', { mountpoint })
+      ctx.out.info(`unmounted ${mountpoint}`)
+      return 0
+    } catch (err) {
+      if (Date.now() >= deadline) {
+        throw new DaemonLostError(socket, mountpoint, { cause: err })
+      }
+      await new Promise((r) => setTimeout(r, 250))
+    }
+  }
+}
+
+/** Asked to stop, p2p-mount could not reach a p2pd to unmount through. */
 class DaemonLostError extends Error {
   override name = 'DaemonLostError'
   readonly code = 'ERR_DAEMON_LOST'
   readonly hint: string
   constructor(socket: string, mountpoint: string, options?: { cause?: unknown }) {
-    super(`lost p2pd at ${socket}, which served the mount at ${mountpoint}`, options)
-    this.hint = `if ${mountpoint} is left stale, run 'p2p-mount --unmount ${mountpoint}'`
+    super(`p2pd at ${socket} does not answer: the mount at ${mountpoint} stays until a p2pd is back`, options)
+    this.hint = `the next p2pd unmounts it (this p2p-mount is gone), or run 'p2p-mount --unmount ${mountpoint}'`
   }
 }
 
