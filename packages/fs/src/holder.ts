@@ -25,7 +25,7 @@
 //   {"op": "update", "id", "meta"}
 //   {"op": "close", "id"}                      unmounts (lazily) and ends the session
 // The holder exits when it holds no session and nobody is connected (after a few seconds).
-import { close as closeFd, write } from 'node:fs'
+import { close as closeFd, write, writeSync } from 'node:fs'
 import { chmod, open, readlink, unlink } from 'node:fs/promises'
 import { createConnection, createServer, type Socket } from 'node:net'
 import { join } from 'node:path'
@@ -247,6 +247,17 @@ export async function runHolder(dir: string): Promise<void> {
     const replies = new Replies((reply, done) => {
       if (s.closed || s.client !== socket) return done()
       const unique = reply.readBigUInt64LE(8)
+      if (reply.length <= BIG_REPLY) {
+        // A small reply (an entry, attributes, a listing) at once: a trip through the thread pool would add a
+        // wake-up to every metadata request, and the write only copies a few bytes into the waiting request.
+        try {
+          writeSync(s.fd, reply)
+        } catch {
+          // As below.
+        }
+        s.pending.delete(unique)
+        return done()
+      }
       const written = new Promise<void>((resolve) => {
         // ENOENT: the request was interrupted meanwhile; ENODEV: the connection is gone. Nobody to tell.
         write(s.fd, reply, 0, reply.length, null, () => {
