@@ -12,6 +12,12 @@
 // page cache is empty. A last mount answers reads from memory without the fetcher: the ceiling of FUSE through
 // Node here.
 //
+// With --holder every FUSE read is also made through p2pd's FUSE session holder (held.ts: the holder process
+// reads /dev/fuse and writes the replies, this process answers over its socket), in alternating order with the
+// in-process transport, and the figure is the median of each run's ratio holder / in-process. The layer then
+// also has 10,000 small files in 100 directories, and each run times `ls -lR` of them on a fresh mount through
+// each transport: metadata requests, whose cost is the round trip rather than the bytes.
+//
 // With --verify-cost it measures instead what hashing stored chunks on their first read costs (the disk store
 // checks each chunk file against its digest once per process): per run, for the store reopened with the check
 // (the default) and without it (`verifyReads: false`, the baseline), in alternating order, the first read after
@@ -29,7 +35,7 @@ import { fileReader, openLayer, readChunk } from '@strata/stargz'
 // Not dependencies of fs: the store and the fetcher are what production mounts read through.
 import { createFetcher } from '../../fetcher/dist/index.js'
 import { openDiskStore } from '../../store/dist/index.js'
-import { serveMount } from '../dist/index.js'
+import { createFuseHolder, serveMount } from '../dist/index.js'
 
 const exec = promisify(execFile)
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '../../..')
@@ -37,6 +43,7 @@ const args = process.argv.slice(2)
 const mib = args.includes('--mib') ? Number(args[args.indexOf('--mib') + 1]) : 256
 const RUNS = args.includes('--runs') ? Number(args[args.indexOf('--runs') + 1]) : 5
 const verifyCost = args.includes('--verify-cost')
+const viaHolder = args.includes('--holder')
 
 const work = await mkdtemp(join(tmpdir(), 'strata-fs-bench-'))
 const sh = async (script) => (await exec('sh', ['-c', script], { maxBuffer: 1 << 26 })).stdout
@@ -61,6 +68,12 @@ try {
   await mkdir(root)
   const file = join(root, 'big')
   await writeFile(file, randomBytes(mib * 2 ** 20))
+  if (viaHolder) {
+    for (let d = 0; d < 100; d++) {
+      await mkdir(join(root, 'many', `d${d}`), { recursive: true })
+      for (let f = 0; f < 100; f++) await writeFile(join(root, 'many', `d${d}`, `f${f}`), 'x')
+    }
+  }
   await exec('tar', ['--numeric-owner', '-C', root, '-cf', join(work, 'layer.tar'), '.'])
   const blobPath = join(work, 'layer.blob')
   await exec(join(repoRoot, '.tools/oracle/oracle'), ['build', join(work, 'layer.tar'), blobPath, '--gzip-level', '1'])
@@ -122,32 +135,52 @@ try {
       }
     }
   }
+  const holder = viaHolder ? createFuseHolder(join(work, 'holder')) : undefined
+  /** Milliseconds of `ls -lR` of the small files, per run. */
+  const metadata = { 'in-process': [], holder: [] }
   for (let run = 0; !verifyCost && run < RUNS; run++) {
     await dropCache([file])
     record('local disk, cold page cache', await ddRead(file))
     record('local disk, warm page cache', await ddRead(file))
-    for (const cold of [true, false]) {
-      const mnt = join(work, `mnt-${run}-${cold}`)
+    const transports = holder === undefined ? [undefined] : run % 2 === 0 ? [undefined, holder] : [holder, undefined]
+    for (const through of transports) {
+      const via = through === undefined ? '' : ' (through the holder)'
+      const how = through === undefined ? {} : { holder: through }
+      for (const cold of [true, false]) {
+        const mnt = join(work, `mnt-${run}-${cold}${via === '' ? '' : '-held'}`)
+        await mkdir(mnt)
+        const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher, mountpoint: mnt, ...how })
+        try {
+          if (cold) await dropCache(chunkFiles)
+          record(`FUSE${via}, store ${cold ? 'cold' : 'warm'}, first read`, await ddRead(join(mnt, 'big')))
+          if (!cold) record(`FUSE${via}, second read (kernel page cache)`, await ddRead(join(mnt, 'big')))
+        } finally {
+          await mount.unmount()
+        }
+      }
+      // The same mount with reads answered from memory: what FUSE through Node allows at most.
+      const mnt = join(work, `mnt-${run}-memory${via === '' ? '' : '-held'}`)
       await mkdir(mnt)
-      const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher, mountpoint: mnt })
+      const zeros = new Uint8Array(entry.chunks[0].size)
+      const memory = { readFile: async (_layer, _entry, _offset, length) => zeros.subarray(0, length) }
+      const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher: memory, mountpoint: mnt, ...how })
       try {
-        if (cold) await dropCache(chunkFiles)
-        record(`FUSE, store ${cold ? 'cold' : 'warm'}, first read`, await ddRead(join(mnt, 'big')))
-        if (!cold) record('FUSE, second read (kernel page cache)', await ddRead(join(mnt, 'big')))
+        record(`FUSE${via}, reads answered from memory (the ceiling)`, await ddRead(join(mnt, 'big')))
       } finally {
         await mount.unmount()
       }
-    }
-    // The same mount with reads answered from memory: what FUSE through Node allows at most.
-    const mnt = join(work, `mnt-${run}-memory`)
-    await mkdir(mnt)
-    const zeros = new Uint8Array(entry.chunks[0].size)
-    const memory = { readFile: async (_layer, _entry, _offset, length) => zeros.subarray(0, length) }
-    const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher: memory, mountpoint: mnt })
-    try {
-      record('FUSE, reads answered from memory (the ceiling)', await ddRead(join(mnt, 'big')))
-    } finally {
-      await mount.unmount()
+      if (holder === undefined) continue
+      const listed = join(work, `mnt-${run}-ls${via === '' ? '' : '-held'}`)
+      await mkdir(listed)
+      const tree = await serveMount({ image: { layers: [imageLayer] }, fetcher, mountpoint: listed, ...how })
+      try {
+        const started = process.hrtime.bigint()
+        const lines = Number(await sh(`ls -lR ${listed}/many | wc -l`))
+        if (lines < 10_000) throw new Error(`ls -lR listed ${lines} lines`)
+        metadata[via === '' ? 'in-process' : 'holder'].push(Number(process.hrtime.bigint() - started) / 1e6)
+      } finally {
+        await tree.unmount()
+      }
     }
   }
   await store.close()
@@ -182,6 +215,20 @@ try {
     }
     console.log(`\nFUSE / local, cold: ${ratio('FUSE, store cold, first read', 'local disk, cold page cache')}`)
     console.log(`FUSE / local, warm: ${ratio('FUSE, store warm, first read', 'local disk, warm page cache')}`)
+    if (holder !== undefined) {
+      for (const what of [
+        'store cold, first read',
+        'store warm, first read',
+        'reads answered from memory (the ceiling)'
+      ])
+        console.log(`holder / in-process, ${what}: ${ratio(`FUSE (through the holder), ${what}`, `FUSE, ${what}`)}`)
+      const each = metadata.holder.map((v, i) => v / metadata['in-process'][i])
+      console.log(
+        `ls -lR of 10,000 files, fresh mount: in-process ${median(metadata['in-process']).toFixed(0)} ms, through the holder ` +
+          `${median(metadata.holder).toFixed(0)} ms; holder / in-process ${median(each).toFixed(2)} ` +
+          `(runs: ${each.map((r) => r.toFixed(2)).join(', ')})`
+      )
+    }
   }
 } finally {
   await rm(work, { recursive: true, force: true })
