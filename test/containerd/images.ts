@@ -16,6 +16,8 @@ export interface RunnableImageOptions {
   estargz: boolean
   /** Programs of this machine in the first layer, with their libraries. */
   programs: string[]
+  /** Directories of this machine copied whole into the first layer (e.g. a language's standard library). */
+  hostDirs?: string[]
   /** Files of the second layer: path -> content (a mode may be given as `[content, mode]`). */
   files?: Record<string, string | [string, number]>
   /** Host programs copied into the second layer: path in the image -> [host program, mode]. */
@@ -49,6 +51,10 @@ export async function buildRunnableImage(o: RunnableImageOptions): Promise<Runna
     }
     const base = join(work, 'base')
     await run('bash', [join(repoRoot, 'scripts', 'lib', 'host-rootfs.sh'), base, ...o.programs])
+    for (const dir of o.hostDirs ?? []) {
+      await mkdir(join(base, dir, '..'), { recursive: true })
+      await run('cp', ['-a', dir, join(base, dir, '..')])
+    }
     const trees = [base]
     if (o.files !== undefined || o.copies !== undefined) {
       const top = join(work, 'top')
