@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process'
-import { mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { isMounted } from '@strata/fs'
@@ -9,6 +9,7 @@ import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { repoRoot, run } from '@test/tools.js'
 import { startWanProxy, type WanProxy } from '@test/wan-proxy.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { writableDirOf } from '../../packages/cli/src/writable-dir.js'
 
 // p2pd restarts under the mounts it serves, as real processes: killed (SIGKILL, a crash) with a file of the
 // mount open and a read in progress, and stopped (SIGTERM, as for an upgrade). The FUSE session holder keeps
@@ -179,9 +180,10 @@ describe('mounts served by p2pd outlive p2pd', () => {
     const first = await p2pd(data)
     const [kept, orphan] = [join(work, 'mnt-kept'), join(work, 'mnt-orphan')]
     for (const dir of [kept, orphan]) await mkdir(dir)
-    const a = await mount([image.ref, kept], first.socket)
+    // Both writable, as a container's root is: an overlay on the FUSE mount, which the holder keeps.
+    const a = await mount([image.ref, kept, '--writable'], first.socket)
     const b = await mount([image.ref, orphan, '--writable'], first.socket)
-    await run('sh', ['-c', `echo changed > ${orphan}/etc/conf1.txt`])
+    await run('sh', ['-c', `echo changed > ${orphan}/etc/conf1.txt && echo mine > ${kept}/etc/conf1.txt`])
 
     expect(await first.stop('SIGTERM')).toBe(0)
     for (const m of [a, b]) await until('the p2p-mounts to wait', () => m.stderr().includes('held for the next p2pd'))
@@ -192,17 +194,20 @@ describe('mounts served by p2pd outlive p2pd', () => {
     await b.exited
 
     const second = await p2pd(data)
-    const [dir] = await readdir(join(data, 'mounts'))
-    const lower = join(data, 'mounts', dir!, 'lower')
+    const lower = join(writableDirOf(data, orphan), 'lower')
     await until('the orphan to be unmounted', async () => !(await isMounted(orphan)) && !(await isMounted(lower)))
     expect(second.stderr()).toMatch(/the p2p-mount \(pid \d+\) of .*mnt-orphan is gone: unmounting it/)
-    expect(await readFile(join(data, 'mounts', dir!, 'upper', 'etc', 'conf1.txt'), 'utf8')).toBe('changed\n')
+    expect(await readFile(join(writableDirOf(data, orphan), 'upper', 'etc', 'conf1.txt'), 'utf8')).toBe('changed\n')
 
     await until('p2p-mount to resume', () => a.stderr().includes(`serves the mount at ${kept} again`))
+    expect((await run('cat', [join(kept, 'etc', 'conf1.txt')])).stdout).toBe('mine\n')
     expect((await run('cat', [join(kept, 'etc', 'conf2.txt')])).stdout).toMatch(/^seed 1 file 2\n/)
+    await run('sh', ['-c', `echo after > ${kept}/new-file`])
     a.proc.kill('SIGTERM')
     expect(await a.exited).toBe(0)
     expect(await isMounted(kept)).toBe(false)
+    expect(await isMounted(join(writableDirOf(data, kept), 'lower'))).toBe(false)
+    expect(await readFile(join(writableDirOf(data, kept), 'upper', 'new-file'), 'utf8')).toBe('after\n')
     expect(await second.stop()).toBe(0)
 
     // With no session left, the holder exits by itself.
