@@ -162,7 +162,8 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
       return r.rangeStart === undefined || (r.rangeStart === 0 && (r.rangeEnd ?? Infinity) >= layers.get(digest)! - 1)
     })
     expect(whole).toEqual([])
-    expect(p2pd.stderr()).toMatch(/prefetched the prioritized files of/)
+    // The first container of the image had its eStargz layers' prioritized files prefetched.
+    await eventually(async () => expect(p2pd.stderr()).toMatch(/prefetched the prioritized files of/))
 
     await cri.runtime('RemoveContainer', { container_id: id })
     await cri.runtime('StopPodSandbox', { pod_sandbox_id: sandbox })
@@ -182,6 +183,17 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     const overlays = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => / - overlay /.test(l))
     const on = (m: string) => overlays.filter((l) => l.includes(`lowerdir=${m},`) || l.endsWith(`lowerdir=${m}`))
     expect(mounts.map((m) => on(m).length).sort()).toEqual([1, 2])
+    // The merged roots allow setuid programs and devices (p2p-mount's are nosuid,nodev).
+    const info = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n')
+    for (const m of mounts) {
+      const options = info
+        .find((l) => l.split(' ')[4] === m)!
+        .split(' ')[5]!
+        .split(',')
+      expect(options).toContain('ro')
+      expect(options).not.toContain('nosuid')
+      expect(options).not.toContain('nodev')
+    }
 
     // A setuid program of the image works for a user of the container (the mounts are not nosuid).
     const suid = await startContainer(sandbox, 'suid', ref, ['/usr/local/bin/suid-id', '-u'], 1000)
