@@ -214,6 +214,8 @@ export class HolderClient implements FuseHolder {
       try {
         const child = spawn(process.execPath, [HOLDER_SCRIPT, this.dir], {
           detached: true,
+          // Its working directory must not keep any file system busy for as long as it lives.
+          cwd: '/',
           stdio: ['ignore', log.fd, log.fd]
         })
         child.unref()
