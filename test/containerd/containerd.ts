@@ -105,6 +105,8 @@ ${
     log: () => log,
     ctr,
     async stop() {
+      // containerd leaves containers running when it stops: what a failed test left goes first.
+      if (proc.exitCode === null && proc.signalCode === null) await killTasks(socket)
       if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill('SIGTERM')
         const timer = setTimeout(() => proc.kill('SIGKILL'), 10_000)
@@ -114,6 +116,20 @@ ${
       // Whatever its containers left mounted under its root (rootfs overlays of tasks not cleaned up).
       await unmountUnder(dir)
       await rm(dir, { recursive: true, force: true }).catch(() => {})
+    }
+  }
+}
+
+/** Kills and deletes every task (running container, CRI sandbox) of the containerd at `socket`. */
+async function killTasks(socket: string): Promise<void> {
+  const ctr = (args: string[]) => run('ctr', ['-a', socket, ...args], { timeout: 30_000 })
+  const lines = (s: string) => s.split('\n').filter((l) => l.trim() !== '')
+  const namespaces = lines((await ctr(['namespaces', 'ls', '-q']).catch(() => ({ stdout: '' }))).stdout)
+  for (const ns of namespaces) {
+    const ids = lines((await ctr(['-n', ns, 'tasks', 'ls', '-q']).catch(() => ({ stdout: '' }))).stdout)
+    for (const id of ids) {
+      await ctr(['-n', ns, 'tasks', 'kill', '--all', '--signal', 'SIGKILL', id]).catch(() => {})
+      await ctr(['-n', ns, 'tasks', 'delete', '--force', id]).catch(() => {})
     }
   }
 }

@@ -1,14 +1,28 @@
 // Merged-root mounts of remote layers: one FUSE mount of an image's layers 0..i serves every snapshot whose
 // parent chain tops out at that remote layer, as the lower directory of each one's overlay. A mount lives while
-// some active snapshot or view needs it (the snapshotter asks `release` when the last one goes), and comes back
-// when a snapshot needs it again: after p2pd restarts the old mounts are dead (their FUSE server was this
-// process), so they are detached at start and mounted afresh on demand.
+// some active snapshot or view needs it (the snapshotter asks `release` when the last one goes).
+//
+// With a FUSE session holder (@strata/fs), the mounts outlive p2pd, as the containers on them must: the holder
+// keeps each session while p2pd is away (a SIGTERM, a SIGKILL, an upgrade), readers wait, and the next p2pd
+// serves them again at its start (`recover`). Without one, a mount dies with p2pd; it is then detached at the
+// next start and mounted afresh when a snapshot needs it (containers that ran on the old one lose their root).
 import { execFile } from 'node:child_process'
 import { mkdir, readdir, rmdir, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import type { Fetcher, Image } from '@strata/fetcher'
-import { forceUnmount, isMounted, type ServedMount, serveMount } from '@strata/fs'
+import {
+  createFuseHolder,
+  discardMount,
+  type FuseHolder,
+  forceUnmount,
+  type HeldMountInfo,
+  heldMounts,
+  isMounted,
+  resumeMount,
+  type ServedMount,
+  serveMount
+} from '@strata/fs'
 import type { AbortOptions } from '@strata/stargz'
 import { MountUnavailable } from './errors.js'
 import type { RemoteLayer } from './state.js'
@@ -28,7 +42,21 @@ export interface MergedMountsInit {
   log: (message: string) => void
   /** Fetch the prioritized files of the image's eStargz layers when a mount is first made (default true). */
   prefetch?: boolean
+  /** The FUSE session holder's directory: mounts then outlive this process. None: they die with it. */
+  holderDir?: string
 }
+
+/** What the holder keeps with each of these sessions; `kind` tells them from other users' of a holder. */
+interface MountMeta {
+  kind: typeof KIND
+  id: number
+  ref: string
+  manifest: string
+  layer: string
+  index: number
+}
+
+const KIND = 'strata-snapshotter'
 
 export class MergedMounts {
   readonly #init: MergedMountsInit
@@ -37,9 +65,11 @@ export class MergedMounts {
   readonly #queue = new Map<number, Promise<void>>()
   readonly #prefetching = new Set<Promise<void>>()
   readonly #stop = new AbortController()
+  readonly #holder: FuseHolder | undefined
 
   constructor(init: MergedMountsInit) {
     this.#init = init
+    this.#holder = init.holderDir !== undefined ? createFuseHolder(init.holderDir) : undefined
   }
 
   path(id: number): string {
@@ -51,13 +81,67 @@ export class MergedMounts {
     return [...this.#live.keys()]
   }
 
-  /** Detaches what a previous p2pd left mounted (dead now), and removes the empty directories. */
-  async recover(): Promise<void> {
+  /**
+   * Takes over what a previous p2pd left: the mounts the holder kept that some snapshot still needs (`needed`:
+   * id -> its remote layer) are served again, in the background but before anything else is done with them;
+   * the others are unmounted, and so are dead mounts (a p2pd without a holder, killed).
+   */
+  async recover(needed: ReadonlyMap<number, RemoteLayer>): Promise<void> {
     await mkdir(this.#init.dir, { recursive: true, mode: 0o700 })
+    const held = new Set<string>()
+    if (this.#holder !== undefined) {
+      let found: HeldMountInfo[] = []
+      try {
+        found = await heldMounts(this.#holder)
+      } catch (err) {
+        this.#init.log(`snapshotter: cannot ask the FUSE session holder for its mounts: ${(err as Error).message}`)
+      }
+      for (const h of found) {
+        const meta = h.meta as Partial<MountMeta> | undefined
+        if (meta?.kind !== KIND || typeof meta.id !== 'number') continue
+        held.add(h.mountpoint)
+        const remote = needed.get(meta.id)
+        if (remote === undefined || h.mountpoint !== this.path(meta.id) || remote.layer !== meta.layer) {
+          void this.#discard(h)
+          continue
+        }
+        const id = meta.id
+        void this.#serial(id, () => this.#resume(id, remote, h)).catch(() => {})
+      }
+    }
     for (const name of await readdir(this.#init.dir)) {
       const path = join(this.#init.dir, name)
-      if (await mountedOrDead(path)) await forceUnmount(path).catch(() => {})
+      if (!held.has(path) && (await mountedOrDead(path))) await forceUnmount(path).catch(() => {})
     }
+  }
+
+  /** Serves a mount the holder kept; when that fails it is unmounted (and mounted afresh when needed). */
+  async #resume(id: number, remote: RemoteLayer, h: HeldMountInfo): Promise<void> {
+    try {
+      const image = await this.#init.source.openImage(remote.ref)
+      const layers = image.layers.slice(0, remote.index + 1)
+      if (layers[remote.index]?.digest !== remote.layer) throw new Error(`the image has no layer ${remote.layer}`)
+      const served = await resumeMount({
+        image: { layers },
+        fetcher: this.#init.source.fetcher,
+        holder: this.#holder!,
+        held: h,
+        onError: (f) => this.#init.log(`snapshotter: read of ${f.path} in ${remote.ref} failed: ${f.error.message}`)
+      })
+      this.#live.set(id, served)
+      this.#init.log(
+        `snapshotter: serving layers 1-${remote.index + 1} of ${remote.ref} at ${h.mountpoint} again (${h.session.pending} requests waited)`
+      )
+    } catch (err) {
+      this.#init.log(`snapshotter: cannot serve ${h.mountpoint} again (${(err as Error).message}): unmounting it`)
+      await this.#discard(h)
+    }
+  }
+
+  async #discard(h: HeldMountInfo): Promise<void> {
+    await discardMount(this.#holder!, h).catch((err: Error) => {
+      this.#init.log(`snapshotter: unmounting ${h.mountpoint} failed: ${err.message}`)
+    })
   }
 
   /**
@@ -96,6 +180,17 @@ export class MergedMounts {
           image: { layers },
           fetcher: this.#init.source.fetcher,
           mountpoint: path,
+          ...(this.#holder !== undefined && {
+            holder: this.#holder,
+            meta: {
+              kind: KIND,
+              id,
+              ref: remote.ref,
+              manifest: remote.manifest,
+              layer: remote.layer,
+              index: remote.index
+            } satisfies MountMeta
+          }),
           onError: (f) => this.#init.log(`snapshotter: read of ${f.path} in ${remote.ref} failed: ${f.error.message}`)
         },
         options
@@ -169,10 +264,20 @@ export class MergedMounts {
     return run
   }
 
-  /** Stops prefetches and unmounts everything: the mounts cannot outlive this process's FUSE server. */
+  /**
+   * Stops prefetches. With a holder the mounts stay, kept by it for the next p2pd (the containers on them keep
+   * their root); without one they cannot outlive this process's FUSE server, and are unmounted.
+   */
   async close(): Promise<void> {
     this.#stop.abort(new Error('the snapshotter is stopping'))
     await Promise.allSettled([...this.#prefetching])
+    await Promise.allSettled([...this.#queue.values()])
+    if (this.#holder !== undefined) {
+      for (const served of this.#live.values()) await served.detach?.().catch(() => {})
+      this.#live.clear()
+      await this.#holder.detach().catch(() => {})
+      return
+    }
     for (const id of [...this.#live.keys()]) await this.release(id).catch(() => {})
   }
 }

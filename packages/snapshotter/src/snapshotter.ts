@@ -58,6 +58,11 @@ export interface SnapshotterInit {
   remote?: boolean
   /** Prefetch the prioritized files of an image's eStargz layers when its first container is prepared (true). */
   prefetch?: boolean
+  /**
+   * Keep the merged roots across restarts of p2pd through a FUSE session holder (in `ROOT/fuse`), so that the
+   * containers running on them keep their root file system (default true).
+   */
+  keepMounts?: boolean
   log?: (message: string) => void
 }
 
@@ -102,10 +107,12 @@ export class Snapshotter {
       dir: join(root, 'mounts'),
       source: init.source,
       log: init.log ?? (() => {}),
-      ...(init.prefetch !== undefined && { prefetch: init.prefetch })
+      ...(init.prefetch !== undefined && { prefetch: init.prefetch }),
+      ...(init.keepMounts !== false && { holderDir: join(root, 'fuse') })
     })
-    await mounts.recover()
-    return new Snapshotter(init, state, mounts)
+    const snapshotter = new Snapshotter(init, state, mounts)
+    await mounts.recover(snapshotter.#neededRemotes())
+    return snapshotter
   }
 
   /** Runs `fn` with the records to itself (changes and their save are one step). */
@@ -336,15 +343,19 @@ export class Snapshotter {
     await this.#releaseUnneeded()
   }
 
-  /** Ids of the remote snapshots whose merged root some active snapshot or view stands on. */
-  #neededMounts(): Set<number> {
-    const needed = new Set<number>()
+  /** The remote snapshots whose merged root some active snapshot or view stands on, by id. */
+  #neededRemotes(): Map<number, RemoteLayer> {
+    const needed = new Map<number, RemoteLayer>()
     for (const s of this.#state.all()) {
       if (s.kind === 'committed') continue
       const top = this.#state.chain(s.parent).find((p) => p.remote !== undefined)
-      if (top !== undefined) needed.add(top.id)
+      if (top !== undefined) needed.set(top.id, top.remote!)
     }
     return needed
+  }
+
+  #neededMounts(): Set<number> {
+    return new Set(this.#neededRemotes().keys())
   }
 
   /** Unmounts the merged roots nothing stands on any more: the last snapshot over one was removed. */
@@ -414,7 +425,7 @@ export class Snapshotter {
     await this.#mounts.prune(needed)
   }
 
-  /** Unmounts the merged roots (they cannot outlive this process); the records stay. */
+  /** Stops; the records stay, and so do the merged roots when a holder keeps them (see keepMounts). */
   async close(): Promise<void> {
     await this.#mounts.close()
   }

@@ -10,7 +10,7 @@ export interface StartSnapshotterInit extends SnapshotterInit {
 export interface SnapshotterService {
   readonly socket: string
   readonly snapshotter: Snapshotter
-  /** Stops answering, then unmounts the merged roots (the snapshots' records stay for the next start). */
+  /** Stops answering; the records stay for the next start, and the merged roots with the FUSE session holder. */
   close(): Promise<void>
 }
 

@@ -9,7 +9,13 @@ import { buildCli, type P2pdProcess, startP2pd, waitForMesh } from '@test/cluste
 import { type CountingProxy, startCountingProxy } from '@test/counting-proxy.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { type Containerd, eventually, startContainerd, strataMountsUnder } from '../../../test/containerd/containerd.js'
+import {
+  type Containerd,
+  eventually,
+  startContainerd,
+  strataMountsUnder,
+  unmountUnder
+} from '../../../test/containerd/containerd.js'
 import { buildRunnableImage, type RunnableImage } from '../../../test/containerd/images.js'
 import { type Cri, criClient, sandboxConfig } from './cri.js'
 
@@ -75,6 +81,8 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     cri?.close()
     await containerd?.stop()
     await p2pd?.stop()
+    // p2pd leaves its merged roots to the FUSE session holder when it stops: unmounted, the holder exits.
+    if (dataDir !== undefined) await unmountUnder(dataDir)
     await proxy?.stop()
     await registry?.stop()
     for (const d of [dataDir, logs]) if (d !== undefined) await rm(d, { recursive: true, force: true })
@@ -215,13 +223,18 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     await eventually(async () => expect(await committedSnapshots()).toHaveLength(pause.layers.length))
   })
 
-  it('keeps its snapshots when p2pd is killed, and starts new containers once it is back', async () => {
+  it('keeps its snapshots and the running containers when p2pd is killed, and starts new ones once it is back', async () => {
     const ref = viaProxy(app.ref)
     await cri.image('PullImage', { image: { image: ref } })
     const { pod_sandbox_id: sandbox } = await cri.runtime<{ pod_sandbox_id: string }>('RunPodSandbox', {
       config: sandboxConfig('pod', logs)
     })
-    const running = await startContainer(sandbox, 'running', ref, ['sleep', '600'])
+    // It reads files of the image it never read before, after p2pd was killed: the reads wait for the next p2pd.
+    const running = await startContainer(sandbox, 'running', ref, [
+      'sh',
+      '-c',
+      'sleep 5; cat /data/unread > /dev/null && cat /etc/greeting; sleep 600'
+    ])
     const list = async () =>
       (await containerd.ctr(['snapshots', '--snapshotter', 'strata', 'ls'], { ns: 'k8s.io' })).stdout.split('\n').sort()
     const before = await list()
@@ -235,6 +248,9 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     const after = await startContainer(sandbox, 'after', ref, ['cat', '/etc/greeting'])
     expect(await waitExited(after)).toBe(0)
     expect(await output('after')).toBe('hello from a lazy layer')
+    // The container that ran through the restart kept its root file system.
+    await eventually(async () => expect(await output('running')).toBe('hello from a lazy layer'))
+    expect(p2pd.stderr()).toMatch(/snapshotter: serving layers 1-2 of .* again/)
 
     for (const id of [running, after]) {
       await cri.runtime('StopContainer', { container_id: id, timeout: 1 })
@@ -299,6 +315,7 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
       cri2?.close()
       await containerd2?.stop()
       await node2.stop()
+      await unmountUnder(dir2)
       await rm(dir2, { recursive: true, force: true })
     }
   })
