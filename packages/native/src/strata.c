@@ -5,7 +5,29 @@
 #include <node_api.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+
+// The FUSE device's backing-file ioctls (linux/fuse.h of 6.9+, protocol 7.40), defined here so the addon builds
+// against older headers too; the kernel says ENOTTY when it lacks them.
+struct strata_fuse_backing_map {
+  int32_t fd;
+  uint32_t flags;
+  uint64_t padding;
+};
+#define STRATA_FUSE_DEV_IOC_MAGIC 229
+#define STRATA_FUSE_DEV_IOC_BACKING_OPEN _IOW(STRATA_FUSE_DEV_IOC_MAGIC, 1, struct strata_fuse_backing_map)
+#define STRATA_FUSE_DEV_IOC_BACKING_CLOSE _IOW(STRATA_FUSE_DEV_IOC_MAGIC, 2, uint32_t)
 
 static napi_value throw_errno(napi_env env, const char *what) {
   int err = errno;
@@ -17,6 +39,13 @@ static napi_value throw_errno(napi_env env, const char *what) {
     case ENOTCONN: code = "ENOTCONN"; break;
     case EPERM: code = "EPERM"; break;
     case ENOTTY: code = "ENOTTY"; break;
+    case ESRCH: code = "ESRCH"; break;
+    case ENOSYS: code = "ENOSYS"; break;
+    case EMFILE: code = "EMFILE"; break;
+    case ELOOP: code = "ELOOP"; break;
+    case EOPNOTSUPP: code = "EOPNOTSUPP"; break;
+    case ENOENT: code = "ENOENT"; break;
+    case EACCES: code = "EACCES"; break;
   }
   char message[256];
   snprintf(message, sizeof message, "%s: %s", what, strerror(err));
@@ -62,9 +91,58 @@ static napi_value peer_credentials(napi_env env, napi_callback_info info) {
   return obj;
 }
 
-NAPI_MODULE_INIT() {
+// pidfdGetfd(pid, fd) -> a new descriptor (close-on-exec) in this process for the open file description that is
+// `fd` in process `pid`: the same file, offset and state, e.g. the same FUSE connection of a /dev/fuse
+// descriptor, which opening /proc/PID/fd/N would not give. Needs the right to ptrace `pid` (root).
+static napi_value pidfd_getfd(napi_env env, napi_callback_info info) {
+  int32_t a[2];
+  if (!int_arg(env, info, 2, a)) return NULL;
+  int pidfd = (int)syscall(SYS_pidfd_open, (pid_t)a[0], 0);
+  if (pidfd < 0) return throw_errno(env, "pidfd_open");
+  int fd = (int)syscall(SYS_pidfd_getfd, pidfd, a[1], 0);
+  int err = errno;
+  close(pidfd);
+  if (fd < 0) {
+    errno = err;
+    return throw_errno(env, "pidfd_getfd");
+  }
+  napi_value out;
+  napi_create_int32(env, fd, &out);
+  return out;
+}
+
+// backingOpen(fuseFd, fileFd) -> the backing id the FUSE connection of `fuseFd` gives `fileFd` (an open file it
+// may then pass reads through to: FOPEN_PASSTHROUGH). The connection keeps its own reference to the file.
+static napi_value backing_open(napi_env env, napi_callback_info info) {
+  int32_t a[2];
+  if (!int_arg(env, info, 2, a)) return NULL;
+  struct strata_fuse_backing_map map = {.fd = a[1], .flags = 0, .padding = 0};
+  int id = ioctl(a[0], STRATA_FUSE_DEV_IOC_BACKING_OPEN, &map);
+  if (id < 0) return throw_errno(env, "ioctl(FUSE_DEV_IOC_BACKING_OPEN)");
+  napi_value out;
+  napi_create_int32(env, id, &out);
+  return out;
+}
+
+// backingClose(fuseFd, id): the connection lets go of backing id `id` (files opened with it keep the file).
+static napi_value backing_close(napi_env env, napi_callback_info info) {
+  int32_t a[2];
+  if (!int_arg(env, info, 2, a)) return NULL;
+  uint32_t id = (uint32_t)a[1];
+  if (ioctl(a[0], STRATA_FUSE_DEV_IOC_BACKING_CLOSE, &id) < 0) return throw_errno(env, "ioctl(FUSE_DEV_IOC_BACKING_CLOSE)");
+  return NULL;
+}
+
+static void export_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
   napi_value fn;
-  napi_create_function(env, "peerCredentials", NAPI_AUTO_LENGTH, peer_credentials, NULL, &fn);
-  napi_set_named_property(env, exports, "peerCredentials", fn);
+  napi_create_function(env, name, NAPI_AUTO_LENGTH, cb, NULL, &fn);
+  napi_set_named_property(env, exports, name, fn);
+}
+
+NAPI_MODULE_INIT() {
+  export_fn(env, exports, "peerCredentials", peer_credentials);
+  export_fn(env, exports, "pidfdGetfd", pidfd_getfd);
+  export_fn(env, exports, "backingOpen", backing_open);
+  export_fn(env, exports, "backingClose", backing_close);
   return exports;
 }
