@@ -226,26 +226,29 @@ export class MergedMounts {
     this.#prefetching.add(p)
   }
 
-  /** Unmounts the mount of `id` (lazily when busy) and removes its directory. */
-  release(id: number): Promise<void> {
+  /**
+   * Unmounts the mount of `id` (lazily when busy) and removes its directory, unless `needed(id)` says, when its
+   * turn comes, that a snapshot prepared meanwhile stands on it.
+   */
+  release(id: number, needed: (id: number) => boolean = () => false): Promise<void> {
     return this.#serial(id, async () => {
+      if (needed(id)) return
       const served = this.#live.get(id)
       this.#live.delete(id)
       await detach(this.path(id), served)
     })
   }
 
-  /** Unmounts and removes every mount directory whose id is not in `keep`. */
-  async prune(keep: Set<number>): Promise<void> {
-    for (const id of [...this.#live.keys()]) if (!keep.has(id)) await this.release(id)
+  /** Unmounts and removes every mount directory `needed` does not want (asked for each when its turn comes). */
+  async prune(needed: (id: number) => boolean): Promise<void> {
+    for (const id of [...this.#live.keys()]) await this.release(id, needed)
     let names: string[] = []
     try {
       names = await readdir(this.#init.dir)
     } catch {}
     for (const name of names) {
-      const id = /^\d+$/.test(name) ? Number(name) : undefined
-      if (id === undefined) await detach(join(this.#init.dir, name), undefined)
-      else if (!keep.has(id)) await this.release(id)
+      if (/^\d+$/.test(name)) await this.release(Number(name), needed)
+      else await detach(join(this.#init.dir, name), undefined)
     }
   }
 

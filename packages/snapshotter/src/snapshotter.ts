@@ -360,8 +360,9 @@ export class Snapshotter {
 
   /** Unmounts the merged roots nothing stands on any more: the last snapshot over one was removed. */
   async #releaseUnneeded(): Promise<void> {
-    const needed = await this.#locked(() => this.#neededMounts())
-    for (const id of this.#mounts.live()) if (!needed.has(id)) await this.#mounts.release(id)
+    // Asked again when each release runs: a snapshot prepared since may stand on the mount.
+    const needed = (id: number) => this.#neededMounts().has(id)
+    for (const id of this.#mounts.live()) if (!needed(id)) await this.#mounts.release(id, needed)
   }
 
   stat(key: string): SnapshotInfo {
@@ -411,18 +412,19 @@ export class Snapshotter {
 
   /** Removes what no record owns: snapshot directories left by an interrupted Remove, mounts nothing uses. */
   async cleanup(): Promise<void> {
-    const { ids, needed } = await this.#locked(() => ({
-      ids: new Set(this.#state.all().map((s) => s.id)),
-      needed: this.#neededMounts()
-    }))
     const dir = join(this.#root, 'snapshots')
-    for (const name of await readdir(dir)) {
-      if (/^\d+$/.test(name) && ids.has(Number(name))) continue
+    // Chosen under the lock (a Prepare makes its directory and record together there); ids are never reused, so
+    // an orphan stays one while it is removed.
+    const orphans = await this.#locked(async () => {
+      const ids = new Set(this.#state.all().map((s) => s.id))
+      return (await readdir(dir)).filter((name) => !(/^\d+$/.test(name) && ids.has(Number(name))))
+    })
+    for (const name of orphans) {
       await rm(join(dir, name), { recursive: true, force: true }).catch((err) => {
         this.#log(`snapshotter: cannot remove ${join(dir, name)}: ${err.message}`)
       })
     }
-    await this.#mounts.prune(needed)
+    await this.#mounts.prune((id) => this.#neededMounts().has(id))
   }
 
   /** Stops; the records stay, and so do the merged roots when a holder keeps them (see keepMounts). */
