@@ -15,6 +15,7 @@ import { parseReference, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore } from '@strata/store'
 import { ProtocolError } from './errors.js'
 import { encodeFrame, flushed, readFrames } from './frames.js'
+import type { ByteBudget } from './protocol.js'
 
 export const BLOB_PROTOCOL = '/strata/blob/1.0.0'
 
@@ -33,6 +34,8 @@ interface BlobIndex {
 
 export interface MirrorComponents {
   store: ChunkStore
+  /** The node-wide bound on bytes sent to peers and not yet read by them (the chunk protocol's too). */
+  queued: ByteBudget
   registry: RegistryClient
   /** Peers that may hold `digest` (DHT providers, then connected peers), best first, banned ones left out. */
   holders(digest: string, options?: AbortOptions): Promise<string[]>
@@ -269,7 +272,16 @@ export class Mirror {
         await send(new TextEncoder().encode(JSON.stringify({ missing: true })))
       } else {
         await send(new TextEncoder().encode(JSON.stringify({ size: index.size })))
-        for await (const bytes of this.read(index, 0, index.size, { signal })) await send(bytes)
+        // Piece by piece within the node's bound: a peer that does not read holds one piece of it at most.
+        for (let at = 0; at < index.size; at += PIECE) {
+          const n = Math.min(PIECE, index.size - at)
+          await this.c.queued.take(n, signal)
+          try {
+            for await (const bytes of this.read(index, at, at + n, { signal })) await send(bytes)
+          } finally {
+            this.c.queued.give(n)
+          }
+        }
       }
       await stream.close({ signal })
     } catch (err) {

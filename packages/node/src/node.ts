@@ -21,7 +21,7 @@ import { loadIdentity, loadPreSharedKey } from './identity.js'
 import { digestToCid } from './keys.js'
 import { BLOB_PROTOCOL, Mirror, type MirrorStats } from './mirror.js'
 import { PeerBook, type PeerScore } from './peers.js'
-import { CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
+import { ByteBudget, CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
 import { LayerRouter } from './router.js'
 import { homeOf, isForwarded, PeerSource, runForwarded } from './source.js'
 import { type WarmProgress, type WarmResult, warmImage } from './warm.js'
@@ -182,6 +182,8 @@ class Node implements StrataNode {
   readonly source: PeerSource
   readonly mirror: Mirror
   private readonly server: ChunkServer
+  /** Bytes of answers to peers not yet read by them, over the chunk and blob protocols (limits.maxQueuedBytes). */
+  private readonly queued: ByteBudget
   private readonly announcer: Announcer
   private readonly book: PeerBook
   private readonly strataPeers = new Set<string>()
@@ -212,6 +214,7 @@ class Node implements StrataNode {
     private readonly limits: ProtocolLimits
   ) {
     this.peerId = libp2p.peerId.toString()
+    this.queued = new ByteBudget(limits.maxQueuedBytes)
     this.registries = new Set(init.registries ?? [])
     this.book = new PeerBook(init.bans)
     this.source = new PeerSource({
@@ -235,6 +238,7 @@ class Node implements StrataNode {
     this.server = new ChunkServer(
       {
         store: init.store,
+        queued: this.queued,
         fetch: async (chunks, ref, options) => {
           if (ref !== undefined && chunks.some((c) => !this.router.has(c.layer)) && this.mayOpenForPeer(ref)) {
             await this.open(ref, options).catch(() => undefined)
@@ -253,6 +257,7 @@ class Node implements StrataNode {
     )
     this.mirror = new Mirror({
       store: init.store,
+      queued: this.queued,
       registry: init.registry ?? createRegistryClient({}),
       holders: async (digest, options) => {
         const found = await firstWithin(this.findProviders(digest, options), PROVIDER_PATIENCE_MS)

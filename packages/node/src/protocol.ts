@@ -64,6 +64,8 @@ export type ChunkAnswer = { index: number; bytes: Uint8Array } | { index: number
 
 export interface ServerComponents {
   store: ChunkStore
+  /** The node-wide bound on bytes of answers not yet read (shared with the blob protocol); default its own. */
+  queued?: ByteBudget
   /**
    * Gets chunks this node is the home of into its store, from wherever the node's fetcher finds them (for
    * `fetch`): one promise per chunk, settled as that chunk lands (true) or could not be got (false). `ref` names
@@ -88,7 +90,7 @@ export class ChunkServer {
     private readonly components: ServerComponents,
     private readonly limits: ProtocolLimits = DEFAULT_LIMITS
   ) {
-    this.queued = new ByteBudget(limits.maxQueuedBytes)
+    this.queued = components.queued ?? new ByteBudget(limits.maxQueuedBytes)
   }
 
   /** Chunk bytes held now for answers their readers have not taken (at most limits.maxQueuedBytes). */
@@ -251,7 +253,7 @@ export class ChunkServer {
  * A count of bytes with a ceiling, taken and given back; takers wait in order for room (or their signal). One
  * taker may take at most the whole ceiling.
  */
-class ByteBudget {
+export class ByteBudget {
   #free: number
   readonly #waiting: Array<{ n: number; go: () => void }> = []
 
