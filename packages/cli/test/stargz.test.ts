@@ -3,7 +3,15 @@ import { readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { runCli } from '@test/cli.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { CHUNK, MTIME, makeSourceTree, type OracleBlob, oracleBuild, type SourceTree, sha256 } from '../../stargz/test/fixture.js'
+import {
+  CHUNK,
+  MTIME,
+  makeSourceTree,
+  type OracleBlob,
+  oracleBuild,
+  type SourceTree,
+  sha256
+} from '../../stargz/test/fixture.js'
 
 let tree: SourceTree
 let built: OracleBlob
