@@ -12,9 +12,10 @@
 // page cache is empty. A last mount answers reads from memory without the fetcher: the ceiling of FUSE through
 // Node here.
 //
-// With --holder every FUSE read is also made through p2pd's FUSE session holder (held.ts: the holder process
-// reads /dev/fuse and writes the replies, this process answers over its socket), in alternating order with the
-// in-process transport, and the figure is the median of each run's ratio holder / in-process. The layer then
+// With --holder every FUSE read is also made through p2pd's FUSE session holder (held.ts), both ways: direct
+// (the holder keeps the descriptor, this process serves its own copy of it, as in process) and relay (the
+// holder reads /dev/fuse and writes the replies, this process answers over its socket: the fallback), in
+// rotating order with the in-process transport, and the figure is the median of each run's ratio to in-process. The layer then
 // also has 10,000 small files in 100 directories, and each run times `ls -lR` of them on a fresh mount through
 // each transport: metadata requests, whose cost is the round trip rather than the bytes.
 //
@@ -135,19 +136,29 @@ try {
       }
     }
   }
-  const holder = viaHolder ? createFuseHolder(join(work, 'holder')) : undefined
-  /** Milliseconds of `ls -lR` of the small files, per run. */
-  const metadata = { 'in-process': [], holder: [] }
+  // The holder's two ways: p2pd serving its own copy of the descriptor (direct, Linux 6.9+), and the relay (the
+  // holder reads requests and writes replies; the fallback). Each with a holder process of its own.
+  const holders = viaHolder
+    ? [
+        { via: ' (holder, direct)', holder: createFuseHolder(join(work, 'holder-direct')) },
+        { via: ' (holder, relay)', holder: createFuseHolder(join(work, 'holder-relay'), { direct: false }) }
+      ]
+    : []
+  /** Milliseconds of `ls -lR` of the small files, per run and transport. */
+  const metadata = { '': [] }
+  for (const h of holders) metadata[h.via] = []
   for (let run = 0; !verifyCost && run < RUNS; run++) {
     await dropCache([file])
     record('local disk, cold page cache', await ddRead(file))
     record('local disk, warm page cache', await ddRead(file))
-    const transports = holder === undefined ? [undefined] : run % 2 === 0 ? [undefined, holder] : [holder, undefined]
-    for (const through of transports) {
-      const via = through === undefined ? '' : ' (through the holder)'
+    const all = [{ via: '', holder: undefined }, ...holders]
+    // Each run starts with another transport, so none is always first after the local reads.
+    const transports = all.map((_, i) => all[(i + run) % all.length])
+    for (const { via, holder: through } of transports) {
       const how = through === undefined ? {} : { holder: through }
+      const tag = via.replace(/\W+/g, '-')
       for (const cold of [true, false]) {
-        const mnt = join(work, `mnt-${run}-${cold}${via === '' ? '' : '-held'}`)
+        const mnt = join(work, `mnt-${run}-${cold}${tag}`)
         await mkdir(mnt)
         const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher, mountpoint: mnt, ...how })
         try {
@@ -159,7 +170,7 @@ try {
         }
       }
       // The same mount with reads answered from memory: what FUSE through Node allows at most.
-      const mnt = join(work, `mnt-${run}-memory${via === '' ? '' : '-held'}`)
+      const mnt = join(work, `mnt-${run}-memory${tag}`)
       await mkdir(mnt)
       const zeros = new Uint8Array(entry.chunks[0].size)
       const memory = { readFile: async (_layer, _entry, _offset, length) => zeros.subarray(0, length) }
@@ -169,15 +180,15 @@ try {
       } finally {
         await mount.unmount()
       }
-      if (holder === undefined) continue
-      const listed = join(work, `mnt-${run}-ls${via === '' ? '' : '-held'}`)
+      if (holders.length === 0) continue
+      const listed = join(work, `mnt-${run}-ls${tag}`)
       await mkdir(listed)
       const tree = await serveMount({ image: { layers: [imageLayer] }, fetcher, mountpoint: listed, ...how })
       try {
         const started = process.hrtime.bigint()
         const lines = Number(await sh(`ls -lR ${listed}/many | wc -l`))
         if (lines < 10_000) throw new Error(`ls -lR listed ${lines} lines`)
-        metadata[via === '' ? 'in-process' : 'holder'].push(Number(process.hrtime.bigint() - started) / 1e6)
+        metadata[via].push(Number(process.hrtime.bigint() - started) / 1e6)
       } finally {
         await tree.unmount()
       }
@@ -215,17 +226,17 @@ try {
     }
     console.log(`\nFUSE / local, cold: ${ratio('FUSE, store cold, first read', 'local disk, cold page cache')}`)
     console.log(`FUSE / local, warm: ${ratio('FUSE, store warm, first read', 'local disk, warm page cache')}`)
-    if (holder !== undefined) {
+    for (const { via } of holders) {
       for (const what of [
         'store cold, first read',
         'store warm, first read',
         'reads answered from memory (the ceiling)'
       ])
-        console.log(`holder / in-process, ${what}: ${ratio(`FUSE (through the holder), ${what}`, `FUSE, ${what}`)}`)
-      const each = metadata.holder.map((v, i) => v / metadata['in-process'][i])
+        console.log(`${via.trim()} / in-process, ${what}: ${ratio(`FUSE${via}, ${what}`, `FUSE, ${what}`)}`)
+      const each = metadata[via].map((v, i) => v / metadata[''][i])
       console.log(
-        `ls -lR of 10,000 files, fresh mount: in-process ${median(metadata['in-process']).toFixed(0)} ms, through the holder ` +
-          `${median(metadata.holder).toFixed(0)} ms; holder / in-process ${median(each).toFixed(2)} ` +
+        `ls -lR of 10,000 files, fresh mount: in-process ${median(metadata['']).toFixed(0)} ms, ${via.trim()} ` +
+          `${median(metadata[via]).toFixed(0)} ms; ratio ${median(each).toFixed(2)} ` +
           `(runs: ${each.map((r) => r.toFixed(2)).join(', ')})`
       )
     }

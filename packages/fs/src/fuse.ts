@@ -65,7 +65,7 @@ async function mountHeld(ops: Operations, target: HeldDirectory, init: FuseMount
   const mountpoint = target.path
   await refuseMounted(mountpoint)
   const fd = await mountDevice(mountpoint, target.handle.fd, init.allowOther)
-  const connection = new Connection(fd, ops, init.cacheTimeout ?? DAY, init.debug === true)
+  const connection = new Connection(fd, ops, { cacheTimeout: init.cacheTimeout ?? DAY, debug: init.debug === true })
   try {
     await connection.responder.started(mountpoint, init.timeoutMs ?? 30_000, options?.signal)
     await setReadAhead(mountpoint)
@@ -268,6 +268,8 @@ export class Relay {
 export interface ResponderInit {
   cacheTimeout: number
   debug: boolean
+  /** The /dev/fuse descriptor replies go to, when this process has one (not through the holder's relay). */
+  fuseFd?: number
 }
 
 /**
@@ -344,28 +346,48 @@ export class Responder {
     }
   }
 
+  /** Resolves once nothing this responder registered with the connection is left (backing files). */
+  released(): Promise<void> {
+    return Promise.resolve()
+  }
+
   #reply(reply: Uint8Array): Promise<void> {
     return this.#stopped ? Promise.resolve() : this.#send(reply)
   }
 }
 
-/** One FUSE connection served in this process: the relay that brings requests, the responder, the replies. */
-class Connection {
+export interface ConnectionInit {
+  cacheTimeout: number
+  debug: boolean
+  /** The connection ended by itself (an unmount from outside, an abort), not by close or detach. */
+  onEnded?: () => void
+}
+
+/**
+ * One FUSE connection served in this process from its own /dev/fuse descriptor: the relay that brings requests,
+ * the responder, the replies written to the descriptor. An embedded mount's, or p2pd's copy of one the session
+ * holder keeps (held.ts), which it can also `detach` from, leaving the connection to the holder's descriptor.
+ */
+export class Connection {
   readonly #fd: number
   readonly #relay: Relay
   readonly #writes = new Set<Promise<void>>()
   readonly responder: Responder
   #closed = false
+  #leaving = false
   #ended: Promise<void> | undefined
 
-  constructor(fd: number, ops: Operations, cacheTimeout: number, debug: boolean) {
+  constructor(fd: number, ops: Operations, init: ConnectionInit) {
     this.#fd = fd
-    this.responder = new Responder(ops, { cacheTimeout, debug }, (reply) => this.#write(reply))
+    this.responder = new Responder(ops, { cacheTimeout: init.cacheTimeout, debug: init.debug, fuseFd: fd }, (reply) =>
+      this.#write(reply)
+    )
     this.#relay = new Relay(fd, (request) => this.responder.dispatch(request))
     // However the relay ends (an unmount, or killed by someone), the connection ends with it: readers of the
     // mount then get an error instead of waiting for answers nobody will read the requests for.
     this.#relay.ended.then((stderr) => {
       this.responder.failed(new Error(`the FUSE connection ended before it started${stderr ? `: ${stderr}` : ''}`))
+      if (!this.#leaving) init.onEnded?.()
       return this.#end()
     })
   }
@@ -375,6 +397,7 @@ class Connection {
    * the relay and this fd closed, the kernel fails whatever a process still holding a file of it asks.
    */
   async close(mountpoint: string): Promise<void> {
+    this.#leaving = true
     this.responder.stop(new Error(`${mountpoint} is being unmounted`), true)
     const failure = await lazyUnmount(mountpoint)
     this.#relay.kill()
@@ -384,6 +407,18 @@ class Connection {
     }
   }
 
+  /**
+   * Stops serving without ending the connection (another descriptor of it, the holder's, keeps it): the reads in
+   * flight get no answer, and the requests read and not answered stay with the kernel, which sends them again
+   * to the next server when it asks (FUSE_NOTIFY_RESEND).
+   */
+  async detach(): Promise<void> {
+    this.#leaving = true
+    this.responder.stop(new Error('the mount is handed over to the next server'), false)
+    this.#relay.kill()
+    await this.#end()
+  }
+
   /** Closes /dev/fuse once the relay is gone and no reply is being written (the fd number could be reused). */
   #end(): Promise<void> {
     this.#ended ??= (async () => {
@@ -391,6 +426,7 @@ class Connection {
       this.#closed = true
       this.responder.stop(new Error('the FUSE connection ended'), true)
       await Promise.allSettled(this.#writes)
+      await this.responder.released()
       await new Promise<void>((resolve) => close(this.#fd, () => resolve()))
     })()
     return this.#ended
@@ -406,6 +442,22 @@ class Connection {
     done.finally(() => this.#writes.delete(done))
     return done
   }
+}
+
+/** FUSE_NOTIFY_RESEND (protocol 7.40, Linux 6.9): the kernel queues again every request read and not answered. */
+export const NOTIFY_RESEND = 7
+
+/**
+ * Asks the kernel to send again the requests of the connection of `fd` that were read and not answered (by a
+ * server that died or detached): a notification, unique 0 and the code in the error field.
+ */
+export function notifyResend(fd: number): Promise<void> {
+  const message = Buffer.alloc(OUT_HEADER)
+  message.writeUInt32LE(OUT_HEADER, 0)
+  message.writeInt32LE(NOTIFY_RESEND, 4)
+  return new Promise((resolve, reject) =>
+    write(fd, message, 0, message.length, null, (err) => (err === null ? resolve() : reject(err)))
+  )
 }
 
 /** `umount -l` when something is mounted there; what went wrong, if anything. */

@@ -3,22 +3,27 @@
 // system side (Responder) is the same as for a mount served in this process.
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
+import { close as closeFd } from 'node:fs'
 import { chmod, mkdir, open, unlink } from 'node:fs/promises'
 import { createConnection, createServer, type Server, type Socket } from 'node:net'
+import { release } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { pidfdGetfd } from '@strata/native'
 import type { AbortOptions } from '@strata/stargz'
 import { MountError, UnmountError } from './errors.js'
 import {
+  Connection,
   type FuseMountInit,
   MessageStream,
   type Mount,
+  notifyResend,
   RELAY_BUFFER,
   Responder,
   refuseMounted,
   setReadAhead
 } from './fuse.js'
-import { HOLDER_PROTOCOL, HOLDER_SOCKET, readLine } from './holder.js'
+import { HOLDER_FEATURES, HOLDER_PROTOCOL, HOLDER_SOCKET, readLine } from './holder.js'
 import type { HeldDirectory } from './mountpoint.js'
 import type { Operations } from './operations.js'
 import { IN_HEADER } from './protocol.js'
@@ -35,8 +40,13 @@ export interface HeldSession {
   readonly meta: unknown
   /** Requests the kernel sent that no server has answered yet. */
   readonly pending: number
-  /** Whether a server serves it now. */
+  /** Whether a server serves it now (a session served directly: whether its server was the holder's client). */
   readonly attached: boolean
+  /**
+   * Served directly: the server takes its own copy of the holder's descriptor `fd` (pidfd_getfd of `pid`), reads
+   * and answers the connection itself, and asks the kernel to resend what the last one left unanswered.
+   */
+  readonly direct?: { pid: number; fd: number }
 }
 
 /** The holder of a data directory (`DIR/holder.sock`), started on first use. */
@@ -63,15 +73,27 @@ interface Reply {
   [key: string]: unknown
 }
 
+export interface FuseHolderInit {
+  /**
+   * Serve sessions from this process's own copy of each connection's descriptor where the kernel and the
+   * holder allow it (default true); false: every session through the holder's relay (the fallback; benchmarks).
+   */
+  direct?: boolean
+}
+
 /** The holder of sessions of `dir` (created 0700: whoever reaches its socket serves the mounts). */
-export function createFuseHolder(dir: string): FuseHolder {
-  return new HolderClient(dir)
+export function createFuseHolder(dir: string, init: FuseHolderInit = {}): FuseHolder {
+  const client = new HolderClient(dir)
+  if (init.direct === false) client.directFailed = new Error('direct serving turned off')
+  return client
 }
 
 export class HolderClient implements FuseHolder {
   readonly dir: string
   readonly #socket: string
-  readonly #served = new Set<HeldConnection>()
+  readonly #served = new Set<{ detach(): Promise<void> }>()
+  /** Taking a copy of a held descriptor failed once (no right to, no addon): sessions go through the relay. */
+  directFailed: Error | undefined
   #starting: Promise<void> | undefined
   /** Where the holder connects to hand this process a session (see holder.ts), and who waits for which. */
   #serve: Promise<{ server: Server; path: string }> | undefined
@@ -135,11 +157,25 @@ export class HolderClient implements FuseHolder {
     return this.#serve
   }
 
-  async sessions(options?: AbortOptions): Promise<HeldSession[]> {
-    const reply = await this.call({ op: 'list' }, false, options).catch((err: NodeJS.ErrnoException) => {
+  /**
+   * What the holder does beyond protocol 1 (holder.ts HOLDER_FEATURES); with none running, those of the holder
+   * this process would start.
+   */
+  async features(options?: AbortOptions): Promise<string[]> {
+    const reply = await this.#list(options)
+    if (reply === undefined) return HOLDER_FEATURES
+    return Array.isArray(reply.features) ? (reply.features as string[]) : []
+  }
+
+  #list(options?: AbortOptions): Promise<Reply | undefined> {
+    return this.call({ op: 'list' }, false, options).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') return undefined
       throw err
     })
+  }
+
+  async sessions(options?: AbortOptions): Promise<HeldSession[]> {
+    const reply = await this.#list(options)
     if (reply === undefined) return []
     if (reply.version !== HOLDER_PROTOCOL) {
       throw new MountError(
@@ -200,7 +236,7 @@ export class HolderClient implements FuseHolder {
     }
   }
 
-  serving(c: HeldConnection, on: boolean): void {
+  serving(c: { detach(): Promise<void> }, on: boolean): void {
     if (on) this.#served.add(c)
     else this.#served.delete(c)
   }
@@ -333,7 +369,70 @@ class HeldConnection {
   }
 }
 
-function heldMount(c: HeldConnection, holder: HolderClient, mountpoint: string): HeldMount {
+/**
+ * A held session served from this process's own copy of the connection's descriptor, as an embedded mount is:
+ * the holder only keeps its descriptor open, so that the connection outlives this process.
+ */
+class DirectConnection {
+  readonly id: string
+  readonly connection: Connection
+  readonly #holder: HolderClient
+
+  constructor(holder: HolderClient, id: string, fd: number, ops: Operations, init: FuseMountInit) {
+    this.#holder = holder
+    this.id = id
+    this.connection = new Connection(fd, ops, {
+      cacheTimeout: init.cacheTimeout ?? 86_400,
+      debug: init.debug === true,
+      // Ended from outside (an unmount by someone else): the holder's descriptor has nothing left to keep.
+      onEnded: () => {
+        holder.serving(this, false)
+        holder.call({ op: 'close', id }, false).catch(() => {})
+      }
+    })
+    holder.serving(this, true)
+  }
+
+  get responder(): Responder {
+    return this.connection.responder
+  }
+
+  async detach(): Promise<void> {
+    this.#holder.serving(this, false)
+    await this.connection.detach()
+  }
+
+  async close(mountpoint: string): Promise<void> {
+    this.#holder.serving(this, false)
+    try {
+      await this.connection.close(mountpoint)
+    } finally {
+      try {
+        await this.#holder.call({ op: 'close', id: this.id }, false)
+      } catch (err) {
+        const e = err as Error & { code?: string }
+        if (!(e.name === 'NoSuchSession' || e.code === 'ENOENT' || e.code === 'ECONNREFUSED')) {
+          // biome-ignore lint/correctness/noUnsafeFinally: the unmount's own failure, if any, is the same one
+          throw new UnmountError(mountpoint, e.message, `try 'p2p-mount --unmount ${mountpoint}'`, { cause: err })
+        }
+      }
+    }
+  }
+}
+
+/**
+ * Whether this process can serve held sessions from descriptors of its own: Linux 6.9+ (FUSE_NOTIFY_RESEND, so
+ * that the kernel, not the holder, keeps the requests a dead server left unanswered) and the native addon
+ * (pidfd_getfd). Else the holder relays.
+ */
+export function canServeDirectly(): boolean {
+  const [major = 0, minor = 0] = release()
+    .split('.')
+    .map((n) => Number.parseInt(n, 10))
+  return major > 6 || (major === 6 && minor >= 9)
+}
+
+function heldMount(c: HeldConnection | DirectConnection, holder: HolderClient, mountpoint: string): HeldMount {
   let unmounted: Promise<void> | undefined
   return {
     mountpoint,
@@ -364,6 +463,10 @@ export async function mountThroughHolder(
   const client = asClient(holder)
   const mountpoint = target.path
   await refuseMounted(mountpoint)
+  if (client.directFailed === undefined && canServeDirectly() && (await client.features(options)).includes('direct')) {
+    const mounted = await mountDirect(ops, target, client, meta, init, options)
+    if (mounted !== undefined) return mounted
+  }
   const request = {
     op: 'mount',
     mountpoint,
@@ -389,6 +492,51 @@ export async function mountThroughHolder(
   return heldMount(c, client, mountpoint)
 }
 
+/**
+ * The holder mounts and keeps the descriptor; this process takes a copy and serves it. Undefined when it cannot
+ * take one (the session is given up, and this and later mounts go through the relay).
+ */
+async function mountDirect(
+  ops: Operations,
+  target: HeldDirectory,
+  client: HolderClient,
+  meta: unknown,
+  init: FuseMountInit,
+  options?: AbortOptions
+): Promise<HeldMount | undefined> {
+  const mountpoint = target.path
+  const request = {
+    op: 'mount',
+    mountpoint,
+    target: `/proc/${process.pid}/fd/${target.handle.fd}`,
+    ...(init.allowOther !== undefined && { allowOther: init.allowOther }),
+    meta,
+    direct: true
+  }
+  const reply = await client.call(request, true, options).catch((err: Error & { hint?: string }) => {
+    if (err instanceof MountError) throw err
+    throw new MountError(mountpoint, err.message, err.hint ?? 'check `dmesg` for FUSE errors', { cause: err })
+  })
+  const id = String(reply.id)
+  let fd: number
+  try {
+    fd = pidfdGetfd(Number(reply.pid), Number(reply.fd))
+  } catch (err) {
+    client.directFailed = err as Error
+    await client.call({ op: 'close', id }, false).catch(() => {})
+    return undefined
+  }
+  const c = new DirectConnection(client, id, fd, ops, init)
+  try {
+    await c.responder.started(mountpoint, init.timeoutMs ?? 30_000, options?.signal)
+    await setReadAhead(mountpoint)
+  } catch (err) {
+    await c.close(mountpoint).catch(() => {})
+    throw err
+  }
+  return heldMount(c, client, mountpoint)
+}
+
 /** Serves a session the holder kept (mounted by an earlier process) with `ops`, at once. */
 export async function resumeHeld(
   ops: Operations,
@@ -398,6 +546,24 @@ export async function resumeHeld(
   options?: AbortOptions
 ): Promise<HeldMount> {
   const client = asClient(holder)
+  if (session.direct !== undefined) {
+    const fd = pidfdGetfd(session.direct.pid, session.direct.fd)
+    // What the last server read and did not answer (a read in progress when it died) is the kernel's again, and
+    // comes first: before this process reads anything.
+    try {
+      await notifyResend(fd)
+    } catch (err) {
+      closeFdQuietly(fd)
+      throw new MountError(
+        session.mountpoint,
+        `the kernel would not resend the requests left unanswered (${(err as Error).message})`,
+        'unmount it: p2p-mount --unmount',
+        { cause: err }
+      )
+    }
+    const c = new DirectConnection(client, session.id, fd, ops, init)
+    return heldMount(c, client, session.mountpoint)
+  }
   const { socket, rest } = await client.session({ op: 'attach', id: session.id }, false, options)
   const c = new HeldConnection(client, session.id, socket, rest, ops, init)
   return heldMount(c, client, session.mountpoint)
@@ -411,4 +577,8 @@ export async function discardHeld(holder: FuseHolder, session: HeldSession): Pro
 function asClient(holder: FuseHolder): HolderClient {
   if (!(holder instanceof HolderClient)) throw new TypeError('the holder must come from createFuseHolder')
   return holder
+}
+
+function closeFdQuietly(fd: number): void {
+  closeFd(fd, () => {})
 }

@@ -35,6 +35,11 @@ import { Op, OUT_HEADER } from './protocol.js'
 /** The version of the protocol above; a holder of another version is not spoken to. */
 export const HOLDER_PROTOCOL = 1
 export const HOLDER_SOCKET = 'holder.sock'
+/**
+ * What this holder does beyond protocol 1, in `list`: `direct`, sessions whose server reads and answers its own
+ * copy of the descriptor (`mount` with `direct: true` answers the holder's pid and the descriptor's number).
+ */
+export const HOLDER_FEATURES = ['direct']
 /** The largest JSON line either side sends (a session's meta is a few hundred bytes). */
 export const MAX_LINE = 1 << 20
 
@@ -47,6 +52,11 @@ interface Session {
   readonly mountpoint: string
   meta: unknown
   readonly fd: number
+  /**
+   * The server reads and answers the connection itself, from its own copy of `fd` (pidfd_getfd): the holder
+   * only keeps the descriptor open. Else the holder relays (below).
+   */
+  readonly direct: boolean
   relay?: Relay
   /** Requests read from /dev/fuse and not answered yet, in the order they came. */
   readonly pending: Map<bigint, Buffer>
@@ -67,6 +77,7 @@ interface HolderRequest {
   meta?: unknown
   serve?: unknown
   token?: unknown
+  direct?: unknown
 }
 
 /** Runs the holder on `dir/holder.sock` until it holds nothing. */
@@ -132,19 +143,21 @@ export async function runHolder(dir: string): Promise<void> {
             ok: true,
             version: HOLDER_PROTOCOL,
             pid: process.pid,
+            features: HOLDER_FEATURES,
             sessions: [...sessions.values()].map((s) => ({
               id: s.id,
               mountpoint: s.mountpoint,
               meta: s.meta,
               pending: s.pending.size,
-              attached: s.client !== undefined
+              attached: s.client !== undefined,
+              ...(s.direct && { direct: { pid: process.pid, fd: s.fd } })
             }))
           })
           socket.end()
           return
         case 'mount': {
           const s = await mount(request)
-          answer(socket, { ok: true, id: s.id })
+          answer(socket, { ok: true, id: s.id, ...(s.direct && { pid: process.pid, fd: s.fd }) })
           socket.end()
           return
         }
@@ -200,13 +213,16 @@ export async function runHolder(dir: string): Promise<void> {
       mountpoint,
       meta: request.meta,
       fd,
+      direct: request.direct === true,
       pending: new Map(),
       client: undefined,
       writes: new Set(),
       closed: false
     }
     sessions.set(s.id, s)
-    log(`session ${s.id}: mounted ${mountpoint}`)
+    log(`session ${s.id}: mounted ${mountpoint}${s.direct ? ' (served from its own descriptor)' : ''}`)
+    // Served directly: the server takes a copy of `fd` and reads the INIT itself; the holder keeps `fd` only.
+    if (s.direct) return s
     try {
       // Attached before the relay starts: the kernel's INIT goes to this server.
       await attach(s, request)
@@ -293,6 +309,19 @@ export async function runHolder(dir: string): Promise<void> {
 
   async function close(s: Session): Promise<void> {
     const failure = await lazyUnmount(s.mountpoint)
+    if (s.direct) {
+      if (!s.closed) {
+        s.closed = true
+        sessions.delete(s.id)
+        await new Promise<void>((resolve) => closeFd(s.fd, () => resolve()))
+        log(`session ${s.id}: ended (${s.mountpoint})`)
+        checkIdle()
+      }
+      if (failure !== undefined && (await isMounted(s.mountpoint))) {
+        throw Object.assign(new Error(failure), { name: 'UnmountError' })
+      }
+      return
+    }
     s.relay?.kill()
     await s.ended
     if (failure !== undefined && (await isMounted(s.mountpoint))) {
