@@ -5,6 +5,18 @@
 export { type ErrnoCode, FsError, MountError, UnmountError, UnsafePathError } from './errors.js'
 export { type FuseMountInit, forceUnmount, isMounted, type Mount, mountFuse } from './fuse.js'
 export { canServeDirectly, createFuseHolder, type FuseHolder, type FuseHolderInit, type HeldSession } from './held.js'
+export { diffTree, OPAQUE_XATTR, overlayTOC } from './layer-diff.js'
+export {
+  decodeRef,
+  infoOf,
+  type LayerStore,
+  type LayerStoreInit,
+  type LayerStoreSource,
+  type LayerStoreStats,
+  mountLayerStore,
+  type StoreImage,
+  type StoreLayer
+} from './layer-store.js'
 export {
   type Caller,
   type HeldDirectory,
@@ -23,18 +35,6 @@ export {
   type Stat,
   type StatFs
 } from './operations.js'
-export { diffTree, OPAQUE_XATTR, overlayTOC } from './layer-diff.js'
-export {
-  decodeRef,
-  infoOf,
-  type LayerStore,
-  type LayerStoreInit,
-  type LayerStoreSource,
-  type LayerStoreStats,
-  mountLayerStore,
-  type StoreImage,
-  type StoreLayer
-} from './layer-store.js'
 export { createReadRecorder, type ReadRecorder, type ReadRecorderInit } from './record.js'
 export {
   discardMount,
