@@ -1,5 +1,6 @@
 import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import type { LayerStore } from '@strata/fs'
 import {
   type ControlServer,
   createNode,
@@ -15,6 +16,7 @@ import { type SnapshotterService, startSnapshotter } from '@strata/snapshotter'
 import { type LocalChunkStore, openDiskStore, type StoreErrorEventDetail } from '@strata/store'
 import { type Command, type Options, parseBytes, runCommand, UsageError } from './command.js'
 import { type Credentials, parseCredentials } from './credentials.js'
+import { startLayerStore } from './layer-store.js'
 import { addMountRoutes, type MountRoutes } from './mount-routes.js'
 import type { Output } from './output.js'
 
@@ -41,6 +43,8 @@ interface Settings {
   mdns: boolean
   /** Serve containerd's snapshots API (a proxy snapshotter plugin) on this Unix socket. */
   snapshotterSocket?: string
+  /** Mount containers-storage's additional layer store (podman) here. */
+  layerStore?: string
 }
 
 const LISTS = new Set(['listen', 'bootstrap', 'insecure-registry', 'registry', 'creds'])
@@ -57,7 +61,8 @@ const KEYS = [
   'registry',
   'creds',
   'mdns',
-  'snapshotter-socket'
+  'snapshotter-socket',
+  'layer-store'
 ] as const
 
 function envName(key: string): string {
@@ -129,7 +134,8 @@ async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings
     registries: [...new Set([...list('registry'), ...insecureRegistry, ...Object.keys(credentials)])],
     credentials,
     mdns: pick('mdns') === true,
-    snapshotterSocket: text('snapshotter-socket')
+    snapshotterSocket: text('snapshotter-socket'),
+    layerStore: text('layer-store')
   }
 }
 
@@ -160,7 +166,7 @@ export const p2pd: Command = {
   summary: 'strata peer-to-peer node: shares image chunks with the cluster and serves local mounts.',
   description: `Settings come from flags, then STRATA_* environment variables (STRATA_DATA_DIR, STRATA_LISTEN,
 STRATA_BOOTSTRAP, STRATA_SOCKET, STRATA_METRICS_LISTEN, STRATA_MIRROR_LISTEN, STRATA_CACHE_SIZE, STRATA_PSK_FILE,
-STRATA_INSECURE_REGISTRY, STRATA_REGISTRY, STRATA_CREDS, STRATA_SNAPSHOTTER_SOCKET;
+STRATA_INSECURE_REGISTRY, STRATA_REGISTRY, STRATA_CREDS, STRATA_SNAPSHOTTER_SOCKET, STRATA_LAYER_STORE;
 lists comma-separated), then the --config JSON file
 (same keys as the flags, e.g. {"listen": ["/ip4/0.0.0.0/tcp/4001"], "cache-size": "20G"}). Stop with SIGTERM.
 
@@ -217,6 +223,11 @@ Example:
       type: 'string',
       value: 'PATH',
       description: "serve containerd's snapshots API here, as its proxy plugin (off; see p2pctl containerd-config)"
+    },
+    'layer-store': {
+      type: 'string',
+      value: 'DIR',
+      description: 'mount an additional layer store for podman on DIR (off; see docs/podman.md)'
     }
   },
   async run({ opts, out, signal }) {
@@ -234,6 +245,7 @@ Example:
     let metrics: MetricsServer | undefined
     let snapshots: SnapshotterService | undefined
     let mirror: MirrorServer | undefined
+    let layerStore: LayerStore | undefined
     try {
       node = await createNode({
         store,
@@ -265,11 +277,16 @@ Example:
           log: (message) => out.info(message)
         })
       }
+      if (s.layerStore !== undefined) {
+        // podman's additional layer store: lookups open images through this node, layers read lazily.
+        layerStore = await startLayerStore({ dir: s.layerStore, node, registry, log: (m) => out.info(m) })
+      }
       if (s.metricsListen !== undefined) metrics = await startMetricsServer(node, { listen: s.metricsListen })
       if (s.mirrorListen !== undefined) mirror = await startMirrorServer(node.mirror, { listen: s.mirrorListen })
       out.print(
         `p2pd ready: peer ${node.peerId} listening on ${node.addrs().join(', ')}, socket ${s.socket}` +
           (snapshots !== undefined ? `, snapshotter ${snapshots.socket}` : '') +
+          (layerStore !== undefined ? `, layer store ${layerStore.mountpoint}` : '') +
           (metrics !== undefined ? `, metrics http://${metrics.address}/metrics` : '') +
           (mirror !== undefined ? `, mirror http://${mirror.address}` : '')
       )
@@ -281,6 +298,7 @@ Example:
       await mounts?.close()
       await control?.close()
       await snapshots?.close()
+      await layerStore?.unmount()
       await metrics?.close()
       await mirror?.close()
       await node?.stop()
