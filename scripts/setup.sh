@@ -13,6 +13,7 @@ APT_PACKAGES=(
   golang-go golang-github-containerd-stargz-snapshotter-dev   # Go 1.19 + reference estargz sources for test/oracle
   debootstrap                           # real root file systems for benchmarks
   containerd runc                       # the container runtime strata serves snapshots to (test/containerd)
+  podman                                # the runtime p2pd --layer-store serves layers to (test/podman)
   ca-certificates curl git python3 make g++
 )
 
