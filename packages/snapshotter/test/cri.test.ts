@@ -252,7 +252,16 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     await eventually(async () => expect(await output('running')).toBe('hello from a lazy layer'))
     expect(p2pd.stderr()).toMatch(/snapshotter: serving layers 1-2 of .* again/)
 
-    for (const id of [running, after]) {
+    // A clean stop (SIGTERM: an upgrade) keeps them as well.
+    const beforeStop = await list()
+    expect(await p2pd.stop('SIGTERM')).toBe(0)
+    p2pd = await startP2pd({ dataDir, insecureRegistry: [proxy.host], args: ['--snapshotter-socket', socket()] })
+    await eventually(async () => expect(await list()).toEqual(beforeStop))
+    const again = await startContainer(sandbox, 'again', ref, ['cat', '/etc/greeting'])
+    expect(await waitExited(again)).toBe(0)
+    expect(await output('again')).toBe('hello from a lazy layer')
+
+    for (const id of [running, after, again]) {
       await cri.runtime('StopContainer', { container_id: id, timeout: 1 })
       await cri.runtime('RemoveContainer', { container_id: id })
     }
