@@ -69,7 +69,10 @@ export interface LayerStoreInit<L extends StoreLayer> {
   onError?: (failure: ReadFailure) => void
   /** Each FUSE request, one line on stderr. */
   debug?: boolean
-  /** How long opening an image for a lookup may take (default 60 s); the lookup fails then (podman pulls). */
+  /**
+   * How long opening an image for a lookup may take (default 5 min: layers that are not eStargz are downloaded
+   * whole first). podman's stat waits that long; when it fails, podman pulls the layers itself.
+   */
   openTimeoutMs?: number
 }
 
@@ -351,7 +354,7 @@ class StoreFs<L extends StoreLayer> {
   }
 
   async #open(ref: string, signal: AbortSignal, into?: RefNode<L>): Promise<RefNode<L>> {
-    const timeout = AbortSignal.timeout(this.#init.openTimeoutMs ?? 60_000)
+    const timeout = AbortSignal.timeout(this.#init.openTimeoutMs ?? 300_000)
     const options = { signal: AbortSignal.any([signal, timeout]) }
     const image = await this.#init.source.openImage(ref, options)
     const config = JSON.parse(
