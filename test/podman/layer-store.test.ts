@@ -136,6 +136,22 @@ describe.runIf(root && podmanInstalled)('p2pd --layer-store: podman additional l
     expect(status.bytes.fetched.registry ?? 0).toBe(0)
   })
 
+  it('runs a pulled image again after p2pd restarts: the next p2pd answers the same paths', async () => {
+    const [first, second] = nodes as [P2pdProcess, P2pdProcess]
+    expect(await second.stop()).toBe(0)
+    const again = await startP2pd({
+      dataDir: second.dataDir,
+      insecureRegistry: [proxy.host],
+      bootstrap: first.addrs,
+      args: ['--layer-store', join(second.dataDir, 'layers')]
+    })
+    nodes[1] = again
+    const ref = image.ref.replace(registry.host, proxy.host)
+    const { stdout } = await podmen[1]!.podman([...run1, ref, 'cat', '/etc/greeting'])
+    expect(stdout).toBe('hello from the layer store\n')
+    expect(wholeLayerGets()).toEqual([])
+  })
+
   it('has the layout of containers-storage 1.54+ too: layers keyed by TOC digest', async () => {
     // podman 5.1+ is not in Debian 12: the files it would read are checked here instead.
     const res = await fetch(`http://${registry.host}/v2/strata/podman/manifests/latest`, {
