@@ -13,7 +13,7 @@ import { type P2pdProcess, startP2pd, waitForMesh } from '@test/cluster.js'
 import { startRegistry } from '@test/registry.js'
 import { repoRoot, run } from '@test/tools.js'
 import { startWanProxy, type WanProxy } from '@test/wan-proxy.js'
-import { type Containerd, startContainerd, unmountUnder } from './containerd.js'
+import { type Containerd, releaseP2pdMounts, startContainerd } from './containerd.js'
 import { buildRunnableImage } from './images.js'
 
 const SCENARIOS = ['overlayfs', 'strata', 'lazy', 'warm peer'] as const
@@ -198,7 +198,7 @@ async function measure(scenario: Scenario, m: MeasureInit): Promise<Sample> {
     await containerd?.stop()
     for (const n of nodes) await n.stop()
     for (const d of dirs) {
-      await unmountUnder(d)
+      await releaseP2pdMounts(d)
       await rm(d, { recursive: true, force: true })
     }
   }

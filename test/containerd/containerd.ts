@@ -2,6 +2,7 @@
 // as a proxy snapshotter, stopped by pid. Nothing of it touches the machine's /var/lib/containerd.
 import { type ChildProcess, spawn } from 'node:child_process'
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { createConnection } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { run } from '@test/tools.js'
@@ -132,6 +133,33 @@ async function killTasks(socket: string): Promise<void> {
       await ctr(['-n', ns, 'tasks', 'delete', '--force', id]).catch(() => {})
     }
   }
+}
+
+/**
+ * Ends what p2pd left with its snapshotter's FUSE session holder when it stopped (it keeps the merged roots for
+ * the next p2pd): each session is closed through the holder, which then exits by itself; then whatever is still
+ * mounted under `dataDir` is unmounted.
+ */
+export async function releaseP2pdMounts(dataDir: string): Promise<void> {
+  const socket = join(dataDir, 'snapshotter', 'fuse', 'holder.sock')
+  const call = (request: object) =>
+    new Promise<{ ok?: boolean; sessions?: Array<{ id: string }> }>((resolve, reject) => {
+      const c = createConnection(socket)
+      let line = ''
+      c.setEncoding('utf8')
+      c.on('error', reject)
+      c.on('connect', () => c.write(`${JSON.stringify(request)}\n`))
+      c.on('data', (d: string) => {
+        line += d
+        if (line.includes('\n')) {
+          c.destroy()
+          resolve(JSON.parse(line.slice(0, line.indexOf('\n'))))
+        }
+      })
+    })
+  const listed = await call({ op: 'list' }).catch(() => undefined)
+  for (const s of listed?.sessions ?? []) await call({ op: 'close', id: s.id }).catch(() => {})
+  await unmountUnder(dataDir)
 }
 
 /** Lazily unmounts every mount at or under `dir`, deepest first. */

@@ -7,7 +7,7 @@ import { type CountingProxy, startCountingProxy } from '@test/counting-proxy.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { repoRoot, run } from '@test/tools.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { type Containerd, eventually, startContainerd, strataMountsUnder, unmountUnder } from './containerd.js'
+import { type Containerd, eventually, releaseP2pdMounts, startContainerd, strataMountsUnder } from './containerd.js'
 import { buildRunnableImage, type RunnableImage } from './images.js'
 
 const root = process.getuid?.() === 0
@@ -51,7 +51,7 @@ describe.runIf(root)('strata as containerd snapshotter, ctr', () => {
   afterAll(async () => {
     await containerd?.stop()
     await p2pd?.stop()
-    if (dataDir !== undefined) await unmountUnder(dataDir)
+    if (dataDir !== undefined) await releaseP2pdMounts(dataDir)
     await proxy?.stop()
     await registry?.stop()
     if (dataDir !== undefined) await rm(dataDir, { recursive: true, force: true })

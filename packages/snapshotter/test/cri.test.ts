@@ -12,9 +12,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import {
   type Containerd,
   eventually,
+  releaseP2pdMounts,
   startContainerd,
-  strataMountsUnder,
-  unmountUnder
+  strataMountsUnder
 } from '../../../test/containerd/containerd.js'
 import { buildRunnableImage, type RunnableImage } from '../../../test/containerd/images.js'
 import { type Cri, criClient, sandboxConfig } from './cri.js'
@@ -82,7 +82,7 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
     await containerd?.stop()
     await p2pd?.stop()
     // p2pd leaves its merged roots to the FUSE session holder when it stops: unmounted, the holder exits.
-    if (dataDir !== undefined) await unmountUnder(dataDir)
+    if (dataDir !== undefined) await releaseP2pdMounts(dataDir)
     await proxy?.stop()
     await registry?.stop()
     for (const d of [dataDir, logs]) if (d !== undefined) await rm(d, { recursive: true, force: true })
@@ -324,7 +324,7 @@ describe.runIf(root)('strata as containerd snapshotter, CRI', () => {
       cri2?.close()
       await containerd2?.stop()
       await node2.stop()
-      await unmountUnder(dir2)
+      await releaseP2pdMounts(dir2)
       await rm(dir2, { recursive: true, force: true })
     }
   })
