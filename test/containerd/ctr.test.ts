@@ -1,5 +1,5 @@
 import { existsSync } from 'node:fs'
-import { mkdtemp, rm } from 'node:fs/promises'
+import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { buildCli, type P2pdProcess, startP2pd } from '@test/cluster.js'
@@ -134,4 +134,20 @@ describe.runIf(root)('strata as containerd snapshotter, ctr', () => {
       await eventually(async () => expect(await strataMountsUnder(join(dataDir, 'snapshotter'))).toEqual([]))
     }
   )
+
+  it('takes the socket from the config file too, and serves it to root only', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'strata-p2pd-config-'))
+    try {
+      const path = join(dir, 'sn.sock')
+      await writeFile(join(dir, 'config.json'), JSON.stringify({ 'snapshotter-socket': path }))
+      const node = await startP2pd({ dataDir: dir, args: ['--config', join(dir, 'config.json')] })
+      const st = await stat(path)
+      expect(st.isSocket()).toBe(true)
+      expect(st.mode & 0o777).toBe(0o600)
+      expect(await node.stop()).toBe(0)
+    } finally {
+      await releaseP2pdMounts(dir)
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
 })
