@@ -25,6 +25,7 @@ describe.runIf(root && podmanInstalled)('p2pd --layer-store: podman additional l
   let registry: TestRegistry
   let proxy: CountingProxy
   let image: RunnableImage
+  let plain: RunnableImage
   let work: string
   const nodes: P2pdProcess[] = []
   const podmen: Podman[] = []
@@ -48,6 +49,13 @@ describe.runIf(root && podmanInstalled)('p2pd --layer-store: podman additional l
         'etc/default/.wh..wh..opq': '',
         'etc/default/strata': 'only this\n'
       }
+    })
+    plain = await buildRunnableImage({
+      registry: registry.host,
+      repository: 'strata/podman-gzip',
+      estargz: false,
+      programs: ['sh', 'cat'],
+      files: { 'etc/greeting': 'hello from a gzip image\n' }
     })
     work = await mkdtemp(join(tmpdir(), 'strata-podman-'))
   })
@@ -134,6 +142,19 @@ describe.runIf(root && podmanInstalled)('p2pd --layer-store: podman additional l
     const status = await node.client.get<NodeStatus>('/status')
     expect(status.bytes.fetched.peer).toBeGreaterThan(0)
     expect(status.bytes.fetched.registry ?? 0).toBe(0)
+  })
+
+  it('runs a gzip image too: p2pd downloads each layer once, podman none', async () => {
+    const podman = podmen[0]!
+    const ref = plain.ref.replace(registry.host, proxy.host)
+    await podman.podman(['pull', '--tls-verify=false', ref])
+    const { stdout } = await podman.podman([...run1, ref, 'cat', '/etc/greeting'])
+    expect(stdout).toBe('hello from a gzip image\n')
+    // Whole GETs (p2pd reads a layer's end by Range first, to tell eStargz from gzip): one per layer, p2pd's.
+    const downloads = proxy.requests.filter(
+      (r) => plain.layers.some((d) => r.path.endsWith(`/blobs/${d}`)) && r.rangeStart === undefined
+    )
+    expect(downloads.map((r) => r.path.slice(-71)).sort()).toEqual(plain.layers.slice().sort())
   })
 
   it('runs a pulled image again after p2pd restarts: the next p2pd answers the same paths', async () => {
