@@ -18,8 +18,9 @@
 // Not protocol.ts's Session: lookups here wait on the network (opening an image), misses must not be cached
 // (an image pushed later, a tag moved), and the store's own directories take requests an image never does.
 import { close, constants as fsConstants, open, write } from 'node:fs'
-import { mkdir } from 'node:fs/promises'
+import { mkdir, readFile } from 'node:fs/promises'
 import { constants } from 'node:os'
+import { resolve } from 'node:path'
 import type { AbortOptions, TOC } from '@strata/stargz'
 import { FsError, MountError, UnmountError } from './errors.js'
 import { isMounted, lazyUnmount, MAX_READ, Relay, setReadAhead, withFds } from './fuse.js'
@@ -194,14 +195,19 @@ type StoreNode<L extends StoreLayer> = { kind: 'root'; id: 1 } | RefNode<L> | La
 /** Mounts the layer store at `init.mountpoint` and serves it until `unmount`. Needs root. */
 export async function mountLayerStore<L extends StoreLayer>(init: LayerStoreInit<L>): Promise<LayerStore> {
   const { mountpoint } = init
-  await mkdir(mountpoint, { recursive: true })
-  if (await isMounted(mountpoint)) {
+  const mounted = await mountTypeAt(mountpoint)
+  if (mounted !== undefined && mounted !== STORE_TYPE) {
+    throw new MountError(mountpoint, `${mounted} is mounted there`, 'give --layer-store a directory of its own')
+  }
+  if (mounted !== undefined) {
     // An earlier p2pd's store (it crashed, or was killed): nobody serves it.
     const failure = await lazyUnmount(mountpoint)
     if (failure !== undefined)
       throw new MountError(mountpoint, `left mounted, and: ${failure}`, 'unmount it (umount -l)')
     init.log?.(`layer store: unmounted what was left mounted on ${mountpoint}`)
   }
+  // After the unmount: a dead mount answers ENOTCONN to anything, mkdir included.
+  await mkdir(mountpoint, { recursive: true })
   const store = new StoreFs(init)
   const target = await holdMountpoint(mountpoint)
   let fd: number
@@ -229,6 +235,19 @@ export async function mountLayerStore<L extends StoreLayer>(init: LayerStoreInit
   }
 }
 
+const STORE_TYPE = 'fuse.strata-layers'
+
+/** The file system type mounted on `path` now (the last mount there), or undefined. */
+async function mountTypeAt(path: string): Promise<string | undefined> {
+  const target = resolve(path).replace(/[ \t\n\\]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, '0')}`)
+  let type: string | undefined
+  for (const line of (await readFile('/proc/self/mountinfo', 'utf8')).split('\n')) {
+    const fields = line.split(' ')
+    if (fields[4] === target) type = fields[fields.indexOf('-') + 1]
+  }
+  return type
+}
+
 async function mountStoreDevice(mountpoint: string, dirFd: number): Promise<number> {
   const fd = await new Promise<number>((resolve, reject) =>
     open('/dev/fuse', 'r+', (err, fd) => (err === null ? resolve(fd) : reject(err)))
@@ -247,7 +266,7 @@ async function mountStoreDevice(mountpoint: string, dirFd: number): Promise<numb
     'allow_other',
     `max_read=${MAX_READ}`
   ]
-  const args = ['-i', '-n', '-c', '-t', 'fuse.strata-layers', '-o', data.join(','), 'strata-layers', '/proc/self/fd/4']
+  const args = ['-i', '-n', '-c', '-t', STORE_TYPE, '-o', data.join(','), 'strata-layers', '/proc/self/fd/4']
   try {
     await withFds([fd, dirFd], 'mount', args)
   } catch (err) {
