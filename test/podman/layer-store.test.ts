@@ -157,9 +157,10 @@ describe.runIf(root && podmanInstalled)('p2pd --layer-store: podman additional l
     expect(downloads.map((r) => r.path.slice(-71)).sort()).toEqual(plain.layers.slice().sort())
   })
 
-  it('runs a pulled image again after p2pd restarts: the next p2pd answers the same paths', async () => {
+  it('runs a pulled image again after p2pd is killed: the next p2pd remounts the store, answers the same paths', async () => {
     const [first, second] = nodes as [P2pdProcess, P2pdProcess]
-    expect(await second.stop()).toBe(0)
+    // Killed, it leaves the store mounted with nobody serving it.
+    expect(await second.stop('SIGKILL')).toBe(null)
     const again = await startP2pd({
       dataDir: second.dataDir,
       insecureRegistry: [proxy.host],
@@ -171,6 +172,7 @@ describe.runIf(root && podmanInstalled)('p2pd --layer-store: podman additional l
     const { stdout } = await podmen[1]!.podman([...run1, ref, 'cat', '/etc/greeting'])
     expect(stdout).toBe('hello from the layer store\n')
     expect(wholeLayerGets()).toEqual([])
+    expect(again.stderr()).toMatch(/layer store: unmounted what was left mounted/)
   })
 
   it('has the layout of containers-storage 1.54+ too: layers keyed by TOC digest', async () => {
