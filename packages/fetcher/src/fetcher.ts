@@ -286,6 +286,25 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     return at
   }
 
+  async storedFile(_layer: ImageLayer, entry: Entry, options: AbortOptions = {}): Promise<string | undefined> {
+    const chunk = entry.chunks.length === 1 ? entry.chunks[0]! : undefined
+    if (chunk === undefined || chunk.fileOffset !== 0 || chunk.size !== entry.size) return undefined
+    if (this.store.verifiedPath === undefined) return undefined
+    const m = this.counters.source('store')
+    const path = await this.store.verifiedPath(chunk.digest, options).catch((err) => {
+      options.signal?.throwIfAborted()
+      m.errors++
+      this.emit({ type: 'store:error', digest: chunk.digest, message: describe(err) })
+      return undefined
+    })
+    if (path !== undefined) {
+      m.requests++
+      m.chunks++
+      m.bytes += chunk.size
+    }
+    return path
+  }
+
   async prefetch(image: Image, options: PrefetchOptions = {}): Promise<void> {
     // Every layer's prioritized range at once: they are what the workload reads first.
     await Promise.all(

@@ -129,6 +129,11 @@ export interface Fetcher extends EventTarget {
     options?: AbortOptions
   ): Promise<number | undefined>
   /**
+   * The verified local file of a file held whole in one chunk in the store (the chunk file), or undefined (not
+   * one chunk, not stored, damaged, or a store without files): what a mount hands the kernel for passthrough.
+   */
+  storedFile(layer: ImageLayer, entry: Entry, options?: AbortOptions): Promise<string | undefined>
+  /**
    * The chunks of `chunks` the store does not hold now (one lookup each, no read): what a warm-up left out
    * because the store could not keep it (a full disk, a cap smaller than the image).
    */

@@ -5,9 +5,10 @@
 // directly. Everything here runs on the event loop: nothing may block (no sync I/O, no execSync).
 import { type ChildProcess, execFile, spawn } from 'node:child_process'
 import { close, open, write } from 'node:fs'
-import { readFile, stat, writeFile } from 'node:fs/promises'
+import { open as openFile, readFile, stat, writeFile } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import { promisify } from 'node:util'
+import { backingClose, backingOpen } from '@strata/native'
 import type { AbortOptions } from '@strata/stargz'
 import { MountError, UnmountError } from './errors.js'
 import { type HeldDirectory, holdMountpoint } from './mountpoint.js'
@@ -23,11 +24,22 @@ export interface FuseMountInit {
   timeoutMs?: number
   /** Each FUSE request, one line on stderr. */
   debug?: boolean
+  /**
+   * Open files held whole in the store with FUSE passthrough, where the kernel offers it (default true): the
+   * kernel then reads the chunk file itself.
+   */
+  passthrough?: boolean
 }
 
 /** A live FUSE mount. */
 export interface Mount {
   readonly mountpoint: string
+  /**
+   * How reads of files held whole in the store are served: `passthrough` (the kernel reads the chunk file),
+   * `off` (every read is a request), or `unknown` (served again after a restart, before its first such open).
+   * `backingFiles`: files registered with the connection now.
+   */
+  fuse?(): { mode: 'passthrough' | 'off' | 'unknown'; backingFiles: number }
   /** Unmounts (lazily, so a busy mount goes too) and aborts reads in flight. */
   unmount(options?: AbortOptions): Promise<void>
 }
@@ -65,7 +77,11 @@ async function mountHeld(ops: Operations, target: HeldDirectory, init: FuseMount
   const mountpoint = target.path
   await refuseMounted(mountpoint)
   const fd = await mountDevice(mountpoint, target.handle.fd, init.allowOther)
-  const connection = new Connection(fd, ops, { cacheTimeout: init.cacheTimeout ?? DAY, debug: init.debug === true })
+  const connection = new Connection(fd, ops, {
+    cacheTimeout: init.cacheTimeout ?? DAY,
+    debug: init.debug === true,
+    ...(init.passthrough !== undefined && { passthrough: init.passthrough })
+  })
   try {
     await connection.responder.started(mountpoint, init.timeoutMs ?? 30_000, options?.signal)
     await setReadAhead(mountpoint)
@@ -76,6 +92,7 @@ async function mountHeld(ops: Operations, target: HeldDirectory, init: FuseMount
   let unmounted: Promise<void> | undefined
   return {
     mountpoint,
+    fuse: () => connection.responder.fuse(),
     unmount() {
       unmounted ??= connection.close(mountpoint)
       return unmounted
@@ -268,8 +285,37 @@ export class Relay {
 export interface ResponderInit {
   cacheTimeout: number
   debug: boolean
-  /** The /dev/fuse descriptor replies go to, when this process has one (not through the holder's relay). */
+  /**
+   * The /dev/fuse descriptor replies go to, when this process has one (not through the holder's relay): then
+   * files held whole in the store are opened with FUSE passthrough (unless `passthrough` is false).
+   */
   fuseFd?: number
+  passthrough?: boolean
+  /** Where the opens of passthrough candidates are kept for the next process that serves the connection. */
+  openLog?: OpenLog
+}
+
+/**
+ * How the files that could be opened with passthrough are open, kept outside the process: the kernel refuses an
+ * open of a file in another mode than its other opens (EIO), so the next process serving the connection (p2pd
+ * restarted) must answer each such file as the last one did. `opened` is awaited before the OPEN reply,
+ * `released` before the backing id is closed.
+ */
+export interface OpenLog {
+  /** `backingId` undefined: opened without passthrough. */
+  opened(nodeid: number, backingId: number | undefined): Promise<void>
+  released(nodeid: number): Promise<void>
+}
+
+/** The open files of one node that could be opened with passthrough: all in one mode, one backing id. */
+interface NodeOpens {
+  /** The backing id they share (undefined: opened without passthrough). */
+  id: Promise<number | undefined>
+  opens: number
+  /** Opened by an earlier process: how many are open is not known, so it stays as it is. */
+  pinned: boolean
+  /** The backing id is known and registered. */
+  registered?: boolean
 }
 
 /**
@@ -284,13 +330,52 @@ export class Responder {
   readonly #spare: Buffer[] = []
   readonly #debug: boolean
   readonly #init = Promise.withResolvers<void>()
+  readonly #ops: Operations
+  readonly #fuseFd: number | undefined
+  readonly #openLog: OpenLog | undefined
+  /** Passthrough candidates that are open, by node id. */
+  readonly #nodes = new Map<number, NodeOpens>()
+  /** Backing ids being closed, by node id: a new open of the node waits for it. */
+  readonly #closing = new Map<number, Promise<void>>()
+  /** Registering or closing backing files: waited for before the descriptor closes. */
+  readonly #backingWork = new Set<Promise<unknown>>()
+  /** The connection refused a backing file (no passthrough agreed, a file system too deep): none are tried. */
+  #noBacking: string | undefined
+  #ended = false
   #stopped = false
 
   constructor(ops: Operations, init: ResponderInit, send: (reply: Uint8Array) => Promise<void>) {
-    this.#session = new Session(ops, { cacheTimeout: init.cacheTimeout, maxRead: MAX_READ })
+    const passthrough = init.fuseFd !== undefined && ops.backingFile !== undefined && init.passthrough !== false
+    this.#session = new Session(ops, { cacheTimeout: init.cacheTimeout, maxRead: MAX_READ, passthrough })
+    this.#ops = ops
+    this.#fuseFd = passthrough ? init.fuseFd : undefined
+    this.#openLog = init.openLog
     this.#send = send
     this.#debug = init.debug
     this.#init.promise.catch(() => {})
+  }
+
+  /**
+   * Whether opens pass through to the store's files: 'passthrough', 'off' (the kernel did not offer it, or it
+   * was not asked for), or undefined before INIT in a process that did not see it (a p2pd serving a connection
+   * again), where the first backing file registered tells.
+   */
+  get mode(): 'passthrough' | 'off' | undefined {
+    if (this.#fuseFd === undefined || this.#noBacking !== undefined || this.#session.passthrough === false) return 'off'
+    return this.#session.passthrough === true ? 'passthrough' : undefined
+  }
+
+  fuse(): { mode: 'passthrough' | 'off' | 'unknown'; backingFiles: number } {
+    let backingFiles = 0
+    for (const node of this.#nodes.values()) if (node.registered) backingFiles++
+    return { mode: this.mode ?? 'unknown', backingFiles }
+  }
+
+  /** Takes over how an earlier process had the passthrough candidates open (see OpenLog). */
+  adopt(opens: Map<number, number | undefined>): void {
+    for (const [nodeid, id] of opens) {
+      this.#nodes.set(nodeid, { id: Promise.resolve(id), opens: 0, pinned: true, registered: id !== undefined })
+    }
   }
 
   /** Waits for the kernel's INIT to be answered. */
@@ -338,6 +423,14 @@ export class Responder {
       )
       return
     }
+    if (req.opcode === Op.OPEN && this.#fuseFd !== undefined) {
+      const candidate = this.#nodes.has(req.nodeid) || this.#candidate(req.nodeid)
+      if (candidate) {
+        void this.#open(req)
+        return
+      }
+    }
+    if (req.opcode === Op.RELEASE) this.#release(req.nodeid)
     const reply = this.#session.answer(req)
     if (reply !== undefined) this.#reply(reply)
     if (req.opcode === Op.INIT) {
@@ -346,9 +439,103 @@ export class Responder {
     }
   }
 
-  /** Resolves once nothing this responder registered with the connection is left (backing files). */
-  released(): Promise<void> {
-    return Promise.resolve()
+  /**
+   * Resolves once no backing file is being registered or closed: the descriptor can close. Nothing more is
+   * registered or closed after (the connection's backing files go with it).
+   */
+  async released(): Promise<void> {
+    this.#ended = true
+    while (this.#backingWork.size > 0) await Promise.allSettled([...this.#backingWork])
+  }
+
+  #pending: Map<number, Promise<string | undefined>> = new Map()
+
+  /** Whether the node is a file that could have a backing file (one chunk); starts looking for it. */
+  #candidate(nodeid: number): boolean {
+    const path = this.#session.pathOf(nodeid)
+    if (path === undefined) return false
+    const file = this.#ops.backingFile?.(path)
+    if (file === undefined) return false
+    file.catch(() => {})
+    this.#pending.set(nodeid, file)
+    return true
+  }
+
+  async #open(req: Request): Promise<void> {
+    const nodeid = req.nodeid
+    let node = this.#nodes.get(nodeid)
+    if (node === undefined) {
+      const file = this.#pending.get(nodeid)
+      this.#pending.delete(nodeid)
+      node = { id: this.#register(nodeid, file), opens: 0, pinned: false }
+      this.#nodes.set(nodeid, node)
+    }
+    node.opens++
+    const id = await node.id
+    if (id !== undefined) {
+      node.registered = true
+      const path = this.#session.pathOf(nodeid)
+      if (path !== undefined) this.#ops.passedThrough?.(path)
+    }
+    const reply = id === undefined ? this.#session.answer(req)! : this.#session.openPassthrough(req, id)
+    // Refused (a write, a directory): not open.
+    if (reply.length === OUT_HEADER) this.#release(nodeid)
+    await this.#reply(reply)
+  }
+
+  /** Registers the node's verified file with the connection: its backing id, or undefined (a normal open). */
+  #register(nodeid: number, file: Promise<string | undefined> | undefined): Promise<number | undefined> {
+    const work = (async () => {
+      await this.#closing.get(nodeid)
+      let id: number | undefined
+      const path = await file?.catch(() => undefined)
+      if (path !== undefined && this.#noBacking === undefined && !this.#ended) {
+        const fh = await openFile(path, 'r').catch(() => undefined)
+        if (fh !== undefined) {
+          try {
+            if (!this.#ended) id = backingOpen(this.#fuseFd!, fh.fd)
+          } catch (err) {
+            const code = (err as NodeJS.ErrnoException).code
+            // Out of descriptors is this moment's; anything else is the connection's (no passthrough agreed,
+            // ELOOP: the store's file system stacks too deep): no more tries.
+            if (code !== 'EMFILE' && code !== 'ENFILE' && code !== 'ENOMEM') this.#noBacking = code ?? 'error'
+          } finally {
+            // The connection keeps its own reference to the file.
+            await fh.close()
+          }
+        }
+      }
+      await this.#openLog?.opened(nodeid, id).catch(() => {})
+      return id
+    })()
+    this.#backingWork.add(work)
+    work.finally(() => this.#backingWork.delete(work))
+    return work
+  }
+
+  /** One open of the node less; the last closes its backing id. */
+  #release(nodeid: number): void {
+    const node = this.#nodes.get(nodeid)
+    if (node === undefined || node.pinned) return
+    if (--node.opens > 0) return
+    this.#nodes.delete(nodeid)
+    const work = (async () => {
+      const id = await node.id
+      await this.#openLog?.released(nodeid).catch(() => {})
+      if (id !== undefined && !this.#ended) {
+        try {
+          backingClose(this.#fuseFd!, id)
+        } catch {
+          // The connection ended meanwhile: the id went with it.
+        }
+      }
+    })()
+    this.#closing.set(nodeid, work)
+    this.#backingWork.add(work)
+    work.finally(() => {
+      this.#backingWork.delete(work)
+      if (this.#closing.get(nodeid) === work) this.#closing.delete(nodeid)
+    })
   }
 
   #reply(reply: Uint8Array): Promise<void> {
@@ -361,6 +548,9 @@ export interface ConnectionInit {
   debug: boolean
   /** The connection ended by itself (an unmount from outside, an abort), not by close or detach. */
   onEnded?: () => void
+  /** Passthrough off (default on where the kernel offers it). */
+  passthrough?: boolean
+  openLog?: OpenLog
 }
 
 /**
@@ -379,9 +569,10 @@ export class Connection {
 
   constructor(fd: number, ops: Operations, init: ConnectionInit) {
     this.#fd = fd
-    this.responder = new Responder(ops, { cacheTimeout: init.cacheTimeout, debug: init.debug, fuseFd: fd }, (reply) =>
-      this.#write(reply)
-    )
+    const responderInit: ResponderInit = { cacheTimeout: init.cacheTimeout, debug: init.debug, fuseFd: fd }
+    if (init.passthrough !== undefined) responderInit.passthrough = init.passthrough
+    if (init.openLog !== undefined) responderInit.openLog = init.openLog
+    this.responder = new Responder(ops, responderInit, (reply) => this.#write(reply))
     this.#relay = new Relay(fd, (request) => this.responder.dispatch(request))
     // However the relay ends (an unmount, or killed by someone), the connection ends with it: readers of the
     // mount then get an error instead of waiting for answers nobody will read the requests for.

@@ -4,7 +4,7 @@
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { close as closeFd } from 'node:fs'
-import { chmod, mkdir, open, unlink } from 'node:fs/promises'
+import { chmod, type FileHandle, mkdir, open, readFile, rename, unlink, writeFile } from 'node:fs/promises'
 import { createConnection, createServer, type Server, type Socket } from 'node:net'
 import { release } from 'node:os'
 import { join } from 'node:path'
@@ -18,6 +18,7 @@ import {
   MessageStream,
   type Mount,
   notifyResend,
+  type OpenLog,
   RELAY_BUFFER,
   Responder,
   refuseMounted,
@@ -377,19 +378,33 @@ class DirectConnection {
   readonly id: string
   readonly connection: Connection
   readonly #holder: HolderClient
+  readonly #log: FileOpenLog
 
-  constructor(holder: HolderClient, id: string, fd: number, ops: Operations, init: FuseMountInit) {
+  constructor(
+    holder: HolderClient,
+    id: string,
+    fd: number,
+    ops: Operations,
+    init: FuseMountInit,
+    log: FileOpenLog,
+    adopted?: Map<number, number | undefined>
+  ) {
     this.#holder = holder
     this.id = id
+    this.#log = log
     this.connection = new Connection(fd, ops, {
       cacheTimeout: init.cacheTimeout ?? 86_400,
       debug: init.debug === true,
+      ...(init.passthrough !== undefined && { passthrough: init.passthrough }),
+      openLog: log,
       // Ended from outside (an unmount by someone else): the holder's descriptor has nothing left to keep.
       onEnded: () => {
         holder.serving(this, false)
         holder.call({ op: 'close', id }, false).catch(() => {})
       }
     })
+    // Before the first request arrives (the relay delivers on a later turn of the event loop).
+    if (adopted !== undefined) this.connection.responder.adopt(adopted)
     holder.serving(this, true)
   }
 
@@ -400,12 +415,14 @@ class DirectConnection {
   async detach(): Promise<void> {
     this.#holder.serving(this, false)
     await this.connection.detach()
+    await this.#log.close()
   }
 
   async close(mountpoint: string): Promise<void> {
     this.#holder.serving(this, false)
     try {
       await this.connection.close(mountpoint)
+      await this.#log.close(true)
     } finally {
       try {
         await this.#holder.call({ op: 'close', id: this.id }, false)
@@ -432,10 +449,66 @@ export function canServeDirectly(): boolean {
   return major > 6 || (major === 6 && minor >= 9)
 }
 
+/**
+ * The open log of a session served directly (fuse.ts OpenLog), a file in the holder's directory: `+NODE ID`
+ * (ID -1: opened without passthrough) and `-NODE` lines, appended. The next process reads it, keeps the nodes
+ * still open as they are, and writes it anew with those only.
+ */
+class FileOpenLog implements OpenLog {
+  readonly path: string
+  #fh: Promise<FileHandle> | undefined
+
+  constructor(path: string) {
+    this.path = path
+  }
+
+  /** What the last process left open, the log then written anew with it. */
+  static async take(path: string): Promise<{ log: FileOpenLog; open: Map<number, number | undefined> }> {
+    const open = new Map<number, number | undefined>()
+    const text = await readFile(path, 'utf8').catch(() => '')
+    for (const line of text.split('\n')) {
+      const m = /^([+-])(\d+)(?: (-?\d+))?$/.exec(line)
+      if (m === null) continue
+      const node = Number(m[2])
+      if (m[1] === '-') open.delete(node)
+      else open.set(node, Number(m[3]) >= 0 ? Number(m[3]) : undefined)
+    }
+    const fresh = [...open].map(([node, id]) => `+${node} ${id ?? -1}\n`).join('')
+    await writeFile(`${path}.tmp`, fresh, { mode: 0o600 })
+    await rename(`${path}.tmp`, path)
+    return { log: new FileOpenLog(path), open }
+  }
+
+  #file(): Promise<FileHandle> {
+    this.#fh ??= open(this.path, 'a', 0o600)
+    return this.#fh
+  }
+
+  async opened(nodeid: number, backingId: number | undefined): Promise<void> {
+    await (await this.#file()).write(`+${nodeid} ${backingId ?? -1}\n`)
+  }
+
+  async released(nodeid: number): Promise<void> {
+    await (await this.#file()).write(`-${nodeid}\n`)
+  }
+
+  async close(remove = false): Promise<void> {
+    const fh = this.#fh
+    this.#fh = undefined
+    await fh?.then((f) => f.close()).catch(() => {})
+    if (remove) await unlink(this.path).catch(() => {})
+  }
+}
+
+function openLogPath(dir: string, holderPid: number, id: string): string {
+  return join(dir, `opens-${holderPid}-${id}.log`)
+}
+
 function heldMount(c: HeldConnection | DirectConnection, holder: HolderClient, mountpoint: string): HeldMount {
   let unmounted: Promise<void> | undefined
   return {
     mountpoint,
+    fuse: () => (c instanceof DirectConnection ? c.responder.fuse() : { mode: 'off', backingFiles: 0 }),
     session: c.id,
     unmount() {
       unmounted ??= c.close(mountpoint)
@@ -526,7 +599,9 @@ async function mountDirect(
     await client.call({ op: 'close', id }, false).catch(() => {})
     return undefined
   }
-  const c = new DirectConnection(client, id, fd, ops, init)
+  const log = new FileOpenLog(openLogPath(client.dir, Number(reply.pid), id))
+  await log.close(true)
+  const c = new DirectConnection(client, id, fd, ops, init, log)
   try {
     await c.responder.started(mountpoint, init.timeoutMs ?? 30_000, options?.signal)
     await setReadAhead(mountpoint)
@@ -561,7 +636,8 @@ export async function resumeHeld(
         { cause: err }
       )
     }
-    const c = new DirectConnection(client, session.id, fd, ops, init)
+    const { log, open } = await FileOpenLog.take(openLogPath(client.dir, session.direct.pid, session.id))
+    const c = new DirectConnection(client, session.id, fd, ops, init, log, open)
     return heldMount(c, client, session.mountpoint)
   }
   const { socket, rest } = await client.session({ op: 'attach', id: session.id }, false, options)

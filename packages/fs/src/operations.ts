@@ -74,6 +74,11 @@ export interface OperationsInit {
   /** The fast path for chunks in local storage; without it every read goes through whole chunks in memory. */
   readStored?: ReadStored
   /**
+   * The path of a local file holding exactly the bytes of a file of one chunk (its chunk file in the store),
+   * verified against its digest, or undefined: what FUSE passthrough hands the kernel. The fetcher's storedFile.
+   */
+  storedFile?: (layer: number, entry: Entry, options?: AbortOptions) => Promise<string | undefined>
+  /**
    * Memory for whole chunks recently read (default 64 MiB). The kernel reads at most 1 MiB at a time; a
    * chunk is usually MiBs, and without this every piece would fetch (and copy) the whole chunk again.
    */
@@ -105,6 +110,14 @@ export interface Operations {
    * restart) gets node ids the kernel learnt from the old one, which never looked them up here.
    */
   pathOf?(ino: number): string | undefined
+  /**
+   * For an open of a regular file held whole in one verified local file (a single-chunk file whose chunk is in
+   * the store), that file's path: the kernel may read it directly (FUSE passthrough). Undefined at once (no
+   * promise) for a file that could never have one (not a file of one chunk).
+   */
+  backingFile?(path: string, options?: AbortOptions): Promise<string | undefined> | undefined
+  /** A file was opened with passthrough: its reads will not come here, so this counts as its read. */
+  passedThrough?(path: string): void
 }
 
 const TYPE_BITS: Record<NodeType, number> = {
@@ -266,7 +279,26 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
 
     pathOf(ino) {
       return tree.pathOf(ino)
-    }
+    },
+
+    ...(init.storedFile !== undefined && {
+      backingFile(path: string, options?: AbortOptions) {
+        const node = tree.lookup(path)
+        const entry = node?.source?.entry
+        const chunk = entry?.chunks.length === 1 ? entry.chunks[0] : undefined
+        if (node === undefined || chunk === undefined || chunk.fileOffset !== 0 || chunk.size !== node.size) {
+          return undefined
+        }
+        return init.storedFile!(node.source!.layer, entry!, options)
+      },
+
+      passedThrough(path: string) {
+        const node = tree.lookup(path)
+        if (node === undefined || node.size === 0) return
+        init.onRead?.(path)
+        libraries?.touched(path, node)
+      }
+    })
   }
 }
 

@@ -69,17 +69,26 @@ const MODIFYING = new Set<number>([
 const UNANSWERED = new Set<number>([Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT])
 
 const KERNEL_MAJOR = 7
-/** The protocol minor this implementation speaks (max_pages came with 7.28). */
-const OUR_MINOR = 31
+/** The protocol minor this implementation speaks (max_pages came with 7.28, passthrough and resend with 7.40). */
+const OUR_MINOR = 40
 const MIN_MINOR = 28
 
 const Init = {
   ASYNC_READ: 1 << 0,
   PARALLEL_DIROPS: 1 << 18,
   MAX_PAGES: 1 << 22,
-  CACHE_SYMLINKS: 1 << 23
+  CACHE_SYMLINKS: 1 << 23,
+  /** flags2 follows in the INIT request and reply. */
+  INIT_EXT: 1 << 30
+}
+/** Flags of INIT's flags2 (bits 32 and up of the kernel's 64-bit flags). */
+const Init2 = {
+  PASSTHROUGH: 1 << (37 - 32),
+  HAS_RESEND: 1 << (39 - 32)
 }
 const FOPEN_KEEP_CACHE = 1 << 1
+/** Reads (and mmap) of this open file go to its backing file, in the kernel: no request reaches the server. */
+const FOPEN_PASSTHROUGH = 1 << 7
 const FOPEN_CACHE_DIR = 1 << 3
 
 export const IN_HEADER = 40
@@ -100,6 +109,8 @@ export interface SessionInit {
   cacheTimeout: number
   /** Largest read the kernel may ask for (sets max_pages). */
   maxRead: number
+  /** Ask for FUSE_PASSTHROUGH when the kernel offers it (the server can register backing files). */
+  passthrough?: boolean
 }
 
 /** Decodes the header of a message the kernel wrote, or throws when it is too short or lies about its length. */
@@ -168,6 +179,10 @@ export class Session {
   #nextHandle = BigInt(randomInt(1, 2 ** 47)) << 16n
   /** The protocol minor agreed in INIT; 0 before. */
   minor = 0
+  /** Whether INIT agreed FUSE_PASSTHROUGH (undefined: this process did not see the INIT). */
+  passthrough: boolean | undefined
+  /** Whether the kernel said it can resend unanswered requests (FUSE_HAS_RESEND). */
+  resend: boolean | undefined
 
   constructor(ops: Operations, init: SessionInit) {
     this.#ops = ops
@@ -199,6 +214,30 @@ export class Session {
       return frame(into.subarray(0, OUT_HEADER + n), req.unique, 0)
     } catch (err) {
       return frame(into.subarray(0, OUT_HEADER), req.unique, errnoOf(err))
+    }
+  }
+
+  /**
+   * The reply to an OPEN whose reads pass through to the backing file `backingId` (registered with the
+   * connection), or undefined to answer it as usual (`answer`); an error reply when the open is refused.
+   */
+  openPassthrough(req: Request, backingId: number): Uint8Array {
+    try {
+      this.#ops.open(this.#path(req.nodeid), view(req.body).getUint32(0, true))
+      const reply = openReply(0n, FOPEN_PASSTHROUGH)
+      view(reply).setInt32(OUT_HEADER + 12, backingId, true)
+      return frame(reply, req.unique, 0)
+    } catch (err) {
+      return frame(new Uint8Array(OUT_HEADER), req.unique, errnoOf(err))
+    }
+  }
+
+  /** The path of a node id, or undefined (an unknown node; its OPEN is answered by `answer`). */
+  pathOf(nodeid: number): string | undefined {
+    try {
+      return this.#path(nodeid)
+    } catch {
+      return undefined
     }
   }
 
@@ -294,13 +333,23 @@ export class Session {
       throw new FsError('EPROTO', `the kernel speaks FUSE ${major}.${minor}; strata needs 7.${MIN_MINOR} or later`)
     }
     this.minor = Math.min(minor, OUR_MINOR)
-    const wanted = Init.ASYNC_READ | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS
+    // flags2 (7.36+) is there when the kernel says so with INIT_EXT.
+    const offered2 = (offered & Init.INIT_EXT) !== 0 && body.length >= 20 ? v.getUint32(16, true) : 0
+    const wanted = Init.ASYNC_READ | Init.PARALLEL_DIROPS | Init.MAX_PAGES | Init.CACHE_SYMLINKS | Init.INIT_EXT
+    const wanted2 = this.#init.passthrough === true ? Init2.PASSTHROUGH : 0
+    const agreed2 = (offered2 & wanted2) >>> 0
+    this.passthrough = (agreed2 & Init2.PASSTHROUGH) !== 0
+    this.resend = (offered2 & Init2.HAS_RESEND) !== 0
     const { bytes, v: out } = message(64)
     const at = OUT_HEADER
     out.setUint32(at, KERNEL_MAJOR, true)
     out.setUint32(at + 4, this.minor, true)
     out.setUint32(at + 8, maxReadahead, true)
     out.setUint32(at + 12, (offered & wanted) >>> 0, true)
+    out.setUint32(at + 32, agreed2, true) // flags2
+    // max_stack_depth: backing files live on a file system that stacks on nothing (the store's, e.g. ext4),
+    // so that an overlay (a writable mount) can still go on top of this one.
+    if (this.passthrough) out.setUint32(at + 36, 1, true)
     out.setUint16(at + 16, 64, true) // max_background: reads the kernel may have outstanding at once
     out.setUint16(at + 18, 48, true) // congestion_threshold
     out.setUint32(at + 20, 128 * 1024, true) // max_write (nothing is written; the kernel wants a value)

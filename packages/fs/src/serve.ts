@@ -29,6 +29,8 @@ export interface LayerReader<L> {
     into: Uint8Array,
     options?: AbortOptions
   ): Promise<number | undefined>
+  /** The fetcher's storedFile: the verified chunk file of a single-chunk file, for FUSE passthrough. */
+  storedFile?(layer: L, entry: Entry, options?: AbortOptions): Promise<string | undefined>
 }
 
 export interface ServeMountInit<L extends { toc: TOC }> {
@@ -166,6 +168,9 @@ function operationsOf<L extends { toc: TOC }>(
         readStored: (layer, entry, offset, into, opts) =>
           fetcher.readStored!(image.layers[layer]!, entry, offset, into, opts)
       }),
+      ...(fetcher.storedFile !== undefined && {
+        storedFile: (layer, entry, opts) => fetcher.storedFile!(image.layers[layer]!, entry, opts)
+      }),
       ...(onError !== undefined && { onError }),
       ...(recorder !== undefined && { onRead: (path: string) => recorder.record(path) })
     }
@@ -185,6 +190,7 @@ function served(
     mountpoint,
     tree,
     ...(recorder && { recorder }),
+    ...(fuseMount.fuse !== undefined && { fuse: fuseMount.fuse }),
     unmount() {
       closing ??= (async () => {
         if (overlay) await unmountOverlay(mountpoint)

@@ -87,15 +87,60 @@ describe('FUSE protocol session', () => {
     const reply = ask(Op.INIT, 0, init(40, (1 << 22) | 1 | (1 << 31)))!
     expect(reply.errno).toBe(0)
     expect(reply.data.readUInt32LE(0)).toBe(7)
-    expect(reply.data.readUInt32LE(4)).toBe(31)
+    expect(reply.data.readUInt32LE(4)).toBe(40)
     // Only flags both sides know: ASYNC_READ and MAX_PAGES here, not bit 31.
     expect(reply.data.readUInt32LE(12)).toBe((1 << 22) | 1)
     expect(reply.data.readUInt16LE(28)).toBe(256) // max_pages
-    expect(session.minor).toBe(31)
+    expect(session.minor).toBe(40)
+    // No INIT_EXT from the kernel: no flags2, so no passthrough.
+    expect(reply.data.readUInt32LE(32)).toBe(0)
+    expect(session.passthrough).toBe(false)
 
     const old = setUp()
     expect(old.ask(Op.INIT, 0, init(26))!.errno).toBe(71) // EPROTO
     expect(old.session.minor).toBe(0)
+  })
+
+  it('agrees to FUSE_PASSTHROUGH when asked and offered (flags2), with a stack depth that leaves room for an overlay', () => {
+    const PASSTHROUGH = 1 << 5 // 1 << 37 of the 64-bit flags
+    const offered = (body: Buffer) => {
+      body.writeUInt32LE(0xffffffff, 16) // flags2: all
+      return body
+    }
+    const ops = createOperations(buildTree(layers), readContent, { prefetchLibraries: false })
+    for (const asked of [true, false]) {
+      const session = new Session(ops, { cacheTimeout: 3600, maxRead: 1 << 20, passthrough: asked })
+      const body = offered(init(44, 0xffffffff))
+      const bytes = Buffer.alloc(IN_HEADER + body.length)
+      bytes.writeUInt32LE(bytes.length, 0)
+      bytes.writeUInt32LE(Op.INIT, 4)
+      bytes.writeBigUInt64LE(1n, 8)
+      bytes.set(body, IN_HEADER)
+      const reply = Buffer.from(session.answer(parseRequest(bytes))!).subarray(16)
+      expect(reply.readUInt32LE(4)).toBe(40)
+      expect(reply.readUInt32LE(12) & (1 << 30)).toBe(1 << 30) // INIT_EXT
+      expect(reply.readUInt32LE(32)).toBe(asked ? PASSTHROUGH : 0) // flags2
+      expect(reply.readUInt32LE(36)).toBe(asked ? 1 : 0) // max_stack_depth
+      expect(session.passthrough).toBe(asked)
+      expect(session.resend).toBe(true) // FUSE_HAS_RESEND, 1 << 39
+    }
+  })
+
+  it('answers an OPEN with passthrough: FOPEN_PASSTHROUGH and the backing id', () => {
+    const { ask, session } = setUp()
+    const bin = entryOut(ask(Op.LOOKUP, 1, name('bin'))!.data)
+    const tool = entryOut(ask(Op.LOOKUP, bin.nodeid, name('tool'))!.data)
+    const bytes = Buffer.alloc(IN_HEADER + 8)
+    bytes.writeUInt32LE(bytes.length, 0)
+    bytes.writeUInt32LE(Op.OPEN, 4)
+    bytes.writeBigUInt64LE(99n, 8)
+    bytes.writeBigUInt64LE(BigInt(tool.nodeid), 16)
+    const reply = Buffer.from(session.openPassthrough(parseRequest(bytes), 7))
+    expect(reply.readInt32LE(4)).toBe(0)
+    expect(reply.readUInt32LE(16 + 8)).toBe(1 << 7) // FOPEN_PASSTHROUGH
+    expect(reply.readInt32LE(16 + 12)).toBe(7)
+    bytes.writeUInt32LE(1, IN_HEADER) // O_WRONLY
+    expect(Buffer.from(session.openPassthrough(parseRequest(bytes), 7)).readInt32LE(4)).toBe(-30) // EROFS
   })
 
   it('looks up names: the inode as node id, attributes, and misses the kernel may remember', () => {

@@ -450,6 +450,16 @@ class DiskStore extends EventTarget implements DiskChunkStore {
     return (await (this.verifying.get(digest) ?? this.verifyFile(digest, record))) !== undefined
   }
 
+  async verifiedPath(digest: string, options?: AbortOptions): Promise<string | undefined> {
+    if (!(await this.verify(digest, options))) return undefined
+    const record = this.ledger.chunks.get(digest)
+    if (record === undefined) return undefined
+    this.ledger.touch(digest, record)
+    this.dirty.add(digest)
+    this.ledger.hits++
+    return this.chunkPath(digest)
+  }
+
   async put(digest: string, bytes: Uint8Array, options?: PutOptions): Promise<void> {
     this.check(options, digest)
     const stored = await this.serial(digest, () => this.store(digest, bytes, options)).catch((err: unknown) => {

@@ -60,6 +60,13 @@ export interface ChunkStore extends EventTarget {
    * next). Whether the chunk is stored and sound; a damaged one is dropped as on a read.
    */
   verify?(digest: string, options?: AbortOptions): Promise<boolean>
+  /**
+   * Optional (the disk store): the path of the chunk's file, once checked as `verify` does, or undefined when
+   * the chunk is not stored or was damaged (then dropped). For handing the file itself to another reader (FUSE
+   * passthrough: the kernel reads it). Counts as a hit, and as an access for eviction order. The file may be
+   * evicted afterwards: a descriptor opened on it keeps reading the same bytes until closed.
+   */
+  verifiedPath?(digest: string, options?: AbortOptions): Promise<string | undefined>
   /** Stores bytes the caller has verified against `digest`. Idempotent. May evict others to stay under the cap. */
   put(digest: string, bytes: Uint8Array, options?: PutOptions): Promise<void>
   delete(digest: string, options?: AbortOptions): Promise<boolean>
@@ -184,4 +191,5 @@ export interface DiskChunkStore extends LocalChunkStore {
   readonly dir: string
   readonly repair: RepairReport
   verify(digest: string, options?: AbortOptions): Promise<boolean>
+  verifiedPath(digest: string, options?: AbortOptions): Promise<string | undefined>
 }
