@@ -45,6 +45,7 @@ const mib = args.includes('--mib') ? Number(args[args.indexOf('--mib') + 1]) : 2
 const RUNS = args.includes('--runs') ? Number(args[args.indexOf('--runs') + 1]) : 5
 const verifyCost = args.includes('--verify-cost')
 const viaHolder = args.includes('--holder')
+const passthrough = args.includes('--passthrough')
 
 const work = await mkdtemp(join(tmpdir(), 'strata-fs-bench-'))
 const sh = async (script) => (await exec('sh', ['-c', script], { maxBuffer: 1 << 26 })).stdout
@@ -77,7 +78,16 @@ try {
   }
   await exec('tar', ['--numeric-owner', '-C', root, '-cf', join(work, 'layer.tar'), '.'])
   const blobPath = join(work, 'layer.blob')
-  await exec(join(repoRoot, '.tools/oracle/oracle'), ['build', join(work, 'layer.tar'), blobPath, '--gzip-level', '1'])
+  // With --passthrough the file is one chunk: a file held whole in the store, which passthrough serves.
+  const chunking = passthrough ? ['--chunk-size', String(mib * 2 ** 20)] : []
+  await exec(join(repoRoot, '.tools/oracle/oracle'), [
+    'build',
+    join(work, 'layer.tar'),
+    blobPath,
+    '--gzip-level',
+    '1',
+    ...chunking
+  ])
   const blobDigest = `sha256:${createHash('sha256')
     .update(await readFile(blobPath))
     .digest('hex')}`
@@ -118,6 +128,10 @@ try {
     } finally {
       await mount.unmount()
     }
+  }
+  if (passthrough) {
+    await benchPassthrough({ imageLayer, fetcher, file, chunkFiles, store })
+    process.exit(0)
   }
   for (let run = 0; verifyCost && run < RUNS; run++) {
     for (const cold of [false, true]) {
@@ -242,5 +256,102 @@ try {
     }
   }
 } finally {
+  await rm(work, { recursive: true, force: true })
+}
+
+/**
+ * --passthrough: a file held whole in the store, read through a mount with FUSE passthrough (the kernel reads the
+ * chunk file) and without it (every read a request to this process), against the local file: sequential reads
+ * with the chunk file out of the page cache and in it, and random 4 KiB reads (a C reader: pread at random
+ * aligned offsets, RANDOM_READS of them, the file's pages in the page cache, the mount's own cache empty).
+ */
+async function benchPassthrough({ imageLayer, fetcher, file, chunkFiles, store }) {
+  const reader = join(work, 'randread')
+  await writeFile(
+    `${reader}.c`,
+    `#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+  int fd = open(argv[1], O_RDONLY);
+  long n = atol(argv[2]);
+  off_t size = lseek(fd, 0, SEEK_END);
+  long pages = size / 4096;
+  char buf[4096];
+  srandom(42);
+  struct timespec a, b;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  for (long i = 0; i < n; i++) {
+    if (pread(fd, buf, 4096, (off_t)(random() % pages) * 4096) != 4096) { perror("pread"); return 1; }
+  }
+  clock_gettime(CLOCK_MONOTONIC, &b);
+  printf("%f\\n", (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9);
+  return 0;
+}
+`
+  )
+  await exec('cc', ['-O2', '-o', reader, `${reader}.c`])
+  const RANDOM_READS = 8192
+  const randRead = async (path) => {
+    const { stdout } = await exec(reader, [path, String(RANDOM_READS)])
+    return (RANDOM_READS * 4096) / Number(stdout) / 2 ** 20
+  }
+  const results = {}
+  const record = (name, value) => {
+    results[name] ??= []
+    results[name].push(value)
+  }
+  const modes = ['passthrough', 'off']
+  for (let run = 0; run < RUNS; run++) {
+    await dropCache([file])
+    record('local disk, sequential, cold page cache', await ddRead(file))
+    record('local disk, sequential, warm page cache', await ddRead(file))
+    record('local disk, random 4 KiB, warm page cache', await randRead(file))
+    for (const mode of run % 2 === 0 ? modes : [...modes].reverse()) {
+      const fresh = async (what, read) => {
+        const mnt = join(work, `mnt-${run}-${mode}-${what}`)
+        await mkdir(mnt)
+        const fuse = { passthrough: mode === 'passthrough' }
+        const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher, mountpoint: mnt, fuse })
+        try {
+          if (mount.fuse?.().mode === 'off' && mode === 'passthrough') throw new Error('passthrough is not on')
+          return await read(join(mnt, 'big'))
+        } finally {
+          await mount.unmount()
+        }
+      }
+      record(
+        `FUSE ${mode}, sequential, store cold`,
+        await fresh('cold', async (path) => {
+          await dropCache(chunkFiles)
+          return ddRead(path)
+        })
+      )
+      record(`FUSE ${mode}, sequential, store warm`, await fresh('warm', ddRead))
+      record(`FUSE ${mode}, random 4 KiB, store warm`, await fresh('random', randRead))
+    }
+  }
+  await store.close()
+  console.log(`${mib} MiB file in one chunk, median of ${RUNS} runs, ${RANDOM_READS} random reads`)
+  console.log('| read | MiB/s |\n| --- | ---: |')
+  for (const [name, values] of Object.entries(results)) console.log(`| ${name} | ${median(values).toFixed(0)} |`)
+  const ratio = (a, b) => {
+    const each = results[a].map((v, i) => v / results[b][i])
+    return `${(median(each) * 100).toFixed(0)}% (runs: ${each.map((r) => `${(r * 100).toFixed(0)}%`).join(', ')})`
+  }
+  for (const mode of modes) {
+    console.log(`\nFUSE ${mode} / local:`)
+    console.log(
+      `  sequential, cold: ${ratio(`FUSE ${mode}, sequential, store cold`, 'local disk, sequential, cold page cache')}`
+    )
+    console.log(
+      `  sequential, warm: ${ratio(`FUSE ${mode}, sequential, store warm`, 'local disk, sequential, warm page cache')}`
+    )
+    console.log(
+      `  random 4 KiB, warm: ${ratio(`FUSE ${mode}, random 4 KiB, store warm`, 'local disk, random 4 KiB, warm page cache')}`
+    )
+  }
   await rm(work, { recursive: true, force: true })
 }
