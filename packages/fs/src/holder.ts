@@ -2,13 +2,15 @@
 // /dev/fuse descriptors and their relays) alive while p2pd restarts, so that mounts (and the containers on them)
 // survive a crash, a kill or an upgrade of p2pd.
 //
-// Node cannot pass a descriptor to another process it did not start (no SCM_RIGHTS), and opening
-// /proc/PID/fd/N of a /dev/fuse descriptor opens a new, unattached FUSE device (reads and writes say EPERM),
-// not the connection. So the holder does all the talking to /dev/fuse: it mounts, reads each request (through
-// the same `dd` relay as an embedded mount), passes it to the p2pd that serves the session over a Unix socket,
-// and writes p2pd's replies to /dev/fuse. It keeps every request until its reply has been written: when p2pd
-// goes away, the requests it had not answered (a read in progress) are sent again to the next p2pd that attaches,
-// and so are those that came in between. The kernel sends nothing twice by itself.
+// Two ways to serve a session. Direct (Linux 6.9+, `mount` with `direct: true`): the holder mounts and keeps the
+// /dev/fuse descriptor, nothing more; p2pd takes its own copy of it (pidfd_getfd: opening /proc/PID/fd/N of
+// /dev/fuse gives a new, unattached device) and serves it as an embedded mount does, and the next p2pd asks the
+// kernel to resend what the last one left unanswered (FUSE_NOTIFY_RESEND). The relay (the fallback: older
+// kernels, no right to take a descriptor): the holder reads each request (through the same `dd` relay as an
+// embedded mount), passes it to the p2pd that serves the session over a Unix socket, and writes p2pd's replies to
+// /dev/fuse. It keeps every request until its reply has been written: when p2pd goes away, the requests it had
+// not answered (a read in progress) are sent again to the next p2pd that attaches, and so are those that came in
+// between.
 //
 // Protocol. The holder listens on `holder.sock` in a directory only root can enter; a connection sends one JSON
 // line, the holder answers one JSON line ({"ok": true, ...} or {"ok": false, "error": {...}}). To serve a
@@ -18,9 +20,11 @@
 // holder, replies from p2pd. (The holder connects, rather than answering on its own socket, so that it can read
 // replies straight into one buffer of its own: Node offers that to connecting sockets only. Measured: it halves
 // what a reply costs the holder.) Requests:
-//   {"op": "list"}     -> {"version", "pid", "sessions": [{id, mountpoint, meta, pending, attached}]}
+//   {"op": "list"}     -> {"version", "pid", "features", "sessions": [{id, mountpoint, meta, pending, attached,
+//                          direct?: {pid, fd}}]}
 //   {"op": "mount", "mountpoint", "target", "allowOther", "meta", "serve", "token"}
 //                         target: a path that opens the directory p2pd checked (its /proc/PID/fd/N)
+//   {"op": "mount", "mountpoint", "target", "allowOther", "meta", "direct": true} -> {"id", "pid", "fd"}
 //   {"op": "attach", "id", "serve", "token"}   a new attach takes the session from the connection that had it
 //   {"op": "update", "id", "meta"}
 //   {"op": "close", "id"}                      unmounts (lazily) and ends the session
