@@ -5,7 +5,7 @@ import { mkdir, mkdtemp, readdir, readFile, readlink, rm, writeFile } from 'node
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { type ChunkSource, createFetcher, type Fetcher, type ImageLayer } from '@strata/fetcher'
-import { type ServedMount, serveMount } from '@strata/fs'
+import { fuseReadMode, type ServedMount, serveMount } from '@strata/fs'
 import { type Entry, type FileReadAt, fileReader, type Layer, openLayer, readChunk } from '@strata/stargz'
 import { openDiskStore } from '@strata/store'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -140,6 +140,8 @@ describe('FUSE passthrough of files held whole in the store', () => {
       // A program and its libraries run from it (exec and mmap go to the backing file too).
       expect((await exec('chroot', [b, PROGRAM, '--version'])).stdout).toMatch(/GNU coreutils/)
       expect(on!.fuse?.().mode).toBe('passthrough')
+      // What p2pctl status says of this machine.
+      expect(fuseReadMode()).toMatch(/^passthrough where the kernel offers it/)
       expect(plain.singleChunkReads()).toBeGreaterThan(0)
       expect(passed.singleChunkReads()).toBe(0)
       // Every file is closed: every backing file released, none of their descriptors left here.

@@ -9,7 +9,7 @@ import { createConnection, createServer, type Server, type Socket } from 'node:n
 import { release } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { pidfdGetfd } from '@strata/native'
+import { backingClose, pidfdGetfd } from '@strata/native'
 import type { AbortOptions } from '@strata/stargz'
 import { MountError, UnmountError } from './errors.js'
 import {
@@ -502,6 +502,21 @@ class FileOpenLog implements OpenLog {
 
 function openLogPath(dir: string, holderPid: number, id: string): string {
   return join(dir, `opens-${holderPid}-${id}.log`)
+}
+
+/**
+ * How mounts on this machine read files held whole in the store, for `p2pctl status`: with FUSE passthrough
+ * (Linux 6.9+ and the native addon: INIT asks for it, and the kernel offers it when built with
+ * CONFIG_FUSE_PASSTHROUGH), or normally (every read a request).
+ */
+export function fuseReadMode(): string {
+  if (!canServeDirectly()) return `normal (Linux ${release()}: passthrough needs 6.9)`
+  try {
+    backingClose(-1, 0)
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ERR_STRATA_NATIVE') return 'normal (the native addon is not built)'
+  }
+  return `passthrough where the kernel offers it, for files held whole in the store (Linux ${release()})`
 }
 
 function heldMount(c: HeldConnection | DirectConnection, holder: HolderClient, mountpoint: string): HeldMount {

@@ -4,7 +4,14 @@
 // in one call. createFuseHolder: the process that keeps p2pd's FUSE sessions across its restarts (resumeMount).
 export { type ErrnoCode, FsError, MountError, UnmountError, UnsafePathError } from './errors.js'
 export { type FuseMountInit, forceUnmount, isMounted, type Mount, mountFuse } from './fuse.js'
-export { canServeDirectly, createFuseHolder, type FuseHolder, type FuseHolderInit, type HeldSession } from './held.js'
+export {
+  canServeDirectly,
+  createFuseHolder,
+  type FuseHolder,
+  type FuseHolderInit,
+  fuseReadMode,
+  type HeldSession
+} from './held.js'
 export { diffTree, OPAQUE_XATTR, overlayTOC } from './layer-diff.js'
 export {
   decodeRef,

@@ -37,6 +37,7 @@ const status: Command = {
       'fetched-for-peers': bySource(s.bytes.fetchedForPeers),
       store: `${s.store.chunks} chunks, ${formatBytes(s.store.bytes)}${Number.isFinite(s.store.maxBytes) ? ` of ${formatBytes(s.store.maxBytes)}` : ''}`,
       announce: `${s.announce.landed} keys announced, ${s.announce.backlog} waiting`,
+      fuse: (await import('@strata/fs')).fuseReadMode(),
       // Writes the store could not make (a full disk): p2pd logs the first of each cause.
       'store-errors': s.store.writeErrors ?? 0
     })
