@@ -175,6 +175,15 @@ describe.runIf(root && podmanInstalled)('p2pd --layer-store: podman additional l
     expect(again.stderr()).toMatch(/layer store: unmounted what was left mounted/)
   })
 
+  it('pulls by digest too: another directory of the store, opened as the tag was', async () => {
+    // The first podman removed the image: it pulls again, by digest.
+    const pinned = `${proxy.host}/strata/podman@${image.digest}`
+    const { stdout } = await podmen[0]!.podman([...run1, '--tls-verify=false', pinned, 'cat', '/etc/greeting'])
+    expect(stdout).toBe('hello from the layer store\n')
+    expect(nodes[0]!.stderr()).toContain(`layer store: opened ${pinned}`)
+    expect(wholeLayerGets()).toEqual([])
+  })
+
   it('has the layout of containers-storage 1.54+ too: layers keyed by TOC digest', async () => {
     // podman 5.1+ is not in Debian 12: the files it would read are checked here instead.
     const res = await fetch(`http://${registry.host}/v2/strata/podman/manifests/latest`, {
