@@ -1315,3 +1315,61 @@ describe('stalled sources: the timing, with the defaults (fake timers)', () => {
     expect(await settlesAfter(fetcher.get(chunk(3)))).toBe(24_000)
   })
 })
+
+describe('memory: what read-ahead and prefetch hold at once', () => {
+  /** A file of `n` chunks of `size` bytes each, and a source that serves them, counting the bytes it owes. */
+  function synthetic(n: number, size: number) {
+    const parts = Array.from({ length: n }, (_, i) => new Uint8Array(size).fill(i + 1))
+    const chunks = parts.map((p, i) => ({
+      digest: `sha256:${hex(p)}`,
+      fileOffset: i * size,
+      size,
+      offset: i * size,
+      end: (i + 1) * size,
+      innerOffset: 0
+    }))
+    const entry = { path: 'big', type: 'reg', size: n * size, chunks } as unknown as Entry
+    const layer = {
+      digest: `sha256:${'1'.repeat(64)}`,
+      compression: 'gzip',
+      toc: { chunkIndexAt: (_e: Entry, offset: number) => (offset < n * size ? Math.floor(offset / size) : -1) }
+    } as unknown as ImageLayer
+    let owed = 0
+    let most = 0
+    const source: ChunkSource = {
+      name: 'registry',
+      async get(chunk) {
+        owed += chunk.size
+        most = Math.max(most, owed)
+        await new Promise((r) => setTimeout(r, 5))
+        owed -= chunk.size
+        return parts[chunks.findIndex((c) => c.digest === chunk.digest)]
+      }
+    }
+    return { entry, layer, source, most: () => most }
+  }
+
+  it('reads ahead a file in windows within readAheadInFlightBytes, and all of it, past readAheadBytes too', async () => {
+    const MiB = 1024 * 1024
+    const { entry, layer, source, most } = synthetic(24, MiB)
+    const store = createMemoryStore()
+    const fetcher = createFetcher({
+      store,
+      sources: [source],
+      concurrency: 64,
+      readAheadBytes: 12 * MiB,
+      readAheadInFlightBytes: 4 * MiB
+    })
+    // A sequential reader through the store's fast path, as a mount reads (1 MiB at a time).
+    const into = new Uint8Array(MiB)
+    for (let at = 0; at < entry.size; at += MiB) {
+      if ((await fetcher.readStored(layer, entry, at, into)) === undefined)
+        await fetcher.readFile(layer, entry, at, MiB)
+    }
+    // Before the windows, one read-ahead asked for all its 12 MiB at once (and held them until the last came).
+    expect(most()).toBeLessThanOrEqual(4 * MiB + MiB)
+    for (const c of entry.chunks) expect(await store.has(c.digest)).toBe(true)
+    // Each chunk came from the source once: the reader joined what was being read ahead, or found it stored.
+    expect(fetcher.metrics().sources.registry!.chunks).toBe(24)
+  })
+})

@@ -79,10 +79,13 @@ export interface OperationsInit {
    */
   storedFile?: (layer: number, entry: Entry, options?: AbortOptions) => Promise<string | undefined>
   /**
-   * Memory for whole chunks recently read (default 64 MiB). The kernel reads at most 1 MiB at a time; a
-   * chunk is usually MiBs, and without this every piece would fetch (and copy) the whole chunk again.
+   * Memory for whole chunks being read or recently read (default 32 MiB, see CHUNK_BUFFER_BYTES). The kernel
+   * reads at most 1 MiB at a time; a chunk is usually MiBs, and without this every piece would fetch (and copy)
+   * the whole chunk again. Chunks no read touched for `chunkBufferIdleMs` (default 10 s) are let go: an idle or
+   * ended mount holds none.
    */
   chunkBufferBytes?: number
+  chunkBufferIdleMs?: number
   /**
    * When a program or shared library is first read, read the libraries its dynamic section names at once, in
    * the background, instead of one round trip after another as the loader opens them (default true).
@@ -130,12 +133,22 @@ const TYPE_BITS: Record<NodeType, number> = {
 }
 
 const BLOCK = 4096
+/**
+ * The chunk buffer's bound. A sequential reader needs the chunk it is in and the two read ahead (12 MiB of the usual
+ * 4 MiB chunks); pieces of a chunk that fell out are read from the store in place. 64 MiB, mostly chunks of files
+ * already read to their end, was a third of what p2pd kept after reading a 250 MB image through a mount.
+ */
+const CHUNK_BUFFER_BYTES = 32 * 1024 * 1024
+const CHUNK_BUFFER_IDLE_MS = 10_000
 /** Chunks larger than this (a whole-file chunk of a legacy layer) are read piecewise, not buffered. */
 const MAX_BUFFERED_CHUNK = 16 * 1024 * 1024
 const WRITE_FLAGS = constants.O_WRONLY | constants.O_RDWR | constants.O_TRUNC | constants.O_CREAT | constants.O_APPEND
 
 export function createOperations(tree: Tree, read: ReadFile, init: OperationsInit = {}): Operations {
-  const buffer = new ChunkBuffer(init.chunkBufferBytes ?? 64 * 1024 * 1024)
+  const buffer = new ChunkBuffer(
+    init.chunkBufferBytes ?? CHUNK_BUFFER_BYTES,
+    init.chunkBufferIdleMs ?? CHUNK_BUFFER_IDLE_MS
+  )
 
   /**
    * Fills `into` from `offset` of a regular file (within its size): from chunks in memory; else straight from
@@ -154,9 +167,11 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
     }
     const load = (c: Chunk) => buffer.get(c, () => read(layer, entry, c.fileOffset, c.size, options))
     const parts = await Promise.all(touched.map(load))
-    // A reader in the second half of a chunk most likely wants the next ones: have two ready.
+    // A reader in the second half of a chunk most likely wants the next ones: have two ready. Not with the store's
+    // fast path: the fetcher reads ahead into the store, and the next chunks are read from there in place (loaded
+    // here, each would cost its bytes in memory, read whole from the store when it has them).
     const end = touched[touched.length - 1]!
-    if (offset + into.length > end.fileOffset + end.size / 2) {
+    if (init.readStored === undefined && offset + into.length > end.fileOffset + end.size / 2) {
       for (const next of entry.chunks.slice(last, last + 2))
         if (next.size <= MAX_BUFFERED_CHUNK) load(next).catch(() => {})
     }
@@ -165,6 +180,9 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
       const from = Math.max(offset, c.fileOffset)
       const to = Math.min(offset + into.length, c.fileOffset + c.size)
       into.set(bytes.subarray(from - c.fileOffset, to - c.fileOffset), from - offset)
+      // Read to its end, a chunk is let go where the store can serve it: a sequential reader is done with it, and
+      // another reader reads it from the store in place.
+      if (init.readStored !== undefined && to === c.fileOffset + c.size) buffer.drop(c)
     })
   }
   const libraries =
@@ -319,14 +337,19 @@ function chunkRange(entry: Entry, offset: number, length: number): [number, numb
 
 /**
  * Whole chunks recently read, by digest (content-addressed, so one copy serves every file that has it),
- * least recently used first out. A read in flight is shared; a failed one is forgotten, so the next read
- * tries again.
+ * least recently used first out, all of them once none was asked for in `idleMs`. A read in flight is shared; a
+ * failed one is forgotten, so the next read tries again.
  */
 class ChunkBuffer {
   private readonly chunks = new Map<string, { bytes: Promise<Uint8Array>; size: number }>()
   private bytes = 0
+  private usedAt = 0
+  private idle: NodeJS.Timeout | undefined
 
-  constructor(private readonly maxBytes: number) {}
+  constructor(
+    private readonly maxBytes: number,
+    private readonly idleMs: number
+  ) {}
 
   /** Whether the chunk is here or being loaded. */
   has(chunk: Chunk): boolean {
@@ -334,6 +357,8 @@ class ChunkBuffer {
   }
 
   get(chunk: Chunk, load: () => Promise<Uint8Array>): Promise<Uint8Array> {
+    this.usedAt = performance.now()
+    this.idle ??= setTimeout(() => this.letGoIfIdle(), this.idleMs).unref()
     const hit = this.chunks.get(chunk.digest)
     if (hit !== undefined) {
       this.chunks.delete(chunk.digest)
@@ -349,6 +374,24 @@ class ChunkBuffer {
       this.forget(digest, old)
     }
     return slot.bytes
+  }
+
+  /** Lets the chunk go (its readers already have it). */
+  drop(chunk: Chunk): void {
+    const slot = this.chunks.get(chunk.digest)
+    if (slot !== undefined) this.forget(chunk.digest, slot)
+  }
+
+  /** Drops every chunk once none was asked for in idleMs (those being read go on for their readers). */
+  private letGoIfIdle(): void {
+    const quiet = performance.now() - this.usedAt
+    if (quiet < this.idleMs) {
+      this.idle = setTimeout(() => this.letGoIfIdle(), this.idleMs - quiet).unref()
+      return
+    }
+    this.idle = undefined
+    this.chunks.clear()
+    this.bytes = 0
   }
 
   private forget(digest: string, slot: { size: number }): void {

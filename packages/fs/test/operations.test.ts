@@ -182,6 +182,49 @@ describe('operations', () => {
     expect(direct).toEqual([5, 85])
   })
 
+  it('with local storage, holds in memory only chunks being read: none ahead, none read to their end, none once idle', async () => {
+    const loads: number[] = []
+    const read: ReadFile = async (layer, entry, offset, length) => {
+      loads.push(offset)
+      return readContent(layer, entry, offset, length)
+    }
+    // Nothing is stored at first: every chunk is loaded; once loaded, it is stored (as the fetcher does).
+    const stored = new Set<number>()
+    const ops = createOperations(
+      buildTree(layers),
+      async (layer, entry, offset, length) => {
+        const bytes = await read(layer, entry, offset, length)
+        stored.add(offset)
+        return bytes
+      },
+      {
+        prefetchLibraries: false,
+        chunkBufferIdleMs: 50,
+        readStored: async (_layer, entry, offset, into) => {
+          const first = Math.floor(offset / CHUNK) * CHUNK
+          for (let at = first; at < offset + into.length; at += CHUNK) if (!stored.has(at)) return undefined
+          into.set(contentOf(entry).subarray(offset, offset + into.length))
+          return into.length
+        }
+      }
+    )
+    const whole = content('bin/tool', 100)
+    // The second half of chunk 0: the next chunks are not loaded into memory (the fetcher reads ahead to the store).
+    expect(await readBytes(ops, '/bin/tool', 0, 30)).toEqual(whole.subarray(0, 30))
+    expect(loads).toEqual([0])
+    // Chunk 0 is still held while it is read; read to its end it is let go, and comes from storage after.
+    stored.clear()
+    expect(await readBytes(ops, '/bin/tool', 30, 10)).toEqual(whole.subarray(30, 40))
+    expect(loads).toEqual([0])
+    expect(await readBytes(ops, '/bin/tool', 0, 10)).toEqual(whole.subarray(0, 10))
+    expect(loads).toEqual([0, 0])
+    // Idle for longer than chunkBufferIdleMs, the chunk buffer holds nothing.
+    stored.clear()
+    await new Promise((r) => setTimeout(r, 150))
+    expect(await readBytes(ops, '/bin/tool', 10, 10)).toEqual(whole.subarray(10, 20))
+    expect(loads).toEqual([0, 0, 0])
+  })
+
   it('turns a failed fetch or verification into EIO and tells onError why', async () => {
     const { ops, failures } = setUp(async () => {
       throw Object.assign(new Error('chunk sha256:abc failed verification'), { name: 'ChunkVerificationError' })
