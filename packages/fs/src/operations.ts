@@ -134,9 +134,10 @@ const TYPE_BITS: Record<NodeType, number> = {
 
 const BLOCK = 4096
 /**
- * The chunk buffer's bound. A sequential reader needs the chunk it is in and the two read ahead (12 MiB of the usual
- * 4 MiB chunks); pieces of a chunk that fell out are read from the store in place. 64 MiB, mostly chunks of files
- * already read to their end, was a third of what p2pd kept after reading a 250 MB image through a mount.
+ * The chunk buffer's bound. A sequential reader needs the chunk it is in (without the store's fast path, the two read
+ * ahead too: 12 MiB of the usual 4 MiB chunks); pieces of a chunk that fell out are read from the store in place. 64
+ * MiB, mostly chunks of files already read to their end, was a third of what p2pd kept after reading a 250 MB image
+ * through a mount.
  */
 const CHUNK_BUFFER_BYTES = 32 * 1024 * 1024
 const CHUNK_BUFFER_IDLE_MS = 10_000
