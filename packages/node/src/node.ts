@@ -81,9 +81,20 @@ export interface NodeInit {
    * the store.
    */
   maxReferences?: number
+  /**
+   * Files (TOC entries) of the images kept, all together: past it, the least recently opened references are let go
+   * too, all but the last (default 200,000, see MAX_OPENED_FILES).
+   */
+  maxOpenedFiles?: number
 }
 
 const MAX_REFERENCES = 256
+/**
+ * A TOC and its merged tree cost about 750 bytes a file in memory (380 + 370 measured, 50,000 files): 256 large
+ * images kept could take GBs. 200,000 files is about 150 MB, a few large images (a distribution with its
+ * toolchains has 50,000-100,000 files). An image mounted keeps its tree while mounted all the same.
+ */
+const MAX_OPENED_FILES = 200_000
 
 export interface PeerStatus extends Partial<PeerScore> {
   peer: string
@@ -201,6 +212,8 @@ class Node implements StrataNode {
   private readonly opened = new Map<string, Promise<Image>>()
   /** The manifest digest each reference named when last resolved. */
   private readonly named = new Map<string, string>()
+  /** Files (TOC entries) of each image opened, by manifest digest. */
+  private readonly files = new Map<string, number>()
   /** The image each opened layer came from: a home node asked to fetch a chunk opens it by this name. */
   private readonly imageOfLayer = new Map<string, string>()
   private rejoin: NodeJS.Timeout | undefined
@@ -460,6 +473,8 @@ class Node implements StrataNode {
         const layers = image.layers.map((l) => l.digest)
         this.router.add(layers, createRegistrySource({ client, ref, layers: image.layers }))
         for (const layer of layers) if (!this.imageOfLayer.has(layer)) this.imageOfLayer.set(layer, ref)
+        const files = image.layers.reduce((n, l) => n + l.toc.entries.size, 0)
+        if (this.opened.get(digest) === opening) this.files.set(digest, files)
         return image
       })
       this.opened.set(digest, opening)
@@ -479,12 +494,20 @@ class Node implements StrataNode {
       this.named.delete(oldest)
       this.letGo(named)
     }
+    const most = this.init.maxOpenedFiles ?? MAX_OPENED_FILES
+    while (this.named.size > 1 && [...this.files.values()].reduce((a, b) => a + b, 0) > most) {
+      const [oldest, named] = this.named.entries().next().value as [string, string]
+      this.named.delete(oldest)
+      this.letGo(named)
+    }
     return image
   }
 
   /** Forgets the opened image of `digest` unless a reference still names it. */
   private letGo(digest: string): void {
-    if (![...this.named.values()].includes(digest)) this.opened.delete(digest)
+    if ([...this.named.values()].includes(digest)) return
+    this.opened.delete(digest)
+    this.files.delete(digest)
   }
 
   addrs(): string[] {

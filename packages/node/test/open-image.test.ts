@@ -52,4 +52,27 @@ describe('images a node keeps open', () => {
     expect(again).not.toBe(first.b)
     expect(again.digest).toBe(first.b.digest)
   })
+
+  it('are no more files than maxOpenedFiles all together: past it, the least recently opened are let go', async () => {
+    const [a, b, c] = images.map((i) => i.ref) as [string, string, string]
+    const files = (await node.openImage(a)).layers.reduce((n, l) => n + l.toc.entries.size, 0)
+    // The three images have as many files each: two fit.
+    const small = await createNode({
+      store: createMemoryStore(),
+      dataDir: join(work, 'small'),
+      listen: ['/ip4/127.0.0.1/tcp/0'],
+      registry: createRegistryClient({}),
+      maxOpenedFiles: 2 * files
+    })
+    try {
+      const first = { a: await small.openImage(a), b: await small.openImage(b) }
+      expect(await small.openImage(a)).toBe(first.a)
+      // c makes three images' files: b, the least recently opened, is let go; a stays.
+      await small.openImage(c)
+      expect(await small.openImage(a)).toBe(first.a)
+      expect(await small.openImage(b)).not.toBe(first.b)
+    } finally {
+      await small.stop()
+    }
+  })
 })
