@@ -375,6 +375,7 @@ export class Responder {
   adopt(opens: Map<number, number | undefined>): void {
     for (const [nodeid, id] of opens) {
       this.#nodes.set(nodeid, { id: Promise.resolve(id), opens: 0, pinned: true, registered: id !== undefined })
+      if (id !== undefined) this.#session.passthrough ??= true
     }
   }
 
@@ -494,6 +495,8 @@ export class Responder {
         if (fh !== undefined) {
           try {
             if (!this.#ended) id = backingOpen(this.#fuseFd!, fh.fd)
+            // Served again after a restart, this process did not see the INIT: the kernel just said.
+            if (id !== undefined) this.#session.passthrough ??= true
           } catch (err) {
             const code = (err as NodeJS.ErrnoException).code
             // Out of descriptors is this moment's; anything else is the connection's (no passthrough agreed,
