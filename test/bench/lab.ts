@@ -271,6 +271,18 @@ export async function startNode(lab: Lab, dataDir: string, bootstrap: string[] =
   return { peerId: m[1]!, addrs: m[2]!.split(', '), dataDir, socket, daemon }
 }
 
+/**
+ * The most memory the node's p2pd has held so far (VmHWM, its peak resident set, bytes); undefined once it exited
+ * or where /proc does not say.
+ */
+export async function peakRss(node: Node): Promise<number | undefined> {
+  const pid = node.daemon.proc.pid
+  if (pid === undefined || node.daemon.proc.exitCode !== null) return undefined
+  const status = await readFile(`/proc/${pid}/status`, 'utf8').catch(() => '')
+  const kb = /^VmHWM:\s+(\d+) kB/m.exec(status)?.[1]
+  return kb === undefined ? undefined : Number(kb) * 1024
+}
+
 /** Stops a p2pd; a non-zero exit is a failure of the product, reported with its stderr. */
 export async function stopNode(node: Node): Promise<void> {
   const code = await node.daemon.stop()

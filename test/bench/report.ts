@@ -1,6 +1,6 @@
 import { readFile, writeFile } from 'node:fs/promises'
 import type { Timing } from './lab.js'
-import type { ColdResult, FleetResult, WarmPeerResult } from './scenarios.js'
+import type { ColdResult, FleetResult, P2pdMemory, WarmPeerResult } from './scenarios.js'
 
 /** What one run of the suite measured (test/bench/out/results.json). */
 export interface Results {
@@ -31,8 +31,8 @@ export interface ImageResult {
   warmPeer?: WarmPeerResult
   fleetAlone?: FleetResult
   fleetPeers?: FleetResult
-  clusterWarm?: Timing & { fewestPeers: number }
-  independentWarms?: Timing
+  clusterWarm?: Timing & { fewestPeers: number } & P2pdMemory
+  independentWarms?: Timing & P2pdMemory
   /** Measurements that failed: what, and the error. */
   errors?: Record<string, string>
 }
@@ -70,6 +70,8 @@ interface Row {
   vsTime: string
   egress: string
   vsEgress: string
+  /** The largest peak RSS of the scenario's p2pd (on its first row with p2pd). */
+  rss: string
 }
 
 function rows(results: Results): Row[] {
@@ -79,8 +81,25 @@ function rows(results: Results): Row[] {
     fewest !== undefined && fewest < n - 1 ? ` (not a full mesh: a node saw ${fewest} peers)` : ''
   const out: Row[] = []
   for (const img of results.images) {
-    const add = (scenario: string, run: string, time: string, vsTime: string, egress: string, vsEgress: string) =>
-      out.push({ image: img.name, scenario, run, time, vsTime, egress, vsEgress })
+    const add = (
+      scenario: string,
+      run: string,
+      time: string,
+      vsTime: string,
+      egress: string,
+      vsEgress: string,
+      memory?: P2pdMemory
+    ) =>
+      out.push({
+        image: img.name,
+        scenario,
+        run,
+        time,
+        vsTime,
+        egress,
+        vsEgress,
+        rss: memory?.p2pdPeakRss !== undefined ? mib(memory.p2pdPeakRss) : ''
+      })
     const full = img.cold !== undefined ? typical(img.cold.full) : undefined
     if (img.cold !== undefined && full !== undefined) {
       const lazy = typical(img.cold.lazy)
@@ -124,7 +143,8 @@ function rows(results: Results): Row[] {
         sec(start.ms),
         vs(start),
         mib(start.egress),
-        full !== undefined ? share(full.egress, start.egress) : ''
+        full !== undefined ? share(full.egress, start.egress) : '',
+        img.warmPeer
       )
       if (local !== undefined) {
         add('2. one node, warm peer', 'again, from its own store', sec(local.ms), vs(local), mib(local.egress), '')
@@ -143,7 +163,8 @@ function rows(results: Results): Row[] {
         p(peers),
         alone !== undefined ? `p50 ${speed(median(alone.times), median(peers.times))}` : '',
         mib(peers.egress),
-        alone !== undefined ? share(alone.egress, peers.egress) : ''
+        alone !== undefined ? share(alone.egress, peers.egress) : '',
+        peers
       )
     }
     const independent = img.independentWarms
@@ -155,7 +176,8 @@ function rows(results: Results): Row[] {
         sec(independent.ms),
         'baseline',
         mib(independent.egress),
-        '1.00x'
+        '1.00x',
+        independent
       )
     }
     if (cluster !== undefined) {
@@ -165,7 +187,8 @@ function rows(results: Results): Row[] {
         sec(cluster.ms),
         independent !== undefined ? speed(independent.ms, cluster.ms) : '',
         mib(cluster.egress),
-        independent !== undefined ? share(independent.egress, cluster.egress) : ''
+        independent !== undefined ? share(independent.egress, cluster.egress) : '',
+        cluster
       )
     }
     for (const [what, error] of Object.entries(img.errors ?? {})) {
@@ -182,7 +205,8 @@ const HEAD: Row = {
   time: 'time (s)',
   vsTime: 'vs baseline',
   egress: 'registry egress (MiB)',
-  vsEgress: 'egress vs baseline'
+  vsEgress: 'egress vs baseline',
+  rss: 'p2pd peak RSS (MiB)'
 }
 const COLUMNS = Object.keys(HEAD) as Array<keyof Row>
 
@@ -334,7 +358,8 @@ ${s.rttMs} ms per round trip, ${s.mbit} Mbit/s each way, one link shared by ever
 Everything runs as an operator would: \`p2pd\`, \`p2p-mount\`, \`p2pctl\` as separate processes; every start
 is cold (a fresh data dir). Scenario 1 is the median of ${s.runs} run(s) (runs alternate); the others are single runs.
 Time to ready ends when the command has exited with the expected output; egress is what the registry sent through
-the emulated link (headers included), until the processes of the run have exited.
+the emulated link (headers included), until the processes of the run have exited. p2pd peak RSS is the largest peak
+resident set (VmHWM) of the scenario's p2pd processes, read just before they stop (scenario 2: the warm peer too).
 
 ${images}
 

@@ -9,6 +9,7 @@ import {
   lazyStart,
   type Node,
   p2pctl,
+  peakRss,
   startNode,
   stopNode,
   type Timing,
@@ -70,12 +71,35 @@ async function settled<T>(promises: Array<Promise<T>>): Promise<T[]> {
   return results.map((r) => (r as PromiseFulfilledResult<T>).value)
 }
 
-/** Stops every node and removes its data dir; then fails if one of them did not exit cleanly. */
-async function stopNodes(nodes: Node[]): Promise<void> {
+/**
+ * Stops every node and removes its data dir; then fails if one of them did not exit cleanly. Returns the largest
+ * peak RSS of their p2pd (bytes; undefined where /proc did not say), read just before they stop.
+ */
+async function stopNodes(nodes: Node[]): Promise<number | undefined> {
+  const peaks = (await Promise.all(nodes.map((n) => peakRss(n)))).filter((p) => p !== undefined)
   const stopped = await Promise.allSettled(nodes.map((n) => stopNode(n)))
   await Promise.all(nodes.map((n) => rm(n.dataDir, { recursive: true, force: true })))
   const failed = stopped.find((r) => r.status === 'rejected')
   if (failed !== undefined) throw failed.reason
+  return peaks.length > 0 ? Math.max(...peaks) : undefined
+}
+
+/** The largest p2pd peak RSS (bytes) of a scenario's nodes, when /proc said. */
+export interface P2pdMemory {
+  p2pdPeakRss?: number
+}
+
+/** Runs `body` on the nodes, stops them, and adds their largest peak RSS to its result. */
+async function measuring<T extends object>(nodes: Node[], body: () => Promise<T>): Promise<T & P2pdMemory> {
+  let result: T
+  try {
+    result = await body()
+  } catch (err) {
+    await stopNodes(nodes).catch(() => {})
+    throw err
+  }
+  const peak = await stopNodes(nodes)
+  return peak !== undefined ? { ...result, p2pdPeakRss: peak } : result
 }
 
 async function warm(lab: Lab, node: Node, ref: string): Promise<WarmResult> {
@@ -114,7 +138,7 @@ export async function cold(
   return result
 }
 
-export interface WarmPeerResult {
+export interface WarmPeerResult extends P2pdMemory {
   /** The peer's own `p2pctl warm` from the registry (setting up). */
   seed: Timing
   /** The node's start: p2p-mount through its cold p2pd, then the command. */
@@ -134,7 +158,7 @@ export async function warmPeer(lab: Lab, workload: Workload, ref: string, plainR
   const extracted = await extractedRun(lab, plainRef, workload, join(lab.work, `${workload.name}-extracted`))
   const { nodes } = await startNodes(lab, `${workload.name}-peer`, 2, true)
   const [seedNode, node] = nodes as [Node, Node]
-  try {
+  return measuring(nodes, async () => {
     let layers = 0
     const seed = await timed(lab, async (mark) => {
       layers = (await warm(lab, seedNode, ref)).layers
@@ -146,12 +170,10 @@ export async function warmPeer(lab: Lab, workload: Workload, ref: string, plainR
     await dropCaches()
     const local = await lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })
     return { seed, start, local, extracted }
-  } finally {
-    await stopNodes(nodes)
-  }
+  })
 }
 
-export interface FleetResult {
+export interface FleetResult extends P2pdMemory {
   /** Each node's time to ready, ms. */
   times: number[]
   /** Registry bytes sent for the whole fleet. */
@@ -179,21 +201,23 @@ export async function fleetAlone(lab: Lab, workload: Workload, ref: string, n: n
 /** 3b. N cold nodes of one cluster start the image at once: N p2p-mounts, each served by its node's p2pd. */
 export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: number): Promise<FleetResult> {
   const { nodes, fewestPeers } = await startNodes(lab, `${workload.name}-fleet`, n, true)
-  try {
+  return measuring(nodes, async () => {
     let times: Timing[] = []
     const all = await timed(lab, async () => {
       times = await settled(nodes.map((node) => lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })))
     })
     return { times: times.map((t) => t.ms), egress: all.egress, ms: all.ms, fewestPeers }
-  } finally {
-    await stopNodes(nodes)
-  }
+  })
 }
 
 /** 4a. `p2pctl warm IMAGE --cluster` on one node of an N-node cluster, until every node holds the image. */
-export async function clusterWarm(lab: Lab, ref: string, n: number): Promise<Timing & { fewestPeers: number }> {
+export async function clusterWarm(
+  lab: Lab,
+  ref: string,
+  n: number
+): Promise<Timing & { fewestPeers: number } & P2pdMemory> {
   const { nodes, fewestPeers } = await startNodes(lab, 'cluster', n, true)
-  try {
+  return measuring(nodes, async () => {
     const timing = await timed(lab, async (mark) => {
       const r = await p2pctl<ClusterWarmResult>(lab, nodes[0]!, ['warm', ref, '--cluster'])
       const failed = Object.entries(r.nodes).filter(([, v]) => !v.ok)
@@ -216,20 +240,16 @@ export async function clusterWarm(lab: Lab, ref: string, n: number): Promise<Tim
       mark('warm')
     })
     return { ...timing, fewestPeers }
-  } finally {
-    await stopNodes(nodes)
-  }
+  })
 }
 
 /** 4b. The baseline: N lone p2pd (no peers) each running `p2pctl warm IMAGE`, all at once. */
-export async function independentWarms(lab: Lab, ref: string, n: number): Promise<Timing> {
+export async function independentWarms(lab: Lab, ref: string, n: number): Promise<Timing & P2pdMemory> {
   const { nodes } = await startNodes(lab, 'lone', n, false)
-  try {
-    return await timed(lab, async (mark) => {
+  return measuring(nodes, () =>
+    timed(lab, async (mark) => {
       await settled(nodes.map((node) => warm(lab, node, ref)))
       mark('warm')
     })
-  } finally {
-    await stopNodes(nodes)
-  }
+  )
 }
