@@ -454,12 +454,19 @@ export function canServeDirectly(): boolean {
  * (ID -1: opened without passthrough) and `-NODE` lines, appended. The next process reads it, keeps the nodes
  * still open as they are, and writes it anew with those only.
  */
-class FileOpenLog implements OpenLog {
+export class FileOpenLog implements OpenLog {
   readonly path: string
   #fh: Promise<FileHandle> | undefined
+  /** What the log says is open now, and how many lines it has: it is written anew when mostly stale. */
+  readonly #open: Map<number, number | undefined>
+  #lines: number
+  /** Writes one at a time, in order (a rewrite must not lose a line written meanwhile). */
+  #tail: Promise<void> = Promise.resolve()
 
-  constructor(path: string) {
+  constructor(path: string, open = new Map<number, number | undefined>()) {
     this.path = path
+    this.#open = open
+    this.#lines = open.size
   }
 
   /** What the last process left open, the log then written anew with it. */
@@ -473,26 +480,43 @@ class FileOpenLog implements OpenLog {
       if (m[1] === '-') open.delete(node)
       else open.set(node, Number(m[3]) >= 0 ? Number(m[3]) : undefined)
     }
-    const fresh = [...open].map(([node, id]) => `+${node} ${id ?? -1}\n`).join('')
-    await writeFile(`${path}.tmp`, fresh, { mode: 0o600 })
-    await rename(`${path}.tmp`, path)
-    return { log: new FileOpenLog(path), open }
+    const log = new FileOpenLog(path, new Map(open))
+    await log.#rewrite()
+    return { log, open }
   }
 
-  #file(): Promise<FileHandle> {
-    this.#fh ??= open(this.path, 'a', 0o600)
-    return this.#fh
+  async #rewrite(): Promise<void> {
+    const fresh = [...this.#open].map(([node, id]) => `+${node} ${id ?? -1}\n`).join('')
+    await writeFile(`${this.path}.tmp`, fresh, { mode: 0o600 })
+    await rename(`${this.path}.tmp`, this.path)
+    const fh = this.#fh
+    this.#fh = undefined
+    await fh?.then((f) => f.close()).catch(() => {})
+    this.#lines = this.#open.size
   }
 
-  async opened(nodeid: number, backingId: number | undefined): Promise<void> {
-    await (await this.#file()).write(`+${nodeid} ${backingId ?? -1}\n`)
+  #append(line: string): Promise<void> {
+    const next = this.#tail.then(async () => {
+      this.#fh ??= open(this.path, 'a', 0o600)
+      await (await this.#fh).write(line)
+      if (++this.#lines > 1024 && this.#lines > 4 * this.#open.size) await this.#rewrite()
+    })
+    this.#tail = next.catch(() => {})
+    return next
   }
 
-  async released(nodeid: number): Promise<void> {
-    await (await this.#file()).write(`-${nodeid}\n`)
+  opened(nodeid: number, backingId: number | undefined): Promise<void> {
+    this.#open.set(nodeid, backingId)
+    return this.#append(`+${nodeid} ${backingId ?? -1}\n`)
+  }
+
+  released(nodeid: number): Promise<void> {
+    this.#open.delete(nodeid)
+    return this.#append(`-${nodeid}\n`)
   }
 
   async close(remove = false): Promise<void> {
+    await this.#tail
     const fh = this.#fh
     this.#fh = undefined
     await fh?.then((f) => f.close()).catch(() => {})
