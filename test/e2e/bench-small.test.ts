@@ -53,6 +53,9 @@ describe('pnpm bench --small', () => {
     expect(image.fleetAlone?.times).toHaveLength(3)
     expect(image.fleetPeers?.times).toHaveLength(3)
     expect(image.profileFiles).toBeGreaterThan(0)
+    // p2pd's peak RSS, for every scenario with p2pd.
+    for (const s of [image.warmPeer, image.fleetPeers, image.clusterWarm, image.independentWarms])
+      expect(s?.p2pdPeakRss).toBeGreaterThan(50 * 1024 * 1024)
   })
 
   it('a lazy start beats a full pull, in time and in registry egress', () => {
