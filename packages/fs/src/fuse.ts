@@ -424,8 +424,9 @@ export class Responder {
       )
       return
     }
+    // A node open already keeps its mode; a new one is looked at while passthrough may be on.
     if (req.opcode === Op.OPEN && this.#fuseFd !== undefined) {
-      const candidate = this.#nodes.has(req.nodeid) || this.#candidate(req.nodeid)
+      const candidate = this.#nodes.has(req.nodeid) || (this.mode !== 'off' && this.#candidate(req.nodeid))
       if (candidate) {
         void this.#open(req)
         return
