@@ -50,6 +50,8 @@ export const MAX_LINE = 1 << 20
 /** Requests the kernel wants no answer to: not kept. */
 const UNANSWERED = new Set<number>([Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT])
 const IDLE_EXIT_MS = 5000
+/** How often sessions served directly are checked to be mounted still. */
+const SWEEP_MS = 10_000
 
 interface Session {
   readonly id: string
@@ -333,6 +335,17 @@ export async function runHolder(dir: string): Promise<void> {
     }
   }
 
+  // A session served directly has no reader here to see its connection end: one no longer mounted (unmounted
+  // behind p2pd's back, or while no p2pd ran) is let go, so that the holder does not keep it, and live on, forever.
+  const sweep = setInterval(async () => {
+    for (const s of [...sessions.values()]) {
+      if (s.direct && !s.closed && !(await isMounted(s.mountpoint).catch(() => true))) {
+        log(`session ${s.id}: ${s.mountpoint} is no longer mounted`)
+        await close(s).catch(() => {})
+      }
+    }
+  }, SWEEP_MS)
+  sweep.unref()
   await unlink(path).catch(() => {})
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject)
