@@ -3,7 +3,7 @@ import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promis
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { isMounted } from '@strata/fs'
-import { type ControlServer, createNode, type StrataNode, startControlServer } from '@strata/node'
+import { type ControlServer, createControlClient, createNode, type StrataNode, startControlServer } from '@strata/node'
 import { createRegistryClient } from '@strata/registry'
 import { createMemoryStore } from '@strata/store'
 import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
@@ -344,6 +344,16 @@ describe('p2p-mount through a p2pd (daemon mode)', () => {
     const tool = await run('sha256sum', [join(mnt, 'usr', 'bin', 'tool')])
     expect(hex(tool.stdout)).toBe(image.layers[0]!.files.get('usr/bin/tool'))
     expect(node.fetcher.metrics().sources.registry?.bytes).toBeGreaterThan(9 * 1024 * 1024)
+    // p2pd lists what it serves, with how each mount reads stored files (this store has no chunk files: off).
+    const listed =
+      await createControlClient(socket).get<Array<{ mountpoint: string; image: string; fuse: unknown }>>('/mounts')
+    expect(listed).toEqual([
+      expect.objectContaining({
+        mountpoint: mnt,
+        image: image.ref,
+        fuse: expect.objectContaining({ mode: expect.any(String) })
+      })
+    ])
     m.proc.kill('SIGTERM')
     expect(await m.exited).toBe(0)
     expect(m.stderr()).toContain(`unmounted ${mnt}`)

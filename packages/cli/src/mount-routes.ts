@@ -211,6 +211,17 @@ export function addMountRoutes(
     return mountEvents(req, caller, signal)
   })
 
+  // What p2pd serves now: each mount, its image, its owner, and how its stored files are read.
+  control.route('GET', /\/mounts/, async () =>
+    [...mounts.entries()].map(([mountpoint, h]) => ({
+      mountpoint,
+      image: h.image,
+      digest: h.digest,
+      uid: h.owner.uid,
+      fuse: h.served.fuse?.() ?? { mode: 'off', backingFiles: 0 }
+    }))
+  )
+
   control.route('POST', /\/unmount/, async ({ body, caller }) => {
     const mountpoint = (body as { mountpoint?: unknown } | undefined)?.mountpoint
     await resumed

@@ -37,12 +37,27 @@ const status: Command = {
       'fetched-for-peers': bySource(s.bytes.fetchedForPeers),
       store: `${s.store.chunks} chunks, ${formatBytes(s.store.bytes)}${Number.isFinite(s.store.maxBytes) ? ` of ${formatBytes(s.store.maxBytes)}` : ''}`,
       announce: `${s.announce.landed} keys announced, ${s.announce.backlog} waiting`,
-      fuse: (await import('@strata/fs')).fuseReadMode(),
+      fuse: await fuseLine(ctx),
       // Writes the store could not make (a full disk): p2pd logs the first of each cause.
       'store-errors': s.store.writeErrors ?? 0
     })
     return 0
   }
+}
+
+/**
+ * How p2pd's mounts read files held whole in the store: what each mount negotiated with the kernel
+ * (`passthrough on 2 of 3 mounts, 5 backing files`), or, with none, what this machine would give a mount.
+ */
+async function fuseLine(ctx: Context): Promise<string> {
+  const mounts = await client(ctx)
+    .get<Array<{ fuse: { mode: string; backingFiles: number } }>>('/mounts', { signal: ctx.signal })
+    .catch(() => [])
+  const machine = (await import('@strata/fs')).fuseReadMode()
+  if (mounts.length === 0) return `no mounts; ${machine}`
+  const through = mounts.filter((m) => m.fuse.mode === 'passthrough').length
+  const files = mounts.reduce((n, m) => n + m.fuse.backingFiles, 0)
+  return `passthrough on ${through} of ${mounts.length} mounts, ${files} backing files; ${machine}`
 }
 
 /** `peer 1.2 MiB, registry 0 B`: bytes per source, or `none`. */
