@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -89,6 +89,7 @@ it('p2pd takes flags over STRATA_* variables over the config file; p2pctl status
       expect(human.stdout).toMatch(/^peerId: 12D3/m)
       expect(human.stdout).toMatch(/^fetched: .*registry 0 B/m)
       expect(human.stdout).toMatch(/^fetched-for-peers: /m)
+      expect(human.stdout).toMatch(/^fuse: no mounts; /m)
       const json = await p2pctl(['status', '--json', '--socket', socket])
       const s = JSON.parse(json.stdout) as Record<string, unknown>
       expect(Object.keys(s)).toEqual(expect.arrayContaining(['peerId', 'addrs', 'peers', 'bytes']))
@@ -110,6 +111,15 @@ it('p2pd refuses bad settings with a usage error, and p2pctl says when p2pd is n
   })
   expect(bad.code).toBe(2)
   expect(bad.stderr).toMatch(/cache size 'lots' is not a byte count/)
+  const onOff = spawnSync(
+    process.execPath,
+    [join(repoRoot, 'packages/cli/bin/p2pd.js'), '--fuse-passthrough', 'maybe'],
+    {
+      encoding: 'utf8'
+    }
+  )
+  expect(onOff.status).toBe(2)
+  expect(onOff.stderr).toMatch(/--fuse-passthrough must be on or off, not 'maybe'/)
   const down = await p2pctl(['status', '--socket', join(dir, 'nobody.sock')])
   expect(down.code).toBe(1)
   expect(down.stderr).toMatch(/cannot reach p2pd on .*nobody\.sock/)

@@ -95,7 +95,7 @@ export interface MountRoutes {
 export function addMountRoutes(
   control: ControlServer,
   node: StrataNode,
-  init: { dataDir: string; socket: string; log?: (message: string) => void }
+  init: { dataDir: string; socket: string; passthrough?: boolean; log?: (message: string) => void }
 ): MountRoutes {
   const log = init.log ?? (() => {})
   const mounts = new Map<string, Held>()
@@ -269,6 +269,7 @@ export function addMountRoutes(
         ...(req.record !== undefined && { recordFile: req.record }),
         // The mountpoint and the record's directory must be the caller's: p2pd mounts and writes as root.
         policy: { caller: owner, protect },
+        ...(init.passthrough === false && { fuse: { passthrough: false } }),
         holder,
         meta: metaOf(held)
       },

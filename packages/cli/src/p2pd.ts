@@ -41,6 +41,8 @@ interface Settings {
   registries: string[]
   credentials: Record<string, Credentials>
   mdns: boolean
+  /** FUSE passthrough for files held whole in the store, where the kernel offers it (--fuse-passthrough off). */
+  fusePassthrough: boolean
   /** Serve containerd's snapshots API (a proxy snapshotter plugin) on this Unix socket. */
   snapshotterSocket?: string
   /** Mount containers-storage's additional layer store (podman) here. */
@@ -61,9 +63,17 @@ const KEYS = [
   'registry',
   'creds',
   'mdns',
+  'fuse-passthrough',
   'snapshotter-socket',
   'layer-store'
 ] as const
+
+/** `on`/`off` (or a config file's true/false). */
+function onOff(value: unknown, key: string): boolean {
+  if (value === true || value === 'on' || value === 'true' || value === '1') return true
+  if (value === false || value === 'off' || value === 'false' || value === '0') return false
+  throw new UsageError(`--${key} must be on or off, not '${String(value)}'`)
+}
 
 function envName(key: string): string {
   return `STRATA_${key.toUpperCase().replaceAll('-', '_')}`
@@ -134,6 +144,7 @@ async function settings(opts: Options, env: NodeJS.ProcessEnv): Promise<Settings
     registries: [...new Set([...list('registry'), ...insecureRegistry, ...Object.keys(credentials)])],
     credentials,
     mdns: pick('mdns') === true,
+    fusePassthrough: onOff(pick('fuse-passthrough') ?? 'on', 'fuse-passthrough'),
     snapshotterSocket: text('snapshotter-socket'),
     layerStore: text('layer-store')
   }
@@ -219,6 +230,11 @@ Example:
       description: 'credentials for the registry HOST, sent to no other host'
     },
     mdns: { type: 'boolean', description: 'find peers on the local network by mDNS' },
+    'fuse-passthrough': {
+      type: 'string',
+      value: 'on|off',
+      description: 'let the kernel read files held whole in the store itself, where it can (default: on)'
+    },
     'snapshotter-socket': {
       type: 'string',
       value: 'PATH',
@@ -262,7 +278,12 @@ Example:
       control = await startControlServer(node, { socket: s.socket })
       // p2p-mount asks the daemon to serve its mount: one process owns the store, and reads use the peers.
       // Mounts held from an earlier p2pd (restarted, upgraded, killed) are served again at once.
-      mounts = addMountRoutes(control, node, { dataDir: s.dataDir, socket: s.socket, log: (m) => out.info(m) })
+      mounts = addMountRoutes(control, node, {
+        dataDir: s.dataDir,
+        socket: s.socket,
+        passthrough: s.fusePassthrough,
+        log: (m) => out.info(m)
+      })
       if (s.snapshotterSocket !== undefined) {
         // containerd's proxy snapshotter: remote layers open through this node, image configs come from the registry.
         const n = node
