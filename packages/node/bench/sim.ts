@@ -80,6 +80,8 @@ interface Row {
   recordsMax: number
   egress: number
   warmP50: number
+  /** Nodes whose warm-up of the second image failed (a manifest or TOC past its deadline, say). */
+  warmFailed: number
 }
 
 async function cluster(n: number, first: Awaited<ReturnType<typeof image>>, second: Awaited<ReturnType<typeof image>>) {
@@ -150,11 +152,17 @@ async function cluster(n: number, first: Awaited<ReturnType<typeof image>>, seco
     // Every node warms the second image at once.
     const before = proxy.blobBytes()
     const warmTimes: number[] = []
+    let failed = 0
     await Promise.all(
       nodes.map(async (x) => {
         const t = performance.now()
-        await x.warm(second.ref)
-        warmTimes.push(performance.now() - t)
+        try {
+          await x.warm(second.ref)
+          warmTimes.push(performance.now() - t)
+        } catch (err) {
+          failed++
+          console.log(`warm failed: ${(err as Error).message}`)
+        }
       })
     )
     const egress = (proxy.blobBytes() - before) / second.bytes
@@ -170,7 +178,8 @@ async function cluster(n: number, first: Awaited<ReturnType<typeof image>>, seco
       recordsMean: records.reduce((a, b) => a + b, 0) / records.length,
       recordsMax: Math.max(...records),
       egress,
-      warmP50: pct(warmTimes, 50)
+      warmP50: warmTimes.length > 0 ? pct(warmTimes, 50) : Number.NaN,
+      warmFailed: failed
     }
     console.log(JSON.stringify(row))
     return row
@@ -198,12 +207,12 @@ try {
   say('chunks (2 MiB); the registry behind a counting proxy.')
   say('')
   say(
-    '| nodes | keys provided when findable | chunks | findable after s | findProviders p50 / p99 ms | found | provider records per node, mean / max | registry egress, all warm at once | warm p50 s |'
+    '| nodes | keys provided when findable | chunks | findable after s | findProviders p50 / p99 ms | found | provider records per node, mean / max | registry egress, all warm at once | warm p50 s | warm-ups failed |'
   )
-  say('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  say('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
   for (const r of rows) {
     say(
-      `| ${r.n} | ${r.coarse} | ${r.chunks} | ${r.findableS.toFixed(2)} | ${r.findP50.toFixed(0)} / ${r.findP99.toFixed(0)} | ${r.found} | ${r.recordsMean.toFixed(1)} / ${r.recordsMax} | ${r.egress.toFixed(2)}x | ${(r.warmP50 / 1000).toFixed(2)} |`
+      `| ${r.n} | ${r.coarse} | ${r.chunks} | ${r.findableS.toFixed(2)} | ${r.findP50.toFixed(0)} / ${r.findP99.toFixed(0)} | ${r.found} | ${r.recordsMean.toFixed(1)} / ${r.recordsMax} | ${r.egress.toFixed(2)}x | ${(r.warmP50 / 1000).toFixed(2)} | ${r.warmFailed} |`
     )
   }
   say('')
