@@ -170,3 +170,35 @@ export async function waitForMesh(nodes: P2pdProcess[], peers: number, timeoutMs
     await new Promise((r) => setTimeout(r, 100))
   }
 }
+
+/** The TCP port of a node's first listen address. */
+function listenPort(node: P2pdProcess): number {
+  const m = /\/tcp\/(\d+)/.exec(node.addrs[0] ?? '')
+  if (m === null) throw new Error(`no TCP listen address in ${node.addrs.join(', ')}`)
+  return Number(m[1])
+}
+
+/**
+ * Resets every TCP connection to or from the nodes' listen ports (`ss -K`, as root): a network blip, as when a
+ * peer aborts a connection. Every request in flight on those connections fails at once; the nodes dial again.
+ * Resolves with the number of sockets it closed.
+ */
+export async function resetConnections(nodes: P2pdProcess[]): Promise<number> {
+  const ports = nodes.map(listenPort)
+  const filter = ports.flatMap((p) => [`dport = :${p}`, `sport = :${p}`]).join(' or ')
+  const { stdout } = await run('ss', ['-K', '-t', '-n', 'dst', '127.0.0.1', `( ${filter} )`])
+  return stdout.split('\n').filter((l) => /^ESTAB/.test(l.trim())).length
+}
+
+/**
+ * Stops the node's process for `ms` (SIGSTOP, then SIGCONT): its event loop stands still, as on a host too loaded
+ * to run it. Its peers see a node that answers nothing, its connections stay up.
+ */
+export async function pauseP2pd(node: P2pdProcess, ms: number): Promise<void> {
+  node.proc.kill('SIGSTOP')
+  try {
+    await new Promise((resolve) => setTimeout(resolve, ms))
+  } finally {
+    node.proc.kill('SIGCONT')
+  }
+}

@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto'
 import type { Stream } from '@libp2p/interface'
 import type { ChunkRef, ChunkSource } from '@strata/fetcher'
 import type { AbortOptions } from '@strata/store'
+import type { PeerRefusedError } from './errors.js'
 import type { PeerBook } from './peers.js'
 import { DEFAULT_LIMITS, type ProtocolLimits, requestChunks, requestHave } from './protocol.js'
 
@@ -14,7 +15,10 @@ export interface PeerSourceComponents {
   findProviders(digest: string, options?: AbortOptions): AsyncIterable<string>
   /** A new chunk-protocol stream to `peer`. */
   openStream(peer: string, options?: AbortOptions): Promise<Stream>
-  /** Connected peers that speak the chunk protocol: the cluster as this node sees it. */
+  /**
+   * Connected peers that speak the chunk protocol: the cluster as this node sees it. (Peers that answered in the
+   * last minute count too, while their connection is dialled again: see PeerSource.cluster.)
+   */
   members(): string[]
   /** The image a layer was opened from (sent with forwarded requests, so the home node can open it too). */
   imageOf?(layer: string): string | undefined
@@ -87,6 +91,18 @@ const MAX_HOLDER_LAYERS = 10_000
 /** Chunks per `get` request to a holder, and per `fetch` request to a home (which may have to go to the registry). */
 const BATCH = 256
 const FETCH_BATCH = 64
+/**
+ * A peer that answered this recently is still a member of the cluster while its connection is down: asking it
+ * dials it again. (A reset connection drops the peer from the connected peers until something dials it.)
+ */
+const MEMBER_GRACE_MS = 60_000
+/** Rounds of asking holders in one getMany: the first, then again for peers whose request failed. */
+const PASSES = 3
+/** The wait before asking again a peer whose request failed; four times that before the round after. */
+const AGAIN_WAIT_MS = 200
+/** Times a request refused as busy is asked again of the same peer, after BUSY_WAIT_MS, then twice that. */
+const BUSY_RETRIES = 2
+const BUSY_WAIT_MS = 200
 
 /**
  * The `peer` ChunkSource. For a chunk: the peers known to hold its layer (those that said so, and its DHT
@@ -132,14 +148,37 @@ export class PeerSource implements ChunkSource {
     for (const c of chunks) left.set(c.digest, [...(left.get(c.digest) ?? []), c])
     // Ask who holds what (the layer's known holders, then the connected peers), then get each chunk from the best
     // peer holding it. Only what no peer holds goes to its home below: never a colder node than a holder.
-    const assigned = new Map<string, string[]>()
-    for (const layer of new Set(chunks.map((c) => c.layer))) {
-      const wanted = [...new Set(chunks.filter((c) => c.layer === layer).map((c) => c.digest))]
-      const { found } = await this.locate(layer, wanted, options)
-      for (const [peer, digests] of found) assigned.set(peer, [...(assigned.get(peer) ?? []), ...digests])
+    // A peer whose request failed (its connection was reset, say) is asked again over a new stream, after a
+    // moment (a connection that just died takes that long to be seen as closed, and is not dialled anew before):
+    // what it held would otherwise go to the registry. Only a peer that answered lately, and is not banned by
+    // now: a provider the DHT names that never answered (a node long gone) costs no wait.
+    let again: string[] = []
+    for (let pass = 0; pass < PASSES && left.size > 0; pass++) {
+      if (pass > 0) {
+        try {
+          await sleep(AGAIN_WAIT_MS * 4 ** (pass - 1), options?.signal)
+        } catch {
+          return
+        }
+      }
+      const failed = new Set<string>()
+      const assigned = new Map<string, string[]>()
+      const pending = [...left.values()].map((refs) => refs[0]!)
+      for (const layer of new Set(pending.map((c) => c.layer))) {
+        const wanted = pending.filter((c) => c.layer === layer).map((c) => c.digest)
+        const located = await this.locate(layer, wanted, options, again)
+        for (const peer of located.failed) failed.add(peer)
+        for (const [peer, digests] of located.found) assigned.set(peer, [...(assigned.get(peer) ?? []), ...digests])
+      }
+      const fromHolders = [...assigned].map(([peer, digests]) =>
+        this.stream(peer, 'get', digests, left, options, () => failed.add(peer))
+      )
+      for await (const got of merge(fromHolders)) yield* this.deliver(got, left)
+      if (options?.signal?.aborted === true) return
+      const alive = new Set(this.components.book.answeredWithin(MEMBER_GRACE_MS))
+      again = [...failed].filter((p) => alive.has(p))
+      if (again.length === 0) break
     }
-    const fromHolders = [...assigned].map(([peer, digests]) => this.stream(peer, 'get', digests, left, options))
-    for await (const got of merge(fromHolders)) yield* this.deliver(got, left)
     // What no holder sent: ask each chunk's home node to fetch it once for the cluster.
     // One stream per (home, image): a forwarded request names the image its chunks come from.
     const homes = new Map<string, { peer: string; refs: ChunkRef[] }>()
@@ -175,19 +214,26 @@ export class PeerSource implements ChunkSource {
   private async locate(
     layer: string,
     digests: string[],
-    options?: AbortOptions
-  ): Promise<{ found: Map<string, string[]>; asked: Set<string> }> {
+    options?: AbortOptions,
+    also: string[] = []
+  ): Promise<{ found: Map<string, string[]>; asked: Set<string>; failed: Set<string> }> {
     const { book } = this.components
-    const known = book
-      .rank([...(this.holders.get(layer) ?? []), ...(await this.providersSoon(layer, options))])
-      .filter((p) => p !== this.components.self)
-      .slice(0, MAX_TRIES)
+    // Peers that held these chunks a moment ago (their request failed) first: a provider the DHT names may be a
+    // node long gone, and one never asked ranks ahead of one that just failed.
+    const again = book.rank(also).filter((p) => p !== this.components.self)
+    const known = [
+      ...again,
+      ...book
+        .rank([...(this.holders.get(layer) ?? []), ...(await this.providersSoon(layer, options))])
+        .filter((p) => p !== this.components.self && !again.includes(p))
+    ].slice(0, Math.max(MAX_TRIES, again.length))
     const others = book
-      .rank(this.components.members())
+      .rank(this.cluster())
       .filter((p) => p !== this.components.self && !known.includes(p))
-      .slice(0, MAX_PROBES - known.length)
+      .slice(0, Math.max(0, MAX_PROBES - known.length))
     const found = new Map<string, string[]>()
     const asked = new Set<string>()
+    const failed = new Set<string>()
     let left = digests
     for (const round of [known, others]) {
       if (left.length === 0) break
@@ -198,6 +244,7 @@ export class PeerSource implements ChunkSource {
         const have = answers[k]
         if (have === undefined) {
           this.holders.get(layer)?.delete(peer)
+          failed.add(peer)
           continue
         }
         const mine = left.filter((d, j) => have[j] === true && !taken.has(d))
@@ -208,7 +255,15 @@ export class PeerSource implements ChunkSource {
       }
       left = left.filter((d) => !taken.has(d))
     }
-    return { found, asked }
+    return { found, asked, failed }
+  }
+
+  /**
+   * The cluster as this node sees it: the connected strata peers, and those that answered within MEMBER_GRACE_MS
+   * (asking one whose connection was reset dials it again), banned peers left out by the callers' ranking.
+   */
+  private cluster(): string[] {
+    return [...new Set([...this.components.members(), ...this.components.book.answeredWithin(MEMBER_GRACE_MS)])]
   }
 
   private holdsLayer(layer: string, peer: string): void {
@@ -228,7 +283,7 @@ export class PeerSource implements ChunkSource {
   home(chunk: ChunkRef): string | undefined {
     const ctx = context.getStore()
     if (ctx?.forwarded === true) return undefined
-    const members = (ctx?.members ?? [this.components.self, ...this.components.members()]).filter(
+    const members = (ctx?.members ?? [this.components.self, ...this.cluster()]).filter(
       (m) => m === this.components.self || !this.components.book.isBanned(m)
     )
     const home = homeOf(homeKey(chunk), members)
@@ -298,24 +353,57 @@ export class PeerSource implements ChunkSource {
         return answer.bytes
       }
       return undefined
-    } catch {
-      if (!signal.aborted) this.components.book.failure(peer)
+    } catch (err) {
+      // A single chunk is latency-bound: a busy peer is not waited for, the next one is asked.
+      if (!signal.aborted) this.penalise(peer, err, started)
       return undefined
+    }
+  }
+
+  /** Records a failed request of `peer` that began at `started`: a busy refusal is not a failure. */
+  private penalise(peer: string, err: unknown, started: number): void {
+    if (isBusy(err)) this.components.book.busy(peer)
+    else this.components.book.failure(peer, started)
+  }
+
+  /**
+   * Runs one request of `peer`, asking again (at most BUSY_RETRIES times, after a wait that doubles) while the peer
+   * refuses it as busy: it is alive and says so, and what it holds would otherwise go to the registry.
+   */
+  private async unlessBusy<T>(peer: string, request: () => Promise<T>, options?: AbortOptions): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await request()
+      } catch (err) {
+        if (!isBusy(err) || attempt >= BUSY_RETRIES || options?.signal?.aborted === true) throw err
+        this.components.book.busy(peer)
+        await sleep(BUSY_WAIT_MS * 2 ** attempt * (0.5 + Math.random()), options?.signal)
+      }
     }
   }
 
   /** Which of `digests` the peer holds (in requests of at most maxDigestsPerRequest); undefined when it failed. */
   private async askHave(peer: string, digests: string[], options?: AbortOptions): Promise<boolean[] | undefined> {
     const out: boolean[] = []
+    let started = Date.now()
     try {
       for (let i = 0; i < digests.length; i += this.limits.maxDigestsPerRequest) {
-        const stream = await this.components.openStream(peer, options)
         const batch = digests.slice(i, i + this.limits.maxDigestsPerRequest)
-        out.push(...(await requestHave(stream, peer, batch, this.limits, options)))
+        const have = await this.unlessBusy(
+          peer,
+          async () => {
+            started = Date.now()
+            const stream = await this.components.openStream(peer, options)
+            return requestHave(stream, peer, batch, this.limits, options)
+          },
+          options
+        )
+        out.push(...have)
       }
+      this.components.book.success(peer, Date.now() - started, 0)
       return out
-    } catch {
-      if (options?.signal?.aborted !== true) this.components.book.failure(peer)
+    } catch (err) {
+      if (options?.signal?.aborted !== true) this.penalise(peer, err, started)
       return undefined
     }
   }
@@ -360,36 +448,61 @@ export class PeerSource implements ChunkSource {
     })
   }
 
-  /** Streams chunks from one peer in batches; stops at the first failure (what is left goes elsewhere). */
+  /**
+   * Streams chunks from one peer in batches; stops at the first failure (what is left goes elsewhere, and
+   * `onFailure` hears of it). A batch refused as busy is asked again after a wait (see unlessBusy).
+   */
   private async *stream(
     peer: string,
     op: 'get' | 'fetch',
     items: string[] | ChunkRef[],
     left: Map<string, ChunkRef[]>,
-    options?: AbortOptions
+    options?: AbortOptions,
+    onFailure?: () => void
   ): AsyncGenerator<{ peer: string; digest: string; bytes: Uint8Array }> {
     const size = op === 'get' ? BATCH : FETCH_BATCH
     for (let i = 0; i < items.length; i += size) {
       const batch = items.slice(i, i + size)
       const digests = batch.map((x) => (typeof x === 'string' ? x : x.digest))
       const refs = batch.filter((x): x is ChunkRef => typeof x !== 'string')
-      const request = op === 'get' ? { op, digests } : { op, chunks: refs, ...this.refOf(refs[0]!.layer) }
-      const started = Date.now()
-      let bytes = 0
-      try {
-        const stream = await this.components.openStream(peer, options)
-        for await (const answer of requestChunks(stream, peer, request, this.limits, options)) {
-          const digest = digests[answer.index]!
-          if (answer.bytes === undefined || !left.has(digest)) continue
-          bytes += answer.bytes.byteLength
-          this.components.onFetched?.(peer, answer.bytes.byteLength)
-          this.remember(digest, peer)
-          yield { peer, digest, bytes: answer.bytes }
+      for (let attempt = 0; ; attempt++) {
+        // What an earlier attempt delivered is not asked again.
+        const wanted = digests.filter((d) => left.has(d))
+        if (wanted.length === 0) break
+        const request =
+          op === 'get'
+            ? { op, digests: wanted }
+            : { op, chunks: refs.filter((r) => left.has(r.digest)), ...this.refOf(refs[0]!.layer) }
+        const started = Date.now()
+        let bytes = 0
+        try {
+          const stream = await this.components.openStream(peer, options)
+          for await (const answer of requestChunks(stream, peer, request, this.limits, options)) {
+            const digest = wanted[answer.index]!
+            this.components.book.heard(peer)
+            if (answer.bytes === undefined || !left.has(digest)) continue
+            bytes += answer.bytes.byteLength
+            this.components.onFetched?.(peer, answer.bytes.byteLength)
+            this.remember(digest, peer)
+            yield { peer, digest, bytes: answer.bytes }
+          }
+          this.components.book.success(peer, Date.now() - started, bytes)
+          break
+        } catch (err) {
+          if (options?.signal?.aborted === true) return
+          if (isBusy(err) && attempt < BUSY_RETRIES) {
+            this.components.book.busy(peer)
+            try {
+              await sleep(BUSY_WAIT_MS * 2 ** attempt * (0.5 + Math.random()), options?.signal)
+            } catch {
+              return
+            }
+            continue
+          }
+          this.penalise(peer, err, started)
+          onFailure?.()
+          return
         }
-        this.components.book.success(peer, Date.now() - started, bytes)
-      } catch {
-        if (options?.signal?.aborted !== true) this.components.book.failure(peer)
-        return
       }
     }
   }
@@ -403,6 +516,25 @@ export class PeerSource implements ChunkSource {
     left.delete(got.digest)
     for (const chunk of refs) yield { chunk, bytes: got.bytes }
   }
+}
+
+function isBusy(err: unknown): boolean {
+  return (err as Error | undefined)?.name === 'PeerRefusedError' && (err as PeerRefusedError).reason === 'busy'
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted === true) return reject(signal.reason)
+    const onAbort = () => {
+      clearTimeout(timer)
+      reject(signal!.reason)
+    }
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort)
+      resolve()
+    }, ms)
+    signal?.addEventListener('abort', onAbort, { once: true })
+  })
 }
 
 /** Yields from all sources as each produces. */
