@@ -630,10 +630,7 @@ class Node implements StrataNode {
           const r =
             peer === this.peerId
               ? await this.warm(ref, { ...options, members, onProgress: (p) => report(peer, p) })
-              : await askAgainOnStreamFailure(
-                  () => this.warmRemote(peer, ref, members, (p) => report(peer, p), options),
-                  options.signal
-                )
+              : await this.warmRemote(peer, ref, members, (p) => report(peer, p), options)
           report(peer, { ...r, done: true })
           result.nodes[peer] = { ok: true, result: r }
         } catch (err) {
@@ -669,14 +666,15 @@ class Node implements StrataNode {
     throw new ProtocolError(`peer ${peer} closed the warm-up stream without a result`)
   }
 
+  /**
+   * A peer's warm-up request: one JSON frame, then the asker closes its writing side. The answer is progress
+   * frames, then `done` (or `error`). The warm-up is this node's own work once asked: it goes on to the end even
+   * if the asker went away (its progress is then dropped), and progress never waits on the asker, nor throws.
+   */
   private async serveWarm(stream: Stream, from: PeerId): Promise<void> {
     const send = (msg: unknown) => stream.send(encodeFrame(new TextEncoder().encode(JSON.stringify(msg))))
     try {
-      let request: { image?: unknown; members?: unknown } | undefined
-      for await (const frame of readFrames(stream, this.limits.maxRequestBytes)) {
-        request = JSON.parse(new TextDecoder().decode(frame)) as typeof request
-        break
-      }
+      const request = await readWarmRequest(stream, from.toString(), this.limits)
       const members = request?.members
       if (
         typeof request?.image !== 'string' ||
@@ -689,7 +687,10 @@ class Node implements StrataNode {
       const result = await this.warmFor('peer', request.image, {
         members: members as string[],
         onProgress: (p) => {
+          // At most four a second, and none while the last one is still queued (the next says more): a slow
+          // asker's progress does not pile up in the stream's buffer. A dead stream takes none.
           if (Date.now() - last < 250 && p.chunks < p.totalChunks) return
+          if (stream.writeStatus !== 'writable' || stream.writeBufferLength > 0) return
           last = Date.now()
           send({ type: 'progress', ...p })
         }
@@ -750,9 +751,49 @@ function registryOf(ref: string): string | undefined {
   }
 }
 
+/**
+ * How long libp2p's connection monitor waits for a ping before it aborts the connection: as long as a peer may
+ * take to answer a chunk request, never less. (libp2p's default, 5 s, aborted busy connections: behind a few MB
+ * of chunk data, or with a node's event loop held up on a loaded host, a ping took longer, and the abort failed
+ * every request and warm-up on the connection at once; the far side saw its warm-up stream end without a result.)
+ * A dead connection is still found, within pingTimeout + its interval (about 70 s).
+ */
+const MIN_PING_TIMEOUT_MS = 30_000
+
+/**
+ * A warm-up request (see serveWarm): exactly one frame before the asker closes its writing side, within the
+ * request timeout.
+ */
+async function readWarmRequest(
+  stream: Stream,
+  from: string,
+  limits: ProtocolLimits
+): Promise<{ image?: unknown; members?: unknown } | undefined> {
+  const signal = AbortSignal.timeout(limits.requestTimeoutMs)
+  const onAbort = () =>
+    stream.abort(new ProtocolError(`no warm-up request from ${from} in ${limits.requestTimeoutMs} ms`))
+  signal.addEventListener('abort', onAbort, { once: true })
+  try {
+    let request: { image?: unknown; members?: unknown } | undefined
+    let frames = 0
+    for await (const frame of readFrames(stream, limits.maxRequestBytes)) {
+      if (++frames > 1) throw new ProtocolError(`more than one warm-up request from ${from} on one stream`)
+      try {
+        request = JSON.parse(new TextDecoder().decode(frame)) as typeof request
+      } catch {
+        throw new ProtocolError(`bad warm-up request from ${from}: not JSON`)
+      }
+    }
+    return request
+  } finally {
+    signal.removeEventListener('abort', onAbort)
+  }
+}
+
 /** Starts a p2pd node: libp2p host, DHT, chunk and warm-up protocols, announcements. */
 export async function createNode(init: NodeInit): Promise<StrataNode> {
   const limits = { ...DEFAULT_LIMITS, ...init.limits }
+  const pingTimeout = Math.max(MIN_PING_TIMEOUT_MS, limits.requestTimeoutMs)
   const privateKey = await loadIdentity(init.dataDir)
   const psk = init.pskFile !== undefined ? await loadPreSharedKey(init.pskFile) : undefined
   const libp2p = await createLibp2p({
@@ -762,6 +803,12 @@ export async function createNode(init: NodeInit): Promise<StrataNode> {
     ...(init.datastore !== undefined && { datastore: init.datastore }),
     connectionEncrypters: [noise()],
     streamMuxers: [yamux()],
+    // A ping every pingTimeout + 10 s: a second ping while the first still waits would be over the ping
+    // protocol's one outbound stream, and libp2p aborts the connection for that too.
+    connectionMonitor: {
+      pingInterval: pingTimeout + 10_000,
+      pingTimeout: { minTimeout: pingTimeout, maxTimeout: pingTimeout }
+    },
     ...(psk !== undefined ? { connectionProtector: preSharedKey({ psk }) } : {}),
     peerDiscovery: init.mdns === true ? [mdns()] : [],
     services: {
@@ -782,19 +829,4 @@ export async function createNode(init: NodeInit): Promise<StrataNode> {
   const node = new Node(libp2p, init, limits)
   await node.start()
   return node
-}
-
-/**
- * A peer's warm-up, asked again (up to three times in all) when the stream failed rather than the warm-up: a
- * dial that failed, a stream reset or closed without a result. The warm-up is idempotent (what the peer holds
- * already costs a lookup), and a transient stream failure must not fail a cluster warm-up.
- */
-async function askAgainOnStreamFailure<T>(ask: () => Promise<T>, signal: AbortSignal | undefined): Promise<T> {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await ask()
-    } catch (err) {
-      if (attempt >= 3 || (err as Error).name === 'WarmError' || signal?.aborted === true) throw err
-    }
-  }
 }
