@@ -63,6 +63,14 @@ disabled_plugins = [${[
   level = "info"
 [proxy_plugins]
 ${proxies}
+# The garbage collector removes the snapshots of removed containers and images: run it right after every
+# deletion, as tests wait for that (by default it runs at most as often as keeps its pauses under 2% of the
+# time, which on a loaded machine can be longer than a test waits).
+[plugins."io.containerd.gc.v1.scheduler"]
+  pause_threshold = 0.5
+  deletion_threshold = 1
+  schedule_delay = "0s"
+  startup_delay = "0s"
 ${
   cri !== undefined
     ? `[plugins."io.containerd.grpc.v1.cri"]
