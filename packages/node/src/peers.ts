@@ -21,8 +21,14 @@ export interface PeerScore {
 }
 
 export interface PeerBookInit {
-  /** Failures in a row (incidents, see PeerScore.failures) that ban a peer. Default 3. */
+  /** Failures in a row (incidents, see PeerScore.failures) that ban a peer, if they span sustainMs. Default 3. */
   banAfter?: number
+  /**
+   * How long a peer must have been failing (since the first failure of the run, no answer since) before it is
+   * banned: a peer whose connection was reset fails a few times while it is dialled again, and that is no reason to
+   * ban it. Default 5 s.
+   */
+  sustainMs?: number
   /** The longest ban, ms. Default 10 minutes. */
   banMs?: number
   /** The first ban for failures, ms; each further ban in a row doubles it, up to banMs. Default 10 s. */
@@ -40,6 +46,8 @@ interface PeerState {
   score: PeerScore
   /** When the last failure that counted happened (0: none since the peer last answered). */
   lastFailureAt: number
+  /** When the first failure of the current run happened (0: none since the peer last answered). */
+  firstFailureAt: number
   lastSuccessAt: number
   /** A ban ended and the peer has not answered since: one more failure bans it again (for twice as long). */
   probation: boolean
@@ -52,15 +60,16 @@ const BUSY_MS = 2_000
 
 /**
  * Ranks peers by what we measured (latency, throughput) and keeps penalties. A ban is for bytes that failed
- * verification or for sustained failure: `banAfter` failures in a row where each was of a request started after
- * the failure before (a burst of failures of requests in flight together is one failure: one reset connection,
- * one stall). Bans back off: the first for failures is short, each further ban in a row twice as long, up to
+ * verification or for sustained failure: `banAfter` failures in a row, over at least `sustainMs`, where each was of
+ * a request started after the failure before (a burst of failures of requests in flight together is one failure:
+ * one reset connection, one stall). Bans back off: the first for failures is short, each further ban in a row twice as long, up to
  * `banMs`. When a ban ends the peer is asked again (re-probed): an answer clears its record, one more failure
  * bans it again at once. A `busy` refusal is not a failure.
  */
 export class PeerBook {
   private readonly peers = new Map<string, PeerState>()
   private readonly banAfter: number
+  private readonly sustainMs: number
   private readonly banMs: number
   private readonly firstBanMs: number
   private readonly badBanMs: number
@@ -68,6 +77,7 @@ export class PeerBook {
 
   constructor(init: PeerBookInit = {}) {
     this.banAfter = init.banAfter ?? 3
+    this.sustainMs = init.sustainMs ?? 5_000
     this.banMs = init.banMs ?? 10 * 60_000
     this.firstBanMs = Math.min(init.firstBanMs ?? 10_000, this.banMs)
     this.badBanMs = Math.min(init.badBanMs ?? 60_000, this.banMs)
@@ -80,6 +90,7 @@ export class PeerBook {
       s = {
         score: { peer, latencyMs: 50, throughput: 0, served: 0, failures: 0, bad: 0, busy: 0, bans: 0, bannedUntil: 0 },
         lastFailureAt: 0,
+        firstFailureAt: 0,
         lastSuccessAt: 0,
         probation: false,
         busyUntil: 0
@@ -103,6 +114,7 @@ export class PeerBook {
     // An answer that was in flight when a ban began does not end the ban; it only clears the failures.
     score.failures = 0
     s.lastFailureAt = 0
+    s.firstFailureAt = 0
     if (!this.isBanned(peer)) {
       score.bans = 0
       s.probation = false
@@ -124,10 +136,12 @@ export class PeerBook {
     const now = Date.now()
     if (s.lastFailureAt > 0 && (startedAt ?? now - this.burstMs) <= s.lastFailureAt) return
     s.lastFailureAt = now
+    if (s.firstFailureAt === 0) s.firstFailureAt = now
     // Requests still in flight when the ban began fail into it: they are the incident that banned the peer.
     if (this.isBanned(peer)) return
     s.score.failures++
-    if (s.probation || s.score.failures >= this.banAfter) this.ban(s, this.firstBanMs)
+    const sustained = s.score.failures >= this.banAfter && now - s.firstFailureAt >= this.sustainMs
+    if (s.probation || sustained) this.ban(s, this.firstBanMs)
   }
 
   /** Bytes from this peer failed verification. */
@@ -152,6 +166,7 @@ export class PeerBook {
     s.score.bannedUntil = extend ? Math.max(s.score.bannedUntil, until) : until
     s.score.bans++
     s.score.failures = 0
+    s.firstFailureAt = 0
     s.probation = true
   }
 

@@ -42,11 +42,11 @@ describe('PeerBook', () => {
     expect(score(book).failures).toBe(2)
   })
 
-  it('bans for sustained failure: banAfter failures in a row, each of a request started after the one before', () => {
-    const book = new PeerBook({ banAfter: 3, firstBanMs: 10_000 })
+  it('bans for sustained failure: banAfter failures in a row, each of a request started after the one before, over sustainMs', () => {
+    const book = new PeerBook({ banAfter: 3, sustainMs: 5_000, firstBanMs: 10_000 })
     for (let i = 0; i < 2; i++) {
       burst(book, 4)
-      vi.advanceTimersByTime(200)
+      vi.advanceTimersByTime(2_500)
     }
     expect(book.isBanned('A')).toBe(false)
     burst(book, 4)
@@ -55,8 +55,22 @@ describe('PeerBook', () => {
     expect(book.rank(['A', 'B'])).toEqual(['B'])
   })
 
+  it('does not ban a peer that fails a few times in a second, as one whose connection was reset does while it is dialled again', () => {
+    const book = new PeerBook({ banAfter: 3, sustainMs: 5_000 })
+    for (let i = 0; i < 6; i++) {
+      burst(book, 8)
+      vi.advanceTimersByTime(200)
+    }
+    expect(score(book).failures).toBe(6)
+    expect(book.isBanned('A')).toBe(false)
+    // Still failing 5 s after the first failure: that is sustained.
+    vi.advanceTimersByTime(4_000)
+    book.failure('A', Date.now())
+    expect(book.isBanned('A')).toBe(true)
+  })
+
   it('a success in between starts the count again', () => {
-    const book = new PeerBook({ banAfter: 3 })
+    const book = new PeerBook({ banAfter: 3, sustainMs: 0 })
     burst(book, 2)
     vi.advanceTimersByTime(100)
     burst(book, 2)
@@ -70,7 +84,7 @@ describe('PeerBook', () => {
   })
 
   it('busy refusals are no failures: the peer only ranks behind the others for a moment', () => {
-    const book = new PeerBook({ banAfter: 3 })
+    const book = new PeerBook({ banAfter: 3, sustainMs: 0 })
     book.success('A', 10, 100)
     book.success('B', 30, 100)
     for (let i = 0; i < 20; i++) book.busy('A')
@@ -83,7 +97,7 @@ describe('PeerBook', () => {
   })
 
   it('backs off: each ban in a row lasts twice as long, up to banMs', () => {
-    const book = new PeerBook({ banAfter: 1, firstBanMs: 10_000, banMs: 60_000 })
+    const book = new PeerBook({ banAfter: 1, sustainMs: 0, firstBanMs: 10_000, banMs: 60_000 })
     const lengths: number[] = []
     for (let i = 0; i < 5; i++) {
       book.failure('A', Date.now())
@@ -95,7 +109,7 @@ describe('PeerBook', () => {
   })
 
   it('re-probes when a ban ends: one more failure bans again at once, for twice as long', () => {
-    const book = new PeerBook({ banAfter: 3, firstBanMs: 10_000 })
+    const book = new PeerBook({ banAfter: 3, sustainMs: 0, firstBanMs: 10_000 })
     for (let i = 0; i < 3; i++) {
       burst(book, 2)
       vi.advanceTimersByTime(100)
@@ -110,7 +124,7 @@ describe('PeerBook', () => {
   })
 
   it('an answer to the probe clears the record: the next ban is the first again, after banAfter failures', () => {
-    const book = new PeerBook({ banAfter: 3, firstBanMs: 10_000 })
+    const book = new PeerBook({ banAfter: 3, sustainMs: 0, firstBanMs: 10_000 })
     for (let i = 0; i < 3; i++) {
       burst(book, 2)
       vi.advanceTimersByTime(100)
@@ -123,7 +137,7 @@ describe('PeerBook', () => {
   })
 
   it('failures of requests in flight when the ban began do not lengthen it, nor does an answer among them end it', () => {
-    const book = new PeerBook({ banAfter: 2, firstBanMs: 10_000 })
+    const book = new PeerBook({ banAfter: 2, sustainMs: 0, firstBanMs: 10_000 })
     const early = Date.now()
     burst(book, 1)
     vi.advanceTimersByTime(100)
@@ -149,7 +163,7 @@ describe('PeerBook', () => {
   })
 
   it('knows who answered lately, banned peers left out', () => {
-    const book = new PeerBook({ banAfter: 1 })
+    const book = new PeerBook({ banAfter: 1, sustainMs: 0 })
     book.success('A', 5, 100)
     book.success('B', 5, 100)
     vi.advanceTimersByTime(30_000)
