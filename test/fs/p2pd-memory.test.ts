@@ -83,7 +83,7 @@ function sh(script: string): Promise<{ code: number | null; stdout: string; stde
 const mb = (n: number) => `${Math.round(n / MB)} MB`
 
 describe('what p2pd keeps after reading an image through a mount', () => {
-  it('stays within its start RSS + 180 MB after reading a 251 MB image whole', { timeout: 90_000 }, async () => {
+  it('stays within its start RSS + 230 MB after reading a 251 MB image whole', { timeout: 90_000 }, async () => {
     const dataDir = join(work, 'data')
     await mkdir(dataDir)
     daemon = await startP2pd({ dataDir, insecureRegistry: [registry.host] })
@@ -116,8 +116,10 @@ describe('what p2pd keeps after reading an image through a mount', () => {
     // 64 MiB per file held in memory until all of it was in) this image left p2pd 246 MB larger (peak 389 MB); with
     // them, 126-156 MB: the caches' bounds (32 MiB chunk buffer, 16 MiB of read-ahead in flight) and what they do
     // not bound: V8's young generation growing under the allocation rate (about 40 MB) and freed memory the
-    // allocator keeps.
-    expect(grew).toBeLessThan(180 * MB)
+    // allocator keeps. That last part swings with the machine's load: +206 MB was seen in a CI-like run beside
+    // other test files. The bound is what the test can hold on a loaded machine: less than the image itself, so a
+    // p2pd that kept what it read fails.
+    expect(grew).toBeLessThan(230 * MB)
     proc.kill('SIGTERM')
     await new Promise((r) => proc.once('exit', r))
   })
