@@ -27,7 +27,19 @@ import { isMounted, lazyUnmount, MAX_READ, Relay, setReadAhead, withFds } from '
 import { diffTree } from './layer-diff.js'
 import { holdMountpoint } from './mountpoint.js'
 import { createOperations, type Operations, type ReadFailure, type Stat } from './operations.js'
-import { Op, OUT_HEADER, parseRequest, type Request } from './protocol.js'
+// The reply encoders are protocol.ts's: this session answers other requests, in the same wire format.
+import {
+  cString,
+  frame,
+  message,
+  Op,
+  OUT_HEADER,
+  parseRequest,
+  type Request,
+  sized,
+  view,
+  writeAttr
+} from './protocol.js'
 import type { LayerReader } from './serve.js'
 import type { Tree } from './tree.js'
 
@@ -618,56 +630,6 @@ const ATTR = 88
 const Init = { ASYNC_READ: 1 << 0, PARALLEL_DIROPS: 1 << 18, MAX_PAGES: 1 << 22, CACHE_SYMLINKS: 1 << 23 }
 const FOPEN_KEEP_CACHE = 1 << 1
 const UNANSWERED = new Set<number>([Op.FORGET, Op.BATCH_FORGET, Op.INTERRUPT])
-
-function view(b: Uint8Array): DataView {
-  return new DataView(b.buffer, b.byteOffset, b.byteLength)
-}
-
-function message(size: number): { bytes: Uint8Array; v: DataView } {
-  const bytes = new Uint8Array(OUT_HEADER + size)
-  return { bytes, v: view(bytes) }
-}
-
-function frame(message: Uint8Array, unique: bigint, errno: number): Uint8Array {
-  const v = view(message)
-  v.setUint32(0, message.length, true)
-  v.setInt32(4, -errno, true)
-  v.setBigUint64(8, unique, true)
-  return message
-}
-
-function cString(b: Uint8Array, at = 0): string {
-  const end = b.indexOf(0, at)
-  return Buffer.from(b.buffer, b.byteOffset + at, (end < 0 ? b.length : end) - at).toString()
-}
-
-function writeAttr(v: DataView, at: number, s: Stat): void {
-  const sec = Math.floor(s.mtimeMs / 1000)
-  const nsec = Math.round((s.mtimeMs - sec * 1000) * 1e6)
-  v.setBigUint64(at, BigInt(s.ino), true)
-  v.setBigUint64(at + 8, BigInt(s.size), true)
-  v.setBigUint64(at + 16, BigInt(s.blocks), true)
-  for (const t of [24, 32, 40]) v.setBigInt64(at + t, BigInt(sec), true)
-  for (const t of [48, 52, 56]) v.setUint32(at + t, nsec, true)
-  v.setUint32(at + 60, s.mode, true)
-  v.setUint32(at + 64, s.nlink, true)
-  v.setUint32(at + 68, s.uid, true)
-  v.setUint32(at + 72, s.gid, true)
-  v.setUint32(at + 76, s.rdev >>> 0, true)
-  v.setUint32(at + 80, s.blksize, true)
-}
-
-function sized(value: Uint8Array, size: number): Uint8Array {
-  if (size === 0) {
-    const { bytes, v } = message(8)
-    v.setUint32(OUT_HEADER, value.length, true)
-    return bytes
-  }
-  if (value.length > size) throw new FsError('ERANGE', `the value is ${value.length} bytes, the buffer ${size}`)
-  const { bytes } = message(value.length)
-  bytes.set(value, OUT_HEADER)
-  return bytes
-}
 
 /** Answers the kernel's requests for one store. Every answer may wait (a lookup opens an image). */
 class StoreSession<L extends StoreLayer> {

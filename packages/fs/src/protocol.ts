@@ -128,7 +128,7 @@ export function parseRequest(bytes: Uint8Array): Request {
 }
 
 /** Writes the reply header in front of `message` (whose first OUT_HEADER bytes are reserved for it). */
-function frame(message: Uint8Array, unique: bigint, error: number): Uint8Array {
+export function frame(message: Uint8Array, unique: bigint, error: number): Uint8Array {
   const v = view(message)
   v.setUint32(0, message.length, true)
   v.setInt32(4, -error, true)
@@ -136,16 +136,16 @@ function frame(message: Uint8Array, unique: bigint, error: number): Uint8Array {
   return message
 }
 
-function view(b: Uint8Array): DataView {
+export function view(b: Uint8Array): DataView {
   return new DataView(b.buffer, b.byteOffset, b.byteLength)
 }
 
-function message(size: number): { bytes: Uint8Array; v: DataView } {
+export function message(size: number): { bytes: Uint8Array; v: DataView } {
   const bytes = new Uint8Array(OUT_HEADER + size)
   return { bytes, v: view(bytes) }
 }
 
-function cString(b: Uint8Array, at = 0): string {
+export function cString(b: Uint8Array, at = 0): string {
   const end = b.indexOf(0, at)
   return Buffer.from(b.buffer, b.byteOffset + at, (end < 0 ? b.length : end) - at).toString()
 }
@@ -445,7 +445,7 @@ function openReply(handle: bigint, flags: number): Uint8Array {
 }
 
 /** GETXATTR/LISTXATTR: with size 0 the kernel asks how large the value is; else it must fit. */
-function sized(value: Uint8Array, size: number): Uint8Array {
+export function sized(value: Uint8Array, size: number): Uint8Array {
   if (size === 0) {
     const { bytes, v } = message(8)
     v.setUint32(OUT_HEADER, value.length, true)
@@ -462,7 +462,7 @@ function setSeconds(v: DataView, at: number, seconds: number): void {
 }
 
 /** struct fuse_attr. Times are signed seconds plus nanoseconds: a time before 1970 stays what it was. */
-function writeAttr(v: DataView, at: number, s: Stat): void {
+export function writeAttr(v: DataView, at: number, s: Stat): void {
   const sec = Math.floor(s.mtimeMs / 1000)
   const nsec = Math.round((s.mtimeMs - sec * 1000) * 1e6)
   v.setBigUint64(at, BigInt(s.ino), true)
