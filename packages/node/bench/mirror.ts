@@ -9,14 +9,13 @@
  * through the mirrors of N p2pd processes (a cluster on loopback). Time per pull and registry egress.
  */
 import { createHash } from 'node:crypto'
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm } from 'node:fs/promises'
 import { cpus, tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { registerStrataHooks } from '../../../test/helpers/ts-loader.mjs'
+import { writeDocSection } from './doc-section.ts'
 
-const root = fileURLToPath(new URL('../../../', import.meta.url))
 registerStrataHooks({ strata: 'src' })
 
 const { startP2pd, waitForMesh } = await import('@test/cluster.js')
@@ -120,17 +119,7 @@ try {
     await Promise.all(nodes.map((n) => n.stop()))
   }
 
-  const doc = join(root, 'docs', 'benchmarks.md')
-  const text = await readFile(doc, 'utf8')
-  const section = `## P2P mirror\n\n${lines.join('\n').trimEnd()}\n`
-  const at = text.indexOf('\n## P2P mirror\n')
-  let out: string
-  if (at < 0) out = `${text.trimEnd()}\n\n${section}`
-  else {
-    const end = text.indexOf('\n## ', at + 1)
-    out = text.slice(0, at + 1) + section + (end < 0 ? '' : text.slice(end))
-  }
-  await writeFile(doc, out)
+  await writeDocSection('P2P mirror', lines)
 } finally {
   await wan.stop()
   await counting.stop()

@@ -11,13 +11,12 @@
  *      image readable from A by any node) and how fast the chunk keys follow (DHT provides per second);
  *   3. registry egress when N = 1, 5, 10 cold nodes read the same image at once.
  */
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm } from 'node:fs/promises'
 import { cpus, tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { registerStrataHooks } from '../../../test/helpers/ts-loader.mjs'
+import { writeDocSection } from './doc-section.ts'
 
-const root = fileURLToPath(new URL('../../../', import.meta.url))
 registerStrataHooks({ strata: 'src' })
 
 const { startCluster, startP2pd, waitForMesh } = await import('@test/cluster.js')
@@ -196,17 +195,7 @@ try {
   }
   say('')
 
-  const doc = join(root, 'docs', 'benchmarks.md')
-  const text = await readFile(doc, 'utf8')
-  const section = `## p2pd\n\n${lines.join('\n').trimEnd()}\n`
-  const at = text.indexOf('\n## p2pd\n')
-  let out: string
-  if (at < 0) out = `${text.trimEnd()}\n\n${section}`
-  else {
-    const end = text.indexOf('\n## ', at + 1)
-    out = text.slice(0, at + 1) + section + (end < 0 ? '' : text.slice(end))
-  }
-  await writeFile(doc, out)
+  await writeDocSection('p2pd', lines)
 } finally {
   await proxy.stop()
   await registry.stop()

@@ -11,16 +11,15 @@
  *   - provider records each node holds once the holder's chunk keys are announced: mean and max;
  *   - registry egress when every node warms a second image at once, as a multiple of the image.
  */
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm } from 'node:fs/promises'
 import { cpus, tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { memory } from '@libp2p/memory'
 import { MemoryDatastore } from 'datastore-core'
 import { registerStrataHooks } from '../../../test/helpers/ts-loader.mjs'
+import { writeDocSection } from './doc-section.ts'
 
-const root = fileURLToPath(new URL('../../../', import.meta.url))
 registerStrataHooks({ strata: 'src' })
 
 const { createNode } = await import('@strata/node')
@@ -216,17 +215,7 @@ try {
     )
   }
   say('')
-  const doc = join(root, 'docs', 'benchmarks.md')
-  const text = await readFile(doc, 'utf8')
-  const section = `## Scale\n\n${lines.join('\n').trimEnd()}\n`
-  const at = text.indexOf('\n## Scale\n')
-  let out: string
-  if (at < 0) out = `${text.trimEnd()}\n\n${section}`
-  else {
-    const end = text.indexOf('\n## ', at + 1)
-    out = text.slice(0, at + 1) + section + (end < 0 ? '' : text.slice(end))
-  }
-  await writeFile(doc, out)
+  await writeDocSection('Scale', lines)
 } finally {
   await proxy.stop()
   await registry.stop()
