@@ -10,9 +10,11 @@ import type {
   Fetcher,
   FetcherMetrics,
   GetManyOptions,
+  GetOptions,
   Image,
   ImageLayer,
-  PrefetchOptions
+  PrefetchOptions,
+  Route
 } from './types.js'
 
 export interface FetcherInit {
@@ -126,7 +128,12 @@ async function mapLimit<T, R>(items: T[], limit: number, fn: (item: T, i: number
 }
 
 export function chunkRef(layer: ImageLayer, chunk: Entry['chunks'][number]): ChunkRef {
-  return { ...chunk, layer: layer.digest, compression: layer.compression }
+  return {
+    ...chunk,
+    layer: layer.ref,
+    compression: layer.compression,
+    ...(layer.format === 'indexed' && { indexed: true as const })
+  }
 }
 
 class DefaultFetcher extends EventTarget implements Fetcher {
@@ -173,39 +180,52 @@ class DefaultFetcher extends EventTarget implements Fetcher {
     this.dispatchEvent(new CustomEvent(event.type, { detail: event }))
   }
 
-  async get(chunk: ChunkRef, options: AbortOptions = {}): Promise<Uint8Array> {
+  async get(chunk: ChunkRef, options: GetOptions = {}): Promise<Uint8Array> {
     const cached = await this.fromStore(chunk, options)
     if (cached !== undefined) return cached
     return raceSignal(
-      this.join(chunk, () => this.fromSources([chunk]).results.get(chunk.digest)!),
+      this.join(chunk, () => this.fromSources([chunk], undefined, options.route).results.get(chunk.digest)!),
       options.signal
     )
   }
 
-  async getMany(chunks: ChunkRef[], options: GetManyOptions = {}): Promise<Uint8Array[]> {
-    const byDigest = new Map<string, Promise<Uint8Array>>()
+  getMany(chunks: ChunkRef[], options: GetManyOptions = {}): Promise<Uint8Array[]> {
+    return Promise.all(this.getEach(chunks, options))
+  }
+
+  getEach(chunks: ChunkRef[], options: GetManyOptions = {}): Array<Promise<Uint8Array>> {
     const unique = [...new Map(chunks.map((c) => [c.digest, c])).values()]
-    const cached = await mapLimit(unique, LOOKUPS_IN_FLIGHT, (chunk) => this.fromStore(chunk, options))
-    const missing: ChunkRef[] = []
-    unique.forEach((chunk, i) => {
-      const bytes = cached[i]
-      if (bytes !== undefined) byDigest.set(chunk.digest, Promise.resolve(bytes))
-      else if (this.inflight.has(chunk.digest))
-        byDigest.set(
-          chunk.digest,
-          this.join(chunk, () => this.fromSources([chunk]).results.get(chunk.digest)!)
-        )
-      else missing.push(chunk)
-    })
+    const byDigest = new Map(unique.map((c) => [c.digest, Promise.withResolvers<Uint8Array>()]))
+    const settle = (digest: string, p: Promise<Uint8Array>) => {
+      const { resolve, reject } = byDigest.get(digest)!
+      p.then(resolve, reject)
+    }
+    const { signal, route } = options
     let stop: (() => void) | undefined
-    if (missing.length > 0) {
-      const batch = this.fromSources(missing, options.hedgeDelayMs)
+    const start = async () => {
+      // A chunk found in the store settles at once; the rest wait for the lookups, then go in one batch.
+      const cached = await mapLimit(unique, LOOKUPS_IN_FLIGHT, async (chunk) => {
+        const bytes = await this.fromStore(chunk, options)
+        if (bytes !== undefined) byDigest.get(chunk.digest)!.resolve(bytes)
+        return bytes
+      })
+      const missing: ChunkRef[] = []
+      unique.forEach((chunk, i) => {
+        if (cached[i] !== undefined) return
+        if (this.inflight.has(chunk.digest))
+          settle(
+            chunk.digest,
+            this.join(chunk, () => this.fromSources([chunk], undefined, route).results.get(chunk.digest)!)
+          )
+        else missing.push(chunk)
+      })
+      if (missing.length === 0) return
+      const batch = this.fromSources(missing, options.hedgeDelayMs, route)
       for (const chunk of missing)
-        byDigest.set(
+        settle(
           chunk.digest,
           this.join(chunk, () => batch.results.get(chunk.digest)!)
         )
-      const signal = options.signal
       if (options.cancelOnAbort === true && signal !== undefined) {
         // What this call started and nobody joined since is given up with it.
         stop = () => {
@@ -215,14 +235,23 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         else signal.addEventListener('abort', stop, { once: true })
       }
     }
-    const all = Promise.all(chunks.map((c) => byDigest.get(c.digest)!))
+    // A failed lookup (only when `signal` aborts) fails what it had not found.
+    start().catch((err: unknown) => {
+      for (const { reject } of byDigest.values()) reject(err)
+    })
+    const inner = [...byDigest.values()].map((d) => d.promise)
     // Chunks a caller stops waiting for still land in the store for the next reader (unless cancelOnAbort).
-    all.catch(() => {})
-    if (stop !== undefined) {
-      const listener = stop
-      void all.catch(() => {}).finally(() => options.signal?.removeEventListener('abort', listener))
-    }
-    return raceSignal(all, options.signal)
+    void Promise.allSettled(inner).finally(() => {
+      if (stop !== undefined) signal?.removeEventListener('abort', stop)
+    })
+    const results = new Map(
+      unique.map((c) => {
+        const p = raceSignal(byDigest.get(c.digest)!.promise, signal)
+        p.catch(() => {})
+        return [c.digest, p]
+      })
+    )
+    return chunks.map((c) => results.get(c.digest)!)
   }
 
   async readFile(
@@ -528,7 +557,8 @@ class DefaultFetcher extends EventTarget implements Fetcher {
    */
   private fromSources(
     chunks: ChunkRef[],
-    hedgeDelayMs = this.hedgeDelayMs
+    hedgeDelayMs = this.hedgeDelayMs,
+    route?: Route
   ): { results: Map<string, Promise<Uint8Array>>; cancel(digest: string, reason: unknown): void } {
     interface State {
       chunk: ChunkRef
@@ -689,13 +719,19 @@ class DefaultFetcher extends EventTarget implements Fetcher {
         // Raced with the signal: a source stuck in a wait that ignores its signal still times out.
         if (source.getMany !== undefined) {
           m.requests++
-          for await (const { chunk, bytes } of untilAborted(source.getMany(wanted, { signal, onProgress }), signal))
+          for await (const { chunk, bytes } of untilAborted(
+            source.getMany(wanted, { signal, onProgress, ...(route !== undefined && { route }) }),
+            signal
+          ))
             await take(chunk, bytes)
         } else {
           await mapLimit(wanted, this.concurrency, async (chunk) => {
             if (states.get(chunk.digest)!.done) return
             m.requests++
-            const bytes = await raceSignal(source.get(chunk, { signal, onProgress }), signal).catch((err: unknown) => {
+            const bytes = await raceSignal(
+              source.get(chunk, { signal, onProgress, ...(route !== undefined && { route }) }),
+              signal
+            ).catch((err: unknown) => {
               if (controller.signal.aborted) return undefined
               m.errors++
               said(states.get(chunk.digest)!, idle.signal.aborted ? timeoutMessage(chunk) : describe(err))

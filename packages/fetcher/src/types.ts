@@ -1,19 +1,41 @@
 import type { Descriptor } from '@strata/registry'
 import type { AbortOptions, Chunk, Compression, Entry, TOC } from '@strata/stargz'
 
+/** A layer blob and where the registry serves it: what a source needs to find any chunk of it. */
+export interface LayerRef {
+  /** the layer blob's digest: its key on the DHT and in the store */
+  digest: string
+  /** where the registry serves it: "host[:port]/name" as in a Reference */
+  repository: string
+}
+
 /** A chunk and where it lives: enough for any source to find it and for the fetcher to verify it. */
 export interface ChunkRef extends Chunk {
-  /** The layer blob's digest (the layer's key on the DHT and in the registry). */
-  layer: string
+  layer: LayerRef
   /**
    * How the layer blob is compressed. For eStargz layers [offset, end) are compressed members; for
    * `indexed` layers (plain tar layers fetched whole) they are offsets in the decompressed tar stream.
    */
   compression: Compression | 'none'
+  /**
+   * Set for chunks of an `indexed` layer: their offsets are in the decompressed tar stream, so the registry
+   * cannot serve them by Range; a source reads the blob whole instead.
+   */
+  indexed?: true
+}
+
+/** How a request travels among peers. Sources read it; the fetcher passes it to every source it asks, untouched. */
+export interface Route {
+  /** Serving another node's forwarded request: sources must not forward it again; what is fetched is for that peer. */
+  forwarded?: boolean
+  /** The cluster to spread chunks over (a cluster warm-up) instead of the connected peers. */
+  members?: readonly string[]
 }
 
 /** What the fetcher passes a source with each request. */
 export interface SourceOptions extends AbortOptions {
+  /** The route the caller of the fetch gave (see Route). */
+  route?: Route
   /**
    * For a source to call whenever bytes towards what it was asked arrive, before a chunk is whole: the fetcher
    * gives a source up only when it has made no progress (no chunk, no call) for its timeout. Optional to call:
@@ -45,6 +67,8 @@ export interface ImageLayer {
   descriptor: Descriptor
   /** The layer blob's digest. */
   digest: string
+  /** The blob and the repository it was opened from: what every ChunkRef of this layer carries. */
+  ref: LayerRef
   format: ImageLayerFormat
   toc: TOC
   /** sha256 of the TOC JSON bytes (for `indexed` layers: of the synthesized TOC). */
@@ -91,7 +115,16 @@ export interface FetcherMetrics {
   latencyMs: Record<string, { buckets: Array<{ le: number; count: number }>; count: number; sumMs: number }>
 }
 
-export interface GetManyOptions extends AbortOptions {
+/** Options of a fetch of chunks. */
+export interface GetOptions extends AbortOptions {
+  /**
+   * Passed to every source this fetch asks. A caller that joins a chunk already in flight joins it as it was
+   * started: with the first caller's route.
+   */
+  route?: Route
+}
+
+export interface GetManyOptions extends GetOptions {
   /**
    * This batch's hedge delay instead of the fetcher's: a warm-up, which is not waiting on a reader, can wait
    * longer on its peers before it also asks the registry.
@@ -107,9 +140,15 @@ export interface GetManyOptions extends AbortOptions {
 /** The one read path. */
 export interface Fetcher extends EventTarget {
   /** Verified bytes of one chunk: from the store, an in-flight request for the same digest, or the sources in order. */
-  get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array>
+  get(chunk: ChunkRef, options?: GetOptions): Promise<Uint8Array>
   /** Verified bytes of many chunks (same order as asked), using the sources' batched form where they have one. */
   getMany(chunks: ChunkRef[], options?: GetManyOptions): Promise<Uint8Array[]>
+  /**
+   * getMany, chunk by chunk: one promise per chunk of `chunks` (same order), each settled as soon as that chunk is
+   * verified and stored, or known unavailable, in one batch to the sources. Rejections are marked handled: a
+   * caller may await only some. `getMany` is `Promise.all` of these.
+   */
+  getEach(chunks: ChunkRef[], options?: GetManyOptions): Array<Promise<Uint8Array>>
   /**
    * `length` bytes of a file from `offset` (fewer at the end of the file); starts a bounded read-ahead of the
    * rest. Within one chunk the result is a view of that chunk's bytes, shared with other readers: read only.
