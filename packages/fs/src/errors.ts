@@ -1,4 +1,5 @@
 import { constants } from 'node:os'
+import { StrataError } from '@strata/base'
 
 export type ErrnoCode = keyof typeof constants.errno
 
@@ -6,11 +7,11 @@ export type ErrnoCode = keyof typeof constants.errno
  * A file-system operation failed with an errno the kernel passes on to the reader (ENOENT, EIO, ...).
  * `code` is the errno's name, `errno` its (positive) number.
  */
-export class FsError extends Error {
+export class FsError extends StrataError {
   override name = 'FsError'
   readonly errno: number
   constructor(
-    readonly code: ErrnoCode,
+    override readonly code: ErrnoCode,
     message: string,
     options?: { cause?: unknown }
   ) {
@@ -20,10 +21,10 @@ export class FsError extends Error {
 }
 
 /** A TOC path or hardlink target that would leave the image's root (`..`, absolute, empty component). */
-export class UnsafePathError extends Error {
+export class UnsafePathError extends StrataError {
   override name = 'UnsafePathError'
-  readonly code = 'ERR_UNSAFE_PATH'
-  readonly hint = 'the image is malformed or hostile: rebuild it, or mount a different image'
+  override readonly code = 'ERR_UNSAFE_PATH'
+  override readonly hint = 'the image is malformed or hostile: rebuild it, or mount a different image'
   constructor(
     readonly layer: number,
     readonly path: string,
@@ -34,13 +35,13 @@ export class UnsafePathError extends Error {
 }
 
 /** The kernel refused the mount, or the mountpoint is unusable. */
-export class MountError extends Error {
+export class MountError extends StrataError {
   override name = 'MountError'
-  readonly code = 'ERR_MOUNT'
+  override readonly code = 'ERR_MOUNT'
   constructor(
     readonly mountpoint: string,
     message: string,
-    readonly hint?: string,
+    override readonly hint?: string,
     options?: { cause?: unknown }
   ) {
     super(`cannot mount at ${mountpoint}: ${message}`, options)
@@ -48,13 +49,13 @@ export class MountError extends Error {
 }
 
 /** Unmounting failed (the mount stays); usually a process still uses it. */
-export class UnmountError extends Error {
+export class UnmountError extends StrataError {
   override name = 'UnmountError'
-  readonly code = 'ERR_UNMOUNT'
+  override readonly code = 'ERR_UNMOUNT'
   constructor(
     readonly mountpoint: string,
     message: string,
-    readonly hint?: string,
+    override readonly hint?: string,
     options?: { cause?: unknown }
   ) {
     super(`cannot unmount ${mountpoint}: ${message}`, options)

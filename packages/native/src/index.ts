@@ -13,8 +13,10 @@
  *
  * Each throws an Error whose `code` is the errno name (EPERM, ENOTTY, ...), as Node's own fs errors do.
  */
+
 import { createRequire } from 'node:module'
 import type { Socket } from 'node:net'
+import { StrataError } from '@strata/base'
 
 export interface PeerCredentials {
   pid: number
@@ -30,10 +32,11 @@ interface Addon {
 }
 
 /** The addon is missing (the build did not run) or cannot load: say so, and how to fix it. */
-export class NativeAddonError extends Error {
+export class NativeAddonError extends StrataError {
   override readonly name = 'NativeAddonError'
-  readonly code = 'ERR_STRATA_NATIVE'
-  readonly hint = 'build it: pnpm run build (needs a C compiler and the Node headers; scripts/setup.sh installs both)'
+  override readonly code = 'ERR_STRATA_NATIVE'
+  override readonly hint =
+    'build it: pnpm run build (needs a C compiler and the Node headers; scripts/setup.sh installs both)'
   constructor(cause: unknown) {
     super(`strata's native addon (dist/strata.node of @strata/native) cannot be loaded: ${(cause as Error).message}`, {
       cause

@@ -10,6 +10,7 @@ import { createHash } from 'node:crypto'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import type { PeerId, Stream } from '@libp2p/interface'
+import { isSha256Digest } from '@strata/base'
 import { isRegistryOutage } from '@strata/fetcher'
 import { parseReference, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore } from '@strata/store'
@@ -23,7 +24,6 @@ export const BLOB_PROTOCOL = '/strata/blob/1.0.0'
 const PIECE = 4 << 20
 const BLOB_META = (digest: string) => `mirror/blob/${digest}`
 const TAG_META = (ref: string) => `mirror/manifest/${ref}`
-const DIGEST = /^sha256:[0-9a-f]{64}$/
 /** Peers asked for a blob before its home and the registry. */
 const MAX_HOLDERS_ASKED = 4
 
@@ -257,7 +257,7 @@ export class Mirror {
         break
       }
       const { op, digest, ref } = request ?? {}
-      if ((op !== 'get' && op !== 'fetch') || typeof digest !== 'string' || !DIGEST.test(digest)) {
+      if ((op !== 'get' && op !== 'fetch') || typeof digest !== 'string' || !isSha256Digest(digest)) {
         throw new ProtocolError(`bad blob request from ${from.toString()}`)
       }
       let index = await this.held(digest, { signal })
@@ -363,7 +363,7 @@ async function answer(mirror: Mirror, req: IncomingMessage, res: ServerResponse)
   if (m === null) return fail(404, 'NAME_UNKNOWN', 'not a pull route')
   const [, name, kind, reference] = m as unknown as [string, string, string, string]
   const registry = url.searchParams.get('ns') ?? 'docker.io'
-  const ref = DIGEST.test(reference) ? `${registry}/${name}@${reference}` : `${registry}/${name}:${reference}`
+  const ref = isSha256Digest(reference) ? `${registry}/${name}@${reference}` : `${registry}/${name}:${reference}`
   const signal = AbortSignal.timeout(10 * 60_000)
   try {
     parseReference(ref)
@@ -380,7 +380,7 @@ async function answer(mirror: Mirror, req: IncomingMessage, res: ServerResponse)
       })
       return void res.end(head ? undefined : got.bytes)
     }
-    if (!DIGEST.test(reference)) return fail(404, 'DIGEST_INVALID', 'blobs are named by sha256 digest')
+    if (!isSha256Digest(reference)) return fail(404, 'DIGEST_INVALID', 'blobs are named by sha256 digest')
     const index = await mirror.obtain(reference, ref, 'local', { signal })
     const range = parseRange(req.headers.range, index.size)
     if (range === 'unsatisfiable') {

@@ -4,13 +4,8 @@ import { tmpdir } from 'node:os'
 import { join, posix } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import { createGunzip } from 'node:zlib'
-import {
-  buildEstargz,
-  fileReader,
-  openLayer,
-  TOC_DIGEST_ANNOTATION,
-  UNCOMPRESSED_SIZE_ANNOTATION
-} from '@strata/stargz'
+import { TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION } from '@strata/base'
+import { buildEstargz, fileReader, openLayer } from '@strata/stargz'
 import { type Manifest, sha256 } from './client.js'
 import { LayerNotConvertible, ManifestInvalid, PrioritizedFileMissing } from './errors.js'
 import {

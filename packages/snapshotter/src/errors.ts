@@ -5,6 +5,8 @@
  */
 
 /** gRPC status codes used here (the numbers are the wire values). */
+import { StrataError } from '@strata/base'
+
 export const Status = {
   INVALID_ARGUMENT: 3,
   NOT_FOUND: 5,
@@ -17,9 +19,9 @@ export const Status = {
 export type StatusCode = (typeof Status)[keyof typeof Status]
 
 /** An error answered to containerd with `status` as the gRPC code. */
-export class SnapshotError extends Error {
+export class SnapshotError extends StrataError {
   override name = 'SnapshotError'
-  readonly code: string = 'ERR_SNAPSHOT'
+  override readonly code: string = 'ERR_SNAPSHOT'
   constructor(
     readonly status: StatusCode,
     message: string,
@@ -75,20 +77,20 @@ export class SnapshotInvalid extends SnapshotError {
 export class MountUnavailable extends SnapshotError {
   override name = 'MountUnavailable'
   override readonly code = 'ERR_SNAPSHOT_MOUNT_UNAVAILABLE'
-  readonly hint = "check p2pd's log for why the image could not be opened or mounted; containerd retries"
+  override readonly hint = "check p2pd's log for why the image could not be opened or mounted; containerd retries"
   constructor(message: string, options?: { cause?: unknown }) {
     super(Status.UNAVAILABLE, message, options)
   }
 }
 
 /** The snapshotter's directory cannot be used (overlayfs takes no ':' or ',' in its paths). */
-export class SnapshotterRootError extends Error {
+export class SnapshotterRootError extends StrataError {
   override name = 'SnapshotterRootError'
-  readonly code = 'ERR_SNAPSHOTTER_ROOT'
+  override readonly code = 'ERR_SNAPSHOTTER_ROOT'
   constructor(
     readonly root: string,
     why: string,
-    readonly hint: string,
+    override readonly hint: string,
     options?: { cause?: unknown }
   ) {
     super(`cannot keep snapshots in ${root}: ${why}`, options)

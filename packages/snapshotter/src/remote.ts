@@ -3,7 +3,9 @@
 // The image is opened through p2pd (TOCs by Range, or a whole download indexed for layers that are not
 // eStargz), and the layer's place in it is checked against the chain ID containerd wants the snapshot to have:
 // the chain of layers 0..i computed from the image config's diff IDs.
+
 import { createHash } from 'node:crypto'
+import { StrataError } from '@strata/base'
 import type { Image } from '@strata/fetcher'
 import { parseReference, withDigest } from '@strata/registry'
 import type { AbortOptions } from '@strata/stargz'
@@ -67,8 +69,8 @@ export interface ImageOpener {
 }
 
 /** Why a layer is unpacked after all: said in p2pd's log, never to containerd (the pull must go on). */
-export class NotRemote extends Error {
-  override name = 'NotRemote'
+export class NotRemoteError extends StrataError {
+  override name = 'NotRemoteError'
 }
 
 interface Opened {
@@ -91,18 +93,20 @@ export class RemoteResolver {
 
   /**
    * The remote layer `req` names, checked: the layer is in the image, the snapshot's chain ID is the chain of
-   * the image's layers up to it, and the parent is the chain below it. NotRemote otherwise.
+   * the image's layers up to it, and the parent is the chain below it. NotRemoteError otherwise.
    */
   async resolve(req: RemoteRequest, parentChain: string | undefined, options?: AbortOptions): Promise<RemoteLayer> {
     const { image, chain, ref } = await this.#open(req, options)
     const index = image.layers.findIndex((l) => l.digest === req.layer)
-    if (index < 0) throw new NotRemote(`layer ${req.layer} is not in ${ref}`)
+    if (index < 0) throw new NotRemoteError(`layer ${req.layer} is not in ${ref}`)
     if (chain[index] !== req.target) {
-      throw new NotRemote(`layer ${index} of ${ref} has chain ID ${chain[index]}, containerd asked for ${req.target}`)
+      throw new NotRemoteError(
+        `layer ${index} of ${ref} has chain ID ${chain[index]}, containerd asked for ${req.target}`
+      )
     }
     const below = index > 0 ? chain[index - 1] : undefined
     if (below !== parentChain) {
-      throw new NotRemote(
+      throw new NotRemoteError(
         `the parent snapshot is ${parentChain ?? 'none'}, but layer ${index} of ${ref} sits on ${below ?? 'nothing'}`
       )
     }
@@ -122,17 +126,17 @@ export class RemoteResolver {
     const opening = (async (): Promise<Opened> => {
       const image = await this.opener.openImage(ref, options)
       if (req.manifest !== undefined && image.digest !== req.manifest) {
-        throw new NotRemote(`${ref} opened as manifest ${image.digest}`)
+        throw new NotRemoteError(`${ref} opened as manifest ${image.digest}`)
       }
       const config = JSON.parse(
         new TextDecoder().decode(await this.opener.fetchBlob(ref, image.config.digest, options))
       ) as { rootfs?: { diff_ids?: unknown } }
       const diffIds = config.rootfs?.diff_ids
       if (!Array.isArray(diffIds) || !diffIds.every((d) => typeof d === 'string')) {
-        throw new NotRemote(`the config of ${ref} has no rootfs.diff_ids`)
+        throw new NotRemoteError(`the config of ${ref} has no rootfs.diff_ids`)
       }
       if (diffIds.length !== image.layers.length) {
-        throw new NotRemote(`${ref} has ${image.layers.length} layers but ${diffIds.length} diff IDs`)
+        throw new NotRemoteError(`${ref} has ${image.layers.length} layers but ${diffIds.length} diff IDs`)
       }
       // Later references to the image go by its digest: what it is now is what the snapshot holds.
       return { image, chain: chainIds(diffIds), ref: String(withDigest(parseReference(ref), image.digest)) }

@@ -7,7 +7,7 @@
 import { existsSync } from 'node:fs'
 import { chmod, lstat, mkdir, readdir, rm } from 'node:fs/promises'
 import { join } from 'node:path'
-import type { AbortOptions } from '@strata/stargz'
+import { type AbortOptions, isSha256Digest } from '@strata/base'
 import {
   SnapshotExists,
   SnapshotInvalid,
@@ -261,7 +261,7 @@ export class Snapshotter {
     const label = p.labels[SNAPSHOT_REF_LABEL]
     if (label !== undefined) return label
     const last = p.name.slice(p.name.lastIndexOf('/') + 1)
-    return /^sha256:[0-9a-f]{64}$/.test(last) ? last : undefined
+    return isSha256Digest(last) ? last : undefined
   }
 
   /** The lower directories of a snapshot over `parent`, nearest first. */

@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto'
 import { createWriteStream } from 'node:fs'
 import { type FileHandle, mkdtemp, open, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
@@ -6,6 +5,7 @@ import { join, posix } from 'node:path'
 import type { Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { createGunzip, gzip } from 'node:zlib'
+import { digestHasher, sha256Digest, TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION } from '@strata/base'
 import {
   BuildSpoolError,
   InputDecompressError,
@@ -46,9 +46,6 @@ export interface BuildResult {
   /** The layer annotations a converter writes into the manifest. */
   annotations: Record<string, string>
 }
-
-export const TOC_DIGEST_ANNOTATION = 'containerd.io/snapshot/stargz/toc.digest'
-export const UNCOMPRESSED_SIZE_ANNOTATION = 'io.containers.estargz.uncompressed-size'
 
 const DEFAULT_CHUNK_SIZE = 4 << 20
 const DEFAULT_GZIP_LEVEL = 9
@@ -368,8 +365,8 @@ function gzipMember(data: Buffer, level: number): Promise<Buffer> {
 
 /** Writes one blob: gzip members compressed in parallel and emitted in order, then the TOC and the footer. */
 class BlobWriter {
-  private readonly diff = createHash('sha256')
-  private readonly blobHash = createHash('sha256')
+  private readonly diff = digestHasher()
+  private readonly blobHash = digestHasher()
   private uncompressed = 0
   private compressed = 0
   /** The open member: uncompressed parts and the entries whose payload starts it. */
@@ -421,12 +418,12 @@ class BlobWriter {
       this.compressed += b.length
       yield b
     }
-    const tocDigest = `sha256:${createHash('sha256').update(json).digest('hex')}`
+    const tocDigest = sha256Digest(json)
     this.done = {
       tocDigest,
-      diffId: `sha256:${this.diff.digest('hex')}`,
+      diffId: this.diff.digest(),
       uncompressedSize: this.uncompressed,
-      blobDigest: `sha256:${this.blobHash.digest('hex')}`,
+      blobDigest: this.blobHash.digest(),
       blobSize: this.compressed,
       tocOffset,
       annotations: { [TOC_DIGEST_ANNOTATION]: tocDigest, [UNCOMPRESSED_SIZE_ANNOTATION]: String(this.uncompressed) }
@@ -459,12 +456,12 @@ class BlobWriter {
 
     this.add(item.raw ?? (await this.reader.read(h.offset, h.dataOffset - h.offset)))
     if (type !== 'reg' || h.size === 0) {
-      if (type === 'reg') e.digest = `sha256:${createHash('sha256').digest('hex')}`
+      if (type === 'reg') e.digest = sha256Digest('')
       toc.push(e)
       if (this.partsLen >= this.chunkSize) yield* this.closeMember()
       return
     }
-    const file = h.size > this.chunkSize ? createHash('sha256') : undefined
+    const file = h.size > this.chunkSize ? digestHasher() : undefined
     let ent = e
     for (let written = 0; written < h.size; ) {
       yield* this.closeMember()
@@ -473,7 +470,7 @@ class BlobWriter {
       file?.update(data)
       ent.chunkOffset = written
       if (n === this.chunkSize) ent.chunkSize = n
-      ent.chunkDigest = `sha256:${createHash('sha256').update(data).digest('hex')}`
+      ent.chunkDigest = sha256Digest(data)
       this.add(data)
       this.partsEntries.push(ent)
       toc.push(ent)
@@ -481,7 +478,7 @@ class BlobWriter {
       ent = { name: h.name, type: 'chunk' }
     }
     this.add(tarPadding(h.size))
-    e.digest = file === undefined ? e.chunkDigest : `sha256:${file.digest('hex')}`
+    e.digest = file === undefined ? e.chunkDigest : file.digest()
   }
 
   private add(b: Buffer): void {

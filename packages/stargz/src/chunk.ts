@@ -1,6 +1,5 @@
-import { createHash } from 'node:crypto'
 import { createGunzip, createZstdDecompress } from 'node:zlib'
-import { sha256Digest } from './digest.js'
+import { digestHasher, sha256Digest } from '@strata/base'
 import {
   BlobTruncatedError,
   ChunkDecompressError,
@@ -200,7 +199,7 @@ export async function verifyLayer(
   for (const entry of files) {
     // A one-chunk file whose chunk digest is the file digest is verified with its chunk.
     const only = entry.chunks.length === 1 && entry.chunks[0]!.digest === entry.digest
-    const hash = only ? undefined : createHash('sha256')
+    const hash = only ? undefined : digestHasher()
     for (let i = 0; i < entry.chunks.length; i++) {
       fill()
       const bytes = await queue.shift()!
@@ -209,7 +208,7 @@ export async function verifyLayer(
       result.bytes += bytes.length
       options?.onProgress?.(result.bytes)
     }
-    const actual = hash === undefined ? entry.digest : `sha256:${hash.digest('hex')}`
+    const actual = hash === undefined ? entry.digest : hash.digest()
     if (entry.digest !== undefined && actual !== entry.digest) {
       throw new FileDigestMismatchError(entry.path, entry.digest, actual!)
     }

@@ -3,22 +3,14 @@
  * Match them by `name` (or `code`), not by `instanceof`: copies of this package may be loaded twice.
  */
 
-export interface StargzErrorOptions {
-  cause?: unknown
-  /** What the operator can do about it. */
-  hint?: string
-}
+import { StrataError, type StrataErrorOptions } from '@strata/base'
+
+export type StargzErrorOptions = StrataErrorOptions
 
 /** Base of every error this package throws on bad input. */
-export class StargzError extends Error {
+export class StargzError extends StrataError {
   override name = 'StargzError'
-  readonly code: string = 'ERR_STARGZ'
-  readonly hint: string | undefined
-
-  constructor(message: string, options: StargzErrorOptions = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.hint = options.hint
-  }
+  override readonly code: string = 'ERR_STARGZ'
 }
 
 /** The blob does not end with an eStargz, legacy stargz or zstd:chunked footer, or the footer points outside it. */

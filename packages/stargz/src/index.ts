@@ -1,11 +1,5 @@
 export * from './build-errors.js'
-export {
-  type BuildOptions,
-  type BuildResult,
-  buildEstargz,
-  TOC_DIGEST_ANNOTATION,
-  UNCOMPRESSED_SIZE_ANNOTATION
-} from './builder.js'
+export { type BuildOptions, type BuildResult, buildEstargz } from './builder.js'
 export {
   type ChunkOptions,
   inflateChunk,

@@ -1,6 +1,6 @@
 import { promisify } from 'node:util'
 import { gunzip, zstdDecompress } from 'node:zlib'
-import { sha256Digest } from './digest.js'
+import { sha256Digest } from '@strata/base'
 import {
   BlobTruncatedError,
   InvalidFooterError,

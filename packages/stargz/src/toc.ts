@@ -1,4 +1,4 @@
-import { isSha256Digest } from './digest.js'
+import { isSha256Digest } from '@strata/base'
 import { InvalidTOCError, UnsupportedTOCError } from './errors.js'
 import { normaliseEntryName } from './names.js'
 import type { Chunk, Entry, EntryType, LayerFormat, TOC } from './types.js'

@@ -1,8 +1,8 @@
 /** Cross-package types of the stargz format. The contract other packages code against: change with care. */
 
-export interface AbortOptions {
-  signal?: AbortSignal
-}
+import type { AbortOptions } from '@strata/base'
+
+export type { AbortOptions }
 
 /** Random access to a blob: a local file, a buffer, or a remote blob read with HTTP Range requests. */
 export interface ReadAt {

@@ -1,10 +1,12 @@
+import { StrataError } from '@strata/base'
+
 /** The store's failure modes: one class each, matched by `name` (or `code`), never by instanceof. */
 
 /** Another process (or another open in this one) owns the store directory. */
-export class StoreLockedError extends Error {
+export class StoreLockedError extends StrataError {
   override readonly name = 'StoreLockedError'
-  readonly code = 'STORE_LOCKED'
-  readonly hint: string
+  override readonly code = 'STORE_LOCKED'
+  override readonly hint: string
   readonly dir: string
 
   constructor(dir: string, options?: ErrorOptions) {
@@ -21,10 +23,10 @@ export class StoreLockedError extends Error {
  * little room to write and to open again (see DiskStoreInit.headroomBytes): while storing a chunk (`digest`), or
  * when opening the store (no `digest`).
  */
-export class StoreFullError extends Error {
+export class StoreFullError extends StrataError {
   override readonly name = 'StoreFullError'
-  readonly code = 'STORE_FULL'
-  readonly hint: string
+  override readonly code = 'STORE_FULL'
+  override readonly hint: string
   readonly dir: string
   readonly digest: string | undefined
   /** Bytes free on the file system when it was found full, when known. */
@@ -49,10 +51,10 @@ export class StoreFullError extends Error {
 }
 
 /** A chunk cannot fit under the size cap: pinned chunks take the room, or the chunk is larger than the cap. */
-export class StoreCapError extends Error {
+export class StoreCapError extends StrataError {
   override readonly name = 'StoreCapError'
-  readonly code = 'STORE_CAP_EXCEEDED'
-  readonly hint: string
+  override readonly code = 'STORE_CAP_EXCEEDED'
+  override readonly hint: string
   readonly digest: string
 
   constructor(digest: string, size: number, maxBytes: number, pinnedBytes: number) {
@@ -64,9 +66,9 @@ export class StoreCapError extends Error {
 }
 
 /** A digest that is not `sha256:` and 64 lowercase hex digits. */
-export class InvalidDigestError extends Error {
+export class InvalidDigestError extends StrataError {
   override readonly name = 'InvalidDigestError'
-  readonly code = 'STORE_INVALID_DIGEST'
+  override readonly code = 'STORE_INVALID_DIGEST'
 
   constructor(digest: string) {
     super(`not a chunk digest (want sha256:<64 lowercase hex>): ${JSON.stringify(digest.slice(0, 100))}`)
@@ -74,9 +76,9 @@ export class InvalidDigestError extends Error {
 }
 
 /** The store was used after close(). */
-export class StoreClosedError extends Error {
+export class StoreClosedError extends StrataError {
   override readonly name = 'StoreClosedError'
-  readonly code = 'STORE_CLOSED'
+  override readonly code = 'STORE_CLOSED'
 
   constructor(what: string) {
     super(`the store ${what} is closed`)
@@ -84,10 +86,10 @@ export class StoreClosedError extends Error {
 }
 
 /** A file operation of the disk store failed for a reason other than a full disk. */
-export class StoreIOError extends Error {
+export class StoreIOError extends StrataError {
   override readonly name = 'StoreIOError'
-  readonly code = 'STORE_IO'
-  readonly hint: string
+  override readonly code = 'STORE_IO'
+  override readonly hint: string
   readonly path: string
 
   constructor(operation: string, path: string, options: ErrorOptions) {

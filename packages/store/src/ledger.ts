@@ -1,3 +1,4 @@
+import { isSha256Digest } from '@strata/base'
 import { InvalidDigestError, StoreCapError } from './errors.js'
 import type { StoreStats } from './types.js'
 
@@ -17,10 +18,8 @@ export interface ChunkRecord {
   verified?: boolean
 }
 
-const DIGEST = /^sha256:[0-9a-f]{64}$/
-
 export function assertDigest(digest: string): void {
-  if (!DIGEST.test(digest)) throw new InvalidDigestError(digest)
+  if (!isSha256Digest(digest)) throw new InvalidDigestError(digest)
 }
 
 export function assertOffset(offset: number): void {

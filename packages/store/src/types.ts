@@ -1,8 +1,8 @@
 /** The chunk store contract: chunks by `sha256:<hex>` digest of their bytes. Both implementations pass one suite. */
 
-export interface AbortOptions {
-  signal?: AbortSignal
-}
+import type { AbortOptions } from '@strata/base'
+
+export type { AbortOptions }
 
 export interface PutOptions extends AbortOptions {
   /** The layer (blob digest) this chunk belongs to: recorded in the index. */

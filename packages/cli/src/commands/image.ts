@@ -1,3 +1,4 @@
+import { TOC_DIGEST_ANNOTATION } from '@strata/base'
 import {
   type ConvertEvent,
   convertImage,
@@ -8,7 +9,7 @@ import {
   parseReference,
   type RegistryClient
 } from '@strata/registry'
-import { MAX_FOOTER_SIZE, openLayer, parseFooter, TOC_DIGEST_ANNOTATION } from '@strata/stargz'
+import { MAX_FOOTER_SIZE, openLayer, parseFooter } from '@strata/stargz'
 import { type Command, type OptionSpec, type Options, UsageError } from '../command.js'
 import { parseCredentials } from '../credentials.js'
 import { formatBytes, type Output, type Progress } from '../output.js'

@@ -1,4 +1,5 @@
 import { once } from 'node:events'
+import { isSha256Digest } from '@strata/base'
 import {
   type Entry,
   EntryNotFoundError,
@@ -24,7 +25,7 @@ const tocDigestOption: OptionSpec = {
 /** Opens BLOB (a local eStargz, stargz or zstd:chunked file) and its TOC for the length of `f`. */
 async function withLayer<T>(ctx: Context, f: (blob: FileReadAt, layer: Layer) => Promise<T>): Promise<T> {
   const tocDigest = typeof ctx.opts['toc-digest'] === 'string' ? ctx.opts['toc-digest'] : undefined
-  if (tocDigest !== undefined && !/^sha256:[0-9a-f]{64}$/.test(tocDigest)) {
+  if (tocDigest !== undefined && !isSha256Digest(tocDigest)) {
     throw new UsageError(`--toc-digest '${tocDigest}' is not a digest like sha256:<64 hex digits>`)
   }
   const blob = await fileReader(ctx.args[0]!, { signal: ctx.signal })
