@@ -10,10 +10,9 @@ export default defineConfig({
       // A subpath first: the package's alias below would also match it.
       ['@strata/node/client', fileURLToPath(new URL('./packages/node/src/client.ts', import.meta.url))],
       ['@strata/registry/reference', fileURLToPath(new URL('./packages/registry/src/reference.ts', import.meta.url))],
-      ...['base', 'native', 'stargz', 'registry', 'store', 'fetcher', 'node', 'fs', 'snapshotter', 'cli'].map((n) => [
-        `@strata/${n}`,
-        pkg(n)
-      ]),
+      ...['base', 'native', 'stargz', 'registry', 'store', 'fetcher', 'node', 'fs', 'mounts', 'snapshotter', 'cli'].map(
+        (n) => [`@strata/${n}`, pkg(n)]
+      ),
       ['@test', fileURLToPath(new URL('./test/helpers', import.meta.url))]
     ])
   },

@@ -3,13 +3,13 @@ import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { canServeDirectly, isMounted } from '@strata/fs'
+import { writableDirOf } from '@strata/mounts'
 import { buildCli, type P2pdProcess, startP2pd } from '@test/cluster.js'
 import { buildTestImage, makeTestTree, type TestImage } from '@test/images.js'
 import { startRegistry, type TestRegistry } from '@test/registry.js'
 import { repoRoot, run } from '@test/tools.js'
 import { startWanProxy, type WanProxy } from '@test/wan-proxy.js'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { writableDirOf } from '../../packages/cli/src/writable-dir.js'
 
 // p2pd restarts under the mounts it serves, as real processes: killed (SIGKILL, a crash) with a file of the
 // mount open and a read in progress, and stopped (SIGTERM, as for an upgrade). The FUSE session holder keeps

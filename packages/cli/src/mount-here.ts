@@ -1,12 +1,19 @@
 import { join } from 'node:path'
-import { createFetcher, createRegistrySource, type FetchEvent, openImage, resolveImage } from '@strata/fetcher'
-import { type ReadFailure, serveMount } from '@strata/fs'
+import {
+  createFetcher,
+  createRegistrySource,
+  type FetchEvent,
+  type Fetcher,
+  openImage,
+  resolveImage
+} from '@strata/fetcher'
+import { thisProcess } from '@strata/fs'
+import { createMounts, type ImageSource } from '@strata/mounts'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
 import { openDiskStore } from '@strata/store'
 import type { Context } from './command.js'
 import { parseCredentials } from './credentials.js'
 import { formatBytes, Progress } from './output.js'
-import { writableDir } from './writable-dir.js'
 
 /** What p2p-mount mounts, with its paths resolved. */
 export interface EmbeddedMount {
@@ -18,7 +25,10 @@ export interface EmbeddedMount {
   recordFile?: string | undefined
 }
 
-/** Embedded mode: this process owns the store and serves the mount itself. */
+/**
+ * Embedded mode: this process owns the store and serves the mount itself, through the same Mounts service as
+ * p2pd (@strata/mounts), with a fetcher of its own store and the registry. This file opens and prints.
+ */
 export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<number> {
   const { image, mountpoint, recordFile, dataDir: dir } = what
   const { signal, out } = ctx
@@ -30,73 +40,65 @@ export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<numb
   pending.catch(() => {})
   const store = await openDiskStore(join(dir, 'store'))
   try {
-    const stale = (e: FetchEvent) => {
-      if (e.type === 'image:stale') out.warn(e.message)
-    }
-    const pinned = await resolveImage({ client, store, ref: image, platform, pending, signal, onProgress: stale })
-    const layerIndex = new Map(pinned.layers.map((l, i) => [l.digest, i]))
-    const tocs = new Progress(out.stderr, `opening ${image}`, pinned.layers.length, false)
-    const downloading = new Set<string>()
-    const onProgress = (e: FetchEvent) => {
-      if (e.type === 'layer:toc') tocs.add(1)
-      else if (e.type === 'layer:unverified') out.warn(e.message)
-      else if (e.type === 'layer:download' && !downloading.has(e.layer)) {
-        downloading.add(e.layer)
-        out.info(`layer ${layerIndex.get(e.layer)} is not eStargz: fetching it whole (${formatBytes(e.total)})`)
-      }
-    }
-    const opened = await openImage({
-      client,
-      store,
-      ref: pinned.ref,
-      image: pinned,
-      requireVerified: ctx.opts['require-verified'] === true,
-      signal,
-      onProgress
-    })
-    tocs.finish(`opened ${image}: ${opened.layers.length} layers`)
-
-    const fetcher = createFetcher({
-      store,
-      sources: [createRegistrySource({ client, ref: pinned.ref, layers: opened.layers })]
-    })
-    let writable: string | undefined
-    if (ctx.opts.writable === true) writable = await writableDir(dir, mountpoint, opened.digest)
-    const onError = (f: ReadFailure) =>
-      out.warn(`read of ${f.path} (layer ${f.layer}, ${f.length} bytes at ${f.offset}) failed: ${f.error.message}`)
-    const served = await serveMount(
-      {
-        image: opened,
-        fetcher,
-        mountpoint,
-        onError,
-        ...(writable !== undefined && { writableDir: writable }),
-        ...(recordFile !== undefined && { recordFile })
+    let tocs: Progress | undefined
+    let fetcher: Fetcher | undefined
+    const source: ImageSource = {
+      // Made when the image is open: its registry source serves the opened layers.
+      get fetcher() {
+        if (fetcher === undefined) throw new Error('the image is not open yet')
+        return fetcher
       },
-      { signal }
-    )
-    try {
-      out.print(`mounted ${image} at ${what.shown}`)
-      // The prioritized files of eStargz layers, in the background: the workload will want them first.
-      const prioritized = opened.layers.reduce((n, l) => n + l.toc.prioritized.reduce((m, e) => m + e.size, 0), 0)
-      if (prioritized > 0) {
-        const started = Date.now()
-        fetcher.prefetch(opened, { signal }).then(
-          () =>
-            out.info(
-              `prefetched the prioritized files (${formatBytes(prioritized)}) in ${((Date.now() - started) / 1000).toFixed(1)}s`
-            ),
-          (err: Error) => {
-            if (!signal.aborted) out.warn(`prefetch of ${image} failed: ${err.message}`)
+      async openImage(ref, options) {
+        // Said as it comes, before the TOCs' progress (the service would say it once the image is open).
+        const stale = (e: FetchEvent) => {
+          if (e.type === 'image:stale') out.warn(e.message)
+        }
+        const pinned = await resolveImage({ client, store, ref, platform, pending, signal, onProgress: stale })
+        const layerIndex = new Map(pinned.layers.map((l, i) => [l.digest, i]))
+        const downloading = new Set<string>()
+        tocs = new Progress(out.stderr, `opening ${image}`, pinned.layers.length, false)
+        const onProgress = (e: FetchEvent) => {
+          if (e.type === 'layer:toc') tocs?.add(1)
+          else if (e.type === 'layer:unverified') out.warn(e.message)
+          else if (e.type === 'layer:download' && !downloading.has(e.layer)) {
+            downloading.add(e.layer)
+            out.info(`layer ${layerIndex.get(e.layer)} is not eStargz: fetching it whole (${formatBytes(e.total)})`)
           }
-        )
+        }
+        const opened = await openImage({
+          client,
+          store,
+          ref: pinned.ref,
+          image: pinned,
+          requireVerified: ctx.opts['require-verified'] === true,
+          signal: options?.signal ?? signal,
+          onProgress
+        })
+        fetcher = createFetcher({
+          store,
+          sources: [createRegistrySource({ client, ref: pinned.ref, layers: opened.layers })]
+        })
+        return opened
       }
-      await new Promise<void>((done) => {
-        if (signal.aborted) done()
-        else signal.addEventListener('abort', () => done(), { once: true })
-      })
-    } finally {
-      await served.unmount()
+    }
+    // No holder: the mount lives as long as this process. The prioritized files are fetched once mounted.
+    const mounts = createMounts({ source, dataDir: dir, prefetch: true })
+    const request = {
+      image,
+      mountpoint,
+      ...(ctx.opts.writable === true && { writable: true }),
+      ...(recordFile !== undefined && { record: recordFile })
+    }
+    for await (const e of mounts.mount(request, thisProcess(), { signal })) {
+      if (e.type === 'opened') tocs?.finish(`opened ${image}: ${e.layers} layers`)
+      else if (e.type === 'mounted') out.print(`mounted ${image} at ${what.shown}`)
+      else if (e.type === 'warning') out.warn(e.message)
+      else if (e.type === 'read-error') {
+        const f = e.failure
+        out.warn(`read of ${f.path} (layer ${f.layer}, ${f.length} bytes at ${f.offset}) failed: ${f.error.message}`)
+      } else if (e.type === 'prefetched') {
+        out.info(`prefetched the prioritized files (${formatBytes(e.bytes)}) in ${(e.ms / 1000).toFixed(1)}s`)
+      } else if (e.type === 'prefetch-failed') out.warn(`prefetch of ${image} failed: ${e.message}`)
     }
     out.info(`unmounted ${mountpoint}${recordFile !== undefined ? `; recorded reads in ${recordFile}` : ''}`)
     return 0

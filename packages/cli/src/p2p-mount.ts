@@ -4,7 +4,6 @@ import { createControlClient } from '@strata/node/client'
 import { parseReference } from '@strata/registry/reference'
 import { type Command, type Context, runCommand, UsageError } from './command.js'
 import type { MountEvent, MountRequest } from './mount-routes.js'
-import { writableDirOf } from './writable-dir.js'
 
 /** The default data directory: p2pd's when root, else a per-user one. */
 function defaultDataDir(): string {
@@ -84,8 +83,9 @@ async function unmount(ctx: Context): Promise<number> {
         (r) => r.unmounted === true,
         () => false
       ))
-  const lower = join(writableDirOf(dataDir(ctx), mountpoint), 'lower')
   const { forceUnmount, isMounted } = await import('@strata/fs')
+  const { writableDirOf } = await import('@strata/mounts')
+  const lower = join(writableDirOf(dataDir(ctx), mountpoint), 'lower')
   const removed = (await forceUnmount(mountpoint, { signal: ctx.signal })) || byDaemon
   // A writable mount has its FUSE mount under the data dir, below the overlay.
   const removedLower = (await isMounted(lower)) && (await forceUnmount(lower, { signal: ctx.signal }))

@@ -14,7 +14,6 @@ export {
   Status
 } from './errors.js'
 export { parseFilters } from './filters.js'
-export type { MountSource } from './mounts.js'
 export {
   CRI_LABELS,
   chainIds,

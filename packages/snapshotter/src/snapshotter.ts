@@ -8,7 +8,9 @@ import { existsSync } from 'node:fs'
 import { chmod, lstat, mkdir, readdir, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import { type AbortOptions, isSha256Digest } from '@strata/base'
+import { type ImageSource, MergedMounts } from '@strata/mounts'
 import {
+  MountUnavailable,
   SnapshotExists,
   SnapshotInvalid,
   SnapshotNotFound,
@@ -16,7 +18,6 @@ import {
   SnapshotterRootError
 } from './errors.js'
 import { parseFilters } from './filters.js'
-import { MergedMounts, type MountSource } from './mounts.js'
 import {
   type ImageOpener,
   REMOTE_LABEL,
@@ -53,7 +54,7 @@ export interface SnapshotterInit {
   /** The snapshotter's directory (made root-only); its path must hold no ':' or ','. */
   root: string
   /** Where remote layers are read from: p2pd's node (openImage, fetcher) and the registry (configs). */
-  source: MountSource & ImageOpener
+  source: ImageSource & ImageOpener
   /** Serve layers remotely when Prepare's labels allow it (default true); false: a plain overlay snapshotter. */
   remote?: boolean
   /** Prefetch the prioritized files of an image's eStargz layers when its first container is prepared (true). */
@@ -270,7 +271,14 @@ export class Snapshotter {
     for (const s of this.#state.chain(parent)) {
       if (s.remote !== undefined) {
         // The merged root holds this layer and all below it.
-        out.push(await this.#mounts.ensure(s.id, s.remote, options))
+        out.push(
+          await this.#mounts.ensure(s.id, s.remote, options).catch((err: unknown) => {
+            // The Mounts service's MountUnavailableError is UNAVAILABLE to containerd, which retries.
+            if ((err as Error).name === 'MountUnavailableError')
+              throw new MountUnavailable((err as Error).message, { cause: err })
+            throw err
+          })
+        )
         break
       }
       out.push(join(this.#dir(s), 'fs'))

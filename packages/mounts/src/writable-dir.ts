@@ -1,10 +1,10 @@
-import { createHash } from 'node:crypto'
 import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { StrataError, sha256Hex } from '@strata/base'
 
 /** Where a writable mount's layers live: one directory per mountpoint under the data dir. */
 export function writableDirOf(dataDir: string, mountpoint: string): string {
-  return join(dataDir, 'mounts', createHash('sha256').update(mountpoint).digest('hex').slice(0, 16))
+  return join(dataDir, 'mounts', sha256Hex(mountpoint).slice(0, 16))
 }
 
 /**
@@ -23,12 +23,12 @@ export async function writableDir(dataDir: string, mountpoint: string, digest: s
 }
 
 /** A writable mount would show the changes made to another image. */
-class WritableLayerInUseError extends Error {
-  override name = 'WritableLayerInUseError'
-  readonly code = 'ERR_WRITABLE_LAYER_IN_USE'
-  readonly hint: string
+export class WritableLayerInUseError extends StrataError {
+  override readonly name = 'WritableLayerInUseError'
+  override readonly code = 'ERR_WRITABLE_LAYER_IN_USE'
   constructor(mountpoint: string, dir: string, image: string) {
-    super(`the writable layer for ${mountpoint} in ${dir} holds changes to another image (${image})`)
-    this.hint = `mount at another path, or remove ${dir} if its changes are not needed`
+    super(`the writable layer for ${mountpoint} in ${dir} holds changes to another image (${image})`, {
+      hint: `mount at another path, or remove ${dir} if its changes are not needed`
+    })
   }
 }

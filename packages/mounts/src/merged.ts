@@ -1,6 +1,7 @@
-// Merged-root mounts of remote layers: one FUSE mount of an image's layers 0..i serves every snapshot whose
-// parent chain tops out at that remote layer, as the lower directory of each one's overlay. A mount lives while
-// some active snapshot or view needs it (the snapshotter asks `release` when the last one goes).
+// Shared merged-root mounts (the containerd snapshotter's): one FUSE mount of an image's layers 0..i serves every
+// user of that image chain (each container's overlay has it as its lower directory). A mount lives while some
+// user needs it: its users are counted by the caller (the snapshotter's records, which persist across restarts),
+// which asks `release` when the last one goes and is asked again, at release time, whether one came meanwhile.
 //
 // With a FUSE session holder (@strata/fs), the mounts outlive p2pd, as the containers on them must: the holder
 // keeps each session while p2pd is away (a SIGTERM, a SIGKILL, an upgrade), readers wait, and the next p2pd
@@ -10,7 +11,8 @@ import { execFile } from 'node:child_process'
 import { mkdir, readdir, rmdir, stat } from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
-import type { Fetcher, Image } from '@strata/fetcher'
+import { type AbortOptions, StrataError } from '@strata/base'
+import type { Image } from '@strata/fetcher'
 import {
   createFuseHolder,
   discardMount,
@@ -23,22 +25,29 @@ import {
   type ServedMount,
   serveMount
 } from '@strata/fs'
-import type { AbortOptions } from '@strata/stargz'
-import { MountUnavailable } from './errors.js'
-import type { RemoteLayer } from './state.js'
+import type { ImageSource } from './source.js'
 
 const exec = promisify(execFile)
 
-/** What the mounts read through: p2pd's node. */
-export interface MountSource {
-  openImage(ref: string, options?: AbortOptions): Promise<Image>
-  readonly fetcher: Fetcher
+/** An image chain: layers 0..`index` of the image `ref` (manifest `manifest`), whose top is `layer`. */
+export interface ImageChain {
+  ref: string
+  manifest: string
+  layer: string
+  index: number
+}
+
+/** A merged root cannot be made now (the image cannot be opened, FUSE failed): try again later. */
+export class MountUnavailableError extends StrataError {
+  override readonly name = 'MountUnavailableError'
+  override readonly code = 'ERR_MOUNT_UNAVAILABLE'
 }
 
 export interface MergedMountsInit {
   /** The directory the mounts go in (root-only). */
   dir: string
-  source: MountSource
+  /** What the mounts read through: p2pd's node. */
+  source: ImageSource
   log: (message: string) => void
   /** Fetch the prioritized files of the image's eStargz layers when a mount is first made (default true). */
   prefetch?: boolean
@@ -86,7 +95,7 @@ export class MergedMounts {
    * id -> its remote layer) are served again, in the background but before anything else is done with them;
    * the others are unmounted, and so are dead mounts (a p2pd without a holder, killed).
    */
-  async recover(needed: ReadonlyMap<number, RemoteLayer>): Promise<void> {
+  async recover(needed: ReadonlyMap<number, ImageChain>): Promise<void> {
     await mkdir(this.#init.dir, { recursive: true, mode: 0o700 })
     const held = new Set<string>()
     if (this.#holder !== undefined) {
@@ -116,7 +125,7 @@ export class MergedMounts {
   }
 
   /** Serves a mount the holder kept; when that fails it is unmounted (and mounted afresh when needed). */
-  async #resume(id: number, remote: RemoteLayer, h: HeldMountInfo): Promise<void> {
+  async #resume(id: number, remote: ImageChain, h: HeldMountInfo): Promise<void> {
     try {
       const image = await this.#init.source.openImage(remote.ref)
       const layers = image.layers.slice(0, remote.index + 1)
@@ -146,13 +155,13 @@ export class MergedMounts {
 
   /**
    * The mountpoint of the merged root of layers 0..remote.index of the remote layer's image, mounted when it
-   * is not (or no longer: a mount whose server died is replaced). MountUnavailable when it cannot be made.
+   * is not (or no longer: a mount whose server died is replaced). MountUnavailableError when it cannot be made.
    */
-  ensure(id: number, remote: RemoteLayer, options?: AbortOptions): Promise<string> {
+  ensure(id: number, remote: ImageChain, options?: AbortOptions): Promise<string> {
     return this.#serial(id, () => this.#ensure(id, remote, options))
   }
 
-  async #ensure(id: number, remote: RemoteLayer, options?: AbortOptions): Promise<string> {
+  async #ensure(id: number, remote: ImageChain, options?: AbortOptions): Promise<string> {
     const path = this.path(id)
     const served = this.#live.get(id)
     if (served !== undefined) {
@@ -166,11 +175,13 @@ export class MergedMounts {
     try {
       image = await this.#init.source.openImage(remote.ref, options)
     } catch (err) {
-      throw new MountUnavailable(`cannot open ${remote.ref} to mount it: ${(err as Error).message}`, { cause: err })
+      throw new MountUnavailableError(`cannot open ${remote.ref} to mount it: ${(err as Error).message}`, {
+        cause: err
+      })
     }
     const layers = image.layers.slice(0, remote.index + 1)
     if (layers[remote.index]?.digest !== remote.layer) {
-      throw new MountUnavailable(`${remote.ref} no longer has layer ${remote.layer} at ${remote.index}`)
+      throw new MountUnavailableError(`${remote.ref} no longer has layer ${remote.layer} at ${remote.index}`)
     }
     await mkdir(path, { recursive: true, mode: 0o700 })
     let mount: ServedMount
@@ -196,13 +207,17 @@ export class MergedMounts {
         options
       )
     } catch (err) {
-      throw new MountUnavailable(`cannot mount ${remote.ref} at ${path}: ${(err as Error).message}`, { cause: err })
+      throw new MountUnavailableError(`cannot mount ${remote.ref} at ${path}: ${(err as Error).message}`, {
+        cause: err
+      })
     }
     try {
       await allowSetuid(path)
     } catch (err) {
       await mount.unmount().catch(() => {})
-      throw new MountUnavailable(`cannot allow setuid programs on ${path}: ${(err as Error).message}`, { cause: err })
+      throw new MountUnavailableError(`cannot allow setuid programs on ${path}: ${(err as Error).message}`, {
+        cause: err
+      })
     }
     this.#live.set(id, mount)
     this.#init.log(`snapshotter: mounted layers 1-${remote.index + 1} of ${remote.ref} at ${path}`)

@@ -1,0 +1,22 @@
+import type { AbortOptions } from '@strata/base'
+import type { Image, ImageLayer } from '@strata/fetcher'
+import type { LayerReader } from '@strata/fs'
+
+/**
+ * Where mounts get their images and read them: p2pd passes its node (the store, then peers, then the registry);
+ * embedded p2p-mount a fetcher of its own store and the registry. The service imports neither.
+ */
+export interface ImageSource {
+  openImage(ref: string, options?: OpenImageOptions): Promise<Image>
+  /** Reads the mounts' files, and fetches an image's prioritized files (`prefetch`). */
+  readonly fetcher: MountReader
+}
+
+export interface OpenImageOptions extends AbortOptions {
+  /** The registry could not be reached and the image `ref` named before is used: why, for the operator. */
+  onStale?: (message: string) => void
+}
+
+export interface MountReader extends LayerReader<ImageLayer> {
+  prefetch(image: Image, options?: AbortOptions): Promise<void>
+}
