@@ -4,30 +4,20 @@
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { close as closeFd } from 'node:fs'
-import { chmod, type FileHandle, mkdir, open, readFile, rename, unlink, writeFile } from 'node:fs/promises'
+import { chmod, mkdir, open, unlink } from 'node:fs/promises'
 import { createConnection, createServer, type Server, type Socket } from 'node:net'
 import { release } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { backingClose, pidfdGetfd } from '@strata/native'
 import type { AbortOptions } from '@strata/stargz'
-import { MountError, UnmountError } from './errors.js'
-import {
-  Connection,
-  type FuseMountInit,
-  MessageStream,
-  type Mount,
-  notifyResend,
-  type OpenLog,
-  RELAY_BUFFER,
-  Responder,
-  refuseMounted,
-  setReadAhead
-} from './fuse.js'
+import { MountError } from './errors.js'
+import { type FuseMountInit, type Mount, notifyResend, refuseMounted, setReadAhead } from './fuse.js'
+import { DirectConnection, HeldConnection } from './held-connections.js'
 import { HOLDER_FEATURES, HOLDER_PROTOCOL, HOLDER_SOCKET, readLine } from './holder.js'
 import type { HeldDirectory } from './mountpoint.js'
+import { FileOpenLog, openLogPath } from './open-log.js'
 import type { Operations } from './operations.js'
-import { IN_HEADER } from './protocol.js'
 
 /** The holder's script: next to this file's compiled self (from src/, under tests, the built one). */
 const HOLDER_SCRIPT = fileURLToPath(new URL('../dist/holder-main.js', import.meta.url))
@@ -306,137 +296,6 @@ function connect(path: string, options?: AbortOptions): Promise<Socket> {
   })
 }
 
-/** A held session served by this process: requests come over the holder's socket, replies go back on it. */
-class HeldConnection {
-  readonly responder: Responder
-  readonly #socket: Socket
-  readonly #holder: HolderClient
-  readonly id: string
-  /** The socket closed: detached, closed, or the holder ended the session (or died). */
-  readonly gone: Promise<void>
-
-  constructor(holder: HolderClient, id: string, socket: Socket, rest: Buffer, ops: Operations, init: FuseMountInit) {
-    this.#holder = holder
-    this.id = id
-    this.#socket = socket
-    this.responder = new Responder(
-      ops,
-      { cacheTimeout: init.cacheTimeout ?? 86_400, debug: init.debug === true },
-      (r) => this.#send(r)
-    )
-    const requests = new MessageStream(
-      IN_HEADER,
-      RELAY_BUFFER,
-      (r) => this.responder.dispatch(r),
-      () => socket.destroy()
-    )
-    socket.on('error', () => {})
-    this.gone = new Promise((resolve) => socket.once('close', () => resolve()))
-    this.gone.then(() => {
-      // Whatever is in flight is the holder's again: nothing more goes to a socket that is gone.
-      this.responder.stop(new Error('the FUSE session holder connection closed'), false)
-      this.responder.failed(new Error('the FUSE session holder ended the session before it started'))
-      holder.serving(this, false)
-    })
-    holder.serving(this, true)
-    if (rest.length > 0) requests.push(rest)
-    socket.on('data', (d: Buffer) => requests.push(d))
-    socket.resume()
-  }
-
-  #send(reply: Uint8Array): Promise<void> {
-    if (this.#socket.destroyed) return Promise.resolve()
-    return new Promise((resolve) => this.#socket.write(reply, () => resolve()))
-  }
-
-  async detach(): Promise<void> {
-    this.responder.stop(new Error('the mount is handed over to the next p2pd'), false)
-    this.#socket.destroy()
-    await this.gone
-  }
-
-  async close(mountpoint: string): Promise<void> {
-    this.responder.stop(new Error(`${mountpoint} is being unmounted`), true)
-    try {
-      await this.#holder.call({ op: 'close', id: this.id }, false)
-    } catch (err) {
-      const e = err as Error & { code?: string }
-      // No holder, or it has no such session any more: the connection ended already.
-      if (e.name === 'NoSuchSession' || e.code === 'ENOENT' || e.code === 'ECONNREFUSED') return
-      throw new UnmountError(mountpoint, e.message, `try 'p2p-mount --unmount ${mountpoint}'`, { cause: err })
-    } finally {
-      this.#socket.destroy()
-    }
-  }
-}
-
-/**
- * A held session served from this process's own copy of the connection's descriptor, as an embedded mount is:
- * the holder only keeps its descriptor open, so that the connection outlives this process.
- */
-class DirectConnection {
-  readonly id: string
-  readonly connection: Connection
-  readonly #holder: HolderClient
-  readonly #log: FileOpenLog
-
-  constructor(
-    holder: HolderClient,
-    id: string,
-    fd: number,
-    ops: Operations,
-    init: FuseMountInit,
-    log: FileOpenLog,
-    adopted?: Map<number, number | undefined>
-  ) {
-    this.#holder = holder
-    this.id = id
-    this.#log = log
-    this.connection = new Connection(fd, ops, {
-      cacheTimeout: init.cacheTimeout ?? 86_400,
-      debug: init.debug === true,
-      ...(init.passthrough !== undefined && { passthrough: init.passthrough }),
-      openLog: log,
-      // Ended from outside (an unmount by someone else): the holder's descriptor has nothing left to keep.
-      onEnded: () => {
-        holder.serving(this, false)
-        holder.call({ op: 'close', id }, false).catch(() => {})
-      }
-    })
-    // Before the first request arrives (the relay delivers on a later turn of the event loop).
-    if (adopted !== undefined) this.connection.responder.adopt(adopted)
-    holder.serving(this, true)
-  }
-
-  get responder(): Responder {
-    return this.connection.responder
-  }
-
-  async detach(): Promise<void> {
-    this.#holder.serving(this, false)
-    await this.connection.detach()
-    await this.#log.close()
-  }
-
-  async close(mountpoint: string): Promise<void> {
-    this.#holder.serving(this, false)
-    try {
-      await this.connection.close(mountpoint)
-      await this.#log.close(true)
-    } finally {
-      try {
-        await this.#holder.call({ op: 'close', id: this.id }, false)
-      } catch (err) {
-        const e = err as Error & { code?: string }
-        if (!(e.name === 'NoSuchSession' || e.code === 'ENOENT' || e.code === 'ECONNREFUSED')) {
-          // biome-ignore lint/correctness/noUnsafeFinally: the unmount's own failure, if any, is the same one
-          throw new UnmountError(mountpoint, e.message, `try 'p2p-mount --unmount ${mountpoint}'`, { cause: err })
-        }
-      }
-    }
-  }
-}
-
 /**
  * Whether this process can serve held sessions from descriptors of its own: Linux 6.9+ (FUSE_NOTIFY_RESEND, so
  * that the kernel, not the holder, keeps the requests a dead server left unanswered) and the native addon
@@ -447,85 +306,6 @@ export function canServeDirectly(): boolean {
     .split('.')
     .map((n) => Number.parseInt(n, 10))
   return major > 6 || (major === 6 && minor >= 9)
-}
-
-/**
- * The open log of a session served directly (fuse.ts OpenLog), a file in the holder's directory: `+NODE ID`
- * (ID -1: opened without passthrough) and `-NODE` lines, appended. The next process reads it, keeps the nodes
- * still open as they are, and writes it anew with those only.
- */
-export class FileOpenLog implements OpenLog {
-  readonly path: string
-  #fh: Promise<FileHandle> | undefined
-  /** What the log says is open now, and how many lines it has: it is written anew when mostly stale. */
-  readonly #open: Map<number, number | undefined>
-  #lines: number
-  /** Writes one at a time, in order (a rewrite must not lose a line written meanwhile). */
-  #tail: Promise<void> = Promise.resolve()
-
-  constructor(path: string, open = new Map<number, number | undefined>()) {
-    this.path = path
-    this.#open = open
-    this.#lines = open.size
-  }
-
-  /** What the last process left open, the log then written anew with it. */
-  static async take(path: string): Promise<{ log: FileOpenLog; open: Map<number, number | undefined> }> {
-    const open = new Map<number, number | undefined>()
-    const text = await readFile(path, 'utf8').catch(() => '')
-    for (const line of text.split('\n')) {
-      const m = /^([+-])(\d+)(?: (-?\d+))?$/.exec(line)
-      if (m === null) continue
-      const node = Number(m[2])
-      if (m[1] === '-') open.delete(node)
-      else open.set(node, Number(m[3]) >= 0 ? Number(m[3]) : undefined)
-    }
-    const log = new FileOpenLog(path, new Map(open))
-    await log.#rewrite()
-    return { log, open }
-  }
-
-  async #rewrite(): Promise<void> {
-    const fresh = [...this.#open].map(([node, id]) => `+${node} ${id ?? -1}\n`).join('')
-    await writeFile(`${this.path}.tmp`, fresh, { mode: 0o600 })
-    await rename(`${this.path}.tmp`, this.path)
-    const fh = this.#fh
-    this.#fh = undefined
-    await fh?.then((f) => f.close()).catch(() => {})
-    this.#lines = this.#open.size
-  }
-
-  #append(line: string): Promise<void> {
-    const next = this.#tail.then(async () => {
-      this.#fh ??= open(this.path, 'a', 0o600)
-      await (await this.#fh).write(line)
-      if (++this.#lines > 1024 && this.#lines > 4 * this.#open.size) await this.#rewrite()
-    })
-    this.#tail = next.catch(() => {})
-    return next
-  }
-
-  opened(nodeid: number, backingId: number | undefined): Promise<void> {
-    this.#open.set(nodeid, backingId)
-    return this.#append(`+${nodeid} ${backingId ?? -1}\n`)
-  }
-
-  released(nodeid: number): Promise<void> {
-    this.#open.delete(nodeid)
-    return this.#append(`-${nodeid}\n`)
-  }
-
-  async close(remove = false): Promise<void> {
-    await this.#tail
-    const fh = this.#fh
-    this.#fh = undefined
-    await fh?.then((f) => f.close()).catch(() => {})
-    if (remove) await unlink(this.path).catch(() => {})
-  }
-}
-
-function openLogPath(dir: string, holderPid: number, id: string): string {
-  return join(dir, `opens-${holderPid}-${id}.log`)
 }
 
 /**

@@ -2,7 +2,7 @@ import { mkdtemp, readFile, rm, stat } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { FileOpenLog } from '../src/held.js'
+import { FileOpenLog } from '../src/open-log.js'
 
 describe('the open log of a session served directly', () => {
   let dir: string
