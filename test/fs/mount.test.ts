@@ -13,7 +13,7 @@ import {
   mountFuse,
   type Operations,
   type ReadFailure,
-  type ReadFile,
+  type ReadRange,
   serveMount
 } from '@strata/fs'
 import {
@@ -56,8 +56,11 @@ async function mountLayers(
 ): Promise<Mount & { dir: string }> {
   const dir = join(work, name)
   await mkdir(dir)
-  const read: ReadFile = (layer, entry, offset, length, options) =>
-    readFileRange(blobs[layer]!, layers[layer]!, entry, offset, length, options)
+  const read: ReadRange = async (layer, entry, offset, into, options) => {
+    const bytes = await readFileRange(blobs[layer]!, layers[layer]!, entry, offset, into.length, options)
+    into.set(bytes)
+    return bytes.length
+  }
   const ops = createOperations(buildTree(layers), read, onError !== undefined ? { onError } : {})
   const mount = await mountFuse(ops, dir)
   return Object.assign(mount, { dir })
@@ -69,7 +72,13 @@ function fetcherImage(): { layers: ImageLayer[] } {
     layers: layers.map((layer, i): ImageLayer => {
       const digest = `sha256:${createHash('sha256').update(readFileSync(fixture.blobs[i]!.path)).digest('hex')}`
       const mediaType = 'application/vnd.oci.image.layer.v1.tar+gzip'
-      return { ...layer, descriptor: { mediaType, digest, size: layer.size }, digest, verified: true }
+      return {
+        ...layer,
+        descriptor: { mediaType, digest, size: layer.size },
+        digest,
+        ref: { digest, repository: 'localhost/fixture' },
+        verified: true
+      }
     })
   }
 }
@@ -149,7 +158,7 @@ describe('FUSE mount of an image', () => {
   })
 
   it('refuses a second mount on the same mountpoint, saying what to do', async () => {
-    const ops = createOperations(buildTree(layers), async () => new Uint8Array(0))
+    const ops = createOperations(buildTree(layers), async () => 0)
     await expect(mountFuse(ops, mount.dir)).rejects.toMatchObject({
       name: 'MountError',
       code: 'ERR_MOUNT',
@@ -197,8 +206,11 @@ describe('reads through the kernel', () => {
   it('asks for 1 MiB at a time from a sequential reader (libfuse 2 asked for 128 KiB)', async () => {
     const dir = join(work, 'sizes')
     await mkdir(dir)
-    const read: ReadFile = (layer, entry, offset, length, options) =>
-      readFileRange(readers[layer]!, layers[layer]!, entry, offset, length, options)
+    const read: ReadRange = async (layer, entry, offset, into, options) => {
+      const bytes = await readFileRange(readers[layer]!, layers[layer]!, entry, offset, into.length, options)
+      into.set(bytes)
+      return bytes.length
+    }
     const ops = createOperations(buildTree(layers), read)
     const sizes: number[] = []
     const counted: Operations = Object.create(ops)
@@ -313,7 +325,7 @@ describe('a chunk file damaged in the store behind its back', () => {
       name: 'registry',
       get(chunk, options) {
         asked.push(chunk.digest)
-        const i = image.layers.findIndex((l) => l.digest === chunk.layer)
+        const i = image.layers.findIndex((l) => l.digest === chunk.layer.digest)
         return readChunk(readers[i]!, layers[i]!, chunk, options)
       }
     }

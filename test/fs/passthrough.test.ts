@@ -30,7 +30,13 @@ beforeAll(async () => {
     layers: layers.map((layer, i): ImageLayer => {
       const digest = `sha256:${createHash('sha256').update(readFileSync(fixture.blobs[i]!.path)).digest('hex')}`
       const mediaType = 'application/vnd.oci.image.layer.v1.tar+gzip'
-      return { ...layer, descriptor: { mediaType, digest, size: layer.size }, digest, verified: true }
+      return {
+        ...layer,
+        descriptor: { mediaType, digest, size: layer.size },
+        digest,
+        ref: { digest, repository: 'localhost/fixture' },
+        verified: true
+      }
     })
   }
 })
@@ -83,13 +89,9 @@ function counting(fetcher: Fetcher): { fetcher: Fetcher; singleChunkReads: () =>
     if (!isElf(entry)) n++
   }
   const counted = Object.create(fetcher) as Fetcher
-  counted.readStored = (layer, entry, offset, into, options) => {
+  counted.readRange = (layer, entry, offset, into, options) => {
     count(entry)
-    return fetcher.readStored(layer, entry, offset, into, options)
-  }
-  counted.readFile = (layer, entry, offset, length, options) => {
-    count(entry)
-    return fetcher.readFile(layer, entry, offset, length, options)
+    return fetcher.readRange(layer, entry, offset, into, options)
   }
   return { fetcher: counted, singleChunkReads: () => n }
 }

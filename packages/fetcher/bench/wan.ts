@@ -178,7 +178,7 @@ try {
       const image = await openImage({ client: countingClient, store, ref })
       const fetcher = createFetcher({
         store,
-        sources: [createRegistrySource({ client: countingClient, ref, layers: image.layers })]
+        sources: [createRegistrySource({ client: countingClient })]
       })
       await body(image, fetcher)
       return rangeRequests
@@ -196,7 +196,7 @@ try {
   const readWorkload = async (image: Image, fetcher: ReturnType<typeof createFetcher>) => {
     for (const path of inImage) {
       const { layer, entry } = find(image, path)
-      await fetcher.readFile(layer, entry, 0, entry.size)
+      await fetcher.readRange(layer, entry, 0, new Uint8Array(entry.size))
     }
   }
   const readEverything = async (image: Image, fetcher: ReturnType<typeof createFetcher>) => {
@@ -207,7 +207,7 @@ try {
     const worker = async () => {
       while (next < all.length) {
         const { layer, entry } = all[next++]!
-        await fetcher.readFile(layer, entry, 0, entry.size)
+        await fetcher.readRange(layer, entry, 0, new Uint8Array(entry.size))
       }
     }
     await Promise.all(Array.from({ length: 32 }, worker))

@@ -1,4 +1,10 @@
 // @strata/fetcher: the one read path: store -> peers -> registry; verify; single-flight; prefetch.
+// In two layers: the chunk engine (engine.ts: single flight, hedged batches in batch.ts, liveness in liveness.ts)
+// and the file reader over it (reader.ts: chunk arithmetic, in-place reads, chunk buffer, read-ahead). The
+// Fetcher (fetcher.ts) composes them with image prefetch (prefetch.ts).
+
+export { ByteBudget } from './budget.js'
+export { type ChunkEngineInit, createChunkEngine } from './engine.js'
 export {
   BadChunkBytesError,
   ChunkUnavailableError,
@@ -14,8 +20,8 @@ export {
   type OpenImageInit,
   openImage,
   type ResolveImageInit,
-  resolveImage,
-  TOC_DIGEST_ANNOTATION
+  resolveImage
 } from './image.js'
+export { createFileReader, type FileReaderInit } from './reader.js'
 export { createRegistrySource, type RegistrySourceInit } from './registry-source.js'
 export type * from './types.js'

@@ -12,7 +12,7 @@ function chunkOf(bytes: Uint8Array, layer = 'sha256:layer'): ChunkRef {
     fileOffset: 0,
     size: bytes.length,
     innerOffset: 0,
-    layer,
+    layer: { digest: layer, repository: 'localhost/test' },
     compression: 'none'
   }
 }

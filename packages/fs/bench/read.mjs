@@ -187,7 +187,12 @@ try {
       const mnt = join(work, `mnt-${run}-memory${tag}`)
       await mkdir(mnt)
       const zeros = new Uint8Array(entry.chunks[0].size)
-      const memory = { readFile: async (_layer, _entry, _offset, length) => zeros.subarray(0, length) }
+      const memory = {
+        readRange: async (_layer, _entry, _offset, into) => {
+          into.set(zeros.subarray(0, into.length))
+          return into.length
+        }
+      }
       const mount = await serveMount({ image: { layers: [imageLayer] }, fetcher: memory, mountpoint: mnt, ...how })
       try {
         record(`FUSE${via}, reads answered from memory (the ceiling)`, await ddRead(join(mnt, 'big')))

@@ -37,8 +37,7 @@ export {
   type Operations,
   type OperationsInit,
   type ReadFailure,
-  type ReadFile,
-  type ReadStored,
+  type ReadRange,
   type Stat,
   type StatFs
 } from './operations.js'

@@ -150,8 +150,6 @@ function tocKeyed(layer: StoreLayer): boolean {
 const DIGEST = /^sha256:[0-9a-f]{64}$/
 const USE = 'use'
 const DAY = 86_400
-/** Memory for whole chunks of one layer's files (operations.ts's chunk buffer): a reader's chunk and the next two. */
-const LAYER_CHUNK_BUFFER = 16 * 1024 * 1024
 /** Diff trees' node ids: instance k numbers its inodes from k * 2^32 (store nodes are below 2^32). */
 const SPAN = 2 ** 32
 
@@ -471,14 +469,10 @@ class StoreFs<L extends StoreLayer> {
     const layer = node.layer
     const ops = createOperations(
       tree,
-      (_i, entry, offset, length, o) => fetcher.readFile(layer, entry, offset, length, o),
+      (_i, entry, offset, into, o) => fetcher.readRange(layer, entry, offset, into, o),
       {
-        ...(fetcher.readStored !== undefined && {
-          readStored: (_i, entry, offset, into, o) => fetcher.readStored!(layer, entry, offset, into, o)
-        }),
-        ...(this.#init.onError !== undefined && { onError: this.#init.onError }),
-        // One buffer per layer, not per mount: an image's layers are read at once, each a little.
-        chunkBufferBytes: LAYER_CHUNK_BUFFER
+        // The chunk buffer is the reader's, shared by every layer and mount it serves.
+        ...(this.#init.onError !== undefined && { onError: this.#init.onError })
       }
     )
     const k = this.#nextDiff++

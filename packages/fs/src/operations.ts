@@ -1,33 +1,22 @@
 import { constants } from 'node:fs'
-import type { AbortOptions, Chunk, Entry } from '@strata/stargz'
+import type { AbortOptions, Entry } from '@strata/stargz'
 import { FsError } from './errors.js'
 import { createLibraryPrefetch } from './libraries.js'
 import type { Node, NodeType, Tree } from './tree.js'
 
 /**
- * Reads `length` bytes at `offset` of a regular file's content (fewer only at its end), verified.
- * In production this is the fetcher's readFile for the layer with this index.
+ * Copies the bytes at `offset` of a regular file's content into `into` (all of it: the caller keeps within the
+ * file), verified; the count. In production this is the fetcher's readRange for the layer with this index, which
+ * owns what a read of a file needs below the tree: its chunks, the store's in-place fast path, the chunk buffer
+ * and read-ahead.
  */
-export type ReadFile = (
-  layer: number,
-  entry: Entry,
-  offset: number,
-  length: number,
-  options?: AbortOptions
-) => Promise<Uint8Array>
-
-/**
- * Copies the bytes at `offset` of a file's content into `into` (all of it: the caller keeps within the file)
- * straight from local storage, or says undefined when some of them are not there. In production this is the
- * fetcher's readStored: the fast path of a chunk already in the store, with no chunk buffered in memory.
- */
-export type ReadStored = (
+export type ReadRange = (
   layer: number,
   entry: Entry,
   offset: number,
   into: Uint8Array,
   options?: AbortOptions
-) => Promise<number | undefined>
+) => Promise<number>
 
 /** What stat(2) shows for a node. `mode` includes the file-type bits. */
 export interface Stat {
@@ -71,21 +60,11 @@ export interface OperationsInit {
   onError?: (failure: ReadFailure) => void
   /** Called before every read with the path it reads (the read recorder listens here). */
   onRead?: (path: string) => void
-  /** The fast path for chunks in local storage; without it every read goes through whole chunks in memory. */
-  readStored?: ReadStored
   /**
    * The path of a local file holding exactly the bytes of a file of one chunk (its chunk file in the store),
    * verified against its digest, or undefined: what FUSE passthrough hands the kernel. The fetcher's storedFile.
    */
   storedFile?: (layer: number, entry: Entry, options?: AbortOptions) => Promise<string | undefined>
-  /**
-   * Memory for whole chunks being read or recently read (default 32 MiB, see CHUNK_BUFFER_BYTES). The kernel
-   * reads at most 1 MiB at a time; a chunk is usually MiBs, and without this every piece would fetch (and copy)
-   * the whole chunk again. Chunks no read touched for `chunkBufferIdleMs` (default 10 s) are let go: an idle or
-   * ended mount holds none.
-   */
-  chunkBufferBytes?: number
-  chunkBufferIdleMs?: number
   /**
    * When a program or shared library is first read, read the libraries its dynamic section names at once, in
    * the background, instead of one round trip after another as the loader opens them (default true).
@@ -133,66 +112,20 @@ const TYPE_BITS: Record<NodeType, number> = {
 }
 
 const BLOCK = 4096
-/**
- * The chunk buffer's bound. A sequential reader needs the chunk it is in (without the store's fast path, the two read
- * ahead too: 12 MiB of the usual 4 MiB chunks); pieces of a chunk that fell out are read from the store in place. 64
- * MiB, mostly chunks of files already read to their end, was a third of what p2pd kept after reading a 250 MB image
- * through a mount.
- */
-const CHUNK_BUFFER_BYTES = 32 * 1024 * 1024
-const CHUNK_BUFFER_IDLE_MS = 10_000
-/** Chunks larger than this (a whole-file chunk of a legacy layer) are read piecewise, not buffered. */
-const MAX_BUFFERED_CHUNK = 16 * 1024 * 1024
 const WRITE_FLAGS = constants.O_WRONLY | constants.O_RDWR | constants.O_TRUNC | constants.O_CREAT | constants.O_APPEND
 
-export function createOperations(tree: Tree, read: ReadFile, init: OperationsInit = {}): Operations {
-  const buffer = new ChunkBuffer(
-    init.chunkBufferBytes ?? CHUNK_BUFFER_BYTES,
-    init.chunkBufferIdleMs ?? CHUNK_BUFFER_IDLE_MS
-  )
-
-  /**
-   * Fills `into` from `offset` of a regular file (within its size): from chunks in memory; else straight from
-   * local storage; else by loading whole chunks into memory (the kernel reads a chunk in pieces of up to 1 MiB).
-   */
-  const readNode = async (node: Node, offset: number, into: Uint8Array, options?: AbortOptions): Promise<void> => {
+export function createOperations(tree: Tree, read: ReadRange, init: OperationsInit = {}): Operations {
+  /** Fills `into` from `offset` of a regular file (within its size) through the layer's reader. */
+  const readNode = async (node: Node, offset: number, into: Uint8Array, options?: AbortOptions): Promise<number> => {
     const { layer, entry } = node.source!
-    const [first, last] = chunkRange(entry, offset, into.length)
-    const touched = entry.chunks.slice(first, last)
-    if (init.readStored !== undefined && !touched.every((c) => buffer.has(c))) {
-      if ((await init.readStored(layer, entry, offset, into, options)) === into.length) return
-    }
-    if (touched.length === 0 || touched.some((c) => c.size > MAX_BUFFERED_CHUNK)) {
-      into.set(await read(layer, entry, offset, into.length, options))
-      return
-    }
-    const load = (c: Chunk) => buffer.get(c, () => read(layer, entry, c.fileOffset, c.size, options))
-    const parts = await Promise.all(touched.map(load))
-    // A reader in the second half of a chunk most likely wants the next ones: have two ready. Not with the store's
-    // fast path: the fetcher reads ahead into the store, and the next chunks are read from there in place (loaded
-    // here, each would cost its bytes in memory, read whole from the store when it has them).
-    const end = touched[touched.length - 1]!
-    if (init.readStored === undefined && offset + into.length > end.fileOffset + end.size / 2) {
-      for (const next of entry.chunks.slice(last, last + 2))
-        if (next.size <= MAX_BUFFERED_CHUNK) load(next).catch(() => {})
-    }
-    parts.forEach((bytes, i) => {
-      const c = touched[i]!
-      const from = Math.max(offset, c.fileOffset)
-      const to = Math.min(offset + into.length, c.fileOffset + c.size)
-      into.set(bytes.subarray(from - c.fileOffset, to - c.fileOffset), from - offset)
-      // Read to its end, a chunk is let go where the store can serve it: a sequential reader is done with it, and
-      // another reader reads it from the store in place.
-      if (init.readStored !== undefined && to === c.fileOffset + c.size) buffer.drop(c)
-    })
+    return read(layer, entry, offset, into, options)
   }
   const libraries =
     init.prefetchLibraries === false
       ? undefined
       : createLibraryPrefetch(tree, async (node, offset, length) => {
           const into = new Uint8Array(Math.max(0, Math.min(length, node.size - offset)))
-          await readNode(node, offset, into)
-          return into
+          return into.subarray(0, await readNode(node, offset, into))
         })
   const resolve = (path: string): Node => {
     const node = tree.lookup(path)
@@ -247,8 +180,7 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
       init.onRead?.(path)
       libraries?.touched(path, node)
       try {
-        await readNode(node, offset, into.subarray(0, n), options)
-        return n
+        return await readNode(node, offset, into.subarray(0, n), options)
       } catch (err) {
         const error = err instanceof Error ? err : new Error(String(err))
         init.onError?.({ path, layer: node.source.layer, offset, length: n, error })
@@ -318,87 +250,6 @@ export function createOperations(tree: Tree, read: ReadFile, init: OperationsIni
         libraries?.touched(path, node)
       }
     })
-  }
-}
-
-/** Indexes [first, last) of the chunks of `entry` that hold [offset, offset + length), by binary search. */
-function chunkRange(entry: Entry, offset: number, length: number): [number, number] {
-  const chunks = entry.chunks
-  let lo = 0
-  let hi = chunks.length - 1
-  while (lo < hi) {
-    const mid = (lo + hi + 1) >> 1
-    if (chunks[mid]!.fileOffset <= offset) lo = mid
-    else hi = mid - 1
-  }
-  let last = lo
-  while (last < chunks.length && chunks[last]!.fileOffset < offset + length) last++
-  return [lo, last]
-}
-
-/**
- * Whole chunks recently read, by digest (content-addressed, so one copy serves every file that has it),
- * least recently used first out, all of them once none was asked for in `idleMs`. A read in flight is shared; a
- * failed one is forgotten, so the next read tries again.
- */
-class ChunkBuffer {
-  private readonly chunks = new Map<string, { bytes: Promise<Uint8Array>; size: number }>()
-  private bytes = 0
-  private usedAt = 0
-  private idle: NodeJS.Timeout | undefined
-
-  constructor(
-    private readonly maxBytes: number,
-    private readonly idleMs: number
-  ) {}
-
-  /** Whether the chunk is here or being loaded. */
-  has(chunk: Chunk): boolean {
-    return this.chunks.has(chunk.digest)
-  }
-
-  get(chunk: Chunk, load: () => Promise<Uint8Array>): Promise<Uint8Array> {
-    this.usedAt = performance.now()
-    this.idle ??= setTimeout(() => this.letGoIfIdle(), this.idleMs).unref()
-    const hit = this.chunks.get(chunk.digest)
-    if (hit !== undefined) {
-      this.chunks.delete(chunk.digest)
-      this.chunks.set(chunk.digest, hit)
-      return hit.bytes
-    }
-    const slot = { bytes: load(), size: chunk.size }
-    this.chunks.set(chunk.digest, slot)
-    this.bytes += slot.size
-    slot.bytes.catch(() => this.forget(chunk.digest, slot))
-    for (const [digest, old] of this.chunks) {
-      if (this.bytes <= this.maxBytes || old === slot) break
-      this.forget(digest, old)
-    }
-    return slot.bytes
-  }
-
-  /** Lets the chunk go (its readers already have it). */
-  drop(chunk: Chunk): void {
-    const slot = this.chunks.get(chunk.digest)
-    if (slot !== undefined) this.forget(chunk.digest, slot)
-  }
-
-  /** Drops every chunk once none was asked for in idleMs (those being read go on for their readers). */
-  private letGoIfIdle(): void {
-    const quiet = performance.now() - this.usedAt
-    if (quiet < this.idleMs) {
-      this.idle = setTimeout(() => this.letGoIfIdle(), this.idleMs - quiet).unref()
-      return
-    }
-    this.idle = undefined
-    this.chunks.clear()
-    this.bytes = 0
-  }
-
-  private forget(digest: string, slot: { size: number }): void {
-    if (this.chunks.get(digest) !== slot) return
-    this.chunks.delete(digest)
-    this.bytes -= slot.size
   }
 }
 

@@ -18,17 +18,13 @@ import { createOperations, type Operations, type ReadFailure } from './operation
 import { createReadRecorder, type ReadRecorder } from './record.js'
 import { buildTree, type Tree } from './tree.js'
 
-/** What a mount reads through: the fetcher's `readFile` (structurally; fs does not import the fetcher). */
+/**
+ * What a mount reads through: the fetcher's file reader (structurally; fs does not import the fetcher). It owns
+ * everything below the tree: chunks, the store's in-place path, the chunk buffer, read-ahead.
+ */
 export interface LayerReader<L> {
-  readFile(layer: L, entry: Entry, offset: number, length: number, options?: AbortOptions): Promise<Uint8Array>
-  /** The fetcher's fast path for chunks in the store (see ReadStored). */
-  readStored?(
-    layer: L,
-    entry: Entry,
-    offset: number,
-    into: Uint8Array,
-    options?: AbortOptions
-  ): Promise<number | undefined>
+  /** The fetcher's readRange: the bytes at `offset` of a file copied into `into` (see ReadRange); the count. */
+  readRange(layer: L, entry: Entry, offset: number, into: Uint8Array, options?: AbortOptions): Promise<number>
   /** The fetcher's storedFile: the verified chunk file of a single-chunk file, for FUSE passthrough. */
   storedFile?(layer: L, entry: Entry, options?: AbortOptions): Promise<string | undefined>
 }
@@ -162,12 +158,8 @@ function operationsOf<L extends { toc: TOC }>(
 ): Operations {
   return createOperations(
     tree,
-    (layer, entry, offset, length, opts) => fetcher.readFile(image.layers[layer]!, entry, offset, length, opts),
+    (layer, entry, offset, into, opts) => fetcher.readRange(image.layers[layer]!, entry, offset, into, opts),
     {
-      ...(fetcher.readStored !== undefined && {
-        readStored: (layer, entry, offset, into, opts) =>
-          fetcher.readStored!(image.layers[layer]!, entry, offset, into, opts)
-      }),
       ...(fetcher.storedFile !== undefined && {
         storedFile: (layer, entry, opts) => fetcher.storedFile!(image.layers[layer]!, entry, opts)
       }),

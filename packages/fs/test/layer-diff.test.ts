@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest'
 import { createOperations, decodeRef, diffTree, infoOf, OPAQUE_XATTR, type StoreLayer } from '../src/index.js'
 import { makeToc } from './toc.js'
 
-const noRead = async (): Promise<Uint8Array> => {
+const noRead = async (): Promise<number> => {
   throw new Error('no reads here')
 }
 

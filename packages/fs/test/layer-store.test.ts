@@ -55,7 +55,12 @@ describe.runIf(root)('the layer store mounted', () => {
         fetchBlob: async () =>
           Buffer.from(JSON.stringify({ rootfs: { diff_ids: image.layers.map((_, i) => sha(`${i}`)) } })),
         readBlob: async (_r, _l, offset, length) => new Uint8Array(length).fill(offset === 0 ? 0x1f : 0),
-        fetcher: { readFile: async (_l, entry, offset, length) => contentOf(entry).subarray(offset, offset + length) }
+        fetcher: {
+          readRange: async (_l, entry, offset, into) => {
+            into.set(contentOf(entry).subarray(offset, offset + into.length))
+            return into.length
+          }
+        }
       }
     })
   })

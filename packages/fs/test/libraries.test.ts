@@ -3,7 +3,7 @@ import type { Entry } from '@strata/stargz'
 import fc from 'fast-check'
 import { describe, expect, it } from 'vitest'
 import { readElfDependencies } from '../src/elf.js'
-import { buildTree, createOperations, type ReadFile } from '../src/index.js'
+import { buildTree, createOperations, type ReadRange } from '../src/index.js'
 import { resolveFile } from '../src/libraries.js'
 import { makeToc, readBytes } from './toc.js'
 
@@ -74,9 +74,10 @@ describe('library prefetch', () => {
 
   const mount = (prefetchLibraries: boolean) => {
     const read = new Set<string>()
-    const readFile: ReadFile = async (_layer, entry, offset, length) => {
+    const readFile: ReadRange = async (_layer, entry, offset, into) => {
       read.add(entry.path)
-      return (files[entry.path] ?? new Uint8Array(entry.size)).subarray(offset, offset + length)
+      into.set((files[entry.path] ?? new Uint8Array(entry.size)).subarray(offset, offset + into.length))
+      return into.length
     }
     return { ops: createOperations(tree, readFile, { prefetchLibraries }), read }
   }

@@ -1,7 +1,7 @@
 import { constants } from 'node:fs'
 import type { Entry } from '@strata/stargz'
 import { describe, expect, it } from 'vitest'
-import { buildTree, createOperations, type ReadFile } from '../src/index.js'
+import { buildTree, createOperations, type ReadRange } from '../src/index.js'
 import { IN_HEADER, Op, OUT_HEADER, parseRequest, Session } from '../src/protocol.js'
 import { contentOf, makeToc } from './toc.js'
 
@@ -17,8 +17,10 @@ const layers = [
   ])
 ]
 
-const readContent: ReadFile = async (_layer, entry, offset, length) =>
-  contentOf(entry as Entry).subarray(offset, offset + length)
+const readContent: ReadRange = async (_layer, entry, offset, into) => {
+  into.set(contentOf(entry as Entry).subarray(offset, offset + into.length))
+  return into.length
+}
 
 function setUp() {
   const ops = createOperations(buildTree(layers), readContent, { prefetchLibraries: false })

@@ -52,10 +52,12 @@ function source(options: { stale?: string; failing?: Set<string>; prioritized?: 
       return image
     },
     fetcher: {
-      async readFile(layer, entry, offset, length, opts) {
+      async readRange(layer, entry, offset, into, opts) {
         if (options.failing?.has(entry.path)) throw new Error(`no bytes for ${entry.path}`)
         const i = image.layers.indexOf(layer)
-        return readFileRange(readers[i]!, layers[i]!, entry, offset, length, opts)
+        const bytes = await readFileRange(readers[i]!, layers[i]!, entry, offset, into.length, opts)
+        into.set(bytes)
+        return bytes.length
       },
       prefetch: async () => {}
     }
