@@ -295,6 +295,7 @@ Example:
             fetcher: n.fetcher,
             fetchBlob: (ref, digest, options) => registry.fetchBlob(ref, digest, options)
           },
+          passthrough: s.fusePassthrough,
           log: (message) => out.info(message)
         })
       }

@@ -53,6 +53,8 @@ export interface MergedMountsInit {
   prefetch?: boolean
   /** The FUSE session holder's directory: mounts then outlive this process. None: they die with it. */
   holderDir?: string
+  /** FUSE passthrough for files held whole in the store, where the kernel offers it (default on). */
+  passthrough?: boolean
 }
 
 /** What the holder keeps with each of these sessions; `kind` tells them from other users' of a holder. */
@@ -79,6 +81,10 @@ export class MergedMounts {
   constructor(init: MergedMountsInit) {
     this.#init = init
     this.#holder = init.holderDir !== undefined ? createFuseHolder(init.holderDir) : undefined
+  }
+
+  #fuse(): { fuse?: { passthrough: false } } {
+    return this.#init.passthrough === false ? { fuse: { passthrough: false } } : {}
   }
 
   path(id: number): string {
@@ -135,7 +141,8 @@ export class MergedMounts {
         fetcher: this.#init.source.fetcher,
         holder: this.#holder!,
         held: h,
-        onError: (f) => this.#init.log(`snapshotter: read of ${f.path} in ${remote.ref} failed: ${f.error.message}`)
+        onError: (f) => this.#init.log(`snapshotter: read of ${f.path} in ${remote.ref} failed: ${f.error.message}`),
+        ...this.#fuse()
       })
       this.#live.set(id, served)
       this.#init.log(
@@ -202,7 +209,8 @@ export class MergedMounts {
               index: remote.index
             } satisfies MountMeta
           }),
-          onError: (f) => this.#init.log(`snapshotter: read of ${f.path} in ${remote.ref} failed: ${f.error.message}`)
+          onError: (f) => this.#init.log(`snapshotter: read of ${f.path} in ${remote.ref} failed: ${f.error.message}`),
+          ...this.#fuse()
         },
         options
       )

@@ -193,7 +193,8 @@ export function createMounts(init: MountsInit): Mounts {
         fetcher: init.source.fetcher,
         holder,
         held: h,
-        onError: failure(held)
+        onError: failure(held),
+        ...(init.passthrough === false && { fuse: { passthrough: false } })
       })
       mounts.set(h.mountpoint, held)
       log(`p2pd: serving ${meta.image} at ${h.mountpoint} again (${h.session.pending} requests waited)`)

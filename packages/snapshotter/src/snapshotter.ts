@@ -64,6 +64,8 @@ export interface SnapshotterInit {
    * containers running on them keep their root file system (default true).
    */
   keepMounts?: boolean
+  /** FUSE passthrough on the merged roots, where the kernel offers it (default on; p2pd --fuse-passthrough). */
+  passthrough?: boolean
   log?: (message: string) => void
 }
 
@@ -109,6 +111,7 @@ export class Snapshotter {
       source: init.source,
       log: init.log ?? (() => {}),
       ...(init.prefetch !== undefined && { prefetch: init.prefetch }),
+      ...(init.passthrough !== undefined && { passthrough: init.passthrough }),
       ...(init.keepMounts !== false && { holderDir: join(root, 'fuse') })
     })
     const snapshotter = new Snapshotter(init, state, mounts)
