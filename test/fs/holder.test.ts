@@ -31,7 +31,13 @@ beforeAll(async () => {
     layers: layers.map((layer, i): ImageLayer => {
       const digest = `sha256:${createHash('sha256').update(readFileSync(fixture.blobs[i]!.path)).digest('hex')}`
       const mediaType = 'application/vnd.oci.image.layer.v1.tar+gzip'
-      return { ...layer, descriptor: { mediaType, digest, size: layer.size }, digest, verified: true }
+      return {
+        ...layer,
+        descriptor: { mediaType, digest, size: layer.size },
+        digest,
+        ref: { digest, repository: 'localhost/fixture' },
+        verified: true
+      }
     })
   }
 })

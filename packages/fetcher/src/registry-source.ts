@@ -1,17 +1,22 @@
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { Reference, RegistryClient, RemoteBlob } from '@strata/registry'
+import { parseRepository, type Reference, type RegistryClient, type RemoteBlob } from '@strata/registry'
 import { type Compression, inflateChunk } from '@strata/stargz'
 import { BadChunkBytesError } from './errors.js'
 import { decompressedStream, sliceStream } from './indexed.js'
-import type { ChunkRef, ChunkSource, ImageLayer, SourceOptions } from './types.js'
+import type { ChunkRef, ChunkSource, LayerRef, SourceOptions } from './types.js'
 
 export interface RegistrySourceInit {
-  client: RegistryClient
-  ref: Reference | string
-  /** The layers this source serves; chunks of other layers get `undefined`. */
-  layers: ImageLayer[]
+  /** The client for every registry (one client keeps the credentials, tokens and quirks of all hosts). */
+  client?: RegistryClient
+  /** Or the client for one registry host (`host[:port]`); undefined: this source does not have its chunks. */
+  clientFor?(registry: string): RegistryClient | undefined
+  /**
+   * Whether to read this layer for this request (default: always). p2pd refuses, for a forwarded request, the
+   * registries a peer may not make it read from: a repository in a peer's chunk ref must not widen that set.
+   */
+  mayRead?(layer: LayerRef, options: SourceOptions): boolean
   /** Adjacent missing chunks are read with one Range request of at most this many bytes. Default 8 MiB. */
   maxRangeBytes?: number
   /** Missing chunks this close (bytes) are read in one request with the gap between them. Default 64 KiB. */
@@ -75,7 +80,9 @@ class LayerReader {
   constructor(
     private readonly blob: RemoteBlob,
     private readonly compression: Compression,
-    private readonly limits: { maxRangeBytes: number; maxGapBytes: number; concurrency: number }
+    private readonly limits: { maxRangeBytes: number; maxGapBytes: number; concurrency: number },
+    /** Told when nothing waits and nothing is read: one source serves every image, so idle readers go. */
+    private readonly onIdle: () => void
   ) {}
 
   read(chunk: ChunkRef, options: SourceOptions): Promise<Uint8Array> {
@@ -86,6 +93,7 @@ class LayerReader {
         const i = this.pending.indexOf(waiter)
         if (i >= 0) this.pending.splice(i, 1)
         reject(signal?.reason)
+        this.idleCheck()
       }
       const waiter: Waiter = {
         chunk,
@@ -158,24 +166,34 @@ class LayerReader {
           for (const w of run.waiters) w.signal?.removeEventListener('abort', gone)
           this.reading--
           this.pump()
+          this.idleCheck()
         })
     }
   }
+
+  private idleCheck(): void {
+    if (this.reading === 0 && this.pending.length === 0 && !this.scheduled) this.onIdle()
+  }
+}
+
+/** The chunks of one layer blob asked in one call, and where to read them. */
+interface LayerAsk {
+  layer: LayerRef
+  ref: Reference
+  client: RegistryClient
+  chunks: ChunkRef[]
 }
 
 class RegistrySource implements ChunkSource {
   readonly name: string
-  private readonly client: RegistryClient
-  private readonly ref: Reference | string
-  private readonly layers: Map<string, ImageLayer>
+  private readonly init: RegistrySourceInit
   private readonly limits: { maxRangeBytes: number; maxGapBytes: number; concurrency: number }
+  /** One queue per layer blob and repository, while it has reads waiting or in flight. */
   private readonly readers = new Map<string, LayerReader>()
 
   constructor(init: RegistrySourceInit) {
     this.name = init.name ?? 'registry'
-    this.client = init.client
-    this.ref = init.ref
-    this.layers = new Map(init.layers.map((l) => [l.digest, l]))
+    this.init = init
     this.limits = {
       maxRangeBytes: init.maxRangeBytes ?? 8 * 1024 * 1024,
       maxGapBytes: init.maxGapBytes ?? 64 * 1024,
@@ -192,22 +210,30 @@ class RegistrySource implements ChunkSource {
     chunks: ChunkRef[],
     options: SourceOptions = {}
   ): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
-    const byLayer = new Map<string, ChunkRef[]>()
+    // A chunk this source cannot place (a repository it cannot parse, a registry it has no client for or may
+    // not read from for this request) is one it does not have.
+    const byLayer = new Map<string, LayerAsk>()
     for (const c of chunks) {
-      if (!this.layers.has(c.layer)) continue
-      const list = byLayer.get(c.layer) ?? []
-      list.push(c)
-      byLayer.set(c.layer, list)
+      const key = `${c.layer.repository}@${c.layer.digest}`
+      const known = byLayer.get(key)
+      if (known !== undefined) {
+        known.chunks.push(c)
+        continue
+      }
+      const ref = parseRepository(c.layer.repository)
+      if (ref === undefined || this.init.mayRead?.(c.layer, options) === false) continue
+      const client = this.init.client ?? this.init.clientFor?.(ref.registry)
+      if (client === undefined) continue
+      byLayer.set(key, { layer: c.layer, ref, client, chunks: [c] })
     }
     // A layer that fails fails after the other layers are read; chunks that arrived but did not inflate are
     // named as bad bytes (the fetcher asks again), beside what happened to the rest.
     const bad: Array<{ digest: string; reason: string }> = []
     let failure: unknown
-    for (const [digest, list] of byLayer) {
-      const layer = this.layers.get(digest)!
+    for (const [key, ask] of byLayer) {
       try {
-        if (layer.format === 'indexed') yield* this.fromWholeBlob(layer, list, options)
-        else yield* this.fromRanges(layer, list, options, bad)
+        if (ask.chunks[0]!.indexed === true) yield* this.fromWholeBlob(ask, options)
+        else yield* this.fromRanges(key, ask, options, bad)
       } catch (err) {
         if (options.signal?.aborted === true) throw err
         failure ??= err
@@ -219,18 +245,22 @@ class RegistrySource implements ChunkSource {
 
   /** eStargz family: Range reads of whole compressed members through the layer's shared queue. */
   private async *fromRanges(
-    layer: ImageLayer,
-    chunks: ChunkRef[],
+    key: string,
+    ask: LayerAsk,
     options: SourceOptions,
     bad: Array<{ digest: string; reason: string }>
   ): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
-    let reader = this.readers.get(layer.digest)
+    let reader = this.readers.get(key)
     if (reader === undefined) {
-      const blob = this.client.blob(this.ref, layer.digest, layer.descriptor.size)
-      reader = new LayerReader(blob, layer.compression === 'zstd' ? 'zstd' : 'gzip', this.limits)
-      this.readers.set(layer.digest, reader)
+      const blob = ask.client.blob(ask.ref, ask.layer.digest)
+      const compression = ask.chunks[0]!.compression === 'zstd' ? 'zstd' : 'gzip'
+      const created: LayerReader = new LayerReader(blob, compression, this.limits, () => {
+        if (this.readers.get(key) === created) this.readers.delete(key)
+      })
+      reader = created
+      this.readers.set(key, reader)
     }
-    const sorted = [...chunks].sort((a, b) => a.offset - b.offset)
+    const sorted = [...ask.chunks].sort((a, b) => a.offset - b.offset)
     const reads = sorted.map((chunk) => reader.read(chunk, options))
     for (const p of reads) p.catch(() => {})
     // A chunk that fails fails after the others are handed over, so one bad member costs one chunk.
@@ -251,19 +281,18 @@ class RegistrySource implements ChunkSource {
    * downloaded again and the chunks are cut from the decompressed stream.
    */
   private async *fromWholeBlob(
-    layer: ImageLayer,
-    chunks: ChunkRef[],
+    ask: LayerAsk,
     options: SourceOptions
   ): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     const dir = await mkdtemp(join(tmpdir(), 'strata-layer-'))
     try {
       const path = join(dir, 'blob')
       // Its `onProgress` too: a long download on a slow link is progress, and so is inflating it below.
-      await this.client.downloadBlob(this.ref, layer.digest, path, options)
-      const sorted = [...chunks].sort((a, b) => a.offset - b.offset)
+      await ask.client.downloadBlob(ask.ref, ask.layer.digest, path, options)
+      const sorted = [...ask.chunks].sort((a, b) => a.offset - b.offset)
       const ranges = sorted.map((c) => ({ offset: c.offset + c.innerOffset, length: c.size }))
       for await (const { index, bytes } of sliceStream(
-        decompressedStream(path, layer.compression, () => options.onProgress?.(), options),
+        decompressedStream(path, sorted[0]!.compression, () => options.onProgress?.(), options),
         ranges
       )) {
         yield { chunk: sorted[index]!, bytes }
@@ -274,8 +303,14 @@ class RegistrySource implements ChunkSource {
   }
 }
 
-/** The registry as a chunk source: Range reads of eStargz layers (coalesced), whole-blob reads of indexed layers. */
+/**
+ * The registry as a chunk source for every image: each chunk's LayerRef says which blob of which repository
+ * holds it. Range reads of eStargz layers (coalesced per layer blob), whole-blob reads of indexed layers.
+ */
 export function createRegistrySource(init: RegistrySourceInit): ChunkSource {
+  if (init.client === undefined && init.clientFor === undefined) {
+    throw new TypeError('createRegistrySource needs a client or clientFor')
+  }
   return new RegistrySource(init)
 }
 

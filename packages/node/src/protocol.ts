@@ -1,6 +1,7 @@
 import type { Stream } from '@libp2p/interface'
 import type { ChunkRef } from '@strata/fetcher'
 import type { AbortOptions, ChunkStore } from '@strata/store'
+import { chunkFromWire, chunkToWire, repositoryOfRequest } from './chunk-wire.js'
 import { PeerRefusedError, PeerTimeoutError, ProtocolError } from './errors.js'
 import { encodeFrame, flushed, readFrames } from './frames.js'
 
@@ -10,8 +11,9 @@ import { encodeFrame, flushed, readFrames } from './frames.js'
  *
  *   request   {"op":"have","digests":[...]}        which of these do you hold?
  *             {"op":"get","digests":[...]}         send those you hold
- *             {"op":"fetch","chunks":[ChunkRef],"ref":IMAGE}  send these, fetching what you lack (you are
- *                                                  their home; IMAGE names where the registry has them)
+ *             {"op":"fetch","chunks":[WireChunk],"ref":IMAGE}  send these, fetching what you lack (you are
+ *                                                  their home; each chunk names its repository, IMAGE too
+ *                                                  for older nodes: see chunk-wire.ts)
  *   answer    HAVE    [0x03][bitmap, bit i = digests[i] held]
  *             CHUNK   [0x01][u32 index][uncompressed bytes]  (unverified: the asker's fetcher checks them)
  *             MISSING [0x02][u32 index]
@@ -321,39 +323,22 @@ function parseRequest(frame: Uint8Array, limits: ProtocolLimits): ChunkRequest {
     return { op: m.op, digests: m.digests as string[] }
   }
   if (m.op === 'fetch') {
-    if (!Array.isArray(m.chunks) || !m.chunks.every(isChunkRef)) {
-      throw new ProtocolError('fetch request needs chunks: an array of chunk references')
-    }
-    if (m.chunks.length > limits.maxDigestsPerRequest) {
-      throw new ProtocolError(`${m.chunks.length} chunks is over the limit of ${limits.maxDigestsPerRequest}`)
-    }
     const ref = (m as { ref?: unknown }).ref
     if (ref !== undefined && (typeof ref !== 'string' || ref.length > 1024)) {
       throw new ProtocolError('fetch request ref must be an image reference')
     }
-    return { op: 'fetch', chunks: m.chunks as ChunkRef[], ...(ref !== undefined ? { ref } : {}) }
+    if (Array.isArray(m.chunks) && m.chunks.length > limits.maxDigestsPerRequest) {
+      throw new ProtocolError(`${m.chunks.length} chunks is over the limit of ${limits.maxDigestsPerRequest}`)
+    }
+    // Chunks in the wire form older nodes know too (see chunk-wire.ts).
+    const fallback = repositoryOfRequest(ref)
+    const chunks = Array.isArray(m.chunks) ? m.chunks.map((c) => chunkFromWire(c, fallback)) : undefined
+    if (chunks === undefined || !chunks.every((c) => c !== undefined)) {
+      throw new ProtocolError('fetch request needs chunks: an array of chunk references')
+    }
+    return { op: 'fetch', chunks, ...(ref !== undefined ? { ref } : {}) }
   }
   throw new ProtocolError(`unknown request op ${JSON.stringify(m.op)}`)
-}
-
-function isChunkRef(c: unknown): c is ChunkRef {
-  const r = c as Partial<ChunkRef> | null
-  const whole = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0
-  return (
-    typeof r === 'object' &&
-    r !== null &&
-    typeof r.digest === 'string' &&
-    DIGEST.test(r.digest) &&
-    typeof r.layer === 'string' &&
-    DIGEST.test(r.layer) &&
-    (r.compression === 'gzip' || r.compression === 'zstd' || r.compression === 'none') &&
-    whole(r.fileOffset) &&
-    whole(r.size) &&
-    whole(r.offset) &&
-    whole(r.end) &&
-    whole(r.innerOffset) &&
-    (r.end as number) >= (r.offset as number)
-  )
 }
 
 function u32(n: number): Uint8Array {
@@ -391,7 +376,8 @@ async function sendError(stream: Stream, reason: string, message: string, signal
 
 /** Sends a request on a fresh stream and closes the writing side. */
 function sendRequest(stream: Stream, request: ChunkRequest, limits: ProtocolLimits): void {
-  const body = new TextEncoder().encode(JSON.stringify(request))
+  const wire = request.op === 'fetch' ? { ...request, chunks: request.chunks.map(chunkToWire) } : request
+  const body = new TextEncoder().encode(JSON.stringify(wire))
   if (body.byteLength > limits.maxRequestBytes) {
     throw new RangeError(`request of ${body.byteLength} bytes is over the limit of ${limits.maxRequestBytes}`)
   }

@@ -29,7 +29,7 @@ function chunk(i: number, size = 1000 + i): { ref: ChunkRef; bytes: Uint8Array }
       offset: 0,
       end: 10,
       innerOffset: 0,
-      layer: LAYER,
+      layer: { digest: LAYER, repository: 'localhost/test' },
       compression: 'gzip'
     },
     bytes

@@ -138,6 +138,44 @@ describe('a peer asking a node to read from a host it names', () => {
     expect(trap.requests).toEqual([])
   })
 
+  it('is refused a home fetch whose chunk names the host as its repository, beside a ref the node may use', async () => {
+    const peer = await newPeer()
+    const chunk = {
+      digest: `sha256:${'3'.repeat(64)}`,
+      layer: `sha256:${'4'.repeat(64)}`,
+      repository: `${trap.host}/x`,
+      compression: 'gzip',
+      fileOffset: 0,
+      size: 10,
+      offset: 0,
+      end: 10,
+      innerOffset: 0
+    }
+    const frames = await ask(peer, CHUNK_PROTOCOL, { op: 'fetch', chunks: [chunk], ref: image.ref })
+    expect(frames.map((f) => f[0])).toEqual([0x02]) // MISSING
+    expect(trap.requests).toEqual([])
+  })
+
+  it('is answered bad-request for a chunk whose repository is not a repository name', async () => {
+    const peer = await newPeer()
+    const chunk = {
+      digest: `sha256:${'3'.repeat(64)}`,
+      layer: `sha256:${'4'.repeat(64)}`,
+      repository: `${trap.host}/x:tag`,
+      compression: 'gzip',
+      fileOffset: 0,
+      size: 10,
+      offset: 0,
+      end: 10,
+      innerOffset: 0
+    }
+    const frames = await ask(peer, CHUNK_PROTOCOL, { op: 'fetch', chunks: [chunk] })
+    expect(frames).toHaveLength(1)
+    expect(frames[0]![0]).toBe(0x04) // ERROR
+    expect(JSON.parse(text(frames[0]!.subarray(1)))).toMatchObject({ reason: 'bad-request' })
+    expect(trap.requests).toEqual([])
+  })
+
   it('still gets a warm-up of an image from a registry the node is configured for', async () => {
     const peer = await newPeer()
     const frames = await ask(peer, WARM_PROTOCOL, { image: image.ref, members: [] })

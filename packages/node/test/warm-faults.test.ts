@@ -45,7 +45,7 @@ it('a warm-up that fails stops its workers and gives up what they had in flight:
     const total = imageChunks(opened).length
     expect(total).toBeGreaterThan(16 * 64)
     // One Range request per chunk (no coalescing), and the 30th fails for good: the warm-up fails.
-    const source = createRegistrySource({ client, ref, layers: opened.layers, maxRangeBytes: 1, maxGapBytes: 0 })
+    const source = createRegistrySource({ client, maxRangeBytes: 1, maxGapBytes: 0 })
     const fetcher = createFetcher({ store, sources: [source] })
     proxy.faults.push({ kind: 'status', status: 404, path: /\/blobs\//, skip: 30, times: 1 })
     const err = await warmImage(fetcher, opened).catch((e: unknown) => e)

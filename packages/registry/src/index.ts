@@ -42,6 +42,6 @@ export {
 export type { Descriptor, ImageIndex, ImageManifest, Platform } from './manifest.js'
 export { formatPlatform, hostPlatform, isIndexType, isManifestType, MediaType, parsePlatform } from './manifest.js'
 export type { Reference } from './reference.js'
-export { makeReference, parseReference, withDigest } from './reference.js'
+export { makeReference, parseReference, parseRepository, repositoryOf, withDigest } from './reference.js'
 export type { ImageRepo } from './repo.js'
 export { openImageRepo } from './repo.js'

@@ -97,3 +97,24 @@ export function parseReference(s: string): Reference {
     digest
   })
 }
+
+/** Where a reference's blobs live, `host[:port]/name` without tag or digest: what a LayerRef carries. */
+export function repositoryOf(ref: Reference | string): string {
+  const r = typeof ref === 'string' ? parseReference(ref) : ref
+  return `${r.registry}/${r.repository}`
+}
+
+/**
+ * The Reference of a `host[:port]/name` string as repositoryOf writes it, or undefined when it is anything else
+ * (a tag, a digest, a short name docker would expand, over 512 characters): for repositories from peers.
+ */
+export function parseRepository(s: string): Reference | undefined {
+  if (s.length > 512 || s.includes('@')) return undefined
+  let ref: Reference
+  try {
+    ref = parseReference(s)
+  } catch {
+    return undefined
+  }
+  return repositoryOf(ref) === s ? makeReference({ registry: ref.registry, repository: ref.repository }) : undefined
+}
