@@ -2,7 +2,14 @@ import { createHash } from 'node:crypto'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { makeReference, type Reference, type RegistryClient, type Image as RegistryImage } from '@strata/registry'
+import { TOC_DIGEST_ANNOTATION } from '@strata/base'
+import {
+  makeReference,
+  type Reference,
+  type RegistryClient,
+  type Image as RegistryImage,
+  repositoryOf
+} from '@strata/registry'
 import { type Layer, openLayer, parseTOC } from '@strata/stargz'
 import type { AbortOptions, ChunkStore } from '@strata/store'
 import {
@@ -15,7 +22,6 @@ import { type BlobCompression, decompressedStream, detectCompression, indexTar }
 import type { Descriptor, FetchEvent, Image, ImageLayer, ImageLayerFormat } from './types.js'
 
 /** The manifest annotation that vouches for an eStargz layer's TOC. */
-export const TOC_DIGEST_ANNOTATION = 'containerd.io/snapshot/stargz/toc.digest'
 
 export interface ResolveImageInit {
   client: RegistryClient
@@ -143,7 +149,12 @@ function isVerified(record: LayerRecord, descriptor: Descriptor): boolean {
   return record.format === 'indexed' || descriptor.annotations?.[TOC_DIGEST_ANNOTATION] !== undefined
 }
 
-function toImageLayer(descriptor: Descriptor, record: LayerRecord, tocBytes: Uint8Array): ImageLayer {
+function toImageLayer(
+  descriptor: Descriptor,
+  repository: string,
+  record: LayerRecord,
+  tocBytes: Uint8Array
+): ImageLayer {
   const toc = parseTOC(tocBytes, {
     format: record.format === 'indexed' ? 'estargz' : record.format,
     tocOffset: record.tocOffset,
@@ -152,6 +163,7 @@ function toImageLayer(descriptor: Descriptor, record: LayerRecord, tocBytes: Uin
   return {
     descriptor,
     digest: descriptor.digest,
+    ref: { digest: descriptor.digest, repository },
     format: record.format,
     toc,
     tocDigest: record.tocDigest,
@@ -171,6 +183,7 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
   const emit = init.onProgress ?? (() => {})
   const image = init.image ?? (await resolveImage({ ...init, store }))
   const name = String(image.ref)
+  const repository = repositoryOf(image.ref)
 
   const openOne = async (descriptor: Descriptor): Promise<ImageLayer> => {
     const digest = descriptor.digest
@@ -193,7 +206,7 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
     if (cached !== undefined) {
       check(cached.record)
       emit({ type: 'layer:toc', layer: digest, format: cached.record.format, cached: true })
-      return toImageLayer(descriptor, cached.record, cached.tocBytes)
+      return toImageLayer(descriptor, repository, cached.record, cached.tocBytes)
     }
 
     let layer: Layer | undefined
@@ -226,6 +239,7 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
       return {
         descriptor,
         digest,
+        ref: { digest, repository },
         format: layer.format,
         toc: layer.toc,
         tocDigest: layer.tocDigest,
@@ -236,7 +250,7 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
 
     const { record, tocBytes } = await indexLayer(init, name, descriptor, emit)
     emit({ type: 'layer:toc', layer: digest, format: 'indexed', cached: false })
-    return toImageLayer(descriptor, record, tocBytes)
+    return toImageLayer(descriptor, repository, record, tocBytes)
   }
 
   const layers = new Array<ImageLayer>(image.layers.length)
