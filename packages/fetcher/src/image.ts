@@ -21,8 +21,6 @@ import {
 import { type BlobCompression, decompressedStream, detectCompression, indexTar } from './indexed.js'
 import type { Descriptor, FetchEvent, Image, ImageLayer, ImageLayerFormat } from './types.js'
 
-/** The manifest annotation that vouches for an eStargz layer's TOC. */
-
 export interface ResolveImageInit {
   client: RegistryClient
   store: ChunkStore
