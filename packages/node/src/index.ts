@@ -30,18 +30,19 @@ export {
   type MirrorStats,
   startMirrorServer
 } from './mirror.js'
-export type {
-  ClusterWarmProgress,
-  ClusterWarmResult,
-  ImageRecord,
-  NodeInit,
-  NodeStatus,
-  OpenImageOptions,
-  PeerStatus,
-  StrataNode
-} from './node.js'
-export { createNode, DHT_PROTOCOL, WARM_PROTOCOL } from './node.js'
+export type { NodeInit, NodeStatus, OpenImageOptions, PeerStatus, StrataNode } from './node.js'
+export { createNode, DHT_PROTOCOL } from './node.js'
 export type { PeerScore } from './peers.js'
 export type { ProtocolLimits } from './protocol.js'
 export { CHUNK_PROTOCOL, DEFAULT_LIMITS } from './protocol.js'
 export type { WarmProgress, WarmResult } from './warm.js'
+export {
+  type ClusterWarmProgress,
+  type ClusterWarmResult,
+  type ImageRecord,
+  WARM_PROTOCOL,
+  type WarmService,
+  type WarmServiceComponents,
+  type WarmServiceInit,
+  warmService
+} from './warm-service.js'

@@ -9,25 +9,29 @@ import { ping } from '@libp2p/ping'
 import { preSharedKey } from '@libp2p/pnet'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
-import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image } from '@strata/fetcher'
+import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image, Route } from '@strata/fetcher'
 import { createFetcher, createRegistrySource, openImage, resolveImage } from '@strata/fetcher'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
 import { createLibp2p, type Libp2pOptions } from 'libp2p'
 import { Announcer, type AnnounceStats } from './announcer.js'
-import { ProtocolError, RegistryNotAllowedError, WarmError } from './errors.js'
-import { encodeFrame, readFrames } from './frames.js'
+import { countedSource } from './counted.js'
 import { loadIdentity, loadPreSharedKey } from './identity.js'
 import { digestToCid } from './keys.js'
 import { BLOB_PROTOCOL, Mirror, type MirrorStats } from './mirror.js'
 import { PeerBook, type PeerScore } from './peers.js'
 import { ByteBudget, CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
-import { LayerRouter } from './router.js'
-import { homeOf, isForwarded, PeerSource, runForwarded } from './source.js'
-import { type WarmProgress, type WarmResult, warmImage } from './warm.js'
+import { homeOf, PeerSource } from './source.js'
+import type { WarmProgress, WarmResult } from './warm.js'
+import {
+  type ClusterWarmProgress,
+  type ClusterWarmResult,
+  type ImageRecord,
+  type WarmService,
+  warmService
+} from './warm-service.js'
 
 export const DHT_PROTOCOL = '/strata/kad/1.0.0'
-export const WARM_PROTOCOL = '/strata/warm/1.0.0'
 
 export interface NodeInit {
   /** The chunk store this node owns (serves from it, announces what it holds). */
@@ -103,15 +107,6 @@ export interface PeerStatus extends Partial<PeerScore> {
   strata: boolean
 }
 
-export interface ImageRecord {
-  ref: string
-  digest: string
-  layers: string[]
-  chunks: number
-  bytes: number
-  warmedAt: string
-}
-
 export interface NodeStatus {
   peerId: string
   addrs: string[]
@@ -133,15 +128,6 @@ export interface NodeStatus {
   announce: AnnounceStats
   /** The pull-through mirror's blobs (see mirror.ts): bytes served to runtimes and where they came from. */
   mirror: MirrorStats
-}
-
-export interface ClusterWarmProgress {
-  /** Progress per peer id. */
-  nodes: Record<string, WarmProgress & { done: boolean; error?: string }>
-}
-
-export interface ClusterWarmResult {
-  nodes: Record<string, { ok: boolean; result?: WarmResult; error?: string }>
 }
 
 /** A running p2pd node. */
@@ -196,6 +182,7 @@ class Node implements StrataNode {
   /** Bytes of answers to peers not yet read by them, over the chunk and blob protocols (limits.maxQueuedBytes). */
   private readonly queued: ByteBudget
   private readonly announcer: Announcer
+  private readonly warming: WarmService
   private readonly book: PeerBook
   private readonly strataPeers = new Set<string>()
   private readonly coarse = new Set<string>()
@@ -207,7 +194,14 @@ class Node implements StrataNode {
   private readonly onEvict: (e: Event) => void
   /** Bytes received while serving forwarded requests, per source (see NodeStatus.bytes.fetchedForPeers). */
   private readonly forPeers: Record<string, number> = { peer: 0, registry: 0 }
-  private readonly router = new LayerRouter((bytes) => this.countForPeers('registry', bytes))
+  /**
+   * The registry, for every image: each chunk's LayerRef names its repository. For a forwarded request only a
+   * registry a peer may name (mayOpenForPeer): a repository in a peer's chunk ref must not widen that set.
+   */
+  private readonly registrySource = createRegistrySource({
+    clientFor: () => this.init.registry,
+    mayRead: (layer, options) => options.route?.forwarded !== true || this.mayOpenForPeer(layer.repository)
+  })
   /** Images opened, by manifest digest: only those some reference names now (see `named`). */
   private readonly opened = new Map<string, Promise<Image>>()
   /** The manifest digest each reference named when last resolved. */
@@ -224,7 +218,7 @@ class Node implements StrataNode {
   constructor(
     private readonly libp2p: Libp2p<{ dht: KadDHT }>,
     private readonly init: NodeInit,
-    private readonly limits: ProtocolLimits
+    limits: ProtocolLimits
   ) {
     this.peerId = libp2p.peerId.toString()
     this.queued = new ByteBudget(limits.maxQueuedBytes)
@@ -240,23 +234,30 @@ class Node implements StrataNode {
         this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, { signal: options?.signal }),
       members: () => [...this.strataPeers],
       imageOf: (layer) => this.imageOfLayer.get(layer),
-      onFetched: (_peer, bytes) => this.countForPeers('peer', bytes)
+      onFetched: (_peer, bytes, route) => this.countForPeers('peer', bytes, route)
     })
     this.fetcher = createFetcher({
       hedgeDelayMs: 8_000,
       ...init.fetcher,
       store: init.store,
-      sources: [this.source, this.router]
+      sources: [
+        this.source,
+        countedSource(this.registrySource, (bytes, route) => this.countForPeers('registry', bytes, route))
+      ]
     })
     this.server = new ChunkServer(
       {
         store: init.store,
         queued: this.queued,
         fetch: async (chunks, ref, options) => {
-          if (ref !== undefined && chunks.some((c) => !this.router.has(c.layer)) && this.mayOpenForPeer(ref)) {
+          if (
+            ref !== undefined &&
+            chunks.some((c) => !this.imageOfLayer.has(c.layer.digest)) &&
+            this.mayOpenForPeer(ref)
+          ) {
             await this.open(ref, options).catch(() => undefined)
           }
-          return runForwarded(async () => this.fetchForPeer(chunks, options))
+          return this.fetchForPeer(chunks, options)
         },
         onServed: (_peer, bytes) => {
           this.served += bytes
@@ -295,6 +296,17 @@ class Node implements StrataNode {
       provide: (digest, options) => this.provide(digest, options),
       withdraw: (digest) => void this.libp2p.contentRouting.cancelReprovide(digestToCid(digest)).catch(() => {})
     })
+    this.warming = warmService({ limits })({
+      peerId: this.peerId,
+      network: libp2p,
+      fetcher: this.fetcher,
+      open: (ref, caller, options) => (caller === 'local' ? this.openImage(ref, options) : this.open(ref, options)),
+      mayOpenForPeer: (ref) => this.mayOpenForPeer(ref),
+      record: (record, options) => this.record(record, options),
+      members: () => [...this.strataPeers],
+      homeOf: (chunk, route) => this.source.home(chunk, route),
+      announceCoarse: (key) => this.announceCoarse(key)
+    })
     this.onPut = (e) => {
       const detail = (e as CustomEvent<{ digest: string; layer?: string }>).detail
       if (detail.layer !== undefined) this.announceCoarse(detail.layer)
@@ -303,8 +315,9 @@ class Node implements StrataNode {
     this.onEvict = (e) => this.announcer.withdraw((e as CustomEvent<{ digests: string[] }>).detail.digests)
   }
 
-  private countForPeers(source: 'peer' | 'registry', bytes: number): void {
-    if (isForwarded()) this.forPeers[source] = (this.forPeers[source] ?? 0) + bytes
+  /** Counts bytes a source sent as fetched for peers when the fetch was a forwarded request's (see fetchForPeer). */
+  private countForPeers(source: 'peer' | 'registry', bytes: number, route: Route | undefined): void {
+    if (route?.forwarded === true) this.forPeers[source] = (this.forPeers[source] ?? 0) + bytes
   }
 
   async start(): Promise<void> {
@@ -328,10 +341,7 @@ class Node implements StrataNode {
       maxInboundStreams: 64,
       maxOutboundStreams: 64
     })
-    await this.libp2p.handle(WARM_PROTOCOL, (stream, connection) => this.serveWarm(stream, connection.remotePeer), {
-      maxInboundStreams: 4,
-      maxOutboundStreams: 64
-    })
+    await this.warming.start()
     this.init.store.addEventListener('put', this.onPut)
     this.init.store.addEventListener('evict', this.onEvict)
     this.announcer.start()
@@ -350,31 +360,24 @@ class Node implements StrataNode {
   /**
    * Fetches chunks a peer asked this node (their home) for into the store, as one batch so adjacent ranges
    * coalesce; each chunk's promise settles as soon as that chunk lands in the store, not when the whole batch is
-   * done (true), or when it could not be got (false).
+   * done (true), or when it could not be got (false). The route marks the fetch as a forwarded request's: the
+   * peer source forwards it no further, and what the sources send counts as fetched for peers.
    */
   private fetchForPeer(chunks: ChunkRef[], options?: AbortOptions): Array<Promise<boolean>> {
-    const waiting = new Map(chunks.map((c) => [c.digest, Promise.withResolvers<boolean>()]))
-    const onPut = (e: Event) => waiting.get((e as CustomEvent<{ digest: string }>).detail.digest)?.resolve(true)
-    this.init.store.addEventListener('put', onPut)
-    void this.fetcher
-      .getMany(chunks, options)
-      .then(
-        () => {
-          for (const c of chunks) waiting.get(c.digest)!.resolve(true)
-        },
-        // Some chunk could not be got: the others one by one (each joins what is still in flight).
+    const route: Route = { forwarded: true }
+    const signal = options?.signal
+    return this.fetcher.getEach(chunks, { signal, route }).map((got, i) =>
+      got.then(
+        () => true,
+        // A chunk the batch could not get is asked once more on its own before the peer hears it is missing
+        // (it joins a fetch of it still in flight), as when a failed batch was followed by one get per chunk.
         () =>
-          Promise.all(
-            chunks.map((c) =>
-              this.fetcher.get(c, options).then(
-                () => waiting.get(c.digest)!.resolve(true),
-                () => waiting.get(c.digest)!.resolve(false)
-              )
-            )
+          this.fetcher.get(chunks[i]!, { signal, route }).then(
+            () => true,
+            () => false
           )
       )
-      .finally(() => this.init.store.removeEventListener('put', onPut))
-    return chunks.map((c) => waiting.get(c.digest)!.promise)
+    )
   }
 
   /**
@@ -471,7 +474,6 @@ class Node implements StrataNode {
     if (opening === undefined) {
       opening = openImage({ client, store: this.init.store, ref, image: manifest, signal }).then((image) => {
         const layers = image.layers.map((l) => l.digest)
-        this.router.add(layers, createRegistrySource({ client, ref, layers: image.layers }))
         for (const layer of layers) if (!this.imageOfLayer.has(layer)) this.imageOfLayer.set(layer, ref)
         const files = image.layers.reduce((n, l) => n + l.toc.entries.size, 0)
         if (this.opened.get(digest) === opening) this.files.set(digest, files)
@@ -560,151 +562,22 @@ class Node implements StrataNode {
     return saved === undefined ? [] : (JSON.parse(new TextDecoder().decode(saved)) as ImageRecord[])
   }
 
-  warm(
-    ref: string,
-    options: AbortOptions & { onProgress?: (p: WarmProgress) => void; members?: string[] } = {}
-  ): Promise<WarmResult> {
-    return this.warmFor('local', ref, options)
+  warm(ref: string, options?: AbortOptions & { onProgress?: (p: WarmProgress) => void }): Promise<WarmResult> {
+    return this.warming.warm(ref, options)
   }
 
-  private async warmFor(
-    caller: 'local' | 'peer',
+  warmCluster(
     ref: string,
-    options: AbortOptions & { onProgress?: (p: WarmProgress) => void; members?: string[] }
-  ): Promise<WarmResult> {
-    if (caller === 'peer' && !this.mayOpenForPeer(ref)) throw new RegistryNotAllowedError(ref, registryOf(ref) ?? ref)
-    let image: Image
-    let stale: string | undefined
-    const opening = {
-      ...options,
-      onStale: (message: string) => {
-        stale = message
-      }
-    }
-    try {
-      image = caller === 'local' ? await this.openImage(ref, opening) : await this.open(ref, opening)
-    } catch (err) {
-      throw new WarmError(`cannot open image ${ref}: ${(err as Error).message}`, { cause: err })
-    }
-    for (const layer of image.layers) {
-      this.announceCoarse(layer.digest)
-      this.announceCoarse(layer.tocDigest)
-    }
-    let result: WarmResult
-    try {
-      result = await warmImage(this.fetcher, image, { ...options, homeOf: (c) => this.source.home(c) })
-      if (stale !== undefined) result.stale = stale
-    } catch (err) {
-      throw new WarmError(`warming ${ref} failed: ${(err as Error).message}`, { cause: err })
-    }
-    const record: ImageRecord = {
-      ref,
-      digest: image.digest,
-      layers: image.layers.map((l) => l.digest),
-      chunks: result.totalChunks,
-      bytes: result.totalBytes,
-      warmedAt: new Date().toISOString()
-    }
-    const images = (await this.images(options)).filter((i) => i.ref !== ref)
+    options?: AbortOptions & { onProgress?: (p: ClusterWarmProgress) => void }
+  ): Promise<ClusterWarmResult> {
+    return this.warming.warmCluster(ref, options)
+  }
+
+  /** Keeps the record of an image warmed here (see images()). */
+  private async record(record: ImageRecord, options?: AbortOptions): Promise<void> {
+    const images = (await this.images(options)).filter((i) => i.ref !== record.ref)
     images.push(record)
     await this.init.store.putMeta(IMAGES_META, new TextEncoder().encode(JSON.stringify(images)), options)
-    return result
-  }
-
-  async warmCluster(
-    ref: string,
-    options: AbortOptions & { onProgress?: (p: ClusterWarmProgress) => void } = {}
-  ): Promise<ClusterWarmResult> {
-    const members = [this.peerId, ...this.strataPeers].sort()
-    const progress: ClusterWarmProgress = { nodes: {} }
-    const result: ClusterWarmResult = { nodes: {} }
-    const empty = { chunks: 0, totalChunks: 0, bytes: 0, totalBytes: 0, done: false }
-    for (const m of members) progress.nodes[m] = { ...empty }
-    const report = (peer: string, p: Partial<ClusterWarmProgress['nodes'][string]>) => {
-      progress.nodes[peer] = { ...progress.nodes[peer]!, ...p }
-      options.onProgress?.(progress)
-    }
-    await Promise.all(
-      members.map(async (peer) => {
-        try {
-          const r =
-            peer === this.peerId
-              ? await this.warm(ref, { ...options, members, onProgress: (p) => report(peer, p) })
-              : await this.warmRemote(peer, ref, members, (p) => report(peer, p), options)
-          report(peer, { ...r, done: true })
-          result.nodes[peer] = { ok: true, result: r }
-        } catch (err) {
-          report(peer, { done: true, error: (err as Error).message })
-          result.nodes[peer] = { ok: false, error: (err as Error).message }
-        }
-      })
-    )
-    return result
-  }
-
-  private async warmRemote(
-    peer: string,
-    ref: string,
-    members: string[],
-    onProgress: (p: WarmProgress) => void,
-    options: AbortOptions
-  ): Promise<WarmResult> {
-    // Only the signal: libp2p would call the caller's `onProgress` with its own dial events.
-    const signal = options.signal
-    const stream = await this.libp2p.dialProtocol(peerIdFromString(peer), WARM_PROTOCOL, { signal })
-    stream.send(encodeFrame(new TextEncoder().encode(JSON.stringify({ image: ref, members }))))
-    await stream.close({ signal })
-    for await (const frame of readFrames(stream, this.limits.maxRequestBytes)) {
-      const msg = JSON.parse(new TextDecoder().decode(frame)) as
-        | ({ type: 'progress' } & WarmProgress)
-        | { type: 'done'; result: WarmResult }
-        | { type: 'error'; message: string }
-      if (msg.type === 'progress') onProgress(msg)
-      else if (msg.type === 'done') return msg.result
-      else throw new WarmError(`peer ${peer}: ${msg.message}`)
-    }
-    throw new ProtocolError(`peer ${peer} closed the warm-up stream without a result`)
-  }
-
-  /**
-   * A peer's warm-up request: one JSON frame, then the asker closes its writing side. The answer is progress
-   * frames, then `done` (or `error`). The warm-up is this node's own work once asked: it goes on to the end even
-   * if the asker went away (its progress is then dropped), and progress never waits on the asker, nor throws.
-   */
-  private async serveWarm(stream: Stream, from: PeerId): Promise<void> {
-    const send = (msg: unknown) => stream.send(encodeFrame(new TextEncoder().encode(JSON.stringify(msg))))
-    try {
-      const request = await readWarmRequest(stream, from.toString(), this.limits)
-      const members = request?.members
-      if (
-        typeof request?.image !== 'string' ||
-        !Array.isArray(members) ||
-        !members.every((m) => typeof m === 'string')
-      ) {
-        throw new ProtocolError(`bad warm-up request from ${from.toString()}`)
-      }
-      let last = 0
-      const result = await this.warmFor('peer', request.image, {
-        members: members as string[],
-        onProgress: (p) => {
-          // At most four a second, and none while the last one is still queued (the next says more): a slow
-          // asker's progress does not pile up in the stream's buffer. A dead stream takes none.
-          if (Date.now() - last < 250 && p.chunks < p.totalChunks) return
-          if (stream.writeStatus !== 'writable' || stream.writeBufferLength > 0) return
-          last = Date.now()
-          send({ type: 'progress', ...p })
-        }
-      })
-      send({ type: 'done', result })
-      await stream.close()
-    } catch (err) {
-      try {
-        send({ type: 'error', message: (err as Error).message })
-        await stream.close()
-      } catch {
-        stream.abort(err as Error)
-      }
-    }
   }
 
   async gc(options?: AbortOptions): Promise<unknown> {
@@ -719,7 +592,7 @@ class Node implements StrataNode {
   async stop(options: { graceMs?: number } = {}): Promise<void> {
     clearInterval(this.rejoin)
     clearTimeout(this.discovering)
-    await this.libp2p.unhandle([CHUNK_PROTOCOL, WARM_PROTOCOL, BLOB_PROTOCOL])
+    await Promise.all([this.libp2p.unhandle([CHUNK_PROTOCOL, BLOB_PROTOCOL]), this.warming.stop()])
     const grace = new Promise((resolve) => setTimeout(resolve, options.graceMs ?? 10_000).unref())
     await Promise.race([Promise.allSettled([...this.inflight]), grace])
     this.server.stop()
@@ -759,36 +632,6 @@ function registryOf(ref: string): string | undefined {
  * A dead connection is still found, within pingTimeout + its interval (about 70 s).
  */
 const MIN_PING_TIMEOUT_MS = 30_000
-
-/**
- * A warm-up request (see serveWarm): exactly one frame before the asker closes its writing side, within the
- * request timeout.
- */
-async function readWarmRequest(
-  stream: Stream,
-  from: string,
-  limits: ProtocolLimits
-): Promise<{ image?: unknown; members?: unknown } | undefined> {
-  const signal = AbortSignal.timeout(limits.requestTimeoutMs)
-  const onAbort = () =>
-    stream.abort(new ProtocolError(`no warm-up request from ${from} in ${limits.requestTimeoutMs} ms`))
-  signal.addEventListener('abort', onAbort, { once: true })
-  try {
-    let request: { image?: unknown; members?: unknown } | undefined
-    let frames = 0
-    for await (const frame of readFrames(stream, limits.maxRequestBytes)) {
-      if (++frames > 1) throw new ProtocolError(`more than one warm-up request from ${from} on one stream`)
-      try {
-        request = JSON.parse(new TextDecoder().decode(frame)) as typeof request
-      } catch {
-        throw new ProtocolError(`bad warm-up request from ${from}: not JSON`)
-      }
-    }
-    return request
-  } finally {
-    signal.removeEventListener('abort', onAbort)
-  }
-}
 
 /** Starts a p2pd node: libp2p host, DHT, chunk and warm-up protocols, announcements. */
 export async function createNode(init: NodeInit): Promise<StrataNode> {

@@ -1,7 +1,6 @@
-import { AsyncLocalStorage } from 'node:async_hooks'
 import { createHash } from 'node:crypto'
 import type { Stream } from '@libp2p/interface'
-import type { ChunkRef, ChunkSource } from '@strata/fetcher'
+import type { ChunkRef, ChunkSource, Route, SourceOptions } from '@strata/fetcher'
 import type { AbortOptions } from '@strata/store'
 import type { PeerRefusedError } from './errors.js'
 import type { PeerBook } from './peers.js'
@@ -23,34 +22,10 @@ export interface PeerSourceComponents {
   /** The image a layer was opened from (sent with forwarded requests, so the home node can open it too). */
   imageOf?(layer: string): string | undefined
   limits?: ProtocolLimits
-  /** Told about each chunk a peer sent (before verification). */
-  onFetched?(peer: string, bytes: number): void
+  /** Told about each chunk a peer sent (before verification), and the route of the fetch it was for. */
+  onFetched?(peer: string, bytes: number, route: Route | undefined): void
   /** Told when a peer's chunk failed verification. */
   onBad?(peer: string, chunk: ChunkRef, reason: string): void
-}
-
-interface Context {
-  /** Serving another node's `fetch`: do not forward again (no loops between nodes that see the cluster differently). */
-  forwarded?: boolean
-  /** The cluster to split chunks over (cluster warm-up), instead of the connected peers. */
-  members?: string[]
-}
-
-const context = new AsyncLocalStorage<Context>()
-
-/** Runs `fn` as the home node of a forwarded request: chunks come from peers that hold them or the registry. */
-export function runForwarded<T>(fn: () => Promise<T>): Promise<T> {
-  return context.run({ ...context.getStore(), forwarded: true }, fn)
-}
-
-/** True while serving another node's forwarded request (see runForwarded): what is fetched is for that peer. */
-export function isForwarded(): boolean {
-  return context.getStore()?.forwarded === true
-}
-
-/** Runs `fn` with chunk homes chosen among `members` (the cluster of a warm-up). */
-export function runWithMembers<T>(members: string[], fn: () => Promise<T>): Promise<T> {
-  return context.run({ ...context.getStore(), members }, fn)
 }
 
 /**
@@ -124,26 +99,28 @@ export class PeerSource implements ChunkSource {
     this.limits = components.limits ?? DEFAULT_LIMITS
   }
 
-  async get(chunk: ChunkRef, options?: AbortOptions): Promise<Uint8Array | undefined> {
-    const getOne = (peer: string, signal: AbortSignal) => this.ask(peer, { op: 'get', digests: [chunk.digest] }, signal)
-    const { found, asked } = await this.locate(chunk.layer, [chunk.digest], options)
+  async get(chunk: ChunkRef, options?: SourceOptions): Promise<Uint8Array | undefined> {
+    const route = options?.route
+    const getOne = (peer: string, signal: AbortSignal) =>
+      this.ask(peer, { op: 'get', digests: [chunk.digest] }, signal, route)
+    const { found, asked } = await this.locate(chunk.layer.digest, [chunk.digest], options)
     let got = await this.firstOf([...found.keys()], getOne, options)
     if (got !== undefined) return got
     // A home node serving a forwarded request asks no more: it is the one to go to the registry.
-    if (context.getStore()?.forwarded !== true) {
+    if (route?.forwarded !== true) {
       const providers = await this.providersOf(chunk.digest, options)
       const peers = this.components.book.rank(providers).filter((p) => !asked.has(p))
       got = await this.firstOf(peers.slice(0, MAX_TRIES), getOne, options)
       if (got !== undefined) return got
     }
     // The home is asked even when it lacked the chunk: it fetches it once for the cluster.
-    const home = this.home(chunk)
+    const home = this.home(chunk, route)
     if (home === undefined) return undefined
-    const request = { op: 'fetch' as const, chunks: [chunk], ...this.refOf(chunk.layer) }
-    return this.firstOf([home], (peer, signal) => this.ask(peer, request, signal), options)
+    const request = { op: 'fetch' as const, chunks: [chunk], ...this.refOf(chunk.layer.digest) }
+    return this.firstOf([home], (peer, signal) => this.ask(peer, request, signal, route), options)
   }
 
-  async *getMany(chunks: ChunkRef[], options?: AbortOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
+  async *getMany(chunks: ChunkRef[], options?: SourceOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     const left = new Map<string, ChunkRef[]>()
     for (const c of chunks) left.set(c.digest, [...(left.get(c.digest) ?? []), c])
     // Ask who holds what (the layer's known holders, then the connected peers), then get each chunk from the best
@@ -164,8 +141,8 @@ export class PeerSource implements ChunkSource {
       const failed = new Set<string>()
       const assigned = new Map<string, string[]>()
       const pending = [...left.values()].map((refs) => refs[0]!)
-      for (const layer of new Set(pending.map((c) => c.layer))) {
-        const wanted = pending.filter((c) => c.layer === layer).map((c) => c.digest)
+      for (const layer of new Set(pending.map((c) => c.layer.digest))) {
+        const wanted = pending.filter((c) => c.layer.digest === layer).map((c) => c.digest)
         const located = await this.locate(layer, wanted, options, again)
         for (const peer of located.failed) failed.add(peer)
         for (const [peer, digests] of located.found) assigned.set(peer, [...(assigned.get(peer) ?? []), ...digests])
@@ -183,9 +160,9 @@ export class PeerSource implements ChunkSource {
     // One stream per (home, image): a forwarded request names the image its chunks come from.
     const homes = new Map<string, { peer: string; refs: ChunkRef[] }>()
     for (const refs of left.values()) {
-      const peer = this.home(refs[0]!)
+      const peer = this.home(refs[0]!, options?.route)
       if (peer === undefined) continue
-      const key = `${peer} ${this.refOf(refs[0]!.layer).ref ?? ''}`
+      const key = `${peer} ${this.refOf(refs[0]!.layer.digest).ref ?? ''}`
       const group = homes.get(key) ?? { peer, refs: [] }
       group.refs.push(refs[0]!)
       homes.set(key, group)
@@ -200,9 +177,9 @@ export class PeerSource implements ChunkSource {
     this.components.book.bad(peer)
     this.components.onBad?.(peer, chunk, reason)
     // Whatever that peer announced or said it holds is suspect: look holders up afresh.
-    this.providers.delete(chunk.layer)
+    this.providers.delete(chunk.layer.digest)
     this.providers.delete(chunk.digest)
-    this.holders.delete(chunk.layer)
+    this.holders.delete(chunk.layer.digest)
   }
 
   /**
@@ -279,11 +256,14 @@ export class PeerSource implements ChunkSource {
     return ref !== undefined ? { ref } : {}
   }
 
-  /** The chunk's home among the cluster, unless it is this node or we are serving a forwarded request. */
-  home(chunk: ChunkRef): string | undefined {
-    const ctx = context.getStore()
-    if (ctx?.forwarded === true) return undefined
-    const members = (ctx?.members ?? [this.components.self, ...this.cluster()]).filter(
+  /**
+   * The chunk's home among the route's members (a cluster warm-up) or else the cluster, unless it is this node or
+   * the route is a forwarded request's (not forwarded again: no loops between nodes that see the cluster
+   * differently).
+   */
+  home(chunk: ChunkRef, route?: Route): string | undefined {
+    if (route?.forwarded === true) return undefined
+    const members = (route?.members ?? [this.components.self, ...this.cluster()]).filter(
       (m) => m === this.components.self || !this.components.book.isBanned(m)
     )
     const home = homeOf(homeKey(chunk), members)
@@ -339,7 +319,8 @@ export class PeerSource implements ChunkSource {
   private async ask(
     peer: string,
     request: { op: 'get'; digests: string[] } | { op: 'fetch'; chunks: ChunkRef[]; ref?: string },
-    signal: AbortSignal
+    signal: AbortSignal,
+    route: Route | undefined
   ): Promise<Uint8Array | undefined> {
     const started = Date.now()
     try {
@@ -347,7 +328,7 @@ export class PeerSource implements ChunkSource {
       for await (const answer of requestChunks(stream, peer, request, this.limits, { signal })) {
         if (answer.bytes === undefined) return undefined
         this.components.book.success(peer, Date.now() - started, answer.bytes.byteLength)
-        this.components.onFetched?.(peer, answer.bytes.byteLength)
+        this.components.onFetched?.(peer, answer.bytes.byteLength, route)
         const digest = request.op === 'get' ? request.digests[0]! : request.chunks[0]!.digest
         this.remember(digest, peer)
         return answer.bytes
@@ -457,7 +438,7 @@ export class PeerSource implements ChunkSource {
     op: 'get' | 'fetch',
     items: string[] | ChunkRef[],
     left: Map<string, ChunkRef[]>,
-    options?: AbortOptions,
+    options?: SourceOptions,
     onFailure?: () => void
   ): AsyncGenerator<{ peer: string; digest: string; bytes: Uint8Array }> {
     const size = op === 'get' ? BATCH : FETCH_BATCH
@@ -472,7 +453,7 @@ export class PeerSource implements ChunkSource {
         const request =
           op === 'get'
             ? { op, digests: wanted }
-            : { op, chunks: refs.filter((r) => left.has(r.digest)), ...this.refOf(refs[0]!.layer) }
+            : { op, chunks: refs.filter((r) => left.has(r.digest)), ...this.refOf(refs[0]!.layer.digest) }
         const started = Date.now()
         let bytes = 0
         try {
@@ -482,7 +463,7 @@ export class PeerSource implements ChunkSource {
             this.components.book.heard(peer)
             if (answer.bytes === undefined || !left.has(digest)) continue
             bytes += answer.bytes.byteLength
-            this.components.onFetched?.(peer, answer.bytes.byteLength)
+            this.components.onFetched?.(peer, answer.bytes.byteLength, options?.route)
             this.remember(digest, peer)
             yield { peer, digest, bytes: answer.bytes }
           }

@@ -1,6 +1,5 @@
-import type { ChunkRef, Fetcher, Image } from '@strata/fetcher'
+import { type ChunkRef, chunkRef, type Fetcher, type Image, type Route } from '@strata/fetcher'
 import type { AbortOptions } from '@strata/store'
-import { runWithMembers } from './source.js'
 
 export interface WarmProgress {
   chunks: number
@@ -26,9 +25,9 @@ export interface WarmResult extends WarmProgress {
 
 export interface WarmOptions extends AbortOptions {
   /** The cluster this warm-up is part of (chunk homes are chosen among these peer ids). */
-  members?: string[]
-  /** The node that is home of a chunk: undefined for this node. */
-  homeOf?: (chunk: ChunkRef) => string | undefined
+  members?: readonly string[]
+  /** The node that is home of a chunk on `route` (this warm-up's): undefined for this node. */
+  homeOf?: (chunk: ChunkRef, route: Route) => string | undefined
   onProgress?: (progress: WarmProgress) => void
 }
 
@@ -41,12 +40,12 @@ export function imageChunks(image: Image): ChunkRef[] {
       for (const chunk of entry.chunks) {
         if (seen.has(chunk.digest)) continue
         seen.add(chunk.digest)
-        out.push({ ...chunk, layer: layer.digest, compression: layer.compression })
+        out.push(chunkRef(layer, chunk))
       }
     }
   }
   const layerIndex = new Map(image.layers.map((l, i) => [l.digest, i]))
-  return out.sort((a, b) => layerIndex.get(a.layer)! - layerIndex.get(b.layer)! || a.offset - b.offset)
+  return out.sort((a, b) => layerIndex.get(a.layer.digest)! - layerIndex.get(b.layer.digest)! || a.offset - b.offset)
 }
 
 const BATCH = 64
@@ -71,55 +70,53 @@ const WARM_HEDGE_DELAY_MS = 30_000
  */
 export async function warmImage(fetcher: Fetcher, image: Image, options: WarmOptions = {}): Promise<WarmResult> {
   const started = Date.now()
-  const run = async () => {
-    const chunks = imageChunks(image)
-    const groups = new Map<string | undefined, ChunkRef[]>()
-    for (const c of chunks) {
-      const home = options.homeOf?.(c)
-      groups.set(home, [...(groups.get(home) ?? []), c])
-    }
-    // This node's share first, then the others' shares interleaved.
-    const own = toBatches(groups.get(undefined) ?? [])
-    const foreign = [...groups].filter(([home]) => home !== undefined).map(([, list]) => toBatches(list))
-    const batches = [...own]
-    for (let i = 0; foreign.some((f) => i < f.length); i++)
-      for (const f of foreign) if (i < f.length) batches.push(f[i]!)
-    const progress: WarmProgress = {
-      chunks: 0,
-      totalChunks: chunks.length,
-      bytes: 0,
-      totalBytes: chunks.reduce((n, c) => n + c.size, 0)
-    }
-    options.onProgress?.({ ...progress })
-    // The first batch that fails stops the others, and what they have in flight that no reader shares is given
-    // up: a failed warm-up must not go on filling the store.
-    const stop = new AbortController()
-    const signal = options.signal === undefined ? stop.signal : AbortSignal.any([options.signal, stop.signal])
-    let next = 0
-    const worker = async () => {
-      while (next < batches.length) {
-        signal.throwIfAborted()
-        const batch = batches[next++]!
-        await fetcher.getMany(batch, { signal, hedgeDelayMs: WARM_HEDGE_DELAY_MS, cancelOnAbort: true })
-        progress.chunks += batch.length
-        progress.bytes += batch.reduce((n, c) => n + c.size, 0)
-        options.onProgress?.({ ...progress })
-      }
-    }
-    await Promise.all(
-      Array.from({ length: PARALLEL_BATCHES }, () =>
-        worker().catch((err: unknown) => {
-          stop.abort(err)
-          throw err
-        })
-      )
-    )
-    return progress
+  // Chunk homes are chosen among the cluster warming the image, by the peer source too (the route tells it).
+  const route: Route = options.members !== undefined ? { members: options.members } : {}
+  const chunks = imageChunks(image)
+  const groups = new Map<string | undefined, ChunkRef[]>()
+  for (const c of chunks) {
+    const home = options.homeOf?.(c, route)
+    groups.set(home, [...(groups.get(home) ?? []), c])
   }
-  const members = options.members
-  const progress = members !== undefined ? await runWithMembers(members, run) : await run()
+  // This node's share first, then the others' shares interleaved.
+  const own = toBatches(groups.get(undefined) ?? [])
+  const foreign = [...groups].filter(([home]) => home !== undefined).map(([, list]) => toBatches(list))
+  const batches = [...own]
+  for (let i = 0; foreign.some((f) => i < f.length); i++) {
+    for (const f of foreign) if (i < f.length) batches.push(f[i]!)
+  }
+  const progress: WarmProgress = {
+    chunks: 0,
+    totalChunks: chunks.length,
+    bytes: 0,
+    totalBytes: chunks.reduce((n, c) => n + c.size, 0)
+  }
+  options.onProgress?.({ ...progress })
+  // The first batch that fails stops the others, and what they have in flight that no reader shares is given
+  // up: a failed warm-up must not go on filling the store.
+  const stop = new AbortController()
+  const signal = options.signal === undefined ? stop.signal : AbortSignal.any([options.signal, stop.signal])
+  let next = 0
+  const worker = async () => {
+    while (next < batches.length) {
+      signal.throwIfAborted()
+      const batch = batches[next++]!
+      await fetcher.getMany(batch, { signal, route, hedgeDelayMs: WARM_HEDGE_DELAY_MS, cancelOnAbort: true })
+      progress.chunks += batch.length
+      progress.bytes += batch.reduce((n, c) => n + c.size, 0)
+      options.onProgress?.({ ...progress })
+    }
+  }
+  await Promise.all(
+    Array.from({ length: PARALLEL_BATCHES }, () =>
+      worker().catch((err: unknown) => {
+        stop.abort(err)
+        throw err
+      })
+    )
+  )
   // What stayed: every chunk was fetched, but a full disk or a cap smaller than the image keeps some out.
-  const missing = await fetcher.missing(imageChunks(image), { signal: options.signal })
+  const missing = await fetcher.missing(chunks, { signal: options.signal })
   const held = {
     chunks: progress.totalChunks - missing.length,
     bytes: progress.totalBytes - missing.reduce((n, c) => n + c.size, 0)
