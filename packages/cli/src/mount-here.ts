@@ -1,12 +1,5 @@
 import { join } from 'node:path'
-import {
-  createFetcher,
-  createRegistrySource,
-  type FetchEvent,
-  type Fetcher,
-  openImage,
-  resolveImage
-} from '@strata/fetcher'
+import { createFetcher, createRegistrySource, type FetchEvent, openImage, resolveImage } from '@strata/fetcher'
 import { thisProcess } from '@strata/fs'
 import { createMounts, type ImageSource } from '@strata/mounts'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
@@ -41,13 +34,8 @@ export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<numb
   const store = await openDiskStore(join(dir, 'store'))
   try {
     let tocs: Progress | undefined
-    let fetcher: Fetcher | undefined
     const source: ImageSource = {
-      // Made when the image is open: its registry source serves the opened layers.
-      get fetcher() {
-        if (fetcher === undefined) throw new Error('the image is not open yet')
-        return fetcher
-      },
+      fetcher: createFetcher({ store, sources: [createRegistrySource({ client })] }),
       async openImage(ref, options) {
         // Said as it comes, before the TOCs' progress (the service would say it once the image is open).
         const stale = (e: FetchEvent) => {
@@ -65,7 +53,7 @@ export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<numb
             out.info(`layer ${layerIndex.get(e.layer)} is not eStargz: fetching it whole (${formatBytes(e.total)})`)
           }
         }
-        const opened = await openImage({
+        return openImage({
           client,
           store,
           ref: pinned.ref,
@@ -74,11 +62,6 @@ export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<numb
           signal: options?.signal ?? signal,
           onProgress
         })
-        fetcher = createFetcher({
-          store,
-          sources: [createRegistrySource({ client, ref: pinned.ref, layers: opened.layers })]
-        })
-        return opened
       }
     }
     // No holder: the mount lives as long as this process. The prioritized files are fetched once mounted.
