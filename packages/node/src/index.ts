@@ -5,6 +5,14 @@
  * and answers a control API on a Unix socket and Prometheus scrapes.
  */
 export type { AnnounceStats } from './announcer.js'
+export {
+  type Catalog,
+  type CatalogComponents,
+  type CatalogInit,
+  catalog,
+  type ImageRecord,
+  type OpenImageOptions
+} from './catalog.js'
 export type { ControlClient, ControlRequest, ControlServer, RouteHandler } from './control.js'
 export { createControlClient, startControlServer } from './control.js'
 export {
@@ -30,7 +38,7 @@ export {
   type MirrorStats,
   startMirrorServer
 } from './mirror.js'
-export type { NodeInit, NodeStatus, OpenImageOptions, PeerStatus, StrataNode } from './node.js'
+export type { NodeInit, NodeStatus, PeerStatus, StrataNode } from './node.js'
 export { createNode, DHT_PROTOCOL } from './node.js'
 export type { PeerScore } from './peers.js'
 export type { ProtocolLimits } from './protocol.js'
@@ -39,7 +47,6 @@ export type { WarmProgress, WarmResult } from './warm.js'
 export {
   type ClusterWarmProgress,
   type ClusterWarmResult,
-  type ImageRecord,
   WARM_PROTOCOL,
   type WarmService,
   type WarmServiceComponents,

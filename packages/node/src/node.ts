@@ -9,12 +9,14 @@ import { ping } from '@libp2p/ping'
 import { preSharedKey } from '@libp2p/pnet'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
+import { META } from '@strata/base'
 import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image, Route } from '@strata/fetcher'
-import { createFetcher, createRegistrySource, openImage, resolveImage } from '@strata/fetcher'
-import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
+import { createFetcher, createRegistrySource } from '@strata/fetcher'
+import { createRegistryClient, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
 import { createLibp2p, type Libp2pOptions } from 'libp2p'
 import { Announcer, type AnnounceStats } from './announcer.js'
+import { type Catalog, type CatalogInit, catalog, type ImageRecord, type OpenImageOptions } from './catalog.js'
 import { countedSource } from './counted.js'
 import { loadIdentity, loadPreSharedKey } from './identity.js'
 import { digestToCid } from './keys.js'
@@ -23,17 +25,12 @@ import { PeerBook, type PeerScore } from './peers.js'
 import { ByteBudget, CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
 import { homeOf, PeerSource } from './source.js'
 import type { WarmProgress, WarmResult } from './warm.js'
-import {
-  type ClusterWarmProgress,
-  type ClusterWarmResult,
-  type ImageRecord,
-  type WarmService,
-  warmService
-} from './warm-service.js'
+import { type ClusterWarmProgress, type ClusterWarmResult, type WarmService, warmService } from './warm-service.js'
 
 export const DHT_PROTOCOL = '/strata/kad/1.0.0'
 
-export interface NodeInit {
+/** The node's configuration; with the catalog's bounds (maxReferences, maxOpenedFiles) and `registries`. */
+export interface NodeInit extends CatalogInit {
   /** The chunk store this node owns (serves from it, announces what it holds). */
   store: ChunkStore & { gc?(options?: AbortOptions): Promise<unknown> }
   /** Holds the identity key (`peer.key`, 0600) and the node's own metadata. */
@@ -57,11 +54,6 @@ export interface NodeInit {
    */
   registry?: RegistryClient
   /**
-   * Registries (host[:port]) a peer may ask this node to read an image from when this node is the home of its
-   * chunks, besides those this node has read from itself. Default: none.
-   */
-  registries?: string[]
-  /**
    * Tuning of the node's fetcher (peers first, then the registry). Default hedge delay 8 s of silence: a home
    * node asked for chunks may itself be waiting on a busy registry, and every hedge costs registry egress. (A
    * dead peer costs no wait: its connection fails and the registry is asked at once.)
@@ -79,26 +71,7 @@ export interface NodeInit {
    */
   transports?: Libp2pOptions['transports']
   datastore?: Libp2pOptions['datastore']
-  /**
-   * References whose opened image is kept (TOCs and merged tree in memory), least recently opened let go first
-   * (default 256): a CI that tags every commit must not grow p2pd forever. A reference let go opens again from
-   * the store.
-   */
-  maxReferences?: number
-  /**
-   * Files (TOC entries) of the images kept, all together: past it, the least recently opened references are let go
-   * too, all but the last (default 200,000, see MAX_OPENED_FILES).
-   */
-  maxOpenedFiles?: number
 }
-
-const MAX_REFERENCES = 256
-/**
- * A TOC and its merged tree cost about 750 bytes a file in memory (380 + 370 measured, 50,000 files): 256 large
- * images kept could take GBs. 200,000 files is about 150 MB, a few large images (a distribution with its
- * toolchains has 50,000-100,000 files). An image mounted keeps its tree while mounted all the same.
- */
-const MAX_OPENED_FILES = 200_000
 
 export interface PeerStatus extends Partial<PeerScore> {
   peer: string
@@ -165,14 +138,6 @@ export interface StrataNode {
   stop(options?: { graceMs?: number }): Promise<void>
 }
 
-export interface OpenImageOptions extends AbortOptions {
-  /** The registry could not be reached and the image `ref` named before is used: why, for the operator. */
-  onStale?: (message: string) => void
-}
-
-const COARSE_META = 'node/coarse-keys'
-const IMAGES_META = 'node/images'
-
 class Node implements StrataNode {
   readonly peerId: string
   readonly fetcher: Fetcher
@@ -182,6 +147,7 @@ class Node implements StrataNode {
   /** Bytes of answers to peers not yet read by them, over the chunk and blob protocols (limits.maxQueuedBytes). */
   private readonly queued: ByteBudget
   private readonly announcer: Announcer
+  private readonly catalog: Catalog
   private readonly warming: WarmService
   private readonly book: PeerBook
   private readonly strataPeers = new Set<string>()
@@ -200,20 +166,10 @@ class Node implements StrataNode {
    */
   private readonly registrySource = createRegistrySource({
     clientFor: () => this.init.registry,
-    mayRead: (layer, options) => options.route?.forwarded !== true || this.mayOpenForPeer(layer.repository)
+    mayRead: (layer, options) => options.route?.forwarded !== true || this.catalog.mayOpenForPeer(layer.repository)
   })
-  /** Images opened, by manifest digest: only those some reference names now (see `named`). */
-  private readonly opened = new Map<string, Promise<Image>>()
-  /** The manifest digest each reference named when last resolved. */
-  private readonly named = new Map<string, string>()
-  /** Files (TOC entries) of each image opened, by manifest digest. */
-  private readonly files = new Map<string, number>()
-  /** The image each opened layer came from: a home node asked to fetch a chunk opens it by this name. */
-  private readonly imageOfLayer = new Map<string, string>()
   private rejoin: NodeJS.Timeout | undefined
   private discovering: NodeJS.Timeout | undefined
-  /** Registries (host[:port]) a peer's forwarded request may name (see mayOpenForPeer). */
-  private readonly registries: Set<string>
 
   constructor(
     private readonly libp2p: Libp2p<{ dht: KadDHT }>,
@@ -222,7 +178,7 @@ class Node implements StrataNode {
   ) {
     this.peerId = libp2p.peerId.toString()
     this.queued = new ByteBudget(limits.maxQueuedBytes)
-    this.registries = new Set(init.registries ?? [])
+    this.catalog = catalog(init)({ store: init.store, ...(init.registry !== undefined && { registry: init.registry }) })
     this.book = new PeerBook(init.bans)
     this.source = new PeerSource({
       self: this.peerId,
@@ -233,7 +189,7 @@ class Node implements StrataNode {
       openStream: (peer, options) =>
         this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, { signal: options?.signal }),
       members: () => [...this.strataPeers],
-      imageOf: (layer) => this.imageOfLayer.get(layer),
+      imageOf: (layer) => this.catalog.imageOf(layer),
       onFetched: (_peer, bytes, route) => this.countForPeers('peer', bytes, route)
     })
     this.fetcher = createFetcher({
@@ -252,10 +208,10 @@ class Node implements StrataNode {
         fetch: async (chunks, ref, options) => {
           if (
             ref !== undefined &&
-            chunks.some((c) => !this.imageOfLayer.has(c.layer.digest)) &&
-            this.mayOpenForPeer(ref)
+            chunks.some((c) => this.catalog.imageOf(c.layer.digest) === undefined) &&
+            this.catalog.mayOpenForPeer(ref)
           ) {
-            await this.open(ref, options).catch(() => undefined)
+            await this.catalog.open(ref, 'peer', options).catch(() => undefined)
           }
           return this.fetchForPeer(chunks, options)
         },
@@ -287,8 +243,8 @@ class Node implements StrataNode {
         this.libp2p.dialProtocol(peerIdFromString(peer), protocol, { signal: options?.signal }),
       onBadPeer: (peer) => this.book.bad(peer),
       onPeerFailure: (peer) => this.book.failure(peer),
-      mayReadForPeer: (ref) => this.mayOpenForPeer(ref),
-      allowRegistry: (registry) => this.registries.add(registry),
+      mayReadForPeer: (ref) => this.catalog.mayOpenForPeer(ref),
+      allowRegistry: (registry) => this.catalog.allowRegistry(registry),
       ...(init.log !== undefined && { log: init.log })
     })
     this.announcer = new Announcer({
@@ -300,9 +256,7 @@ class Node implements StrataNode {
       peerId: this.peerId,
       network: libp2p,
       fetcher: this.fetcher,
-      open: (ref, caller, options) => (caller === 'local' ? this.openImage(ref, options) : this.open(ref, options)),
-      mayOpenForPeer: (ref) => this.mayOpenForPeer(ref),
-      record: (record, options) => this.record(record, options),
+      catalog: this.catalog,
       members: () => [...this.strataPeers],
       homeOf: (chunk, route) => this.source.home(chunk, route),
       announceCoarse: (key) => this.announceCoarse(key)
@@ -351,7 +305,7 @@ class Node implements StrataNode {
     }, 10_000)
     this.rejoin.unref()
     // A restart announces again what the store still holds: coarse keys first, then every chunk.
-    const saved = await this.init.store.getMeta(COARSE_META)
+    const saved = await this.init.store.getMeta(META.nodeCoarse)
     if (saved !== undefined)
       for (const key of JSON.parse(new TextDecoder().decode(saved)) as string[]) this.announceCoarse(key)
     for await (const digest of this.init.store.keys()) this.announcer.announce(digest)
@@ -420,7 +374,7 @@ class Node implements StrataNode {
     if (this.coarse.has(key)) return
     this.coarse.add(key)
     void this.init.store
-      .putMeta(COARSE_META, new TextEncoder().encode(JSON.stringify([...this.coarse])))
+      .putMeta(META.nodeCoarse, new TextEncoder().encode(JSON.stringify([...this.coarse])))
       .catch(() => {})
   }
 
@@ -438,78 +392,9 @@ class Node implements StrataNode {
     }
   }
 
-  /**
-   * A peer's request (a forwarded fetch, a warm-up) names an image for this node to open. Only registries this
-   * node was configured for or a local caller opened here: a peer must not make it send requests (and
-   * credentials) to any host it names, nor fill its disk from one. A peer's request never widens the set.
-   */
-  private mayOpenForPeer(ref: string): boolean {
-    const registry = registryOf(ref)
-    return registry !== undefined && this.registries.has(registry)
-  }
-
   /** A local caller's open (control API, mounts): its registry becomes one peers may name too. */
-  async openImage(ref: string, options?: OpenImageOptions): Promise<Image> {
-    // An invalid reference fails in open, with the registry client's own error.
-    const registry = registryOf(ref)
-    if (registry !== undefined) this.registries.add(registry)
-    return this.open(ref, options)
-  }
-
-  private async open(ref: string, options?: OpenImageOptions): Promise<Image> {
-    const client = this.init.registry
-    if (client === undefined) throw new Error(`cannot open ${ref}: this node has no registry client`)
-    const signal = options?.signal
-    const manifest = await resolveImage({
-      client,
-      store: this.init.store,
-      ref,
-      signal,
-      onProgress: (e) => {
-        if (e.type === 'image:stale') options?.onStale?.(e.message)
-      }
-    })
-    const digest = manifest.digest
-    let opening = this.opened.get(digest)
-    if (opening === undefined) {
-      opening = openImage({ client, store: this.init.store, ref, image: manifest, signal }).then((image) => {
-        const layers = image.layers.map((l) => l.digest)
-        for (const layer of layers) if (!this.imageOfLayer.has(layer)) this.imageOfLayer.set(layer, ref)
-        const files = image.layers.reduce((n, l) => n + l.toc.entries.size, 0)
-        if (this.opened.get(digest) === opening) this.files.set(digest, files)
-        return image
-      })
-      this.opened.set(digest, opening)
-      opening.catch(() => {
-        if (this.opened.get(digest) === opening) this.opened.delete(digest)
-      })
-    }
-    const image = await opening
-    // The most recently opened references name the images kept: a tag that moved lets go of what it named, and
-    // past maxReferences the least recently opened reference goes (each unless another reference names it).
-    const previous = this.named.get(ref)
-    this.named.delete(ref)
-    this.named.set(ref, digest)
-    if (previous !== undefined && previous !== digest) this.letGo(previous)
-    if (this.named.size > (this.init.maxReferences ?? MAX_REFERENCES)) {
-      const [oldest, named] = this.named.entries().next().value as [string, string]
-      this.named.delete(oldest)
-      this.letGo(named)
-    }
-    const most = this.init.maxOpenedFiles ?? MAX_OPENED_FILES
-    while (this.named.size > 1 && [...this.files.values()].reduce((a, b) => a + b, 0) > most) {
-      const [oldest, named] = this.named.entries().next().value as [string, string]
-      this.named.delete(oldest)
-      this.letGo(named)
-    }
-    return image
-  }
-
-  /** Forgets the opened image of `digest` unless a reference still names it. */
-  private letGo(digest: string): void {
-    if ([...this.named.values()].includes(digest)) return
-    this.opened.delete(digest)
-    this.files.delete(digest)
+  openImage(ref: string, options?: OpenImageOptions): Promise<Image> {
+    return this.catalog.open(ref, 'local', options)
   }
 
   addrs(): string[] {
@@ -557,9 +442,8 @@ class Node implements StrataNode {
     }
   }
 
-  async images(options?: AbortOptions): Promise<ImageRecord[]> {
-    const saved = await this.init.store.getMeta(IMAGES_META, options)
-    return saved === undefined ? [] : (JSON.parse(new TextDecoder().decode(saved)) as ImageRecord[])
+  images(options?: AbortOptions): Promise<ImageRecord[]> {
+    return this.catalog.images(options)
   }
 
   warm(ref: string, options?: AbortOptions & { onProgress?: (p: WarmProgress) => void }): Promise<WarmResult> {
@@ -571,13 +455,6 @@ class Node implements StrataNode {
     options?: AbortOptions & { onProgress?: (p: ClusterWarmProgress) => void }
   ): Promise<ClusterWarmResult> {
     return this.warming.warmCluster(ref, options)
-  }
-
-  /** Keeps the record of an image warmed here (see images()). */
-  private async record(record: ImageRecord, options?: AbortOptions): Promise<void> {
-    const images = (await this.images(options)).filter((i) => i.ref !== record.ref)
-    images.push(record)
-    await this.init.store.putMeta(IMAGES_META, new TextEncoder().encode(JSON.stringify(images)), options)
   }
 
   async gc(options?: AbortOptions): Promise<unknown> {
@@ -614,14 +491,6 @@ async function firstWithin<T>(source: AsyncIterable<T>, ms: number): Promise<T[]
   })().catch(() => {})
   await Promise.race([drained, new Promise((resolve) => setTimeout(resolve, ms).unref())])
   return found
-}
-
-function registryOf(ref: string): string | undefined {
-  try {
-    return parseReference(ref).registry
-  } catch {
-    return undefined
-  }
 }
 
 /**

@@ -1,8 +1,8 @@
 import type { Libp2p, PeerId, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
 import type { ChunkRef, Fetcher, Image, Route } from '@strata/fetcher'
-import { parseReference } from '@strata/registry'
 import type { AbortOptions } from '@strata/store'
+import type { Catalog } from './catalog.js'
 import { ProtocolError, RegistryNotAllowedError, WarmError } from './errors.js'
 import { encodeFrame, readFrames } from './frames.js'
 import type { ProtocolLimits } from './protocol.js'
@@ -17,15 +17,6 @@ import { type WarmProgress, type WarmResult, warmImage } from './warm.js'
  * or `{"type":"error","message":...}`.
  */
 export const WARM_PROTOCOL = '/strata/warm/1.0.0'
-
-export interface ImageRecord {
-  ref: string
-  digest: string
-  layers: string[]
-  chunks: number
-  bytes: number
-  warmedAt: string
-}
 
 export interface ClusterWarmProgress {
   /** Progress per peer id. */
@@ -49,19 +40,8 @@ export interface WarmServiceComponents {
   /** libp2p, as far as the protocol goes: its handler, and streams to the peers of a cluster warm-up. */
   network: Pick<Libp2p, 'handle' | 'unhandle' | 'dialProtocol'>
   fetcher: Fetcher
-  /**
-   * Opens the image `ref` names, for a local caller (its registry becomes one peers may name) or for a peer;
-   * `onStale` hears why an image opened before is used instead (the registry could not be reached).
-   */
-  open(
-    ref: string,
-    caller: 'local' | 'peer',
-    options: AbortOptions & { onStale(message: string): void }
-  ): Promise<Image>
-  /** Whether a peer may have this node open `ref` (read from its registry). */
-  mayOpenForPeer(ref: string): boolean
-  /** Keeps the record of an image warmed (the node's `images()`). */
-  record(record: ImageRecord, options?: AbortOptions): Promise<void>
+  /** Opens the image to warm (for a peer, only from a registry a peer may name), and keeps the record of it. */
+  catalog: Pick<Catalog, 'open' | 'record'>
   /** The other strata nodes now: with this node, the cluster a cluster warm-up spans. */
   members(): string[]
   /** The node that is home of a chunk on a warm-up's route (its members): undefined for this node. */
@@ -115,8 +95,6 @@ class Warming implements WarmService {
     ref: string,
     options: WarmOptions & { members?: string[] }
   ): Promise<WarmResult> {
-    if (caller === 'peer' && !this.components.mayOpenForPeer(ref))
-      throw new RegistryNotAllowedError(ref, registryOf(ref) ?? ref)
     let image: Image
     let stale: string | undefined
     const opening = {
@@ -126,8 +104,10 @@ class Warming implements WarmService {
       }
     }
     try {
-      image = await this.components.open(ref, caller, opening)
+      image = await this.components.catalog.open(ref, caller, opening)
     } catch (err) {
+      // A peer naming a registry this node does not read from for it is told so, as such.
+      if (err instanceof RegistryNotAllowedError) throw err
       throw new WarmError(`cannot open image ${ref}: ${(err as Error).message}`, { cause: err })
     }
     for (const layer of image.layers) {
@@ -144,7 +124,7 @@ class Warming implements WarmService {
     } catch (err) {
       throw new WarmError(`warming ${ref} failed: ${(err as Error).message}`, { cause: err })
     }
-    await this.components.record(
+    await this.components.catalog.record(
       {
         ref,
         digest: image.digest,
@@ -280,13 +260,5 @@ async function readWarmRequest(
     return request
   } finally {
     signal.removeEventListener('abort', onAbort)
-  }
-}
-
-function registryOf(ref: string): string | undefined {
-  try {
-    return parseReference(ref).registry
-  } catch {
-    return undefined
   }
 }
