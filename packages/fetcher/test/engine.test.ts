@@ -146,3 +146,52 @@ describe('getEach: one promise per chunk, each settled when its chunk is', () =>
     expect(signals[0]!.aborted).toBe(true)
   })
 })
+
+describe('hedged batches: bad bytes', () => {
+  /** A source that gives wrong bytes for its first `bad` asks of a chunk, then the right ones. */
+  const flipping = (name: string, bytes: Uint8Array, bad: number) => {
+    let asked = 0
+    const reported: string[] = []
+    const source: ChunkSource = {
+      name,
+      get: async () => {
+        asked++
+        if (asked > bad) return bytes
+        const wrong = bytes.slice()
+        wrong[0]! ^= 0xff
+        return wrong
+      },
+      reportBad: (chunk) => reported.push(chunk.digest)
+    }
+    return { source, reported, asked: () => asked }
+  }
+
+  it('asks the last source again for a chunk it gave bad bytes for, a bounded number of times', async () => {
+    const a = bytesOf(11)
+    const last = flipping('registry', a, 2)
+    const fetcher = createFetcher({ store: createMemoryStore(), sources: [last.source] })
+    expect(await fetcher.get(chunkOf(a))).toEqual(a)
+    expect(last.asked()).toBe(3)
+    expect(last.reported).toEqual([chunkOf(a).digest, chunkOf(a).digest])
+    expect(fetcher.metrics().verificationFailures).toEqual({ registry: 2 })
+    // Bad every time: given up after badBytesRetries more asks, each attempt named.
+    const b = bytesOf(12)
+    const broken = flipping('registry', b, Number.POSITIVE_INFINITY)
+    const failing = createFetcher({ store: createMemoryStore(), sources: [broken.source], badBytesRetries: 1 })
+    const err = await failing.get(chunkOf(b)).catch((e: unknown) => e as Error)
+    expect(err).toMatchObject({ name: 'ChunkUnavailableError' })
+    expect(err.message.match(/registry: bad bytes/g)).toHaveLength(2)
+    expect(broken.asked()).toBe(2)
+  })
+
+  it('asks the next source, not the same one again, when an earlier source gives bad bytes', async () => {
+    const a = bytesOf(13)
+    const peer = flipping('peer', a, Number.POSITIVE_INFINITY)
+    const registry = sourceOf('registry', new Map([[chunkOf(a).digest, a]]))
+    const fetcher = createFetcher({ store: createMemoryStore(), sources: [peer.source, registry] })
+    expect(await fetcher.get(chunkOf(a))).toEqual(a)
+    expect(peer.asked()).toBe(1)
+    expect(registry.asked).toHaveLength(1)
+    expect(fetcher.metrics().verificationFailures).toEqual({ peer: 1 })
+  })
+})
