@@ -178,7 +178,7 @@ describe('hedged batches: bad bytes', () => {
     const b = bytesOf(12)
     const broken = flipping('registry', b, Number.POSITIVE_INFINITY)
     const failing = createFetcher({ store: createMemoryStore(), sources: [broken.source], badBytesRetries: 1 })
-    const err = await failing.get(chunkOf(b)).catch((e: unknown) => e as Error)
+    const err = (await failing.get(chunkOf(b)).catch((e: unknown) => e)) as Error
     expect(err).toMatchObject({ name: 'ChunkUnavailableError' })
     expect(err.message.match(/registry: bad bytes/g)).toHaveLength(2)
     expect(broken.asked()).toBe(2)
