@@ -28,6 +28,7 @@ export {
   RegistryNotAllowedError,
   WarmError
 } from './errors.js'
+export { DHT_PROTOCOL } from './host.js'
 export { digestToCid } from './keys.js'
 export type { MetricsServer } from './metrics.js'
 export { startMetricsServer } from './metrics.js'
@@ -39,7 +40,7 @@ export {
   startMirrorServer
 } from './mirror.js'
 export type { NodeInit, NodeStatus, PeerStatus, StrataNode } from './node.js'
-export { createNode, DHT_PROTOCOL } from './node.js'
+export { createNode } from './node.js'
 export type { PeerScore } from './peers.js'
 export type { ProtocolLimits } from './protocol.js'
 export { CHUNK_PROTOCOL, DEFAULT_LIMITS } from './protocol.js'

@@ -1,25 +1,24 @@
-import { noise } from '@chainsafe/libp2p-noise'
-import { yamux } from '@chainsafe/libp2p-yamux'
-import { identify } from '@libp2p/identify'
+/**
+ * A p2pd node, as a composition: the libp2p host (host.ts) and the cluster as this node sees it (membership.ts);
+ * the peer and registry chunk sources and the fetcher over them; the chunk server, which also serves the chunks
+ * peers forward to this node as their home (fetchForPeer); the blob mirror; the image catalog (catalog.ts); the
+ * warm-up service (warm-service.ts); and announcements (announcer.ts). Wired, started and stopped here, and
+ * their counters gathered into status().
+ */
 import type { Libp2p, PeerId, Stream } from '@libp2p/interface'
-import { type KadDHT, kadDHT, passthroughMapper } from '@libp2p/kad-dht'
-import { mdns } from '@libp2p/mdns'
+import type { KadDHT } from '@libp2p/kad-dht'
 import { peerIdFromString } from '@libp2p/peer-id'
-import { ping } from '@libp2p/ping'
-import { preSharedKey } from '@libp2p/pnet'
-import { tcp } from '@libp2p/tcp'
-import { multiaddr } from '@multiformats/multiaddr'
 import { META } from '@strata/base'
 import type { ChunkRef, ChunkSource, Fetcher, FetcherInit, Image, Route } from '@strata/fetcher'
 import { createFetcher, createRegistrySource } from '@strata/fetcher'
 import { createRegistryClient, type RegistryClient } from '@strata/registry'
 import type { AbortOptions, ChunkStore, StoreStats } from '@strata/store'
-import { createLibp2p, type Libp2pOptions } from 'libp2p'
 import { Announcer, type AnnounceStats } from './announcer.js'
 import { type Catalog, type CatalogInit, catalog, type ImageRecord, type OpenImageOptions } from './catalog.js'
 import { countedSource } from './counted.js'
-import { loadIdentity, loadPreSharedKey } from './identity.js'
+import { createHost, type HostInit } from './host.js'
 import { digestToCid } from './keys.js'
+import { type Membership, type MembershipInit, membership } from './membership.js'
 import { BLOB_PROTOCOL, Mirror, type MirrorStats } from './mirror.js'
 import { PeerBook, type PeerScore } from './peers.js'
 import { ByteBudget, CHUNK_PROTOCOL, ChunkServer, DEFAULT_LIMITS, type ProtocolLimits } from './protocol.js'
@@ -27,27 +26,18 @@ import { homeOf, PeerSource } from './source.js'
 import type { WarmProgress, WarmResult } from './warm.js'
 import { type ClusterWarmProgress, type ClusterWarmResult, type WarmService, warmService } from './warm-service.js'
 
-export const DHT_PROTOCOL = '/strata/kad/1.0.0'
-
-/** The node's configuration; with the catalog's bounds (maxReferences, maxOpenedFiles) and `registries`. */
-export interface NodeInit extends CatalogInit {
+/**
+ * The node's configuration: with the host's (listen, mdns, pskFile, and for simulations of many nodes in one
+ * process, bench/sim.ts, libp2p's transports and datastore) and the catalog's (maxReferences, maxOpenedFiles,
+ * registries).
+ */
+export interface NodeInit extends Omit<HostInit, 'requestTimeoutMs'>, MembershipInit, CatalogInit {
   /** The chunk store this node owns (serves from it, announces what it holds). */
   store: ChunkStore & { gc?(options?: AbortOptions): Promise<unknown> }
   /** Holds the identity key (`peer.key`, 0600) and the node's own metadata. */
   dataDir: string
   /** Told what an operator should know of (p2pd logs it): a peer caught sending a wrong blob, say. */
   log?: (message: string) => void
-  /** Multiaddrs to listen on. Default `/ip4/0.0.0.0/tcp/4001`. */
-  listen?: string[]
-  /**
-   * Multiaddrs of nodes to join through; `/p2p/<id>` is optional (a DNS name of every node, e.g. a headless
-   * Service, works). Dialled at start and again whenever the node has no strata peer.
-   */
-  bootstrap?: string[]
-  /** Find peers on the local network by mDNS. Default false. */
-  mdns?: boolean
-  /** A libp2p swarm key file: only nodes with the same key can connect. */
-  pskFile?: string
   /**
    * The registry client (from @strata/registry). The node opens images with it and reads from the registry
    * what no peer has; without one the node serves and fetches from peers only.
@@ -65,12 +55,6 @@ export interface NodeInit extends CatalogInit {
   announce?: { concurrency?: number; ratePerSecond?: number; reannounceMs?: number }
   /** Penalties: failures that ban a peer and for how long. */
   bans?: { banAfter?: number; banMs?: number }
-  /**
-   * For simulations of many nodes in one process (bench/sim.ts): libp2p's transports (default TCP, e.g. the
-   * memory transport instead) and the datastore its DHT keeps provider records in (default in memory).
-   */
-  transports?: Libp2pOptions['transports']
-  datastore?: Libp2pOptions['datastore']
 }
 
 export interface PeerStatus extends Partial<PeerScore> {
@@ -150,7 +134,8 @@ class Node implements StrataNode {
   private readonly catalog: Catalog
   private readonly warming: WarmService
   private readonly book: PeerBook
-  private readonly strataPeers = new Set<string>()
+  /** The strata peers connected: the cluster as this node sees it. */
+  private readonly cluster: Membership
   private readonly coarse = new Set<string>()
   private served = 0
   private requestsServed = 0
@@ -168,8 +153,6 @@ class Node implements StrataNode {
     clientFor: () => this.init.registry,
     mayRead: (layer, options) => options.route?.forwarded !== true || this.catalog.mayOpenForPeer(layer.repository)
   })
-  private rejoin: NodeJS.Timeout | undefined
-  private discovering: NodeJS.Timeout | undefined
 
   constructor(
     private readonly libp2p: Libp2p<{ dht: KadDHT }>,
@@ -180,6 +163,7 @@ class Node implements StrataNode {
     this.queued = new ByteBudget(limits.maxQueuedBytes)
     this.catalog = catalog(init)({ store: init.store, ...(init.registry !== undefined && { registry: init.registry }) })
     this.book = new PeerBook(init.bans)
+    this.cluster = membership(init)({ network: libp2p, onJoin: () => this.announcer.retryNow() })
     this.source = new PeerSource({
       self: this.peerId,
       book: this.book,
@@ -188,7 +172,7 @@ class Node implements StrataNode {
       // Only the signal goes to libp2p: it calls an `onProgress` in the options with its own dial events.
       openStream: (peer, options) =>
         this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, { signal: options?.signal }),
-      members: () => [...this.strataPeers],
+      members: () => this.cluster.peers(),
       imageOf: (layer) => this.catalog.imageOf(layer),
       onFetched: (_peer, bytes, route) => this.countForPeers('peer', bytes, route)
     })
@@ -231,11 +215,13 @@ class Node implements StrataNode {
       registry: init.registry ?? createRegistryClient({}),
       holders: async (digest, options) => {
         const found = await firstWithin(this.findProviders(digest, options), PROVIDER_PATIENCE_MS)
-        const peers = [...new Set([...found, ...this.book.rank(this.strataPeers)])]
+        const peers = [...new Set([...found, ...this.book.rank(this.cluster.peers())])]
         return peers.filter((p) => p !== this.peerId && !this.book.isBanned(p))
       },
       home: (digest) => {
-        const members = [this.peerId, ...this.strataPeers].filter((m) => m === this.peerId || !this.book.isBanned(m))
+        const members = [this.peerId, ...this.cluster.peers()].filter(
+          (m) => m === this.peerId || !this.book.isBanned(m)
+        )
         const home = homeOf(digest, members)
         return home === this.peerId ? undefined : home
       },
@@ -257,7 +243,7 @@ class Node implements StrataNode {
       network: libp2p,
       fetcher: this.fetcher,
       catalog: this.catalog,
-      members: () => [...this.strataPeers],
+      members: () => this.cluster.peers(),
       homeOf: (chunk, route) => this.source.home(chunk, route),
       announceCoarse: (key) => this.announceCoarse(key)
     })
@@ -275,16 +261,7 @@ class Node implements StrataNode {
   }
 
   async start(): Promise<void> {
-    this.libp2p.addEventListener('peer:identify', (e) => {
-      const peer = e.detail.peerId.toString()
-      if (!e.detail.protocols.includes(CHUNK_PROTOCOL) || this.strataPeers.has(peer)) return
-      this.strataPeers.add(peer)
-      this.announcer.retryNow()
-      this.discover()
-    })
-    this.libp2p.addEventListener('peer:disconnect', (e) => {
-      this.strataPeers.delete(e.detail.toString())
-    })
+    this.cluster.start()
     const streamLimits = { maxInboundStreams: 256, maxOutboundStreams: 256 }
     await this.libp2p.handle(
       CHUNK_PROTOCOL,
@@ -299,11 +276,7 @@ class Node implements StrataNode {
     this.init.store.addEventListener('put', this.onPut)
     this.init.store.addEventListener('evict', this.onEvict)
     this.announcer.start()
-    this.join()
-    this.rejoin = setInterval(() => {
-      if (this.strataPeers.size === 0) this.join()
-    }, 10_000)
-    this.rejoin.unref()
+    this.cluster.join()
     // A restart announces again what the store still holds: coarse keys first, then every chunk.
     const saved = await this.init.store.getMeta(META.nodeCoarse)
     if (saved !== undefined)
@@ -332,36 +305,6 @@ class Node implements StrataNode {
           )
       )
     )
-  }
-
-  /**
-   * A walk towards our own id, soon after a strata peer joins: it connects us to the nodes near us, so every node
-   * sees the same cluster (chunk homes are chosen among the connected nodes). At most one every 2 s.
-   */
-  private discover(): void {
-    if (this.discovering !== undefined) return
-    this.discovering = setTimeout(() => {
-      const walk = async () => {
-        for await (const _ of this.libp2p.services.dht.getClosestPeers(this.libp2p.peerId.toMultihash().bytes, {
-          signal: AbortSignal.timeout(10_000)
-        })) {
-          // Dialling the peers found is the point; the events themselves are not needed.
-        }
-      }
-      void walk()
-        .catch(() => {})
-        .finally(() => {
-          this.discovering = undefined
-        })
-    }, 2_000)
-    this.discovering.unref()
-  }
-
-  /** Dials the bootstrap addresses; failures are retried by the rejoin timer. */
-  private join(): void {
-    for (const addr of this.init.bootstrap ?? []) {
-      void this.libp2p.dial(multiaddr(addr), { signal: AbortSignal.timeout(10_000) }).catch(() => {})
-    }
   }
 
   private track(stream: Stream, peer: PeerId): void {
@@ -419,7 +362,7 @@ class Node implements StrataNode {
         ...scores.get(peer),
         peer,
         addrs: this.libp2p.getConnections(id).map((c) => c.remoteAddr.toString()),
-        strata: this.strataPeers.has(peer)
+        strata: this.cluster.has(peer)
       }
     })
   }
@@ -467,8 +410,7 @@ class Node implements StrataNode {
   }
 
   async stop(options: { graceMs?: number } = {}): Promise<void> {
-    clearInterval(this.rejoin)
-    clearTimeout(this.discovering)
+    this.cluster.stop()
     await Promise.all([this.libp2p.unhandle([CHUNK_PROTOCOL, BLOB_PROTOCOL]), this.warming.stop()])
     const grace = new Promise((resolve) => setTimeout(resolve, options.graceMs ?? 10_000).unref())
     await Promise.race([Promise.allSettled([...this.inflight]), grace])
@@ -493,51 +435,10 @@ async function firstWithin<T>(source: AsyncIterable<T>, ms: number): Promise<T[]
   return found
 }
 
-/**
- * How long libp2p's connection monitor waits for a ping before it aborts the connection: as long as a peer may
- * take to answer a chunk request, never less. (libp2p's default, 5 s, aborted busy connections: behind a few MB
- * of chunk data, or with a node's event loop held up on a loaded host, a ping took longer, and the abort failed
- * every request and warm-up on the connection at once; the far side saw its warm-up stream end without a result.)
- * A dead connection is still found, within pingTimeout + its interval (about 70 s).
- */
-const MIN_PING_TIMEOUT_MS = 30_000
-
 /** Starts a p2pd node: libp2p host, DHT, chunk and warm-up protocols, announcements. */
 export async function createNode(init: NodeInit): Promise<StrataNode> {
   const limits = { ...DEFAULT_LIMITS, ...init.limits }
-  const pingTimeout = Math.max(MIN_PING_TIMEOUT_MS, limits.requestTimeoutMs)
-  const privateKey = await loadIdentity(init.dataDir)
-  const psk = init.pskFile !== undefined ? await loadPreSharedKey(init.pskFile) : undefined
-  const libp2p = await createLibp2p({
-    privateKey,
-    addresses: { listen: init.listen ?? ['/ip4/0.0.0.0/tcp/4001'] },
-    transports: init.transports ?? [tcp()],
-    ...(init.datastore !== undefined && { datastore: init.datastore }),
-    connectionEncrypters: [noise()],
-    streamMuxers: [yamux()],
-    // A ping every pingTimeout + 10 s: a second ping while the first still waits would be over the ping
-    // protocol's one outbound stream, and libp2p aborts the connection for that too.
-    connectionMonitor: {
-      pingInterval: pingTimeout + 10_000,
-      pingTimeout: { minTimeout: pingTimeout, maxTimeout: pingTimeout }
-    },
-    ...(psk !== undefined ? { connectionProtector: preSharedKey({ psk }) } : {}),
-    peerDiscovery: init.mdns === true ? [mdns()] : [],
-    services: {
-      identify: identify(),
-      ping: ping(),
-      dht: kadDHT({
-        protocol: DHT_PROTOCOL,
-        clientMode: false,
-        // Clusters often run on private networks (and tests on loopback): keep every address.
-        peerInfoMapper: passthroughMapper,
-        allowQueryWithZeroPeers: true,
-        querySelfInterval: 30_000,
-        maxInboundStreams: 256,
-        maxOutboundStreams: 256
-      })
-    }
-  })
+  const libp2p = await createHost({ ...init, requestTimeoutMs: limits.requestTimeoutMs })
   const node = new Node(libp2p, init, limits)
   await node.start()
   return node
