@@ -1,92 +1,29 @@
-import { spawn } from 'node:child_process'
 import { mkdir, mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { Image } from '@strata/fetcher'
 import { isMounted } from '@strata/fs'
-import { type FileReadAt, fileReader, type Layer, openLayer, readFileRange, type TOC } from '@strata/stargz'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { type Fixture, makeFixture } from '../../../test/fs/fixture.js'
-import { createMounts, type ImageSource, type MountEvent } from '../src/index.js'
+import { createMounts, type MountEvent } from '../src/index.js'
+import { cat, DIGEST, type FixtureImage, IMAGE, openFixture, type SourceOptions } from './fixture-source.js'
 
 // The Mounts service by itself, over real FUSE mounts of the fs fixture's layers: what p2pd's routes and
 // embedded p2p-mount print are mapped from these events. (Through p2pd and the p2p-mount binary: test/fs.)
-// Whatever reads a mount runs as a child process: this process serves the mount.
 
 let work: string
-let fixture: Fixture
-let readers: FileReadAt[]
-let layers: Layer[]
+let fixture: FixtureImage
 
 beforeAll(async () => {
   work = await mkdtemp(join(tmpdir(), 'strata-mounts-'))
-  fixture = await makeFixture(work)
-  readers = await Promise.all(fixture.blobs.map((b) => fileReader(b.path)))
-  layers = await Promise.all(readers.map((r, i) => openLayer(r, { tocDigest: fixture.blobs[i]!.tocDigest })))
+  fixture = await openFixture(work)
 })
 
 afterAll(async () => {
-  await Promise.all((readers ?? []).map((r) => r.close()))
+  await fixture?.close()
   if (work !== undefined) await rm(work, { recursive: true, force: true })
 })
 
-const IMAGE = 'localhost:5000/fixture:1'
-const DIGEST = `sha256:${'d'.repeat(64)}`
 const ROOT = { uid: 0, gid: 0 }
-
-/** The fixture as an opened image, read from the blob files; reads of `failing` paths fail. */
-function source(options: { stale?: string; failing?: Set<string>; prioritized?: string } = {}): ImageSource {
-  const image = {
-    ref: IMAGE,
-    digest: DIGEST,
-    layers: layers.map((l, i) => ({
-      ...l,
-      digest: `sha256:${String(i).repeat(64)}`,
-      verified: true,
-      ...(i === 0 && options.prioritized !== undefined && { toc: prioritize(l.toc, options.prioritized) })
-    }))
-  } as unknown as Image
-  return {
-    async openImage(_ref, opts) {
-      if (options.stale !== undefined) opts?.onStale?.(options.stale)
-      return image
-    },
-    fetcher: {
-      async readRange(layer, entry, offset, into, opts) {
-        if (options.failing?.has(entry.path)) throw new Error(`no bytes for ${entry.path}`)
-        const i = image.layers.indexOf(layer)
-        const bytes = await readFileRange(readers[i]!, layers[i]!, entry, offset, into.length, opts)
-        into.set(bytes)
-        return bytes.length
-      },
-      prefetch: async () => {}
-    }
-  }
-}
-
-/** The TOC with `path` as its one prioritized file. */
-function prioritize(toc: TOC, path: string): TOC {
-  const entry = toc.lookup(path)!
-  return new Proxy(toc, {
-    get(t, key) {
-      if (key === 'prioritized') return [entry]
-      const v = Reflect.get(t, key, t)
-      return typeof v === 'function' ? v.bind(t) : v
-    }
-  })
-}
-
-async function cat(path: string): Promise<{ code: number | null; stdout: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('cat', [path], { stdio: ['ignore', 'pipe', 'ignore'] })
-    let stdout = ''
-    child.stdout.on('data', (d) => {
-      stdout += d
-    })
-    child.on('error', reject)
-    child.on('close', (code) => resolve({ code, stdout }))
-  })
-}
+const source = (options?: SourceOptions) => fixture.source(options)
 
 async function next(events: AsyncGenerator<MountEvent>): Promise<MountEvent | undefined> {
   const r = await events.next()
