@@ -11,8 +11,9 @@ export interface Stream {
 }
 
 /**
- * Checks every second, until `skip()` or `gone()` was called, that `client` is alive; calls `gone` when it is
- * not. A mount served again after a restart ends when its client died before it came back for it.
+ * Checks now and every second, until the caller clears the timer, that `client` is alive (not while `skip()`);
+ * calls `gone` when it is not. A mount served again after a restart ends when its client died before it came
+ * back for it.
  */
 export function watchClient(client: ClientProcess, skip: () => boolean, gone: () => Promise<void>): NodeJS.Timeout {
   const check = async () => {
