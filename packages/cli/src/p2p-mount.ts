@@ -105,7 +105,7 @@ async function mount(ctx: Context): Promise<number> {
   try {
     parseReference(image)
   } catch (err) {
-    if ((err as Error).name === 'InvalidReference') throw new UsageError((err as Error).message)
+    if ((err as Error).name === 'InvalidReferenceError') throw new UsageError((err as Error).message)
     throw err
   }
   const socket = (ctx.opts.socket as string | undefined) ?? process.env.STRATA_SOCKET ?? DEFAULT_SOCKET

@@ -142,9 +142,13 @@ try {
         rangeRequests++
         return blob.readAt(offset, length, options)
       },
-      readRanges(ranges, options) {
-        rangeRequests += ranges.length
-        return blob.readRanges(ranges, options)
+      get ignoresRange() {
+        return blob.ignoresRange
+      },
+      // One request per call: the registry source reads one coalesced run per call (unless Range is ignored).
+      readRuns(runs, onRun, options) {
+        rangeRequests++
+        return blob.readRuns(runs, onRun, options)
       }
     }
   }

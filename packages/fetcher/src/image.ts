@@ -34,7 +34,12 @@ export interface ResolveImageInit {
 }
 
 /** Registry failures that say nothing about a reference: it may well still name what it named. */
-const OUTAGES = new Set(['RegistryUnavailable', 'RegistryTimeout', 'RegistryDeadlineExceeded', 'TooManyRequests'])
+const OUTAGES = new Set([
+  'RegistryUnavailableError',
+  'RegistryTimeoutError',
+  'RegistryDeadlineExceededError',
+  'TooManyRequestsError'
+])
 
 /** The registry could not be reached (an outage, a rate limit), as opposed to refusing: a fallback may serve. */
 export function isRegistryOutage(err: unknown): boolean {

@@ -71,6 +71,8 @@ function coalesce(waiters: Waiter[], max: number, gap: number): Run[] {
  * The Range reads of one eStargz layer. Requests from every caller wait in one queue; whenever a read slot is
  * free, everything waiting is coalesced and the run holding the oldest request is read. Under load requests
  * pile up while slots are busy and leave together, so concurrent readers of neighbouring files share requests.
+ * This is strata's one range coalescer (the registry client reads the runs it is given): it sits here, beside
+ * the queue, because what it coalesces is the waiters of many callers, each with its own signal and progress.
  */
 class LayerReader {
   private pending: Waiter[] = []
@@ -123,51 +125,68 @@ class LayerReader {
 
   private pump(): void {
     while (this.reading < this.limits.concurrency && this.pending.length > 0) {
-      const oldest = this.pending[0]!
-      const run = coalesce(this.pending, this.limits.maxRangeBytes, this.limits.maxGapBytes).find((r) =>
-        r.waiters.includes(oldest)
-      )!
-      const taken = new Set(run.waiters)
+      // A registry that ignores Range sends the whole blob for any request: then one read at a time per layer,
+      // of everything waiting (its runs sliced from that one stream), instead of a whole blob per run.
+      const whole = this.blob.ignoresRange
+      if (whole && this.reading > 0) return
+      const runs = whole
+        ? coalesce(this.pending, Number.POSITIVE_INFINITY, this.limits.maxGapBytes)
+        : [
+            coalesce(this.pending, this.limits.maxRangeBytes, this.limits.maxGapBytes).find((r) =>
+              r.waiters.includes(this.pending[0]!)
+            )!
+          ]
+      const waiters = runs.flatMap((r) => r.waiters)
+      const taken = new Set(waiters)
       this.pending = this.pending.filter((w) => !taken.has(w))
       this.reading++
-      // Each asker hears every piece of the body: an 8 MiB range on a crowded link is slow but moving. No total
-      // time limit: the registry client gives up when it waits too long for headers or for the next piece.
-      const askers = new Set(run.waiters.flatMap((w) => (w.progress === undefined ? [] : [w.progress])))
-      // Cancelled once every asker has gone (another source delivered, the asker gave the registry up, or its
-      // caller stopped): a stalled read no longer holds a slot, nor does a read nobody waits for cost egress.
-      const cancel = new AbortController()
-      const gone = () => {
-        if (run.waiters.every((w) => w.signal?.aborted === true)) cancel.abort(new Error('nobody waits for this read'))
-      }
-      for (const w of run.waiters) w.signal?.addEventListener('abort', gone, { once: true })
-      gone()
-      this.blob
-        .readAt(run.offset, run.end - run.offset, {
+      this.readRuns(runs, waiters).finally(() => {
+        this.reading--
+        this.pump()
+        this.idleCheck()
+      })
+    }
+  }
+
+  /** One read of `runs` (one Range request, or one whole-blob stream: see RemoteBlob.readRuns). */
+  private async readRuns(runs: Run[], waiters: Waiter[]): Promise<void> {
+    // Each asker hears every piece of the body: an 8 MiB range on a crowded link is slow but moving. No total
+    // time limit: the registry client gives up when it waits too long for headers or for the next piece.
+    const askers = new Set(waiters.flatMap((w) => (w.progress === undefined ? [] : [w.progress])))
+    // Cancelled once every asker has gone (another source delivered, the asker gave the registry up, or its
+    // caller stopped): a stalled read no longer holds a slot, nor does a read nobody waits for cost egress.
+    const cancel = new AbortController()
+    const gone = () => {
+      if (waiters.every((w) => w.signal?.aborted === true)) cancel.abort(new Error('nobody waits for this read'))
+    }
+    for (const w of waiters) w.signal?.addEventListener('abort', gone, { once: true })
+    gone()
+    const served = new Set<Run>()
+    try {
+      await this.blob.readRuns(
+        runs.map((r) => ({ offset: r.offset, length: r.end - r.offset })),
+        (i, bytes) => {
+          const run = runs[i]!
+          served.add(run)
+          for (const w of run.waiters) {
+            const compressed = bytes.subarray(w.chunk.offset - run.offset, w.chunk.end - run.offset)
+            inflateChunk(this.compression, compressed, w.chunk).then(w.deliver, (err: unknown) => {
+              const name = (err as Error)?.name
+              w.fail(name === 'AbortError' || name === 'ChunkTooLargeError' ? err : new Undecodable(describe(err)))
+            })
+          }
+        },
+        {
           signal: cancel.signal,
           onProgress: () => {
             for (const progress of askers) progress()
           }
-        })
-        .then(
-          (bytes) => {
-            for (const w of run.waiters) {
-              const compressed = bytes.subarray(w.chunk.offset - run.offset, w.chunk.end - run.offset)
-              inflateChunk(this.compression, compressed, w.chunk).then(w.deliver, (err: unknown) => {
-                const name = (err as Error)?.name
-                w.fail(name === 'AbortError' || name === 'ChunkTooLargeError' ? err : new Undecodable(describe(err)))
-              })
-            }
-          },
-          (err: unknown) => {
-            for (const w of run.waiters) w.fail(err)
-          }
-        )
-        .finally(() => {
-          for (const w of run.waiters) w.signal?.removeEventListener('abort', gone)
-          this.reading--
-          this.pump()
-          this.idleCheck()
-        })
+        }
+      )
+    } catch (err) {
+      for (const run of runs) if (!served.has(run)) for (const w of run.waiters) w.fail(err)
+    } finally {
+      for (const w of waiters) w.signal?.removeEventListener('abort', gone)
     }
   }
 

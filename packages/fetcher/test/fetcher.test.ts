@@ -56,9 +56,12 @@ function counting(real: RegistryClient): RegistryClient & { reads: number; downl
         c.reads++
         return blob.readAt(offset, length, options)
       },
-      readRanges(ranges, options) {
+      get ignoresRange() {
+        return blob.ignoresRange
+      },
+      readRuns(runs, onRun, options) {
         c.reads++
-        return blob.readRanges(ranges, options)
+        return blob.readRuns(runs, onRun, options)
       }
     }
   }
@@ -843,7 +846,7 @@ describe('registry faults', () => {
     let fail: Error | undefined
     const flaky = Object.create(client) as RegistryClient
     flaky.getImage = (ref, options) => (fail !== undefined ? Promise.reject(fail) : client.getImage(ref, options))
-    const down = Object.assign(new Error('connect ECONNREFUSED'), { name: 'RegistryUnavailable' })
+    const down = Object.assign(new Error('connect ECONNREFUSED'), { name: 'RegistryUnavailableError' })
     const events: FetchEvent[] = []
     const onProgress = (e: FetchEvent) => events.push(e)
 
@@ -861,7 +864,7 @@ describe('registry faults', () => {
     ])
     // Another platform was never opened; a refusal (the tag is gone) is not an outage.
     await expect(resolveImage({ client: flaky, store, ref: estargz.ref, platform: 'linux/arm64' })).rejects.toBe(down)
-    fail = Object.assign(new Error('manifest unknown'), { name: 'ManifestUnknown' })
+    fail = Object.assign(new Error('manifest unknown'), { name: 'ManifestUnknownError' })
     await expect(resolveImage({ client: flaky, store, ref: estargz.ref })).rejects.toBe(fail)
     // What the store kept is checked against its digest before use.
     fail = down

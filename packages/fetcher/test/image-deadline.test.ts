@@ -98,7 +98,7 @@ describe('openImage against a registry that trickles its answers', () => {
       (e: unknown) => e as Error & { hint?: string }
     )
     const ms = performance.now() - start
-    expect(err?.name).toBe('RegistryDeadlineExceeded')
+    expect(err?.name).toBe('RegistryDeadlineExceededError')
     expect(err?.message).toMatch(
       new RegExp(
         `^${slow.host}/deadline/estargz@${estargzLayer}: reading the footer and TOC \\(\\d+ bytes at offset 0\\) took longer than the deadline of 1 s$`

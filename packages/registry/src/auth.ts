@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process'
 import { readFile } from 'node:fs/promises'
 import { homedir } from 'node:os'
 import { join } from 'node:path'
-import { CredentialHelperFailed, RegistryError } from './errors.js'
+import { CredentialHelperFailedError, RegistryError } from './errors.js'
 import { credentialHelperServer, dockerConfigKeys } from './quirks.js'
 
 export interface Credentials {
@@ -152,7 +152,7 @@ async function runHelper(
   })
   if (error !== undefined) {
     const missing = (error as NodeJS.ErrnoException).code === 'ENOENT'
-    throw new CredentialHelperFailed(`credential helper ${program} ${missing ? 'is not on PATH' : 'failed'}`, {
+    throw new CredentialHelperFailedError(`credential helper ${program} ${missing ? 'is not on PATH' : 'failed'}`, {
       registry,
       cause: error,
       hint: missing
@@ -164,7 +164,7 @@ async function runHelper(
   if (code !== 0) {
     // docker treats this message as "no credentials", not as a failure.
     if (/credentials not found/i.test(output)) return undefined
-    throw new CredentialHelperFailed(`credential helper ${program} exited with ${code}: ${output}`, {
+    throw new CredentialHelperFailedError(`credential helper ${program} exited with ${code}: ${output}`, {
       registry,
       hint: `check that 'echo ${server} | ${program} get' works`
     })
@@ -173,13 +173,13 @@ async function runHelper(
   try {
     parsed = JSON.parse(stdout) as typeof parsed
   } catch (err) {
-    throw new CredentialHelperFailed(`credential helper ${program} printed something other than JSON`, {
+    throw new CredentialHelperFailedError(`credential helper ${program} printed something other than JSON`, {
       registry,
       cause: err
     })
   }
   if (typeof parsed.Username !== 'string' || typeof parsed.Secret !== 'string') {
-    throw new CredentialHelperFailed(`credential helper ${program} gave no Username/Secret`, { registry })
+    throw new CredentialHelperFailedError(`credential helper ${program} gave no Username/Secret`, { registry })
   }
   return { username: parsed.Username, password: parsed.Secret }
 }

@@ -7,7 +7,7 @@ import { createGunzip } from 'node:zlib'
 import { TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION } from '@strata/base'
 import { buildEstargz, fileReader, openLayer } from '@strata/stargz'
 import { type Manifest, sha256 } from './client.js'
-import { LayerNotConvertible, ManifestInvalid, PrioritizedFileMissing } from './errors.js'
+import { LayerNotConvertibleError, ManifestInvalidError, PrioritizedFileMissingError } from './errors.js'
 import {
   type Descriptor,
   formatPlatform,
@@ -132,9 +132,12 @@ export async function convertImage(
         }
         const manifest = await src.manifest(d.digest, { signal })
         if (!isManifestType(manifest.mediaType)) {
-          throw new LayerNotConvertible(`index entry ${d.digest} is a ${manifest.mediaType}, not an image manifest`, {
-            registry: src.name
-          })
+          throw new LayerNotConvertibleError(
+            `index entry ${d.digest} is a ${manifest.mediaType}, not an image manifest`,
+            {
+              registry: src.name
+            }
+          )
         }
         targets.push({
           manifest,
@@ -146,7 +149,7 @@ export async function convertImage(
       targets.push({ manifest: root })
     }
     if (targets.length === 0) {
-      throw new LayerNotConvertible('the index holds no image manifest to convert', {
+      throw new LayerNotConvertibleError('the index holds no image manifest to convert', {
         registry: src.name,
         digest: root.digest
       })
@@ -225,18 +228,18 @@ async function convertManifest(
   try {
     config = JSON.parse(Buffer.from(configBytes).toString('utf8')) as typeof config
   } catch (err) {
-    throw new ManifestInvalid(`image config ${m.config.digest} is not JSON`, { ...subject, cause: err })
+    throw new ManifestInvalidError(`image config ${m.config.digest} is not JSON`, { ...subject, cause: err })
   }
   const diffIds = config.rootfs?.diff_ids
   if (!Array.isArray(diffIds) || diffIds.length !== m.layers.length) {
-    throw new ManifestInvalid(
+    throw new ManifestInvalidError(
       `image config ${m.config.digest} lists ${Array.isArray(diffIds) ? diffIds.length : 'no'} diff_ids for ${m.layers.length} layers`,
       subject
     )
   }
   for (const l of m.layers) {
     if (l.annotations?.[TOC_DIGEST_ANNOTATION] === undefined && !CONVERTIBLE.has(l.mediaType)) {
-      throw new LayerNotConvertible(
+      throw new LayerNotConvertibleError(
         `layer ${l.digest} has media type ${l.mediaType}, which cannot be converted to eStargz`,
         {
           ...subject,
@@ -326,7 +329,7 @@ async function buildLayer(
   const existing = await existingLazyLayer(path, options.signal)
   if (existing !== undefined) {
     if (files.length > 0) {
-      throw new PrioritizedFileMissing(
+      throw new PrioritizedFileMissingError(
         `prioritized files ${files.join(', ')} are in layer ${l.digest}, which is ${existing.format} already and kept as it is`,
         { hint: 'convert the original (non-eStargz) image to prioritize files' }
       )
@@ -457,20 +460,23 @@ async function assignPrioritized(
           n.has(posix.join(posix.dirname(p), `.wh.${posix.basename(p)}`)) || (p !== clean && n.has(`${p}/.wh..wh..opq`))
       )
       if (deleted !== undefined) {
-        throw new PrioritizedFileMissing(`prioritized file ${file} is deleted by layer ${i} (${layers[i]!.digest})`, {
-          ...subject,
-          hint: 'list only files that exist in the final image'
-        })
+        throw new PrioritizedFileMissingError(
+          `prioritized file ${file} is deleted by layer ${i} (${layers[i]!.digest})`,
+          {
+            ...subject,
+            hint: 'list only files that exist in the final image'
+          }
+        )
       }
     }
     if (found < 0) {
-      throw new PrioritizedFileMissing(`prioritized file ${file} is in no layer of the image`, {
+      throw new PrioritizedFileMissingError(`prioritized file ${file} is in no layer of the image`, {
         ...subject,
         hint: 'list paths as they are inside the image, e.g. usr/bin/env or /usr/bin/env, one per line'
       })
     }
     if (layers[found]!.annotations?.[TOC_DIGEST_ANNOTATION] !== undefined) {
-      throw new PrioritizedFileMissing(
+      throw new PrioritizedFileMissingError(
         `prioritized file ${file} is in layer ${found}, which is eStargz already and kept as it is`,
         {
           ...subject,

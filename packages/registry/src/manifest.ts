@@ -1,5 +1,5 @@
 import { arch, platform as osPlatform } from 'node:os'
-import { type ErrorSubject, ManifestInvalid, PlatformNotFound, UnsupportedMediaType } from './errors.js'
+import { type ErrorSubject, ManifestInvalidError, PlatformNotFoundError, UnsupportedMediaTypeError } from './errors.js'
 
 export const MediaType = {
   ociManifest: 'application/vnd.oci.image.manifest.v1+json',
@@ -65,7 +65,7 @@ const DIGEST = /^sha256:[a-f0-9]{64}$|^sha512:[a-f0-9]{128}$/
 
 function checkDescriptor(d: unknown, what: string, subject: ErrorSubject): Descriptor {
   const bad = (why: string) =>
-    new ManifestInvalid(`malformed manifest: ${what} ${why}`, {
+    new ManifestInvalidError(`malformed manifest: ${what} ${why}`, {
       ...subject,
       hint: 'the image was pushed by a broken tool; push it again'
     })
@@ -97,26 +97,26 @@ export function parseManifest(
   try {
     body = JSON.parse(Buffer.from(bytes).toString('utf8'))
   } catch (err) {
-    throw new ManifestInvalid('malformed manifest: not JSON', { ...subject, cause: err })
+    throw new ManifestInvalidError('malformed manifest: not JSON', { ...subject, cause: err })
   }
   if (typeof body !== 'object' || body === null || Array.isArray(body))
-    throw new ManifestInvalid('malformed manifest: not a JSON object', subject)
+    throw new ManifestInvalidError('malformed manifest: not a JSON object', subject)
   const type = mediaType ?? ''
   if (!isIndexType(type) && !isManifestType(type)) {
-    throw new UnsupportedMediaType(`unsupported manifest media type '${type || '(none)'}'`, {
+    throw new UnsupportedMediaTypeError(`unsupported manifest media type '${type || '(none)'}'`, {
       ...subject,
       hint: `strata reads ${MANIFEST_ACCEPT.join(', ')}; Docker schema 1 images must be re-pushed with a current tool`
     })
   }
   const b = body as Record<string, unknown>
   if (b.schemaVersion !== 2)
-    throw new ManifestInvalid(`malformed manifest: schemaVersion is ${String(b.schemaVersion)}, not 2`, subject)
+    throw new ManifestInvalidError(`malformed manifest: schemaVersion is ${String(b.schemaVersion)}, not 2`, subject)
   if (isIndexType(type)) {
-    if (!Array.isArray(b.manifests)) throw new ManifestInvalid('malformed index: no manifests array', subject)
+    if (!Array.isArray(b.manifests)) throw new ManifestInvalidError('malformed index: no manifests array', subject)
     for (const [i, d] of b.manifests.entries()) checkDescriptor(d, `manifests[${i}]`, subject)
   } else {
     checkDescriptor(b.config, 'config', subject)
-    if (!Array.isArray(b.layers)) throw new ManifestInvalid('malformed manifest: no layers array', subject)
+    if (!Array.isArray(b.layers)) throw new ManifestInvalidError('malformed manifest: no layers array', subject)
     for (const [i, d] of b.layers.entries()) checkDescriptor(d, `layers[${i}]`, subject)
   }
   return { mediaType: type, manifest: body as ImageManifest | ImageIndex }
@@ -126,7 +126,7 @@ export function parseManifest(
 export function parsePlatform(s: string): Platform {
   const parts = s.split('/')
   if (parts.length < 2 || parts.length > 3 || parts.some((p) => p === '')) {
-    throw new PlatformNotFound(`invalid platform '${s}'`, {
+    throw new PlatformNotFoundError(`invalid platform '${s}'`, {
       hint: 'use os/arch[/variant], e.g. linux/amd64 or linux/arm64/v8'
     })
   }
@@ -186,7 +186,7 @@ export function selectPlatform(index: ImageIndex, want: Platform, subject: Error
     .filter((d) => d.platform !== undefined)
     .map((d) => formatPlatform(d.platform!))
     .join(', ')
-  throw new PlatformNotFound(`no image for platform ${formatPlatform(want)} (the index has: ${have || 'none'})`, {
+  throw new PlatformNotFoundError(`no image for platform ${formatPlatform(want)} (the index has: ${have || 'none'})`, {
     ...subject,
     hint: 'choose one of those with --platform os/arch[/variant]'
   })

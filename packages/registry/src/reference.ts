@@ -1,4 +1,4 @@
-import { InvalidReference } from './errors.js'
+import { InvalidReferenceError } from './errors.js'
 
 /** A parsed image reference, e.g. `docker.io/library/ubuntu:latest` or `127.0.0.1:5000/app@sha256:...`. */
 export interface Reference {
@@ -49,7 +49,7 @@ export function withDigest(ref: Reference, digest: string): Reference {
  */
 export function parseReference(s: string): Reference {
   const fail = (why: string) =>
-    new InvalidReference(`invalid image reference '${s}': ${why}`, {
+    new InvalidReferenceError(`invalid image reference '${s}': ${why}`, {
       hint: 'use [REGISTRY/]REPOSITORY[:TAG][@sha256:DIGEST], e.g. docker.io/library/ubuntu:24.04 or localhost:5000/app:1'
     })
   if (s === '') throw fail('it is empty')

@@ -5,11 +5,11 @@ import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import type { Manifest, RegistryClient } from './client.js'
 import {
-  BlobUnknown,
-  DigestMismatch,
-  InvalidReference,
-  ManifestInvalid,
-  ManifestUnknown,
+  BlobUnknownError,
+  DigestMismatchError,
+  InvalidReferenceError,
+  ManifestInvalidError,
+  ManifestUnknownError,
   RegistryError
 } from './errors.js'
 import { type Descriptor, type ImageIndex, parseManifest } from './manifest.js'
@@ -72,7 +72,7 @@ function ociLayout(spec: string): ImageRepo {
   const dir = colon > rest.lastIndexOf('/') ? rest.slice(0, colon) : rest
   const tag = colon > rest.lastIndexOf('/') ? rest.slice(colon + 1) : undefined
   if (dir === '')
-    throw new InvalidReference(`invalid OCI layout '${spec}': no directory`, { hint: 'use oci:DIR[:TAG]' })
+    throw new InvalidReferenceError(`invalid OCI layout '${spec}': no directory`, { hint: 'use oci:DIR[:TAG]' })
   const blobPath = (digest: string) => {
     const [algo, hex] = digest.split(':')
     if (algo === undefined || hex === undefined || !/^[a-f0-9]+$/.test(hex)) {
@@ -97,12 +97,12 @@ function ociLayout(spec: string): ImageRepo {
       bytes = await readFile(blobPath(digest))
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-        throw new BlobUnknown(`blob ${digest} is not in OCI layout ${dir}`, { cause: err })
+        throw new BlobUnknownError(`blob ${digest} is not in OCI layout ${dir}`, { cause: err })
       }
       throw err
     }
     const got = `sha256:${createHash('sha256').update(bytes).digest('hex')}`
-    if (got !== digest) throw new DigestMismatch(`blob ${digest} in OCI layout ${dir} has digest ${got}`)
+    if (got !== digest) throw new DigestMismatchError(`blob ${digest} in OCI layout ${dir} has digest ${got}`)
     return bytes
   }
   const loadManifest = async (d: Descriptor): Promise<Manifest> => {
@@ -115,11 +115,11 @@ function ociLayout(spec: string): ImageRepo {
     name: spec,
     async root() {
       const index = await readIndex()
-      if (index === undefined) throw new ManifestUnknown(`no OCI layout at ${dir} (index.json is missing)`)
+      if (index === undefined) throw new ManifestUnknownError(`no OCI layout at ${dir} (index.json is missing)`)
       const found = index.manifests.filter((m) => (tag === undefined ? true : m.annotations?.[REF_NAME] === tag))
       if (found.length !== 1) {
         const names = index.manifests.map((m) => m.annotations?.[REF_NAME] ?? m.digest).join(', ')
-        throw new ManifestUnknown(
+        throw new ManifestUnknownError(
           tag === undefined
             ? `OCI layout ${dir} holds ${index.manifests.length} images: name one as oci:${dir}:TAG (${names})`
             : `no image tagged '${tag}' in OCI layout ${dir} (it has: ${names || 'none'})`
@@ -133,7 +133,7 @@ function ociLayout(spec: string): ImageRepo {
       try {
         body = JSON.parse(Buffer.from(bytes).toString('utf8'))
       } catch (err) {
-        throw new ManifestInvalid(`manifest ${digest} in OCI layout ${dir} is not JSON`, { cause: err })
+        throw new ManifestInvalidError(`manifest ${digest} in OCI layout ${dir} is not JSON`, { cause: err })
       }
       return loadManifest({ digest, mediaType: manifestMediaType(null, body) ?? '', size: bytes.length })
     },
@@ -157,7 +157,7 @@ function ociLayout(spec: string): ImageRepo {
       const got = `sha256:${hash.digest('hex')}`
       if (got !== digest) {
         await rm(path, { force: true })
-        throw new DigestMismatch(`blob ${digest} in OCI layout ${dir} has digest ${got}`)
+        throw new DigestMismatchError(`blob ${digest} in OCI layout ${dir} has digest ${got}`)
       }
     },
     async putBlob(digest, path) {

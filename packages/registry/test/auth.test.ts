@@ -45,7 +45,7 @@ describe('htpasswd Basic auth', () => {
   it('fails without credentials, and with wrong ones, saying what to do', async () => {
     const anon = createRegistryClient({ dockerConfig: false })
     const e1 = await rejection(anon.getImage(`${reg.host}/basic/app:1`))
-    expect(e1.name).toBe('Unauthorized')
+    expect(e1.name).toBe('UnauthorizedError')
     expect(e1.message).toContain(`${reg.host}/basic/app`)
     expect(e1.hint).toContain('--creds')
     const wrong = createRegistryClient({
@@ -53,7 +53,7 @@ describe('htpasswd Basic auth', () => {
       credentials: { [reg.host]: { username: 'alice', password: 'nope' } }
     })
     const e2 = await rejection(wrong.getImage(`${reg.host}/basic/app:1`))
-    expect(e2.name).toBe('Unauthorized')
+    expect(e2.name).toBe('UnauthorizedError')
     expect(e2.message).toMatch(/rejected the credentials/)
   })
 
@@ -114,7 +114,7 @@ fi
       const missing = join(dir, 'missing-helper.json')
       await writeFile(missing, JSON.stringify({ credHelpers: { [reg.host]: 'absent' } }))
       const err = await rejection(createRegistryClient({ dockerConfig: missing }).getImage(`${reg.host}/basic/app:1`))
-      expect(err.name).toBe('CredentialHelperFailed')
+      expect(err.name).toBe('CredentialHelperFailedError')
       expect(err.message).toContain('docker-credential-absent is not on PATH')
     } finally {
       process.env.PATH = savedPath
@@ -177,14 +177,14 @@ describe.each(['RS256', 'ES256'] as const)('Bearer token auth (%s)', (alg) => {
   it('anonymous push is refused with a clear error, wrong passwords at the token server too', async () => {
     const anon = createRegistryClient({ dockerConfig: false })
     const e1 = await rejection(pushImage(anon, `${reg.host}/tok/other:1`, [10]))
-    expect(e1.name).toBe('Unauthorized')
+    expect(e1.name).toBe('UnauthorizedError')
     expect(e1.message).toContain(`${reg.host}/tok/other`)
     const wrong = createRegistryClient({
       dockerConfig: false,
       credentials: { [reg.host]: { username: 'bob', password: 'x' } }
     })
     const e2 = await rejection(wrong.getImage(`${reg.host}/tok/app:1`))
-    expect(e2.name).toBe('Unauthorized')
+    expect(e2.name).toBe('UnauthorizedError')
     expect(e2.message).toMatch(/token server .* refused the credentials/)
   })
 })

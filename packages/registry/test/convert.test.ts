@@ -249,7 +249,7 @@ describe('convertImage', () => {
         openImageRepo(`${reg.host}/dst/x:1`, client)
       )
     )
-    expect(missingTag.name).toBe('ManifestUnknown')
+    expect(missingTag.name).toBe('ManifestUnknownError')
     expect(missingTag.message).toContain("no image tagged 'nope'")
 
     const one = await convertImage(
@@ -267,14 +267,14 @@ describe('convertImage', () => {
         prioritizedFiles: ['gone/rm.txt']
       })
     )
-    expect(e1.name).toBe('PrioritizedFileMissing')
+    expect(e1.name).toBe('PrioritizedFileMissingError')
     expect(e1.message).toMatch(/deleted by layer 1/)
     const e2 = await rejection(
       convertImage(openImageRepo(`${reg.host}/src/app:1`, client), openImageRepo(`${reg.host}/dst/bad:1`, client), {
         prioritizedFiles: ['no/such/file']
       })
     )
-    expect(e2.name).toBe('PrioritizedFileMissing')
+    expect(e2.name).toBe('PrioritizedFileMissingError')
 
     const src = await client.getImage(`${reg.host}/src/app:1`)
     proxy.faults.push({
@@ -287,7 +287,7 @@ describe('convertImage', () => {
     const e3 = await rejection(
       convertImage(openImageRepo(`${proxy.host}/src/app:1`, client), openImageRepo(`${reg.host}/dst/bad:1`, client))
     )
-    expect(e3.name).toBe('DigestMismatch')
+    expect(e3.name).toBe('DigestMismatchError')
     expect(e3.message).toContain(src.layers[1]!.digest)
     proxy.faults.length = 0
 
@@ -303,9 +303,11 @@ describe('convertImage', () => {
     const e4 = await rejection(
       convertImage(openImageRepo(`${reg.host}/src/app:zstd`, client), openImageRepo(`${reg.host}/dst/bad:1`, client))
     )
-    expect(e4.name).toBe('LayerNotConvertible')
+    expect(e4.name).toBe('LayerNotConvertibleError')
     expect(e4.message).toContain('tar+zstd')
 
-    expect((await rejection(client.getManifest(`${reg.host}/dst/bad:1`))).name).toMatch(/ManifestUnknown|NameUnknown/)
+    expect((await rejection(client.getManifest(`${reg.host}/dst/bad:1`))).name).toMatch(
+      /ManifestUnknownError|NameUnknownError/
+    )
   })
 })

@@ -45,7 +45,7 @@ const mediaTypes = fc.constantFrom(
 const subject = { registry: 'fuzz.example', repository: 'fuzz/app' }
 
 describe('parser fuzzing', () => {
-  it('parseReference: any string parses or is an InvalidReference', () => {
+  it('parseReference: any string parses or is an InvalidReferenceError', () => {
     fc.assert(
       fc.property(fc.oneof(fc.string(), fc.stringMatching(/^[a-z0-9.:/@_-]{0,80}$/)), (s) => {
         try {
@@ -53,7 +53,7 @@ describe('parser fuzzing', () => {
           // What parses must print back to a reference that parses to the same thing.
           expect(parseReference(ref.toString()).toString()).toBe(ref.toString())
         } catch (err) {
-          expect((err as Error).name).toBe('InvalidReference')
+          expect((err as Error).name).toBe('InvalidReferenceError')
         }
       }),
       { numRuns: 3000 }

@@ -75,7 +75,7 @@ describe('indexes that name indexes', () => {
     await pushIndex([inner], 'outer')
     expect((await client.getImage(`${reg.host}/${repo}:outer`, { platform: 'linux/arm64' })).digest).toBe(arm.digest)
     const err = await rejection(client.getImage(`${reg.host}/${repo}:outer`, { platform: 'linux/s390x' }))
-    expect(err.name).toBe('PlatformNotFound')
+    expect(err.name).toBe('PlatformNotFoundError')
     expect(err.message).toBe(
       `${reg.host}/${repo}@${inner.digest}: no image for platform linux/s390x (the index has: linux/amd64, linux/arm64)`
     )
@@ -93,7 +93,7 @@ describe('indexes that name indexes', () => {
       const err = await rejection(
         client.getImage(`${proxy.host}/${repo}@${levels[level]}`, { platform: 'linux/amd64' })
       )
-      expect(err.name).toBe('IndexTooDeep')
+      expect(err.name).toBe('IndexTooDeepError')
       expect(err.code).toBe('ERR_INDEX_TOO_DEEP')
       expect(err.message).toBe(
         `${proxy.host}/${repo}@${levels[level]}: image indexes nested more than 8 levels deep (level 9 is the index ${levels[level - 8]})`
@@ -119,7 +119,7 @@ describe('indexes that name indexes', () => {
       times: Number.POSITIVE_INFINITY
     })
     const err = await rejection(client.getImage(`${proxy.host}/${repo}:self`, { platform: 'linux/amd64' }))
-    expect(err.name).toBe('DigestMismatch')
+    expect(err.name).toBe('DigestMismatchError')
     expect(err.message).toBe(
       `${proxy.host}/${repo}@${top.digest}: manifest bytes have digest ${sha(self)}, not the requested one`
     )

@@ -43,7 +43,7 @@ describe('parseReference', () => {
     } catch (e) {
       err = e
     }
-    expect((err as Error).name).toBe('InvalidReference')
+    expect((err as Error).name).toBe('InvalidReferenceError')
     expect((err as Error).message).toMatch(why)
     expect((err as { hint?: string }).hint).toMatch(/REPOSITORY/)
   })

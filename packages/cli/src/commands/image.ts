@@ -42,7 +42,7 @@ function checkReference(name: string): void {
   try {
     parseReference(name)
   } catch (err) {
-    if ((err as Error).name === 'InvalidReference') throw new UsageError((err as Error).message)
+    if ((err as Error).name === 'InvalidReferenceError') throw new UsageError((err as Error).message)
     throw err
   }
 }
