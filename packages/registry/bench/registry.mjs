@@ -78,9 +78,10 @@ try {
     )
     rangeRows.push({ chunk, concurrency, total, ms: t.ms })
   }
-  // Adjacent 64 KiB ranges coalesced by readRanges into requests of up to 16 MiB.
-  const ranges = Array.from({ length: 1024 }, (_, i) => ({ offset: i * 64 * 1024, length: 64 * 1024 }))
-  const co = await time(() => blob.readRanges(ranges))
+  // Adjacent 64 KiB ranges coalesced into runs of 16 MiB (as the fetcher's registry source coalesces what
+  // waits), each read by readRuns, 4 at a time.
+  const runs = Array.from({ length: 4 }, (_, i) => ({ offset: i * 16 * MiB, length: 16 * MiB }))
+  const co = await time(() => Promise.all(runs.map((run) => blob.readRuns([run], () => {}))))
 
   // ---- convert vs skopeo copy ------------------------------------------------------------------------------
   const src = `${regA.host}/bench/app:1`
@@ -166,7 +167,9 @@ try {
       `| readAt ${r.chunk >= MiB ? `${r.chunk / MiB} MiB` : `${r.chunk / 1024} KiB`} ranges, ${r.concurrency} at a time (${r.total / MiB} MiB, ${(r.total / r.chunk / (r.ms / 1000)).toFixed(0)} req/s) | ${mbps(r.total, r.ms)} |`
     )
   }
-  say(`| readRanges of 1024 adjacent 64 KiB ranges (coalesced into 16 MiB requests) | ${mbps(64 * MiB, co.ms)} |`)
+  say(
+    `| readRuns of 1024 adjacent 64 KiB ranges (coalesced into 16 MiB runs, 4 at a time) | ${mbps(64 * MiB, co.ms)} |`
+  )
   say('')
   say("Small ranges are bound by the registry's per-request cost on this loaded machine (a plain `fetch` of the")
   say('same 64 KiB ranges measured the same milliseconds per request as the client): coalescing is what pays.')
