@@ -1,7 +1,7 @@
 import { join } from 'node:path'
-import { createFetcher, createRegistrySource, type FetchEvent, openImage, resolveImage } from '@strata/fetcher'
+import { createFetcher, createRegistrySource, openImage, resolveImage } from '@strata/fetcher'
 import { thisProcess } from '@strata/fs'
-import { createMounts, type ImageSource } from '@strata/mounts'
+import { createMounts, type ImageSource, type OpenProgress } from '@strata/mounts'
 import { createRegistryClient, parseReference, type RegistryClient } from '@strata/registry'
 import { openDiskStore } from '@strata/store'
 import type { Context } from './command.js'
@@ -20,7 +20,8 @@ export interface EmbeddedMount {
 
 /**
  * Embedded mode: this process owns the store and serves the mount itself, through the same Mounts service as
- * p2pd (@strata/mounts), with a fetcher of its own store and the registry. This file opens and prints.
+ * p2pd (@strata/mounts), with a fetcher of its own store and the registry. This file says how to open an image
+ * here, and prints.
  */
 export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<number> {
   const { image, mountpoint, recordFile, dataDir: dir } = what
@@ -33,35 +34,16 @@ export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<numb
   pending.catch(() => {})
   const store = await openDiskStore(join(dir, 'store'))
   try {
-    let tocs: Progress | undefined
+    // Opens, and says how it goes; the Mounts service passes it on as `progress` events.
     const source: ImageSource = {
       fetcher: createFetcher({ store, sources: [createRegistrySource({ client })] }),
       async openImage(ref, options) {
-        // Said as it comes, before the TOCs' progress (the service would say it once the image is open).
-        const stale = (e: FetchEvent) => {
-          if (e.type === 'image:stale') out.warn(e.message)
-        }
-        const pinned = await resolveImage({ client, store, ref, platform, pending, signal, onProgress: stale })
-        const layerIndex = new Map(pinned.layers.map((l, i) => [l.digest, i]))
-        const downloading = new Set<string>()
-        tocs = new Progress(out.stderr, `opening ${image}`, pinned.layers.length, false)
-        const onProgress = (e: FetchEvent) => {
-          if (e.type === 'layer:toc') tocs?.add(1)
-          else if (e.type === 'layer:unverified') out.warn(e.message)
-          else if (e.type === 'layer:download' && !downloading.has(e.layer)) {
-            downloading.add(e.layer)
-            out.info(`layer ${layerIndex.get(e.layer)} is not eStargz: fetching it whole (${formatBytes(e.total)})`)
-          }
-        }
-        return openImage({
-          client,
-          store,
-          ref: pinned.ref,
-          image: pinned,
-          requireVerified: ctx.opts['require-verified'] === true,
-          signal: options?.signal ?? signal,
-          onProgress
-        })
+        const onProgress = options?.onProgress
+        const opts = { signal: options?.signal ?? signal, ...(onProgress !== undefined && { onProgress }) }
+        const pinned = await resolveImage({ client, store, ref, platform, pending, ...opts })
+        onProgress?.({ type: 'image:resolved', ref, layers: pinned.layers.map((l) => l.digest) })
+        const requireVerified = ctx.opts['require-verified'] === true
+        return openImage({ client, store, ref: pinned.ref, image: pinned, requireVerified, ...opts })
       }
     }
     // No holder: the mount lives as long as this process. The prioritized files are fetched once mounted.
@@ -72,8 +54,10 @@ export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<numb
       ...(ctx.opts.writable === true && { writable: true }),
       ...(recordFile !== undefined && { record: recordFile })
     }
+    const opening = openingOutput(ctx, image)
     for await (const e of mounts.mount(request, thisProcess(), { signal })) {
-      if (e.type === 'opened') tocs?.finish(`opened ${image}: ${e.layers} layers`)
+      if (e.type === 'progress') opening.progress(e.event)
+      else if (e.type === 'opened') opening.opened(e.layers)
       else if (e.type === 'mounted') out.print(`mounted ${image} at ${what.shown}`)
       else if (e.type === 'warning') out.warn(e.message)
       else if (e.type === 'read-error') {
@@ -87,6 +71,30 @@ export async function mountHere(ctx: Context, what: EmbeddedMount): Promise<numb
     return 0
   } finally {
     await store.close()
+  }
+}
+
+/** What opening the image prints: stale and unverified warnings, the TOCs' progress, whole downloads. */
+function openingOutput(ctx: Context, image: string) {
+  const { out } = ctx
+  let tocs: Progress | undefined
+  let layerIndex = new Map<string, number>()
+  const downloading = new Set<string>()
+  return {
+    progress(e: OpenProgress) {
+      if (e.type === 'image:resolved') {
+        layerIndex = new Map(e.layers.map((digest, i) => [digest, i]))
+        tocs = new Progress(out.stderr, `opening ${image}`, e.layers.length, false)
+      } else if (e.type === 'image:stale' || e.type === 'layer:unverified') out.warn(e.message)
+      else if (e.type === 'layer:toc') tocs?.add(1)
+      else if (e.type === 'layer:download' && !downloading.has(e.layer)) {
+        downloading.add(e.layer)
+        out.info(`layer ${layerIndex.get(e.layer)} is not eStargz: fetching it whole (${formatBytes(e.total)})`)
+      }
+    },
+    opened(layers: number) {
+      tocs?.finish(`opened ${image}: ${layers} layers`)
+    }
   }
 }
 

@@ -74,13 +74,16 @@ export function addMountRoutes(
   return mounts
 }
 
-/** The service's events as `POST /mount` has always sent them (p2pd does not prefetch, so never those). */
+/**
+ * The service's events as `POST /mount` has always sent them. p2pd's node reports no open progress, and p2pd
+ * does not prefetch: those events are not sent.
+ */
 async function* wire(events: AsyncIterable<ServiceEvent>): AsyncGenerator<MountEvent> {
   for await (const e of events) {
     if (e.type === 'read-error') {
       const { path, layer, error } = e.failure
       yield { type: 'read-error', path, layer, message: error.message }
-    } else if (e.type !== 'prefetched' && e.type !== 'prefetch-failed') yield e
+    } else if (e.type !== 'progress' && e.type !== 'prefetched' && e.type !== 'prefetch-failed') yield e
   }
 }
 

@@ -13,5 +13,5 @@ export {
   type MountsInit,
   type Requester
 } from './service.js'
-export type { ImageSource, MountReader, OpenImageOptions } from './source.js'
+export type { ImageSource, MountReader, OpenImageOptions, OpenProgress } from './source.js'
 export { WritableLayerInUseError, writableDir, writableDirOf } from './writable-dir.js'

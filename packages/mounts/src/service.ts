@@ -20,7 +20,7 @@ import {
 import { type ClientProcess, clientOf, sameClient } from './clients.js'
 import { openPinned } from './pinned.js'
 import { refusal } from './refusal.js'
-import type { ImageSource } from './source.js'
+import type { ImageSource, OpenProgress } from './source.js'
 import { type Stream, watchClient } from './stream.js'
 import { writableDir } from './writable-dir.js'
 
@@ -60,6 +60,8 @@ export interface Requester extends Caller {
 
 /** What happens to a mount, in order, while its request holds it. */
 export type MountEvent =
+  /** What opening the image says as it goes (embedded p2p-mount's source says it; p2pd's node does not). */
+  | { type: 'progress'; event: OpenProgress }
   /** The image is the one the reference named before: the registry could not be reached. */
   | { type: 'warning'; message: string }
   | { type: 'opened'; image: string; digest: string; layers: number }
@@ -220,11 +222,8 @@ export function createMounts(init: MountsInit): Mounts {
 
   async function* mountEvents(req: MountRequest, caller: Requester, signal: AbortSignal): AsyncGenerator<MountEvent> {
     let stale: string | undefined
-    const image = await init.source.openImage(req.image, {
-      signal,
-      onStale: (message) => {
-        stale = message
-      }
+    const image = yield* open(req.image, signal, (message) => {
+      stale = message
     })
     refuseWhileStopping()
     if (stale !== undefined) yield { type: 'warning', message: stale }
@@ -257,6 +256,46 @@ export function createMounts(init: MountsInit): Mounts {
     yield { type: 'mounted', mountpoint: req.mountpoint }
     if (init.prefetch === true) prefetch(held, image, signal)
     yield* hold(req.mountpoint, held, signal)
+  }
+
+  /** Opens the image, passing on its progress as it comes (the source's `onProgress`). */
+  async function* open(
+    ref: string,
+    signal: AbortSignal,
+    onStale: (message: string) => void
+  ): AsyncGenerator<MountEvent, Image> {
+    const progress: MountEvent[] = []
+    let wake = () => {}
+    const opening = init.source.openImage(ref, {
+      signal,
+      onStale,
+      onProgress: (event) => {
+        progress.push({ type: 'progress', event })
+        wake()
+      }
+    })
+    let settled = false
+    const done = opening.then(
+      () => {
+        settled = true
+      },
+      () => {
+        settled = true
+      }
+    )
+    while (!settled) {
+      if (progress.length === 0) {
+        await Promise.race([
+          done,
+          new Promise<void>((resolve) => {
+            wake = resolve
+          })
+        ])
+      }
+      yield* progress.splice(0)
+    }
+    yield* progress.splice(0)
+    return opening
   }
 
   /** The prioritized files of eStargz layers, in the background: the workload will want them first. */

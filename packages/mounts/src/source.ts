@@ -1,5 +1,5 @@
 import type { AbortOptions } from '@strata/base'
-import type { Image, ImageLayer } from '@strata/fetcher'
+import type { FetchEvent, Image, ImageLayer } from '@strata/fetcher'
 import type { LayerReader } from '@strata/fs'
 
 /**
@@ -15,7 +15,12 @@ export interface ImageSource {
 export interface OpenImageOptions extends AbortOptions {
   /** The registry could not be reached and the image `ref` named before is used: why, for the operator. */
   onStale?: (message: string) => void
+  /** What opening says as it goes, for a progress display. */
+  onProgress?: (progress: OpenProgress) => void
 }
+
+/** The fetcher's events while an image opens, and first the manifest resolved (its layers' digests, lowest first). */
+export type OpenProgress = FetchEvent | { type: 'image:resolved'; ref: string; layers: string[] }
 
 export interface MountReader extends LayerReader<ImageLayer> {
   prefetch(image: Image, options?: AbortOptions): Promise<void>

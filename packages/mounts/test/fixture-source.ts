@@ -16,6 +16,8 @@ export interface SourceOptions {
   failing?: Set<string>
   /** A file of layer 0 to list as its one prioritized file. */
   prioritized?: string
+  /** Opening says how it goes, as embedded p2p-mount's does: the manifest resolved, then each layer's TOC. */
+  progress?: boolean
 }
 
 export interface FixtureImage {
@@ -43,8 +45,16 @@ export async function openFixture(work: string): Promise<FixtureImage> {
         }))
       } as unknown as Image
       return {
-        async openImage(_ref, opts) {
+        async openImage(ref, opts) {
           if (options.stale !== undefined) opts?.onStale?.(options.stale)
+          if (options.progress === true) {
+            opts?.onProgress?.({ type: 'image:resolved', ref, layers: image.layers.map((l) => l.digest) })
+            for (const l of image.layers) {
+              // One at a time, as TOCs arrive.
+              await new Promise((resolve) => setImmediate(resolve))
+              opts?.onProgress?.({ type: 'layer:toc', layer: l.digest, format: 'estargz', cached: false })
+            }
+          }
           return image
         },
         fetcher: {

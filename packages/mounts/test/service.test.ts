@@ -76,6 +76,30 @@ describe('the Mounts service', () => {
     }
   })
 
+  it('passes on what opening says, as it comes, before the image is opened', async () => {
+    const mounts = createMounts({ source: source({ progress: true }), dataDir: join(work, 'd4') })
+    const mountpoint = join(work, 'mnt4')
+    await mkdir(mountpoint)
+    const stop = new AbortController()
+    const events = mounts.mount({ image: IMAGE, mountpoint }, ROOT, { signal: stop.signal })
+    const seen: MountEvent[] = []
+    for (;;) {
+      const e = (await next(events))!
+      seen.push(e)
+      if (e.type === 'mounted') break
+    }
+    expect(seen.map((e) => (e.type === 'progress' ? e.event.type : e.type))).toEqual([
+      'image:resolved',
+      'layer:toc',
+      'layer:toc',
+      'layer:toc',
+      'opened',
+      'mounted'
+    ])
+    stop.abort()
+    expect(await next(events)).toEqual({ type: 'result', unmounted: mountpoint })
+  })
+
   it('serves again only what it holds', async () => {
     const mounts = createMounts({ source: source(), dataDir: join(work, 'd2') })
     const events = mounts.mount({ image: IMAGE, mountpoint: join(work, 'none'), resume: true }, ROOT)
