@@ -14,4 +14,4 @@ export {
   type Requester
 } from './service.js'
 export type { ImageSource, MountReader, OpenImageOptions, OpenProgress } from './source.js'
-export { WritableLayerInUseError, writableDir, writableDirOf } from './writable-dir.js'
+export { WritableLayerInUseError, writableDirOf } from './writable-dir.js'
