@@ -1,10 +1,11 @@
-import { createHash } from 'node:crypto'
 import type { Stream } from '@libp2p/interface'
 import type { ChunkRef, ChunkSource, Route, SourceOptions } from '@strata/fetcher'
 import type { AbortOptions } from '@strata/store'
 import type { PeerRefusedError } from './errors.js'
+import { homeKey, homeOf } from './homes.js'
 import type { PeerBook } from './peers.js'
 import { DEFAULT_LIMITS, type ProtocolLimits, requestChunks, requestHave } from './protocol.js'
+import { merge, sleep } from './streams.js'
 
 export interface PeerSourceComponents {
   /** This node's peer id. */
@@ -26,30 +27,6 @@ export interface PeerSourceComponents {
   onFetched?(peer: string, bytes: number, route: Route | undefined): void
   /** Told when a peer's chunk failed verification. */
   onBad?(peer: string, chunk: ChunkRef, reason: string): void
-}
-
-/**
- * Chunks are homed by segment (a layer's compressed range cut into SEGMENT-byte pieces), not one by one: a home
- * then reads runs of adjacent chunks, which the registry source coalesces into few Range requests.
- */
-const SEGMENT = 1 << 20
-
-export function homeKey(chunk: ChunkRef): string {
-  return `${chunk.layer}/${Math.floor(chunk.offset / SEGMENT)}`
-}
-
-/** The member that is home of `key`: rendezvous (highest random weight) hashing, so all agree without talking. */
-export function homeOf(key: string, members: string[]): string | undefined {
-  let best: string | undefined
-  let bestWeight = -1n
-  for (const m of members) {
-    const weight = createHash('sha256').update(m).update(key).digest().readBigUInt64BE(0)
-    if (weight > bestWeight || (weight === bestWeight && best !== undefined && m < best)) {
-      best = m
-      bestWeight = weight
-    }
-  }
-  return best
 }
 
 const PROVIDER_TTL_MS = 15_000
@@ -501,39 +478,4 @@ export class PeerSource implements ChunkSource {
 
 function isBusy(err: unknown): boolean {
   return (err as Error | undefined)?.name === 'PeerRefusedError' && (err as PeerRefusedError).reason === 'busy'
-}
-
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted === true) return reject(signal.reason)
-    const onAbort = () => {
-      clearTimeout(timer)
-      reject(signal!.reason)
-    }
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort)
-      resolve()
-    }, ms)
-    signal?.addEventListener('abort', onAbort, { once: true })
-  })
-}
-
-/** Yields from all sources as each produces. */
-async function* merge<T>(sources: AsyncIterable<T>[]): AsyncGenerator<T> {
-  const iterators = sources.map((s) => s[Symbol.asyncIterator]())
-  const next = (i: number) => iterators[i]!.next().then((result) => ({ i, result }))
-  const pending = new Map(iterators.map((_, i) => [i, next(i)]))
-  try {
-    while (pending.size > 0) {
-      const { i, result } = await Promise.race(pending.values())
-      if (result.done === true) {
-        pending.delete(i)
-        continue
-      }
-      pending.set(i, next(i))
-      yield result.value
-    }
-  } finally {
-    await Promise.all(iterators.map((it) => it.return?.()))
-  }
 }

@@ -3,8 +3,9 @@
 import type { ChunkRef, ChunkSource, Route } from '@strata/fetcher'
 import { describe, expect, it } from 'vitest'
 import { countedSource } from '../src/counted.js'
+import { homeKey, homeOf } from '../src/homes.js'
 import { PeerBook } from '../src/peers.js'
-import { homeKey, homeOf, PeerSource } from '../src/source.js'
+import { PeerSource } from '../src/source.js'
 
 const chunk = (i: number): ChunkRef => ({
   digest: `sha256:${i.toString(16).padStart(64, '0')}`,
@@ -31,6 +32,16 @@ function peerSource(members: string[]): { source: PeerSource; dialled: string[] 
   })
   return { source, dialled }
 }
+
+describe('homes', () => {
+  it("are keyed by the layer's digest and the chunk's 1 MiB segment: the key every p2pd version computes alike", () => {
+    const c = chunk(3)
+    expect(homeKey(c)).toBe(`${c.layer.digest}/3`)
+    expect(homeKey({ ...c, offset: (3 << 20) + 1000 })).toBe(`${c.layer.digest}/3`)
+    // The same segment of another layer is another key (another home, most of the time).
+    expect(homeKey({ ...c, layer: { ...c.layer, digest: `sha256:${'b'.repeat(64)}` } })).not.toBe(homeKey(c))
+  })
+})
 
 describe('PeerSource reads the route', () => {
   it('a forwarded route has no home: the home node serving it forwards it no further', () => {
