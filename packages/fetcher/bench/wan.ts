@@ -145,6 +145,7 @@ try {
       get ignoresRange() {
         return blob.ignoresRange
       },
+      joins: (offset) => blob.joins(offset),
       // One request per call: the registry source reads one coalesced run per call (unless Range is ignored).
       readRuns(runs, onRun, options) {
         rangeRequests++

@@ -125,12 +125,14 @@ class LayerReader {
 
   private pump(): void {
     while (this.reading < this.limits.concurrency && this.pending.length > 0) {
-      // A registry that ignores Range sends the whole blob for any request: then one read at a time per layer,
-      // of everything waiting (its runs sliced from that one stream), instead of a whole blob per run.
+      // A registry that ignores Range sends the whole blob for any request: then everything waiting goes in one
+      // call (its runs sliced from one stream), not a whole blob per run. While that stream is read, what it has
+      // not passed yet joins it (RemoteBlob.joins); the rest waits for it to end, then goes in the next call.
       const whole = this.blob.ignoresRange
-      if (whole && this.reading > 0) return
+      const joining = whole && this.reading > 0 ? this.pending.filter((w) => this.blob.joins(w.chunk.offset)) : []
+      if (whole && this.reading > 0 && joining.length === 0) return
       const runs = whole
-        ? coalesce(this.pending, Number.POSITIVE_INFINITY, this.limits.maxGapBytes)
+        ? coalesce(joining.length > 0 ? joining : this.pending, Number.POSITIVE_INFINITY, this.limits.maxGapBytes)
         : [
             coalesce(this.pending, this.limits.maxRangeBytes, this.limits.maxGapBytes).find((r) =>
               r.waiters.includes(this.pending[0]!)

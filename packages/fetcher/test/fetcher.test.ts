@@ -59,6 +59,7 @@ function counting(real: RegistryClient): RegistryClient & { reads: number; downl
       get ignoresRange() {
         return blob.ignoresRange
       },
+      joins: (offset) => blob.joins(offset),
       readRuns(runs, onRun, options) {
         c.reads++
         return blob.readRuns(runs, onRun, options)

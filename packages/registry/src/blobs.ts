@@ -6,14 +6,17 @@ import {
   DigestMismatchError,
   type ErrorSubject,
   RangeNotSatisfiableError,
+  RETRYABLE,
   ShortReadError,
   UnexpectedResponseError,
   UnsupportedMediaTypeError
 } from './errors.js'
-import { type HttpCore, type Reply, withDeadline } from './http.js'
+import type { HttpCore, Reply } from './http.js'
+import { withDeadline } from './http.js'
 import type { Descriptor } from './manifest.js'
 import { ignoredRange } from './quirks.js'
 import type { Reference } from './reference.js'
+import { type Run, WholeRead } from './whole-read.js'
 
 // Blob reads: ranges (readAt, and readRuns, the one primitive the fetcher's registry source reads chunks with),
 // whole blobs (fetchBlob, downloadBlob) and sizes (blobSize, blobExists).
@@ -41,18 +44,20 @@ export interface RemoteBlob extends ReadAt {
    * Range gets a Range request per run (the caller coalesces: runs are what it wants read together). One that
    * ignores Range (see quirks.ts `ignoredRange`) answers the first with the whole blob: then that one response
    * serves every run, sliced as the stream passes it, and the registry is remembered, so that a later call is one
-   * whole read for all its runs too. Bytes past the end of the blob are not returned (a run may come back short).
+   * whole read for all its runs too, and a call made while such a read streams joins it for the runs it has not
+   * passed yet (see whole-read.ts). Bytes past the end of the blob are not returned (a run may come back short).
    */
   readRuns(runs: Range[], onRun: (index: number, bytes: Uint8Array) => void, options?: ReadOptions): Promise<void>
   /** True once the blob's registry was seen answering a Range request with the whole blob. */
   readonly ignoresRange: boolean
+  /** Whether a readRuns call for runs from `offset` on would now join a whole-blob read in flight. */
+  joins(offset: number): boolean
 }
 
-/** A run of readRuns: its index in the caller's list and its absolute [offset, end). */
-interface Run {
-  index: number
-  offset: number
-  end: number
+/** What a RemoteBlob learns as it is read: its size, and the whole-blob read in flight, if any. */
+interface Known {
+  size: number
+  whole?: WholeRead
 }
 
 export function hashFor(digest: string) {
@@ -79,7 +84,7 @@ export class Blobs {
 
   blob(ref: Reference, d: string | Descriptor, size?: number, blobOptions: BlobOptions = {}): RemoteBlob {
     const digest = typeof d === 'string' ? d : d.digest
-    const known = { size: size ?? (typeof d === 'string' ? Number.NaN : d.size) }
+    const known: Known = { size: size ?? (typeof d === 'string' ? Number.NaN : d.size) }
     const { deadline, what = 'a range of the blob' } = blobOptions
     const ms = deadline === true ? this.deadlineMs : typeof deadline === 'number' ? deadline : 0
     const subject = { registry: ref.registry, repository: ref.repository, digest }
@@ -103,6 +108,7 @@ export class Blobs {
       get ignoresRange() {
         return refused.has(ref.registry)
       },
+      joins: (offset: number) => known.whole?.accepts(offset) === true,
       async readAt(offset: number, length: number, options?: ReadOptions) {
         let got: Uint8Array = new Uint8Array(0)
         await readRuns(
@@ -121,7 +127,7 @@ export class Blobs {
   private async readRuns(
     ref: Reference,
     digest: string,
-    known: { size: number },
+    known: Known,
     ranges: Range[],
     onRun: (index: number, bytes: Uint8Array) => void,
     options: ReadOptions
@@ -144,8 +150,20 @@ export class Blobs {
     const pending = () => runs.filter((r) => left.has(r.index))
     // Unless the registry is known to ignore Range, the first run goes alone: a 200 to it serves every run.
     // Then the others, each by its own Range request, one after the other: the caller reads in parallel.
+    // Runs a whole read of this blob in flight has not passed yet join it (once: if it fails, they ask anew).
+    let joined = false
     while (left.size > 0) {
       const todo = pending()
+      const whole = known.whole
+      if (!joined && whole !== undefined && whole.accepts(todo[0]!.offset)) {
+        joined = true
+        try {
+          await whole.join(todo, deliver, options)
+        } catch (err) {
+          if (!RETRYABLE.has((err as Error)?.name) || options.signal?.aborted === true) throw err
+        }
+        continue
+      }
       const span = this.rangeRefused.has(ref.registry)
         ? { offset: todo[0]!.offset, end: Math.max(...todo.map((r) => r.end)) }
         : todo[0]!
@@ -162,7 +180,7 @@ export class Blobs {
   private async readSpan(
     ref: Reference,
     digest: string,
-    known: { size: number },
+    known: Known,
     span: { offset: number; end: number },
     runs: Run[],
     deliver: (index: number, bytes: Uint8Array) => void,
@@ -170,16 +188,48 @@ export class Blobs {
   ): Promise<void> {
     if (runs.length === 0) return
     const subject = { registry: ref.registry, repository: ref.repository, digest }
-    const { offset } = span
-    const length = span.end - span.offset
-    const range = `bytes=${offset}-${span.end - 1}`
-    const reply = await this.getBlob(ref, digest, subject, [200, 206], options.signal, { range })
+    const range = `bytes=${span.offset}-${span.end - 1}`
+    // The request's own signal: a whole-blob answer may be shared with later callers (see WholeRead).
+    const request = new AbortController()
+    const signal = options.signal
+    const forward = () => request.abort(signal?.reason)
+    if (signal?.aborted === true) forward()
+    signal?.addEventListener('abort', forward, { once: true })
+    let reply: Reply
+    try {
+      reply = await this.getBlob(ref, digest, subject, [200, 206], request.signal, { range })
+    } finally {
+      signal?.removeEventListener('abort', forward)
+    }
     if (ignoredRange(reply.res.status)) {
       this.rangeRefused.add(ref.registry)
       const total = Number(reply.header('content-length') ?? Number.NaN)
       if (!Number.isNaN(total)) known.size = total
-      return sliceStream(reply, runs, deliver, subject, options.onProgress)
+      const whole = new WholeRead(reply, subject, (reason) => request.abort(reason))
+      known.whole = whole
+      return whole.join(runs, deliver, options)
     }
+    signal?.addEventListener('abort', forward, { once: true })
+    try {
+      return await this.rangeAnswer(reply, known, span, runs, deliver, options)
+    } finally {
+      signal?.removeEventListener('abort', forward)
+    }
+  }
+
+  /** The runs `span` covers, from a 206 of it. */
+  private async rangeAnswer(
+    reply: Reply,
+    known: Known,
+    span: { offset: number; end: number },
+    runs: Run[],
+    deliver: (index: number, bytes: Uint8Array) => void,
+    options: ReadOptions
+  ): Promise<void> {
+    const subject = reply.subject
+    const { offset } = span
+    const length = span.end - span.offset
+    const range = `bytes=${offset}-${span.end - 1}`
     const cr = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(reply.header('content-range') ?? '')
     if (cr === null || Number(cr[1]) !== offset) {
       await reply.discard()
@@ -309,47 +359,4 @@ export class Blobs {
       ok
     )
   }
-}
-
-/**
- * Takes `runs` (sorted by offset) from a whole-blob 200 response, delivering each once the stream has passed
- * its end, and stops reading once it has them all. Runs past the end of the blob come back short.
- */
-async function sliceStream(
-  reply: Reply,
-  runs: Run[],
-  deliver: (index: number, bytes: Uint8Array) => void,
-  subject: ErrorSubject,
-  onPiece?: (bytes: number) => void
-): Promise<void> {
-  const bufs = runs.map((r) => Buffer.alloc(r.end - r.offset))
-  const got = runs.map(() => 0)
-  let next = 0
-  let pos = 0
-  for await (const c of reply.chunks(onPiece)) {
-    for (let i = next; i < runs.length && runs[i]!.offset < pos + c.length; i++) {
-      if (got[i] === -1) continue
-      const r = runs[i]!
-      const from = Math.max(0, r.offset - pos)
-      const to = Math.min(c.length, r.end - pos)
-      if (to > from) {
-        bufs[i]!.set(c.subarray(from, to), pos + from - r.offset)
-        got[i]! += to - from
-      }
-    }
-    pos += c.length
-    // Runs end in order of their starts only roughly (they may nest): deliver each as soon as it is whole.
-    for (let i = next; i < runs.length; i++) {
-      if (got[i] === runs[i]!.end - runs[i]!.offset) {
-        deliver(runs[i]!.index, bufs[i]!)
-        bufs[i] = Buffer.alloc(0)
-        got[i] = -1
-      }
-    }
-    while (next < runs.length && got[next] === -1) next++
-    if (next === runs.length) return
-  }
-  const total = Number(reply.header('content-length') ?? pos)
-  if (pos < total) throw new ShortReadError(`the body ended after ${pos} of ${total} bytes`, subject)
-  for (let i = next; i < runs.length; i++) if (got[i] !== -1) deliver(runs[i]!.index, bufs[i]!.subarray(0, got[i]))
 }

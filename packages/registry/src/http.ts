@@ -75,7 +75,7 @@ export class Reply {
   constructor(
     readonly res: Response,
     private readonly timer: IdleTimer,
-    private readonly subject: ErrorSubject
+    readonly subject: ErrorSubject
   ) {}
 
   header(name: string): string | null {

@@ -221,6 +221,48 @@ describe('ranges', () => {
     expect(seen.slice(1).map((r) => r.headers.range)).toEqual(['bytes=0-40'])
   })
 
+  it('joins a later call to the whole-blob read in flight when it has not passed its runs; one that has asks anew', async () => {
+    const pieces: Array<ReadableStreamDefaultController<Uint8Array>> = []
+    const { client, seen } = fake(
+      () =>
+        new Response(
+          new ReadableStream<Uint8Array>({
+            start(controller) {
+              pieces.push(controller)
+            }
+          }),
+          { headers: { 'content-length': String(BLOB.length) } }
+        )
+    )
+    const blob = client.blob(REF, DIGEST, BLOB.length)
+    const text = (b: Uint8Array) => Buffer.from(b).toString()
+    const got: string[] = []
+    const first = blob.readRuns([{ offset: 0, length: 4 }], (_, b) => got.push(`first ${text(b)}`))
+    await new Promise((r) => setTimeout(r, 10))
+    expect(seen).toHaveLength(1)
+    pieces[0]!.enqueue(BLOB.subarray(0, 10))
+    await first
+    // Its runs delivered, nobody waits on that read: it stopped after 10 bytes.
+    expect(got).toEqual(['first the '])
+    // A new whole read; while it is at byte 10, a call for bytes past it joins, one for bytes before asks anew.
+    const second = blob.readRuns([{ offset: 21, length: 5 }], (_, b) => got.push(`second ${text(b)}`))
+    await new Promise((r) => setTimeout(r, 10))
+    expect(seen).toHaveLength(2)
+    pieces[1]!.enqueue(BLOB.subarray(0, 10))
+    await new Promise((r) => setTimeout(r, 10))
+    const joined = blob.readRuns([{ offset: 31, length: 2 }], (_, b) => got.push(`joined ${text(b)}`))
+    const behind = blob.readRuns([{ offset: 4, length: 5 }], (_, b) => got.push(`behind ${text(b)}`))
+    await new Promise((r) => setTimeout(r, 10))
+    expect(seen).toHaveLength(3)
+    pieces[1]!.enqueue(BLOB.subarray(10))
+    pieces[1]!.close()
+    await Promise.all([second, joined])
+    pieces[2]!.enqueue(BLOB)
+    pieces[2]!.close()
+    await behind
+    expect(got.slice(1).sort()).toEqual(['behind bytes', 'joined of', 'second forty'])
+  })
+
   it('refuses a 206 whose Content-Range is not the range asked', async () => {
     const { client } = fake(
       () => new Response(BLOB.subarray(0, 4), { status: 206, headers: { 'content-range': `bytes 1-4/${BLOB.length}` } })
