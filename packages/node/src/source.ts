@@ -20,7 +20,11 @@ export interface PeerSourceComponents {
    * last minute count too, while their connection is dialled again: see PeerSource.cluster.)
    */
   members(): string[]
-  /** The image a layer was opened from (sent with forwarded requests, so the home node can open it too). */
+  /**
+   * The image a layer was opened from, sent as the `ref` of forwarded requests: each chunk carries its repository
+   * now (LayerRef), so this is for older home nodes, which read the registry only for images they opened, and
+   * for the home node to open the image too (see chunk-wire.ts).
+   */
   imageOf?(layer: string): string | undefined
   limits?: ProtocolLimits
   /** Told about each chunk a peer sent (before verification), and the route of the fetch it was for. */
