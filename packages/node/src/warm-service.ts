@@ -27,7 +27,7 @@ export interface ClusterWarmResult {
   nodes: Record<string, { ok: boolean; result?: WarmResult; error?: string }>
 }
 
-export type WarmOptions = AbortOptions & { onProgress?: (p: WarmProgress) => void }
+type Progressing = AbortOptions & { onProgress?: (p: WarmProgress) => void }
 
 export interface WarmServiceInit {
   /** The request's bounds (size, timeout); also the largest frame of a peer's answer. */
@@ -52,7 +52,7 @@ export interface WarmServiceComponents {
 
 export interface WarmService {
   /** Fills the local store with every chunk of the image. */
-  warm(ref: string, options?: WarmOptions): Promise<WarmResult>
+  warm(ref: string, options?: Progressing): Promise<WarmResult>
   /** Every reachable node fetches its share of the image, then the rest from the others. */
   warmCluster(
     ref: string,
@@ -86,14 +86,14 @@ class Warming implements WarmService {
     await this.components.network.unhandle(WARM_PROTOCOL)
   }
 
-  warm(ref: string, options: WarmOptions = {}): Promise<WarmResult> {
+  warm(ref: string, options: Progressing = {}): Promise<WarmResult> {
     return this.warmFor('local', ref, options)
   }
 
   private async warmFor(
     caller: 'local' | 'peer',
     ref: string,
-    options: WarmOptions & { members?: string[] }
+    options: Progressing & { members?: string[] }
   ): Promise<WarmResult> {
     let image: Image
     let stale: string | undefined
