@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { sha256Digest } from '@strata/base'
 import { CredentialStore, type Credentials } from './auth.js'
 import { type BlobOptions, Blobs, type RemoteBlob } from './blobs.js'
 import { HttpCore } from './http.js'
@@ -120,6 +120,5 @@ export function createRegistryClient(init: RegistryClientInit = {}): RegistryCli
   }
 }
 
-export function sha256(bytes: Uint8Array): string {
-  return `sha256:${createHash('sha256').update(bytes).digest('hex')}`
-}
+/** `sha256:<hex>` of the bytes (@strata/base's sha256Digest, kept under this name for the package's callers). */
+export const sha256: (bytes: Uint8Array) => string = sha256Digest

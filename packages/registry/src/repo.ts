@@ -1,8 +1,9 @@
-import { createHash, randomBytes } from 'node:crypto'
+import { randomBytes } from 'node:crypto'
 import { createReadStream, createWriteStream } from 'node:fs'
 import { copyFile, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
+import { digestHasher, sha256Digest } from '@strata/base'
 import type { Manifest, RegistryClient } from './client.js'
 import {
   BlobUnknownError,
@@ -53,7 +54,7 @@ function registryRepo(ref: Reference, client: RegistryClient, name: string): Ima
     downloadBlob: (digest, path, options) => client.downloadBlob(ref, digest, path, options),
     putBlob: (digest, path, options) => client.pushBlob(ref, digest, { path }, options),
     async putManifest(bytes, mediaType, tagged, options) {
-      const digest = `sha256:${createHash('sha256').update(bytes).digest('hex')}`
+      const digest = sha256Digest(bytes)
       const { registry, repository } = ref
       const target =
         tagged && ref.tag !== undefined
@@ -101,7 +102,7 @@ function ociLayout(spec: string): ImageRepo {
       }
       throw err
     }
-    const got = `sha256:${createHash('sha256').update(bytes).digest('hex')}`
+    const got = sha256Digest(bytes)
     if (got !== digest) throw new DigestMismatchError(`blob ${digest} in OCI layout ${dir} has digest ${got}`)
     return bytes
   }
@@ -139,7 +140,7 @@ function ociLayout(spec: string): ImageRepo {
     },
     fetchBlob: readBlob,
     async downloadBlob(digest, path, options) {
-      const hash = createHash('sha256')
+      const hash = digestHasher()
       let n = 0
       await pipeline(
         createReadStream(blobPath(digest)),
@@ -154,7 +155,7 @@ function ociLayout(spec: string): ImageRepo {
         createWriteStream(path),
         { signal: options?.signal }
       )
-      const got = `sha256:${hash.digest('hex')}`
+      const got = hash.digest()
       if (got !== digest) {
         await rm(path, { force: true })
         throw new DigestMismatchError(`blob ${digest} in OCI layout ${dir} has digest ${got}`)
@@ -175,7 +176,7 @@ function ociLayout(spec: string): ImageRepo {
       await rename(temp, target)
     },
     async putManifest(bytes, mediaType, tagged) {
-      const digest = `sha256:${createHash('sha256').update(bytes).digest('hex')}`
+      const digest = sha256Digest(bytes)
       const target = blobPath(digest)
       await mkdir(join(target, '..'), { recursive: true })
       await writeFile(target, bytes)
