@@ -1,4 +1,5 @@
 import { parseArgs } from 'node:util'
+import { StrataError } from '@strata/base'
 import { Output } from './output.js'
 
 /** One option of a command, as `node:util` parseArgs takes it, plus what `--help` shows. */
@@ -39,9 +40,9 @@ export interface Command {
 }
 
 /** Wrong words on the command line: exit code 2, with the usage line. */
-export class UsageError extends Error {
+export class UsageError extends StrataError {
   override name = 'UsageError'
-  readonly code = 'ERR_USAGE'
+  override readonly code = 'ERR_USAGE'
 }
 
 const HELP: OptionSpec = { type: 'boolean', short: 'h', description: 'show this help' }

@@ -1,5 +1,6 @@
 import { homedir } from 'node:os'
 import { join, resolve } from 'node:path'
+import { StrataError } from '@strata/base'
 import { createControlClient } from '@strata/node/client'
 import { parseReference } from '@strata/registry/reference'
 import { type Command, type Context, runCommand, UsageError } from './command.js'
@@ -278,10 +279,10 @@ async function unmountLater(ctx: Context, socket: string, mountpoint: string): P
 }
 
 /** Asked to stop, p2p-mount could not reach a p2pd to unmount through. */
-class DaemonLostError extends Error {
+class DaemonLostError extends StrataError {
   override name = 'DaemonLostError'
-  readonly code = 'ERR_DAEMON_LOST'
-  readonly hint: string
+  override readonly code = 'ERR_DAEMON_LOST'
+  override readonly hint: string
   constructor(socket: string, mountpoint: string, options?: { cause?: unknown }) {
     super(`p2pd at ${socket} does not answer: the mount at ${mountpoint} stays until a p2pd is back`, options)
     this.hint = `the next p2pd unmounts it (this p2p-mount is gone), or run 'p2p-mount --unmount ${mountpoint}'`

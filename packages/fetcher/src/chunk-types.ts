@@ -1,5 +1,6 @@
 // The chunk level: chunks, where they come from, and the engine that gets them verified into the store.
-import type { AbortOptions, Chunk, Compression } from '@strata/stargz'
+import type { AbortOptions } from '@strata/base'
+import type { Chunk, Compression } from '@strata/stargz'
 import type { ByteBudget } from './budget.js'
 
 /** A layer blob and where the registry serves it: what a source needs to find any chunk of it. */

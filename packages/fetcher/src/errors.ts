@@ -1,10 +1,12 @@
+import { StrataError } from '@strata/base'
+
 /** Errors of the read path: one class per failure mode, matched by `name` (stable) or `code`. */
 
 /** No source could give a chunk (each missed, failed, or returned bytes that did not verify). */
-export class ChunkUnavailableError extends Error {
+export class ChunkUnavailableError extends StrataError {
   override readonly name = 'ChunkUnavailableError'
-  readonly code = 'ERR_CHUNK_UNAVAILABLE'
-  readonly hint =
+  override readonly code = 'ERR_CHUNK_UNAVAILABLE'
+  override readonly hint =
     'check that the registry is reachable and still holds the layer (p2pctl status shows peers); a source that returned bad bytes is named above'
   constructor(
     readonly digest: string,
@@ -20,29 +22,11 @@ export class ChunkUnavailableError extends Error {
   }
 }
 
-/** The TOC read from the blob does not hash to the digest the manifest annotates. */
-export class TocDigestMismatchError extends Error {
-  override readonly name = 'TocDigestMismatchError'
-  readonly code = 'ERR_TOC_DIGEST_MISMATCH'
-  readonly hint = 'the layer blob or its manifest was altered or mis-converted: re-convert the image and push it again'
-  constructor(
-    readonly image: string,
-    readonly layer: string,
-    readonly expected: string,
-    options?: { cause?: unknown; actual?: string }
-  ) {
-    super(
-      `layer ${layer} of ${image}: TOC digest ${options?.actual ?? '(unknown)'} does not match the manifest's annotation ${expected}`,
-      options
-    )
-  }
-}
-
 /** `requireVerified` was asked and a layer has no TOC-digest annotation to verify its TOC against. */
-export class UnverifiedLayerError extends Error {
+export class UnverifiedLayerError extends StrataError {
   override readonly name = 'UnverifiedLayerError'
-  readonly code = 'ERR_UNVERIFIED_LAYER'
-  readonly hint =
+  override readonly code = 'ERR_UNVERIFIED_LAYER'
+  override readonly hint =
     'convert the image with p2pctl (it writes the containerd.io/snapshot/stargz/toc.digest annotation), or open it without requireVerified'
   constructor(
     readonly image: string,
@@ -55,10 +39,10 @@ export class UnverifiedLayerError extends Error {
 }
 
 /** A whole layer download did not hash to the layer digest. */
-export class LayerDigestMismatchError extends Error {
+export class LayerDigestMismatchError extends StrataError {
   override readonly name = 'LayerDigestMismatchError'
-  readonly code = 'ERR_LAYER_DIGEST_MISMATCH'
-  readonly hint =
+  override readonly code = 'ERR_LAYER_DIGEST_MISMATCH'
+  override readonly hint =
     'the registry served different bytes than the manifest names: retry, and check any proxy or mirror in between'
   constructor(
     readonly image: string,
@@ -70,9 +54,9 @@ export class LayerDigestMismatchError extends Error {
 }
 
 /** A layer blob is neither eStargz nor a tar this fetcher can index (tar, tar+gzip, tar+zstd). */
-export class UnsupportedLayerError extends Error {
+export class UnsupportedLayerError extends StrataError {
   override readonly name = 'UnsupportedLayerError'
-  readonly code = 'ERR_UNSUPPORTED_LAYER'
+  override readonly code = 'ERR_UNSUPPORTED_LAYER'
   constructor(
     readonly image: string,
     readonly layer: string,
@@ -87,9 +71,9 @@ export class UnsupportedLayerError extends Error {
  * A source asked for a chunk made no progress (no chunk, no bytes, for anyone) for its liveness timeout; or, when
  * `stalledMs` is set, for the shorter time a source found stalled gets (it had made none for `stalledMs`).
  */
-export class SourceTimeoutError extends Error {
+export class SourceTimeoutError extends StrataError {
   override readonly name = 'SourceTimeoutError'
-  readonly code = 'ERR_SOURCE_TIMEOUT'
+  override readonly code = 'ERR_SOURCE_TIMEOUT'
   readonly stalledMs: number | undefined
   constructor(
     readonly source: string,
@@ -111,9 +95,9 @@ export class SourceTimeoutError extends Error {
  * fetcher counts each as a verification failure of that source and asks again (see FetcherInit.badBytesRetries).
  * `cause` is what happened to the other chunks it could not give, if anything did.
  */
-export class BadChunkBytesError extends Error {
+export class BadChunkBytesError extends StrataError {
   override readonly name = 'BadChunkBytesError'
-  readonly code = 'ERR_BAD_CHUNK_BYTES'
+  override readonly code = 'ERR_BAD_CHUNK_BYTES'
   constructor(
     readonly chunks: Array<{ digest: string; reason: string }>,
     options?: { cause?: unknown }

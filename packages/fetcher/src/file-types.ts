@@ -1,5 +1,6 @@
 // The file level: bytes of a file of a layer, whatever its chunks.
-import type { AbortOptions, Entry } from '@strata/stargz'
+import type { AbortOptions } from '@strata/base'
+import type { Entry } from '@strata/stargz'
 import type { ImageLayer } from './image-types.js'
 
 /**

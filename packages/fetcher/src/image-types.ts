@@ -1,6 +1,7 @@
 // The image level: opened images and their layers, prefetch, and the Fetcher that composes the levels.
+import type { AbortOptions } from '@strata/base'
 import type { Descriptor } from '@strata/registry'
-import type { AbortOptions, Compression, TOC } from '@strata/stargz'
+import type { Compression, TOC } from '@strata/stargz'
 import type { ChunkEngine, ChunkEvent, LayerRef } from './chunk-types.js'
 import type { FileReader } from './file-types.js'
 

@@ -1,8 +1,7 @@
-import { createHash } from 'node:crypto'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { TOC_DIGEST_ANNOTATION } from '@strata/base'
+import { type AbortOptions, digestHasher, META, sha256Digest, TOC_DIGEST_ANNOTATION } from '@strata/base'
 import {
   makeReference,
   type Reference,
@@ -10,14 +9,9 @@ import {
   type Image as RegistryImage,
   repositoryOf
 } from '@strata/registry'
-import { type Layer, openLayer, parseTOC } from '@strata/stargz'
-import type { AbortOptions, ChunkStore } from '@strata/store'
-import {
-  LayerDigestMismatchError,
-  TocDigestMismatchError,
-  UnsupportedLayerError,
-  UnverifiedLayerError
-} from './errors.js'
+import { type Layer, openLayer, parseTOC, TOCDigestMismatchError } from '@strata/stargz'
+import type { ChunkStore } from '@strata/store'
+import { LayerDigestMismatchError, UnsupportedLayerError, UnverifiedLayerError } from './errors.js'
 import { type BlobCompression, decompressedStream, detectCompression, indexTar } from './indexed.js'
 import type { Descriptor, FetchEvent, Image, ImageLayer, ImageLayerFormat } from './types.js'
 
@@ -31,6 +25,12 @@ export interface ResolveImageInit {
   pending?: Promise<RegistryImage>
   signal?: AbortSignal
   onProgress?: (event: FetchEvent) => void
+}
+
+/** How a TOC that is not the one its manifest annotates is reported: the manifest vouches, so the blob is wrong. */
+const MISMATCH = {
+  what: "TOC digest (the manifest's annotation)",
+  hint: 'the layer blob or its manifest was altered or mis-converted: re-convert the image and push it again'
 }
 
 /** Registry failures that say nothing about a reference: it may well still name what it named. */
@@ -54,8 +54,6 @@ interface ImageRecord {
   manifest: string
 }
 
-const imageKey = (ref: Reference | string, platform: string | undefined) => `image/${platform ?? ''}@${String(ref)}`
-
 /**
  * The image `ref` names now, from the registry (a tag moves: ask every time). The answer is kept in the store,
  * so that when the registry cannot be reached (an outage or a rate limit, not a refusal) the image the
@@ -64,7 +62,7 @@ const imageKey = (ref: Reference | string, platform: string | undefined) => `ima
  */
 export async function resolveImage(init: ResolveImageInit): Promise<RegistryImage> {
   const { store, ref, platform, signal } = init
-  const key = imageKey(ref, platform)
+  const key = META.image(String(ref), platform)
   let image: RegistryImage
   try {
     image = await (init.pending ?? init.client.getImage(ref, { platform, signal }))
@@ -97,7 +95,7 @@ async function recallImage(store: ChunkStore, key: string, options: AbortOptions
   if (bytes === undefined) return undefined
   const record = JSON.parse(new TextDecoder().decode(bytes)) as ImageRecord
   const manifestBytes = new Uint8Array(Buffer.from(record.manifest, 'base64'))
-  if (sha256(manifestBytes) !== record.ref.digest) return undefined
+  if (sha256Digest(manifestBytes) !== record.ref.digest) return undefined
   const manifest = JSON.parse(new TextDecoder().decode(manifestBytes)) as RegistryImage['manifest']
   if (!Array.isArray(manifest.layers) || manifest.config === undefined) return undefined
   return {
@@ -135,13 +133,6 @@ interface LayerRecord {
   tocOffset: number
   /** The size parseTOC checks offsets against: the blob for eStargz, the decompressed tar for indexed layers. */
   blobSize: number
-}
-
-const tocKey = (digest: string) => `toc/${digest}`
-const recordKey = (digest: string) => `layer/${digest}`
-
-function sha256(bytes: Uint8Array): string {
-  return `sha256:${createHash('sha256').update(bytes).digest('hex')}`
 }
 
 /**
@@ -193,7 +184,7 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
     const annotation = descriptor.annotations?.[TOC_DIGEST_ANNOTATION]
     const check = (record: LayerRecord) => {
       if (annotation !== undefined && record.format !== 'indexed' && record.tocDigest !== annotation) {
-        throw new TocDigestMismatchError(name, digest, annotation, { actual: record.tocDigest })
+        throw new TOCDigestMismatchError(annotation, record.tocDigest, { ...MISMATCH, layer: digest, image: name })
       }
       if (!isVerified(record, descriptor)) {
         if (init.requireVerified === true) throw new UnverifiedLayerError(name, digest)
@@ -223,7 +214,12 @@ export async function openImage(init: OpenImageInit): Promise<Image> {
     } catch (err) {
       const e = err as { name?: string; actual?: string }
       if (e.name === 'TOCDigestMismatchError' && annotation !== undefined) {
-        throw new TocDigestMismatchError(name, digest, annotation, { cause: err, actual: e.actual })
+        throw new TOCDigestMismatchError(annotation, e.actual ?? '(unknown)', {
+          ...MISMATCH,
+          layer: digest,
+          image: name,
+          cause: err
+        })
       }
       if (e.name !== 'InvalidFooterError') throw err
     }
@@ -274,13 +270,13 @@ async function readRecord(
   options: { signal?: AbortSignal | undefined }
 ): Promise<{ record: LayerRecord; tocBytes: Uint8Array } | undefined> {
   const [raw, tocBytes] = await Promise.all([
-    store.getMeta(recordKey(digest), options),
-    store.getMeta(tocKey(digest), options)
+    store.getMeta(META.layer(digest), options),
+    store.getMeta(META.toc(digest), options)
   ])
   if (raw === undefined || tocBytes === undefined) return undefined
   const record = JSON.parse(new TextDecoder().decode(raw)) as LayerRecord
   // A cached TOC that no longer hashes to what was recorded is ignored and fetched again.
-  return sha256(tocBytes) === record.tocDigest ? { record, tocBytes } : undefined
+  return sha256Digest(tocBytes) === record.tocDigest ? { record, tocBytes } : undefined
 }
 
 async function writeRecord(
@@ -290,8 +286,8 @@ async function writeRecord(
   tocBytes: Uint8Array,
   options: { signal?: AbortSignal | undefined }
 ): Promise<void> {
-  await store.putMeta(tocKey(digest), tocBytes, options)
-  await store.putMeta(recordKey(digest), new TextEncoder().encode(JSON.stringify(record)), options)
+  await store.putMeta(META.toc(digest), tocBytes, options)
+  await store.putMeta(META.layer(digest), new TextEncoder().encode(JSON.stringify(record)), options)
 }
 
 /** A layer that is not eStargz: one whole download (digest checked), indexed into the store, its chunks pinned. */
@@ -311,7 +307,7 @@ async function indexLayer(
       onProgress: (bytes) => emit({ type: 'layer:download', layer: digest, bytes, total: descriptor.size })
     })
     const compression = await detectCompression(path)
-    const hash = createHash('sha256')
+    const hash = digestHasher()
     let indexed: Awaited<ReturnType<typeof indexTar>>
     try {
       indexed = await indexTar(
@@ -325,13 +321,13 @@ async function indexLayer(
         cause: err
       })
     }
-    const actual = `sha256:${hash.digest('hex')}`
+    const actual = hash.digest()
     if (actual !== digest) throw new LayerDigestMismatchError(name, digest, actual)
     await store.pin(digest, indexed.digests, { signal })
     const record: LayerRecord = {
       format: 'indexed',
       compression,
-      tocDigest: sha256(indexed.tocBytes),
+      tocDigest: sha256Digest(indexed.tocBytes),
       tocOffset: indexed.tarSize,
       blobSize: indexed.tarSize
     }

@@ -10,7 +10,6 @@ export {
   ChunkUnavailableError,
   LayerDigestMismatchError,
   SourceTimeoutError,
-  TocDigestMismatchError,
   UnsupportedLayerError,
   UnverifiedLayerError
 } from './errors.js'

@@ -3,11 +3,11 @@
  * described by a synthesized TOC of the same JSON shape, so they are served exactly like eStargz layers.
  * In that TOC, `offset`/`endOffset` are positions in the decompressed tar stream.
  */
-import { createHash, type Hash } from 'node:crypto'
 import { createReadStream } from 'node:fs'
 import { open } from 'node:fs/promises'
 import { Transform } from 'node:stream'
 import { createGunzip, createZstdDecompress } from 'node:zlib'
+import { type DigestHasher, digestHasher, sha256Digest } from '@strata/base'
 import { type EntryType, type TarHeader, TarParser, type TOCEntryJSON } from '@strata/stargz'
 import type { ChunkStore } from '@strata/store'
 import type { AbortOptions } from './types.js'
@@ -119,7 +119,7 @@ export async function indexTar(
   let position = 0
   /** The regular file whose content is being cut into chunks: its entry, the chunk filling up, the hash of it all. */
   let file:
-    | { h: TarHeader; entry: TOCEntryJSON; chunk: Uint8Array; at: number; filled: number; whole: Hash }
+    | { h: TarHeader; entry: TOCEntryJSON; chunk: Uint8Array; at: number; filled: number; whole: DigestHasher }
     | undefined
 
   const nextChunk = (f: NonNullable<typeof file>) => new Uint8Array(Math.min(chunkSize, f.h.size - f.at))
@@ -139,7 +139,7 @@ export async function indexTar(
   const keepChunk = async (f: NonNullable<typeof file>) => {
     const { chunk, at } = f
     f.whole.update(chunk)
-    const digest = `sha256:${createHash('sha256').update(chunk).digest('hex')}`
+    const digest = sha256Digest(chunk)
     await init.store.put(digest, chunk, { layer: init.layer, ...options })
     digests.push(digest)
     const c: TOCEntryJSON = at === 0 ? f.entry : { name: f.h.name, type: 'chunk', chunkOffset: at }
@@ -152,7 +152,7 @@ export async function indexTar(
     f.filled = 0
     if (f.at < f.h.size) f.chunk = nextChunk(f)
     else {
-      f.entry.digest = `sha256:${f.whole.digest('hex')}`
+      f.entry.digest = f.whole.digest()
       file = undefined
     }
   }
@@ -171,10 +171,10 @@ export async function indexTar(
       if (type !== 'reg') continue
       files++
       if (h.size === 0) {
-        entry.digest = `sha256:${createHash('sha256').digest('hex')}`
+        entry.digest = sha256Digest('')
         continue
       }
-      file = { h, entry, chunk: new Uint8Array(0), at: 0, filled: 0, whole: createHash('sha256') }
+      file = { h, entry, chunk: new Uint8Array(0), at: 0, filled: 0, whole: digestHasher() }
       file.chunk = nextChunk(file)
       await feed(buf, start)
     }

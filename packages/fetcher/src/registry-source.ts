@@ -1,6 +1,7 @@
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { StrataError } from '@strata/base'
 import { parseRepository, type Reference, type RegistryClient, type RemoteBlob } from '@strata/registry'
 import { type Compression, inflateChunk } from '@strata/stargz'
 import { BadChunkBytesError } from './errors.js'
@@ -38,7 +39,9 @@ interface Waiter {
 }
 
 /** A chunk's compressed bytes arrived but did not inflate: bad bytes from the registry (retried by the fetcher). */
-class Undecodable extends Error {
+class UndecodableError extends StrataError {
+  override name = 'UndecodableError'
+  override readonly code = 'ERR_CHUNK_UNDECODABLE'
   constructor(readonly reason: string) {
     super(reason)
   }
@@ -174,7 +177,7 @@ class LayerReader {
             const compressed = bytes.subarray(w.chunk.offset - run.offset, w.chunk.end - run.offset)
             inflateChunk(this.compression, compressed, w.chunk).then(w.deliver, (err: unknown) => {
               const name = (err as Error)?.name
-              w.fail(name === 'AbortError' || name === 'ChunkTooLargeError' ? err : new Undecodable(describe(err)))
+              w.fail(name === 'AbortError' || name === 'ChunkTooLargeError' ? err : new UndecodableError(describe(err)))
             })
           }
         },
@@ -290,7 +293,7 @@ class RegistrySource implements ChunkSource {
       try {
         yield { chunk: sorted[i]!, bytes: await p }
       } catch (err) {
-        if (err instanceof Undecodable) bad.push({ digest: sorted[i]!.digest, reason: err.reason })
+        if (err instanceof UndecodableError) bad.push({ digest: sorted[i]!.digest, reason: err.reason })
         else failure ??= err
       }
     }

@@ -720,7 +720,7 @@ describe('trust in the TOC', () => {
       tocAnnotation: `sha256:${'0'.repeat(64)}`
     })
     const err = await openImage({ client, store: createMemoryStore(), ref: bad.ref }).catch((e: unknown) => e)
-    expect(err).toMatchObject({ name: 'TocDigestMismatchError', layer: bad.layers[0]!.digest })
+    expect(err).toMatchObject({ name: 'TOCDigestMismatchError', layer: bad.layers[0]!.digest })
     expect((err as Error).message).toContain(`sha256:${'0'.repeat(64)}`)
   })
 

@@ -2,6 +2,7 @@
 // lookups find them (an image per base64 reference, its layers by key, each layer's diff, info and blob), and
 // the requests that need no transport. The FUSE side is layer-store-session.ts.
 import { constants as fsConstants } from 'node:fs'
+import { isSha256Digest, UNCOMPRESSED_SIZE_ANNOTATION } from '@strata/base'
 import { FsError } from './errors.js'
 import { diffTree } from './layer-diff.js'
 import type { LayerStoreInit, LayerStoreStats, StoreImage, StoreLayer } from './layer-store.js'
@@ -10,7 +11,6 @@ import type { Tree } from './tree.js'
 
 /** A layer's compression as containers-storage's archive.Compression numbers it. */
 const COMPRESSION: Record<string, number> = { none: 0, gzip: 2, zstd: 4 }
-const UNCOMPRESSED_SIZE = 'io.containers.estargz.uncompressed-size'
 
 /**
  * The `info` file: what containers-storage decodes into its Layer record. Keyed by layer digest (1.43-1.53):
@@ -20,7 +20,7 @@ const UNCOMPRESSED_SIZE = 'io.containers.estargz.uncompressed-size'
  * annotation states, or -1 (unknown) in the newer layout, and left out in the older.
  */
 export function infoOf(layer: StoreLayer, diffId: string, byToc: boolean): Record<string, unknown> {
-  const stated = Number(layer.descriptor.annotations?.[UNCOMPRESSED_SIZE] ?? Number.NaN)
+  const stated = Number(layer.descriptor.annotations?.[UNCOMPRESSED_SIZE_ANNOTATION] ?? Number.NaN)
   const size = Number.isSafeInteger(stated) && stated >= 0 ? stated : undefined
   const compression = COMPRESSION[layer.compression] ?? 0
   if (byToc) {
@@ -46,7 +46,6 @@ function tocKeyed(layer: StoreLayer): boolean {
   return layer.verified && layer.format !== 'indexed'
 }
 
-const DIGEST = /^sha256:[0-9a-f]{64}$/
 const USE = 'use'
 const DAY = 86_400
 /** Diff trees' node ids: instance k numbers its inodes from k * 2^32 (store nodes are below 2^32). */
@@ -227,7 +226,7 @@ export class StoreFs<L extends StoreLayer> {
   }
 
   async #layer(ref: RefNode<L>, key: string, signal: AbortSignal): Promise<LayerNode<L> | undefined> {
-    if (key === USE || !DIGEST.test(key)) return undefined
+    if (key === USE || !isSha256Digest(key)) return undefined
     let found = this.#find(ref, key)
     if (found === undefined) {
       // A tag may have moved since the image was opened: ask the registry what it names now, once at a time.

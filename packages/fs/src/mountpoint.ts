@@ -2,9 +2,11 @@
 // reach further than the caller could: a path the caller owns, empty, outside the system's directories. The
 // directory is held open from the check to the mount (mount(8) is given /proc/self/fd/N, not the path), so
 // swapping it for a symbolic link in between mounts nothing elsewhere.
+
 import { constants } from 'node:fs'
 import { type FileHandle, lstat, open, readdir, readlink } from 'node:fs/promises'
 import { dirname, posix } from 'node:path'
+import { StrataError } from '@strata/base'
 import { MountError } from './errors.js'
 
 /** Who asks for the mount: the caller's uid and gid (from SO_PEERCRED in p2pd; the process itself when embedded). */
@@ -131,10 +133,10 @@ export async function holdCallerDirectory(file: string, caller: Caller = thisPro
 }
 
 /** The record file cannot be written where it was asked for. */
-export class RecordFileError extends Error {
+export class RecordFileError extends StrataError {
   override name = 'RecordFileError'
-  readonly code = 'ERR_RECORD_FILE'
-  readonly hint = 'write the record into a directory you own'
+  override readonly code = 'ERR_RECORD_FILE'
+  override readonly hint = 'write the record into a directory you own'
   constructor(
     readonly file: string,
     why: string,

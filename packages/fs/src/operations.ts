@@ -1,5 +1,6 @@
 import { constants } from 'node:fs'
-import type { AbortOptions, Entry } from '@strata/stargz'
+import type { AbortOptions } from '@strata/base'
+import type { Entry } from '@strata/stargz'
 import { FsError } from './errors.js'
 import { createLibraryPrefetch } from './libraries.js'
 import type { Node, NodeType, Tree } from './tree.js'

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto'
 import { constants } from 'node:fs'
 import { open, rename, unlink } from 'node:fs/promises'
 import { basename, join } from 'node:path'
-import type { AbortOptions } from '@strata/stargz'
+import type { AbortOptions } from '@strata/base'
 import { type Caller, holdCallerDirectory, procPath, thisProcess } from './mountpoint.js'
 
 /** Records which files a workload reads, in the order of their first read. */

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto'
+import { digestHasher } from '@strata/base'
 import { type Entry, implicitDir, type TOC } from '@strata/stargz'
 import { UnsafePathError } from './errors.js'
 
@@ -204,9 +204,9 @@ function finish(root: Building): Tree {
     },
     get numbering(): string {
       if (numbering === undefined) {
-        const hash = createHash('sha256')
+        const hash = digestHasher()
         for (const [path, node] of byPath) hash.update(`${node.ino} ${path}\0`)
-        numbering = `sha256:${hash.digest('hex')}`
+        numbering = hash.digest()
       }
       return numbering
     }

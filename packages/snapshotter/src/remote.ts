@@ -4,11 +4,9 @@
 // eStargz), and the layer's place in it is checked against the chain ID containerd wants the snapshot to have:
 // the chain of layers 0..i computed from the image config's diff IDs.
 
-import { createHash } from 'node:crypto'
-import { StrataError } from '@strata/base'
+import { type AbortOptions, StrataError, sha256Digest } from '@strata/base'
 import type { Image } from '@strata/fetcher'
 import { parseReference, withDigest } from '@strata/registry'
-import type { AbortOptions } from '@strata/stargz'
 import type { RemoteLayer } from './state.js'
 
 /** The target snapshot's name (its chain ID), set by containerd's unpacker on every layer's Prepare. */
@@ -57,7 +55,7 @@ export function chainIds(diffIds: readonly string[]): string[] {
   const out: string[] = []
   for (const diff of diffIds) {
     const prev = out[out.length - 1]
-    out.push(prev === undefined ? diff : `sha256:${createHash('sha256').update(`${prev} ${diff}`).digest('hex')}`)
+    out.push(prev === undefined ? diff : sha256Digest(`${prev} ${diff}`))
   }
   return out
 }

@@ -47,17 +47,26 @@ export class TOCTooLargeError extends StargzError {
 export class TOCDigestMismatchError extends StargzError {
   override name = 'TOCDigestMismatchError'
   override readonly code = 'ERR_STARGZ_TOC_DIGEST_MISMATCH'
+  /** The layer blob and the image it was read for, when the reader knows them (the fetcher does). */
+  readonly layer: string | undefined
+  readonly image: string | undefined
   constructor(
     readonly expected: string,
     readonly actual: string,
-    options: StargzErrorOptions & { what?: string } = {}
+    options: StargzErrorOptions & { what?: string; layer?: string; image?: string } = {}
   ) {
-    super(`${options.what ?? 'TOC digest'} mismatch: expected ${expected}, the blob's TOC is ${actual}`, {
+    const where =
+      options.layer === undefined
+        ? ''
+        : `layer ${options.layer}${options.image === undefined ? '' : ` of ${options.image}`}: `
+    super(`${where}${options.what ?? 'TOC digest'} mismatch: expected ${expected}, the blob's TOC is ${actual}`, {
       hint:
         options.hint ??
         'the blob does not belong to the manifest that names this TOC digest, or it is corrupted: pull the layer again',
       cause: options.cause
     })
+    this.layer = options.layer
+    this.image = options.image
   }
 }
 
