@@ -1,4 +1,4 @@
-import type { AbortOptions } from '@strata/store'
+import type { AbortOptions } from '@strata/base'
 
 export interface AnnouncerInit {
   /** Announces one key on the DHT; resolves true when at least one peer took the record. */

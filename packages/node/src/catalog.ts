@@ -1,7 +1,7 @@
-import { META } from '@strata/base'
+import { type AbortOptions, META } from '@strata/base'
 import { type Image, openImage, resolveImage } from '@strata/fetcher'
 import { parseReference, type RegistryClient } from '@strata/registry'
-import type { AbortOptions, ChunkStore } from '@strata/store'
+import type { ChunkStore } from '@strata/store'
 import { RegistryNotAllowedError } from './errors.js'
 
 /**

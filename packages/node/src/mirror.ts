@@ -6,14 +6,13 @@
 // that holds it, else from its home node (which reads the registry once for the cluster), else from the registry
 // itself, and it is checked against its digest before the response starts: a runtime never sees a wrong byte.
 // A tag is resolved upstream at every request; when the registry cannot be reached, the manifest it named last.
-import { createHash } from 'node:crypto'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import type { PeerId, Stream } from '@libp2p/interface'
-import { isSha256Digest } from '@strata/base'
+import { type AbortOptions, digestHasher, isSha256Digest, META, StrataError, sha256Digest } from '@strata/base'
 import { isRegistryOutage } from '@strata/fetcher'
 import { parseReference, type RegistryClient } from '@strata/registry'
-import type { AbortOptions, ChunkStore } from '@strata/store'
+import type { ChunkStore } from '@strata/store'
 import { ProtocolError } from './errors.js'
 import { encodeFrame, flushed, readFrames } from './frames.js'
 import type { ByteBudget } from './protocol.js'
@@ -22,8 +21,6 @@ export const BLOB_PROTOCOL = '/strata/blob/1.0.0'
 
 /** Piece size of a blob in the store; also the largest frame of the blob protocol's data. */
 const PIECE = 4 << 20
-const BLOB_META = (digest: string) => `mirror/blob/${digest}`
-const TAG_META = (ref: string) => `mirror/manifest/${ref}`
 /** Peers asked for a blob before its home and the registry. */
 const MAX_HOLDERS_ASKED = 4
 
@@ -60,9 +57,9 @@ export interface MirrorStats {
 }
 
 /** A blob the mirror could not get from anywhere: the runtime is told 404 and goes upstream. */
-export class BlobUnavailableError extends Error {
+export class BlobUnavailableError extends StrataError {
   override name = 'BlobUnavailableError'
-  readonly code = 'ERR_BLOB_UNAVAILABLE'
+  override readonly code = 'ERR_BLOB_UNAVAILABLE'
 }
 
 export class Mirror {
@@ -73,7 +70,7 @@ export class Mirror {
 
   /** The index of a blob held whole in the store, or undefined. */
   async held(digest: string, options?: AbortOptions): Promise<BlobIndex | undefined> {
-    const raw = await this.c.store.getMeta(BLOB_META(digest), options)
+    const raw = await this.c.store.getMeta(META.mirrorBlob(digest), options)
     if (raw === undefined) return undefined
     const index = JSON.parse(new TextDecoder().decode(raw)) as BlobIndex
     for (const p of index.pieces) if (!(await this.c.store.has(p, options))) return undefined
@@ -149,7 +146,7 @@ export class Mirror {
     source: AsyncIterable<Uint8Array | 'missing'>,
     options?: AbortOptions
   ): Promise<BlobIndex | undefined> {
-    const whole = createHash('sha256')
+    const whole = digestHasher()
     const pieces: string[] = []
     let size = 0
     let piece: Uint8Array[] = []
@@ -158,7 +155,7 @@ export class Mirror {
       const bytes = Buffer.concat(piece)
       piece = []
       pieceBytes = 0
-      const d = `sha256:${createHash('sha256').update(bytes).digest('hex')}`
+      const d = sha256Digest(bytes)
       await this.c.store.put(d, bytes, { layer: digest, ...options })
       pieces.push(d)
     }
@@ -176,7 +173,7 @@ export class Mirror {
         }
       }
       if (pieceBytes > 0 || pieces.length === 0) await putPiece()
-      if (`sha256:${whole.digest('hex')}` !== digest) {
+      if (whole.digest() !== digest) {
         throw Object.assign(new Error(`the bytes received are not ${digest}`), { name: 'BlobDigestMismatch' })
       }
     } catch (err) {
@@ -185,7 +182,7 @@ export class Mirror {
       throw err
     }
     const index = { size, pieces }
-    await this.c.store.putMeta(BLOB_META(digest), new TextEncoder().encode(JSON.stringify(index)), options)
+    await this.c.store.putMeta(META.mirrorBlob(digest), new TextEncoder().encode(JSON.stringify(index)), options)
     return index
   }
 
@@ -299,16 +296,16 @@ export class Mirror {
       const m = await this.c.registry.getManifest(ref, options)
       const record = { digest: m.digest, mediaType: m.mediaType, bytes: Buffer.from(m.bytes).toString('base64') }
       await this.c.store
-        .putMeta(TAG_META(ref), new TextEncoder().encode(JSON.stringify(record)), options)
+        .putMeta(META.mirrorManifest(ref), new TextEncoder().encode(JSON.stringify(record)), options)
         .catch(() => {})
       return { digest: m.digest, mediaType: m.mediaType, bytes: m.bytes }
     } catch (err) {
       if (!isRegistryOutage(err)) throw err
-      const raw = await this.c.store.getMeta(TAG_META(ref), options).catch(() => undefined)
+      const raw = await this.c.store.getMeta(META.mirrorManifest(ref), options).catch(() => undefined)
       if (raw === undefined) throw err
       const record = JSON.parse(new TextDecoder().decode(raw)) as { digest: string; mediaType: string; bytes: string }
       const bytes = new Uint8Array(Buffer.from(record.bytes, 'base64'))
-      if (`sha256:${createHash('sha256').update(bytes).digest('hex')}` !== record.digest) throw err
+      if (sha256Digest(bytes) !== record.digest) throw err
       return { ...record, bytes, stale: (err as Error).message }
     }
   }

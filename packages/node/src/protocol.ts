@@ -1,6 +1,7 @@
 import type { Stream } from '@libp2p/interface'
+import type { AbortOptions } from '@strata/base'
 import type { ChunkRef } from '@strata/fetcher'
-import type { AbortOptions, ChunkStore } from '@strata/store'
+import type { ChunkStore } from '@strata/store'
 import { chunkFromWire, chunkToWire, repositoryOfRequest } from './chunk-wire.js'
 import { PeerRefusedError, PeerTimeoutError, ProtocolError } from './errors.js'
 import { encodeFrame, flushed, readFrames } from './frames.js'

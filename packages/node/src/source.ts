@@ -1,6 +1,6 @@
 import type { Stream } from '@libp2p/interface'
+import type { AbortOptions } from '@strata/base'
 import type { ChunkRef, ChunkSource, Route, SourceOptions } from '@strata/fetcher'
-import type { AbortOptions } from '@strata/store'
 import type { PeerRefusedError } from './errors.js'
 import { homeKey, homeOf } from './homes.js'
 import type { PeerBook } from './peers.js'

@@ -1,7 +1,7 @@
 import type { Libp2p, PeerId, Stream } from '@libp2p/interface'
 import { peerIdFromString } from '@libp2p/peer-id'
+import type { AbortOptions } from '@strata/base'
 import type { ChunkRef, Fetcher, Image, Route } from '@strata/fetcher'
-import type { AbortOptions } from '@strata/store'
 import type { Catalog } from './catalog.js'
 import { ProtocolError, RegistryNotAllowedError, WarmError } from './errors.js'
 import { encodeFrame, readFrames } from './frames.js'

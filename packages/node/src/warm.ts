@@ -1,5 +1,5 @@
+import type { AbortOptions } from '@strata/base'
 import { type ChunkRef, chunkRef, type Fetcher, type Image, type Route } from '@strata/fetcher'
-import type { AbortOptions } from '@strata/store'
 
 export interface WarmProgress {
   chunks: number
