@@ -130,5 +130,3 @@ export interface ChunkEngine {
   ensure(chunks: ChunkRef[], options?: AbortOptions, budget?: ByteBudget): Promise<number>
   metrics(): FetcherMetrics
 }
-
-export type { AbortOptions }

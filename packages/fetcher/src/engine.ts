@@ -1,3 +1,4 @@
+import type { AbortOptions } from '@strata/base'
 import { verifyChunk } from '@strata/stargz'
 import type { ChunkStore } from '@strata/store'
 import { describe, mapLimit, raceSignal } from './async.js'
@@ -12,7 +13,6 @@ import {
 } from './liveness.js'
 import { Metrics } from './metrics.js'
 import type {
-  AbortOptions,
   ChunkEngine,
   ChunkEvent,
   ChunkRef,

@@ -1,5 +1,6 @@
 // The Fetcher: the chunk engine (engine.ts), the file reader over it (reader.ts) and image prefetch (prefetch.ts),
 // with one set of counters and one stream of events.
+import type { AbortOptions } from '@strata/base'
 import type { Entry } from '@strata/stargz'
 import type { ChunkStore } from '@strata/store'
 import type { ByteBudget } from './budget.js'
@@ -8,7 +9,6 @@ import { Metrics } from './metrics.js'
 import { prefetchImage } from './prefetch.js'
 import { createFileReader, type FileReaderInit } from './reader.js'
 import type {
-  AbortOptions,
   ChunkEngine,
   ChunkRef,
   FetchEvent,

@@ -7,10 +7,9 @@ import { createReadStream } from 'node:fs'
 import { open } from 'node:fs/promises'
 import { Transform } from 'node:stream'
 import { createGunzip, createZstdDecompress } from 'node:zlib'
-import { type DigestHasher, digestHasher, sha256Digest } from '@strata/base'
+import { type AbortOptions, type DigestHasher, digestHasher, sha256Digest } from '@strata/base'
 import { type EntryType, type TarHeader, TarParser, type TOCEntryJSON } from '@strata/stargz'
 import type { ChunkStore } from '@strata/store'
-import type { AbortOptions } from './types.js'
 
 export type BlobCompression = 'gzip' | 'zstd' | 'none'
 

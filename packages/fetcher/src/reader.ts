@@ -1,3 +1,4 @@
+import type { AbortOptions } from '@strata/base'
 import type { Chunk, Entry } from '@strata/stargz'
 import type { ChunkStore } from '@strata/store'
 import { describe } from './async.js'
@@ -6,7 +7,7 @@ import { chunkRef } from './chunk-ref.js'
 import { READ_AHEAD_IN_FLIGHT_BYTES } from './engine.js'
 import { Metrics } from './metrics.js'
 import { ReadAhead } from './read-ahead.js'
-import type { AbortOptions, ChunkEngine, ChunkEvent, FileReader, ImageLayer } from './types.js'
+import type { ChunkEngine, ChunkEvent, FileReader, ImageLayer } from './types.js'
 
 export interface FileReaderInit {
   /** Where chunks not in the store come from. */

@@ -1,4 +1,5 @@
-import type { AbortOptions, Entry, TOC } from '@strata/stargz'
+import type { AbortOptions } from '@strata/base'
+import type { Entry, TOC } from '@strata/stargz'
 import type { Operations } from '../src/index.js'
 
 /** Regular files of a test TOC are cut into chunks of this many bytes. */

@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto'
 import { open, rename, rm } from 'node:fs/promises'
-import type { AbortOptions, ReadAt } from '@strata/stargz'
+import type { AbortOptions } from '@strata/base'
+import type { ReadAt } from '@strata/stargz'
 import {
   BlobUnknownError,
   DigestMismatchError,

@@ -1,4 +1,4 @@
-import type { AbortOptions } from '@strata/stargz'
+import type { AbortOptions } from '@strata/base'
 import { digestOf } from './blobs.js'
 import { DigestMismatchError, IndexTooDeepError, ManifestTooLargeError } from './errors.js'
 import { type HttpCore, withDeadline } from './http.js'

@@ -1,6 +1,6 @@
 import { createReadStream } from 'node:fs'
 import { open, stat } from 'node:fs/promises'
-import type { AbortOptions } from '@strata/stargz'
+import type { AbortOptions } from '@strata/base'
 import type { Blobs } from './blobs.js'
 import { digestOf } from './blobs.js'
 import { DigestMismatchError, type ErrorSubject, UnexpectedResponseError } from './errors.js'

@@ -1,5 +1,5 @@
 import { createGunzip, createZstdDecompress } from 'node:zlib'
-import { digestHasher, sha256Digest } from '@strata/base'
+import { type AbortOptions, digestHasher, sha256Digest } from '@strata/base'
 import {
   BlobTruncatedError,
   ChunkDecompressError,
@@ -9,7 +9,7 @@ import {
   FileDigestMismatchError,
   NotAFileError
 } from './errors.js'
-import type { AbortOptions, Chunk, Compression, Entry, Layer, ReadAt } from './types.js'
+import type { Chunk, Compression, Entry, Layer, ReadAt } from './types.js'
 
 export interface ChunkOptions extends AbortOptions {
   /** The file the chunk belongs to, named in error messages. */

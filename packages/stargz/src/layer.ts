@@ -1,6 +1,6 @@
 import { promisify } from 'node:util'
 import { gunzip, zstdDecompress } from 'node:zlib'
-import { sha256Digest } from '@strata/base'
+import { type AbortOptions, sha256Digest } from '@strata/base'
 import {
   BlobTruncatedError,
   InvalidFooterError,
@@ -10,7 +10,7 @@ import {
 } from './errors.js'
 import { type Footer, MAX_FOOTER_SIZE, parseFooter } from './footer.js'
 import { parseTOC } from './toc.js'
-import type { AbortOptions, Layer, ReadAt } from './types.js'
+import type { Layer, ReadAt } from './types.js'
 
 export interface OpenLayerOptions extends AbortOptions {
   /** Expected TOC digest (the manifest's `containerd.io/snapshot/stargz/toc.digest`): a mismatch is refused. */

@@ -1,6 +1,7 @@
 import { open } from 'node:fs/promises'
+import type { AbortOptions } from '@strata/base'
 import { BlobReadError } from './errors.js'
-import type { AbortOptions, ReadAt } from './types.js'
+import type { ReadAt } from './types.js'
 
 /** A ReadAt over a local file; close it when done. */
 export interface FileReadAt extends ReadAt {

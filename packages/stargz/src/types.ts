@@ -2,8 +2,6 @@
 
 import type { AbortOptions } from '@strata/base'
 
-export type { AbortOptions }
-
 /** Random access to a blob: a local file, a buffer, or a remote blob read with HTTP Range requests. */
 export interface ReadAt {
   /** Total size of the blob in bytes. */

@@ -14,12 +14,11 @@ import {
 } from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
-import { sha256Hex } from '@strata/base'
+import { type AbortOptions, sha256Hex } from '@strata/base'
 import { Level } from 'level'
 import { StoreClosedError, StoreFullError, StoreIOError, StoreLockedError } from './errors.js'
 import { assertDigest, assertOffset, type ChunkRecord, Ledger } from './ledger.js'
 import type {
-  AbortOptions,
   CorruptEventDetail,
   DiskChunkStore,
   DiskStoreInit,

@@ -1,7 +1,7 @@
+import type { AbortOptions } from '@strata/base'
 import { StoreClosedError } from './errors.js'
 import { assertDigest, assertOffset, Ledger } from './ledger.js'
 import type {
-  AbortOptions,
   EvictEventDetail,
   GcOptions,
   GcResult,

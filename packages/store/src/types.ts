@@ -2,8 +2,6 @@
 
 import type { AbortOptions } from '@strata/base'
 
-export type { AbortOptions }
-
 export interface PutOptions extends AbortOptions {
   /** The layer (blob digest) this chunk belongs to: recorded in the index. */
   layer?: string
