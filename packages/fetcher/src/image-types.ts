@@ -2,8 +2,7 @@
 import type { AbortOptions } from '@strata/base'
 import type { Descriptor } from '@strata/registry'
 import type { Compression, TOC } from '@strata/stargz'
-import type { ChunkEngine, ChunkEvent, LayerRef } from './chunk-types.js'
-import type { FileReader } from './file-types.js'
+import type { ChunkEvent, LayerRef } from './chunk-types.js'
 
 export type { Descriptor }
 
@@ -48,10 +47,4 @@ export type FetchEvent =
 export interface PrefetchOptions extends AbortOptions {
   /** Also fetch every other chunk of every layer, at most this many bytes per second (0: no background fetch). */
   wholeLayerBytesPerSecond?: number
-}
-
-/** The one read path: the chunk engine and the file reader over it, plus image prefetch; their events. */
-export interface Fetcher extends ChunkEngine, FileReader, EventTarget {
-  /** Fetches the prioritized files of every layer (those before `.prefetch.landmark`) into the store. */
-  prefetch(image: Image, options?: PrefetchOptions): Promise<void>
 }

@@ -3,21 +3,29 @@
 import type { Socket } from 'node:net'
 import { UnmountError } from './errors.js'
 import { Connection, type FuseMountInit, MessageStream, RELAY_BUFFER, Responder } from './fuse.js'
-import type { HolderClient } from './held.js'
 import type { FileOpenLog } from './open-log.js'
 import type { Operations } from './operations.js'
 import { IN_HEADER } from './protocol.js'
+
+/**
+ * What a connection needs of the holder's client (held.ts): to say whether it serves the session, and to ask the
+ * holder to close it. Narrow on purpose: held.ts builds the connections, so they do not import it back.
+ */
+export interface HolderLink {
+  serving(c: { detach(): Promise<void> }, on: boolean): void
+  call(request: object, start: boolean): Promise<unknown>
+}
 
 /** A held session served by this process: requests come over the holder's socket, replies go back on it. */
 export class HeldConnection {
   readonly responder: Responder
   readonly #socket: Socket
-  readonly #holder: HolderClient
+  readonly #holder: HolderLink
   readonly id: string
   /** The socket closed: detached, closed, or the holder ended the session (or died). */
   readonly gone: Promise<void>
 
-  constructor(holder: HolderClient, id: string, socket: Socket, rest: Buffer, ops: Operations, init: FuseMountInit) {
+  constructor(holder: HolderLink, id: string, socket: Socket, rest: Buffer, ops: Operations, init: FuseMountInit) {
     this.#holder = holder
     this.id = id
     this.#socket = socket
@@ -79,11 +87,11 @@ export class HeldConnection {
 export class DirectConnection {
   readonly id: string
   readonly connection: Connection
-  readonly #holder: HolderClient
+  readonly #holder: HolderLink
   readonly #log: FileOpenLog
 
   constructor(
-    holder: HolderClient,
+    holder: HolderLink,
     id: string,
     fd: number,
     ops: Operations,

@@ -5,7 +5,7 @@ import { constants as fsConstants } from 'node:fs'
 import { isSha256Digest, UNCOMPRESSED_SIZE_ANNOTATION } from '@strata/base'
 import { FsError } from './errors.js'
 import { diffTree } from './layer-diff.js'
-import type { LayerStoreInit, LayerStoreStats, StoreImage, StoreLayer } from './layer-store.js'
+import type { LayerStoreInit, LayerStoreStats, StoreImage, StoreLayer } from './layer-store-types.js'
 import { createOperations, type Operations, type Stat } from './operations.js'
 import type { Tree } from './tree.js'
 

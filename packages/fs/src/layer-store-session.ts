@@ -4,8 +4,8 @@ import { close, write } from 'node:fs'
 import { constants } from 'node:os'
 import { FsError, UnmountError } from './errors.js'
 import { isMounted, lazyUnmount, MAX_READ, Relay } from './fuse.js'
-import type { StoreLayer } from './layer-store.js'
 import type { StoreFs } from './layer-store-fs.js'
+import type { StoreLayer } from './layer-store-types.js'
 import type { Stat } from './operations.js'
 // The reply encoders are protocol.ts's: this session answers other requests, in the same wire format.
 import {
