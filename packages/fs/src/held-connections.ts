@@ -2,7 +2,9 @@
 // relay), or from its own copy of the connection's descriptor (direct, Linux 6.9+).
 import type { Socket } from 'node:net'
 import { UnmountError } from './errors.js'
-import { Connection, type FuseMountInit, MessageStream, RELAY_BUFFER, Responder } from './fuse.js'
+import { Connection, type FuseMountInit } from './fuse.js'
+import { MessageStream, RELAY_BUFFER } from './fuse-relay.js'
+import { Responder } from './fuse-responder.js'
 import type { FileOpenLog } from './open-log.js'
 import type { Operations } from './operations.js'
 import { IN_HEADER } from './protocol.js'

@@ -33,7 +33,8 @@ import { close as closeFd, write, writeSync } from 'node:fs'
 import { chmod, open, readlink, unlink } from 'node:fs/promises'
 import { createConnection, createServer, type Socket } from 'node:net'
 import { join } from 'node:path'
-import { isMounted, lazyUnmount, MAX_READ, mountDevice, Relay, refuseMounted } from './fuse.js'
+import { isMounted, lazyUnmount, MAX_READ, mountDevice, refuseMounted } from './fuse-mount.js'
+import { Relay } from './fuse-relay.js'
 import { Op, OUT_HEADER } from './protocol.js'
 
 /** The version of the protocol above; a holder of another version is not spoken to. */

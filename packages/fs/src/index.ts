@@ -3,7 +3,8 @@
 // mountFuse serves them over /dev/fuse (the one place that speaks to the kernel); serveMount is the whole thing
 // in one call. createFuseHolder: the process that keeps p2pd's FUSE sessions across its restarts (resumeMount).
 export { type ErrnoCode, FsError, MountError, UnmountError, UnsafePathError } from './errors.js'
-export { type FuseMountInit, forceUnmount, isMounted, type Mount, mountFuse } from './fuse.js'
+export { type FuseMountInit, type Mount, mountFuse } from './fuse.js'
+export { forceUnmount, isMounted } from './fuse-mount.js'
 export {
   canServeDirectly,
   createFuseHolder,

@@ -1,6 +1,6 @@
 import { type FileHandle, open, readFile, rename, unlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
-import type { OpenLog } from './fuse.js'
+import type { OpenLog } from './fuse-responder.js'
 
 /**
  * The open log of a session served directly (fuse.ts OpenLog), a file in the holder's directory: `+NODE ID`

@@ -5,7 +5,8 @@ import { promisify } from 'node:util'
 import type { AbortOptions } from '@strata/base'
 import type { Entry, TOC } from '@strata/stargz'
 import { MountError, UnmountError } from './errors.js'
-import { type FuseMountInit, isMounted, type Mount, mountFuse, withFds } from './fuse.js'
+import { type FuseMountInit, type Mount, mountFuse } from './fuse.js'
+import { isMounted, withFds } from './fuse-mount.js'
 import {
   discardHeld,
   type FuseHolder,
