@@ -1,6 +1,6 @@
 import { isSha256Digest } from '@strata/base'
 import { InvalidTOCError, UnsupportedTOCError } from './errors.js'
-import { normaliseEntryName } from './names.js'
+import { mtime, normaliseName, str, uint, Where, xattrs } from './toc-fields.js'
 import type { Chunk, Entry, EntryType, LayerFormat, TOC } from './types.js'
 
 export interface ParseTOCOptions {
@@ -18,8 +18,6 @@ const ZSTD_SKIPPABLE_HEADER_SIZE = 8
 
 const ENTRY_TYPES = new Set<string>(['dir', 'reg', 'symlink', 'hardlink', 'char', 'block', 'fifo', 'chunk'])
 const CHUNK_TYPES = new Set(['', 'data', 'zeros'])
-const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/
-const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/
 
 /** One piece of a regular file's payload as the TOC lists it (the `reg` entry itself or a `chunk` entry). */
 interface Part {
@@ -77,13 +75,6 @@ function decodeJSON(json: Uint8Array): Record<string, unknown> {
   return doc as Record<string, unknown>
 }
 
-/** Normalises a TOC name, or refuses it (`..`, absolute names, NUL): the rule of names.ts, which the builder applies too. */
-function normaliseName(name: string, where: Where, what?: string): string {
-  const n = normaliseEntryName(name, what)
-  if (typeof n !== 'string') throw new InvalidTOCError(`${where}: ${n.refused}`)
-  return n
-}
-
 /** The normalised key for a path given by a caller (`/etc/passwd`, `./etc/`, `etc`); undefined for `..` paths. */
 function lookupKey(path: string): string | undefined {
   const parts = path.split('/').filter((p) => p !== '' && p !== '.')
@@ -109,18 +100,6 @@ export function implicitDir(path: string): Entry {
     devMinor: 0,
     xattrs: {},
     chunks: []
-  }
-}
-
-/** Names a TOC entry in messages; the text is made only when an error needs it. */
-class Where {
-  constructor(
-    private readonly index: number,
-    private readonly name: string
-  ) {}
-
-  toString(): string {
-    return `TOC entry #${this.index} (${JSON.stringify(this.name.slice(0, 200))})`
   }
 }
 
@@ -467,45 +446,4 @@ export function chunkIndexAt(entry: Entry, fileOffset: number): number {
     else return mid
   }
   return -1
-}
-
-function uint(e: Record<string, unknown>, key: string, where: Where): number | undefined {
-  const v = e[key]
-  if (v === undefined) return undefined
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) {
-    throw new InvalidTOCError(`${where}: "${key}" must be a whole number from 0 to 2^53-1, not ${JSON.stringify(v)}`)
-  }
-  return v
-}
-
-function str(e: Record<string, unknown>, key: string, where: Where): string | undefined {
-  const v = e[key]
-  if (v === undefined) return undefined
-  if (typeof v !== 'string') throw new InvalidTOCError(`${where}: "${key}" must be a string`)
-  return v
-}
-
-function mtime(v: unknown, where: Where): number {
-  if (v === undefined) return 0
-  const ms = typeof v === 'string' && RFC3339.test(v) ? Date.parse(v) : Number.NaN
-  if (!Number.isFinite(ms)) throw new InvalidTOCError(`${where}: modtime ${JSON.stringify(v)} is not an RFC 3339 time`)
-  return ms
-}
-
-function xattrs(v: unknown, where: Where): Record<string, Uint8Array> {
-  if (v === undefined) return {}
-  if (typeof v !== 'object' || v === null || Array.isArray(v)) {
-    throw new InvalidTOCError(`${where}: "xattrs" must be an object`)
-  }
-  // No prototype: a TOC may name an xattr `__proto__`.
-  const out: Record<string, Uint8Array> = Object.create(null)
-  for (const [name, value] of Object.entries(v)) {
-    if (name === '' || name.includes('\0'))
-      throw new InvalidTOCError(`${where}: invalid xattr name ${JSON.stringify(name)}`)
-    if (typeof value !== 'string' || !BASE64.test(value)) {
-      throw new InvalidTOCError(`${where}: xattr ${name} is not base64`)
-    }
-    out[name] = new Uint8Array(Buffer.from(value, 'base64'))
-  }
-  return out
 }
