@@ -1,20 +1,36 @@
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { request } from 'node:http'
 import { join } from 'node:path'
+import { type Netns, startNetns } from '../helpers/netns.js'
 import { startRegistry, type TestRegistry } from '../helpers/registry.js'
 import { repoRoot } from '../helpers/tools.js'
 import { startWanProxy, type WanProxy } from '../helpers/wan-proxy.js'
 import type { Layout, Workload } from './images.js'
-import { type Daemon, run, startDaemon } from './proc.js'
+import { type Daemon, run, startDaemon, type Wrap } from './proc.js'
+
+/**
+ * Where a node's processes run: its address (p2pd listens there) and, in the netns lab, how a command is run
+ * inside its network namespace.
+ */
+export interface Host {
+  addr: string
+  wrap?: Wrap
+}
+
+/** `loopback`: every node on 127.0.0.1, unshaped; `netns`: a network namespace and a tbf-shaped link per node. */
+export type LabKind = 'loopback' | 'netns'
 
 /**
  * The bench's world: a real registry behind the WAN emulator (every node reaches the registry through the
- * same emulated uplink; peers talk over loopback), and the operations it times, each run through the
- * product's CLIs as separate processes.
+ * same emulated uplink; peers talk over loopback, or in the netns lab over their own shaped links), and the
+ * operations it times, each run through the product's CLIs as separate processes.
  */
 export interface Lab {
   registry: TestRegistry
   wan: WanProxy
+  kind: LabKind
+  /** Node `i` of a scenario runs on `host(i)`. */
+  host(i: number): Host
   /** Scratch space of this run. */
   work: string
   signal: AbortSignal
@@ -26,6 +42,11 @@ export interface Lab {
 export interface LabOptions {
   rttMs: number
   mbit: number
+  kind: LabKind
+  /** netns: the namespaces to create (the most nodes a scenario starts). */
+  hosts: number
+  /** netns: each node's link, Mbit/s each way. */
+  nodeMbit: number
   work: string
   signal: AbortSignal
   log: (line: string) => void
@@ -33,22 +54,42 @@ export interface LabOptions {
 
 export async function startLab(options: LabOptions): Promise<Lab> {
   await mkdir(options.work, { recursive: true })
-  const registry = await startRegistry()
-  const wan = await startWanProxy({
-    target: registry.host,
-    rttMs: options.rttMs,
-    bitsPerSecond: options.mbit * 1_000_000
-  })
-  return {
-    registry,
-    wan,
-    work: options.work,
-    signal: options.signal,
-    log: options.log,
-    async stop() {
-      await wan.stop()
-      await registry.stop()
+  let netns: Netns | undefined
+  let registry: TestRegistry | undefined
+  try {
+    if (options.kind === 'netns') {
+      netns = await startNetns({ count: options.hosts, mbit: options.nodeMbit, log: options.log })
     }
+    registry = await startRegistry()
+    // In the netns lab the WAN listens on the bridge's address: the namespaces reach it there (and so does the
+    // root namespace, where the full pulls and pushes run).
+    const wan = await startWanProxy({
+      target: registry.host,
+      rttMs: options.rttMs,
+      bitsPerSecond: options.mbit * 1_000_000,
+      ...(netns !== undefined ? { listen: netns.gateway } : {})
+    })
+    const loopback: Host = { addr: '127.0.0.1' }
+    const hosts: Host[] = netns?.hosts.map((h) => ({ addr: h.addr, wrap: h.wrap })) ?? []
+    const reg = registry
+    return {
+      registry: reg,
+      wan,
+      kind: options.kind,
+      host: (i) => (hosts.length > 0 ? hosts[i % hosts.length]! : loopback),
+      work: options.work,
+      signal: options.signal,
+      log: options.log,
+      async stop() {
+        await wan.stop()
+        await reg.stop()
+        await netns?.stop()
+      }
+    }
+  } catch (err) {
+    await registry?.stop().catch(() => {})
+    await netns?.stop()
+    throw err
   }
 }
 
@@ -95,6 +136,8 @@ export interface Timing {
   phases: Record<string, number>
   /** Bytes the registry sent (through the WAN) during the run. */
   egress: number
+  /** A lazy start: the CPU time (user + sys, ms) of its p2p-mount process, from start to exit. */
+  mountCpuMs?: number
 }
 
 /** Times `body`, which reports its phases by calling `mark(name)` at the end of each. */
@@ -190,13 +233,20 @@ export async function mount(
   ref: string,
   mountpoint: string,
   dataDir: string,
-  options: { record?: string; socket?: string } = {}
+  options: { record?: string; socket?: string; host?: number } = {}
 ): Promise<Daemon> {
   await mkdir(mountpoint, { recursive: true })
   const socket = options.socket ?? join(dataDir, 'no-p2pd.sock')
   const args = [cli('p2p-mount'), ref, mountpoint, '--data-dir', dataDir, '--socket', socket, '--writable']
   if (options.record !== undefined) args.push('--record', options.record)
-  return startDaemon(process.execPath, args, /^mounted .* at /, { signal: lab.signal, timeout: 300_000 })
+  // Loopback registries are plain HTTP to p2p-mount anyway; the netns lab's WAN is on the bridge's address.
+  if (options.socket === undefined && lab.kind === 'netns') args.push('--insecure-registry', lab.wan.host)
+  const wrap = lab.host(options.host ?? 0).wrap
+  return startDaemon(process.execPath, args, /^mounted .* at /, {
+    signal: lab.signal,
+    timeout: 300_000,
+    ...(wrap !== undefined ? { wrap } : {})
+  })
 }
 
 /** Stops a p2p-mount and checks that it unmounted cleanly. */
@@ -218,7 +268,7 @@ export async function lazyStart(
   ref: string,
   workload: Workload,
   dataDir: string,
-  options: { record?: string; socket?: string } = {}
+  options: { record?: string; socket?: string; host?: number } = {}
 ): Promise<Timing> {
   const mountpoint = join(dataDir, 'mnt')
   const egress0 = lab.wan.bytesDown
@@ -230,15 +280,17 @@ export async function lazyStart(
       await runWorkload(lab, workload, mountpoint)
       mark('run')
     })
-    await unmount(mounted!, mountpoint)
+    const m = mounted!
+    await unmount(m, mountpoint)
     mounted = undefined
-    return { ...timing, egress: lab.wan.bytesDown - egress0 }
+    const cpu = m.cpuMs()
+    return { ...timing, egress: lab.wan.bytesDown - egress0, ...(cpu !== undefined ? { mountCpuMs: cpu } : {}) }
   } finally {
     await mounted?.stop()
   }
 }
 
-/** One p2pd process on loopback with its own data dir and control socket. */
+/** One p2pd process (on loopback, or in its host's namespace) with its own data dir and control socket. */
 export interface Node {
   peerId: string
   addrs: string[]
@@ -247,22 +299,27 @@ export interface Node {
   daemon: Daemon
 }
 
-export async function startNode(lab: Lab, dataDir: string, bootstrap: string[] = []): Promise<Node> {
+export async function startNode(lab: Lab, dataDir: string, bootstrap: string[] = [], host = 0): Promise<Node> {
   await mkdir(dataDir, { recursive: true })
+  const { addr, wrap } = lab.host(host)
   const socket = join(dataDir, 'p2pd.sock')
   const args = [
     cli('p2pd'),
     '--data-dir',
     dataDir,
     '--listen',
-    '/ip4/127.0.0.1/tcp/0',
+    `/ip4/${addr}/tcp/0`,
     '--socket',
     socket,
     '--insecure-registry',
     lab.wan.host,
     ...bootstrap.flatMap((b) => ['--bootstrap', b])
   ]
-  const daemon = await startDaemon(process.execPath, args, /^p2pd ready: /, { signal: lab.signal, timeout: 120_000 })
+  const daemon = await startDaemon(process.execPath, args, /^p2pd ready: /, {
+    signal: lab.signal,
+    timeout: 120_000,
+    ...(wrap !== undefined ? { wrap } : {})
+  })
   const m = /^p2pd ready: peer (\S+) listening on (.*), socket /.exec(daemon.line)
   if (m === null) {
     await daemon.stop()
@@ -281,6 +338,23 @@ export async function peakRss(node: Node): Promise<number | undefined> {
   const status = await readFile(`/proc/${pid}/status`, 'utf8').catch(() => '')
   const kb = /^VmHWM:\s+(\d+) kB/m.exec(status)?.[1]
   return kb === undefined ? undefined : Number(kb) * 1024
+}
+
+/** What p2pd's /status counts of chunk bytes (see NodeStatus in packages/node). */
+export interface NodeBytes {
+  /** Sent to peers. */
+  served: number
+  /** Fetched for the node's own reads, per source (`peer`, `registry`, `store`). */
+  fetched: Record<string, number>
+  /** Fetched as the home of peers' chunks, per source. */
+  fetchedForPeers: Record<string, number>
+}
+
+/** The node's chunk byte counters; undefined when p2pd did not answer. */
+export async function nodeBytes(node: Node): Promise<NodeBytes | undefined> {
+  return control<{ bytes: NodeBytes }>(node, '/status')
+    .then((s) => s.bytes)
+    .catch(() => undefined)
 }
 
 /** Stops a p2pd; a non-zero exit is a failure of the product, reported with its stderr. */

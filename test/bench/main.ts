@@ -4,8 +4,16 @@ import { dirname, join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { repoRoot } from '../helpers/tools.js'
 import { convert, type PreparedImage, prepareImage, WORKLOADS } from './images.js'
-import { type Lab, push, startLab } from './lab.js'
-import { type ImageResult, type Results, renderChart, renderMarkdown, renderTable, updateDocs } from './report.js'
+import { type Lab, type LabKind, push, startLab } from './lab.js'
+import {
+  type ImageResult,
+  type Results,
+  renderChart,
+  renderCpuLines,
+  renderMarkdown,
+  renderTable,
+  updateDocs
+} from './report.js'
 import { clusterWarm, cold, fleetAlone, fleetPeers, independentWarms, warmPeer } from './scenarios.js'
 
 const USAGE = `Usage: node --no-warnings test/bench/run.ts [options]
@@ -20,6 +28,10 @@ Options:
   --scenarios LIST     of cold,peer,fleet,cluster (default: all)
   --rtt-ms MS          round trip added to every registry connection (default: 20)
   --mbit N             registry uplink bandwidth, Mbit/s (default: 100)
+  --lab KIND           loopback: every node on 127.0.0.1, links unshaped (default; CI);
+                       netns: each node in its own network namespace, on a veth link to a bridge shaped
+                       with tc tbf (root; only bandwidth is shaped between nodes, no delay: no netem here)
+  --node-mbit N        netns: each node's link, Mbit/s each way (default: 1000)
   --out FILE           results JSON (default: test/bench/out/results.json)
   --no-docs            do not write docs/bench/time-to-ready.svg and docs/benchmarks.md
   --cache DIR          root file systems, images and conversions (default: /var/cache/strata-bench)
@@ -35,6 +47,8 @@ interface Settings {
   scenarios: string[]
   rttMs: number
   mbit: number
+  lab: LabKind
+  nodeMbit: number
   out: string
   docs: boolean
   cache: string
@@ -53,6 +67,8 @@ function settings(argv: string[]): Settings | undefined {
       scenarios: { type: 'string', default: SCENARIOS.join(',') },
       'rtt-ms': { type: 'string', default: '20' },
       mbit: { type: 'string', default: '100' },
+      lab: { type: 'string', default: 'loopback' },
+      'node-mbit': { type: 'string', default: '1000' },
       out: { type: 'string', default: join(repoRoot, 'test', 'bench', 'out', 'results.json') },
       docs: { type: 'boolean', default: true },
       cache: { type: 'string', default: '/var/cache/strata-bench' },
@@ -74,6 +90,8 @@ function settings(argv: string[]): Settings | undefined {
     }
     return items
   }
+  const lab = list('lab', v.lab, ['loopback', 'netns'])
+  if (lab.length !== 1) throw new UsageError(`--lab: one of loopback, netns, not '${v.lab}'`)
   return {
     images: list('images', v.images ?? (v.small ? 'host' : 'python3,gcc,node'), Object.keys(WORKLOADS)),
     nodes: number('nodes', v.nodes ?? (v.small ? '3' : '10'), 2),
@@ -81,6 +99,8 @@ function settings(argv: string[]): Settings | undefined {
     scenarios: list('scenarios', v.scenarios, SCENARIOS),
     rttMs: number('rtt-ms', v['rtt-ms'], 0),
     mbit: number('mbit', v.mbit, 0.1),
+    lab: lab[0] as LabKind,
+    nodeMbit: number('node-mbit', v['node-mbit'], 1),
     out: v.out,
     docs: v.docs,
     cache: v.cache,
@@ -179,7 +199,8 @@ async function measure(lab: Lab, s: Settings, scenario: string, subject: Subject
 
 /** The table on the terminal; with docs, the chart and docs/benchmarks.md's section. */
 async function report(s: Settings, results: Results): Promise<void> {
-  process.stdout.write(`${renderTable(results)}\nresults: ${s.out}\n`)
+  const cpu = renderCpuLines(results)
+  process.stdout.write(`${renderTable(results)}\n${cpu.map((l) => `${l}\n`).join('')}results: ${s.out}\n`)
   if (!s.docs) return
   const chart = join(repoRoot, 'docs', 'bench', 'time-to-ready.svg')
   await mkdir(dirname(chart), { recursive: true })
@@ -212,7 +233,15 @@ export async function main(argv: string[]): Promise<number> {
   const results: Results = {
     date: new Date().toISOString(),
     host: { cpus: cpus().length, loadBefore: loadavg(), node: process.version },
-    settings: { rttMs: s.rttMs, mbit: s.mbit, nodes: s.nodes, runs: s.runs, scenarios: s.scenarios },
+    settings: {
+      rttMs: s.rttMs,
+      mbit: s.mbit,
+      nodes: s.nodes,
+      runs: s.runs,
+      scenarios: s.scenarios,
+      lab: s.lab,
+      ...(s.lab === 'netns' ? { nodeMbit: s.nodeMbit } : {})
+    },
     argv,
     images: []
   }
@@ -227,7 +256,16 @@ export async function main(argv: string[]): Promise<number> {
     for (const name of s.images) {
       prepared.push(await prepareImage(WORKLOADS[name]!, s.cache, { signal: aborter.signal, log }))
     }
-    lab = await startLab({ rttMs: s.rttMs, mbit: s.mbit, work, signal: aborter.signal, log })
+    lab = await startLab({
+      rttMs: s.rttMs,
+      mbit: s.mbit,
+      kind: s.lab,
+      hosts: Math.max(2, s.nodes),
+      nodeMbit: s.nodeMbit,
+      work,
+      signal: aborter.signal,
+      log
+    })
     const subjects: Subject[] = []
     for (const image of prepared) subjects.push(await setUp(lab, s, image))
     results.images = subjects.map((x) => x.result)

@@ -1,4 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process'
+import { readFile } from 'node:fs/promises'
 
 /** A command the suite ran failed (or timed out): names it and quotes what it said. */
 export class CommandFailedError extends Error {
@@ -62,6 +63,9 @@ export function run(
   })
 }
 
+/** Turns a command into one run elsewhere (e.g. inside a network namespace); its pid must be the command's. */
+export type Wrap = (cmd: string, args: string[]) => [string, string[]]
+
 /** A long-running process (p2p-mount, p2pd) that printed its ready line. */
 export interface Daemon {
   proc: ChildProcess
@@ -70,6 +74,26 @@ export interface Daemon {
   stderr(): string
   /** SIGTERM (then SIGKILL after 30 s); resolves with the exit code, null when killed. */
   stop(): Promise<number | null>
+  /**
+   * CPU time (user + sys, ms, with its waited-for children) the process used, as last read from /proc/PID/stat:
+   * `stop()` reads it before the signal and then every 20 ms until the process is gone, so after `stop()` it is
+   * the total but for at most the last 20 ms. Undefined where /proc did not say.
+   */
+  cpuMs(): number | undefined
+}
+
+/** Clock ticks per second of /proc/PID/stat (USER_HZ: 100 on Linux). */
+const CLK_TCK = 100
+
+/** utime + stime + cutime + cstime of `pid` in ms; undefined once it was reaped. */
+async function readCpuMs(pid: number | undefined): Promise<number | undefined> {
+  if (pid === undefined) return undefined
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined)
+  if (stat === undefined) return undefined
+  // Fields after the command (which may hold spaces) in parentheses: state is field 3, utime field 14.
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  const ticks = [11, 12, 13, 14].reduce((sum, i) => sum + Number(f[i]), 0)
+  return Number.isFinite(ticks) ? (ticks * 1000) / CLK_TCK : undefined
 }
 
 /** Starts a process and waits (default 60 s) for a line of its standard output that matches `ready`. */
@@ -77,20 +101,37 @@ export async function startDaemon(
   cmd: string,
   args: string[],
   ready: RegExp,
-  options: { signal?: AbortSignal; timeout?: number } = {}
+  options: { signal?: AbortSignal; timeout?: number; wrap?: Wrap } = {}
 ): Promise<Daemon> {
   const timeout = options.timeout ?? 60_000
-  const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+  const [c, a] = options.wrap !== undefined ? options.wrap(cmd, args) : [cmd, args]
+  const proc = spawn(c, a, { stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
   proc.stderr.setEncoding('utf8').on('data', (d: string) => {
     stderr += d
   })
-  const exited = new Promise<number | null>((resolve) => proc.once('close', (code) => resolve(code)))
+  let gone = false
+  const exited = new Promise<number | null>((resolve) =>
+    proc.once('close', (code) => {
+      gone = true
+      resolve(code)
+    })
+  )
+  let cpu: number | undefined
+  const sample = async () => {
+    const ms = await readCpuMs(proc.pid)
+    if (ms !== undefined && (cpu === undefined || ms > cpu)) cpu = ms
+  }
   const stop = async () => {
     if (proc.exitCode === null && proc.signalCode === null) {
+      await sample()
       proc.kill('SIGTERM')
       const timer = setTimeout(() => proc.kill('SIGKILL'), 30_000)
+      while (!gone && proc.exitCode === null && proc.signalCode === null) {
+        await new Promise((r) => setTimeout(r, 20))
+        await sample()
+      }
       await exited
       clearTimeout(timer)
     }
@@ -114,7 +155,7 @@ export async function startDaemon(
         fail(`exited (${code}) before it was ready`)
       })
     })
-    return { proc, line, stderr: () => stderr, stop }
+    return { proc, line, stderr: () => stderr, stop, cpuMs: () => cpu }
   } catch (err) {
     await stop()
     throw err

@@ -6,7 +6,17 @@ import type { ColdResult, FleetResult, P2pdMemory, WarmPeerResult } from './scen
 export interface Results {
   date: string
   host: { cpus: number; loadBefore: number[]; loadAfter?: number[]; node: string }
-  settings: { rttMs: number; mbit: number; nodes: number; runs: number; scenarios: string[] }
+  settings: {
+    rttMs: number
+    mbit: number
+    nodes: number
+    runs: number
+    scenarios: string[]
+    /** Where the nodes ran (absent in runs before the netns lab: loopback). */
+    lab?: 'loopback' | 'netns'
+    /** netns: each node's link, Mbit/s. */
+    nodeMbit?: number
+  }
   /** The flags of the run. */
   argv: string[]
   /** Set when the run was stopped before the end: the results hold the measurements made until then. */
@@ -60,6 +70,81 @@ const mib = (bytes: number) => (bytes / 1024 / 1024).toFixed(1)
 const speed = (base: number, ms: number) =>
   ms <= base ? `${(base / ms).toFixed(1)}x faster` : `${(ms / base).toFixed(1)}x slower`
 const share = (base: number, bytes: number) => `${(bytes / base).toFixed(2)}x`
+
+/**
+ * CPU time per MiB delivered on each path of scenario 3 (ms of user + sys per MiB):
+ * - peer path: the fleet's p2pd (serving their peers and fetching for their own node) per MiB the p2pd fetched
+ *   from the network (peers and registry: `fetched` without store hits) for their node's reads;
+ * - registry path: the fleet's p2p-mounts without peers (fetching from the registry themselves) per MiB the
+ *   registry sent;
+ * - node, peer path: the peer fleet's p2pd plus its p2p-mounts (which serve FUSE as the lone p2p-mounts do),
+ *   per MiB delivered: the whole node's cost, to compare with the registry path's.
+ */
+interface CpuPerMib {
+  peer?: number
+  registry?: number
+  /** peer / registry. */
+  ratio?: number
+  peerNode?: number
+  /** peerNode / registry. */
+  nodeRatio?: number
+  /** MiB the peer fleet's p2pd fetched for their nodes, from peers and from the registry. */
+  peerMib?: { peer: number; registry: number }
+  /** CPU seconds of the whole fleet: with peers (p2pd + p2p-mount), without (the lone p2p-mounts). */
+  fleetCpuS?: { peers?: number; alone?: number }
+}
+
+function cpuPerMib(img: ImageResult): CpuPerMib {
+  const out: CpuPerMib = {}
+  const alone = img.fleetAlone
+  const peers = img.fleetPeers
+  if (alone?.mountCpuMs !== undefined && alone.egress > 0) {
+    out.registry = alone.mountCpuMs / (alone.egress / 1024 / 1024)
+  }
+  if (peers?.p2pdCpuMs !== undefined && peers.p2pdBytes !== undefined) {
+    const f = peers.p2pdBytes.fetched
+    const delivered = Object.entries(f)
+      .filter(([k]) => k !== 'store')
+      .reduce((a, [, v]) => a + v, 0)
+    out.peerMib = { peer: (f.peer ?? 0) / 1024 / 1024, registry: (f.registry ?? 0) / 1024 / 1024 }
+    if (delivered > 0) {
+      out.peer = peers.p2pdCpuMs / (delivered / 1024 / 1024)
+      if (peers.mountCpuMs !== undefined) {
+        out.peerNode = (peers.p2pdCpuMs + peers.mountCpuMs) / (delivered / 1024 / 1024)
+      }
+    }
+  }
+  out.fleetCpuS = {
+    ...(peers?.p2pdCpuMs !== undefined && peers.mountCpuMs !== undefined
+      ? { peers: (peers.p2pdCpuMs + peers.mountCpuMs) / 1000 }
+      : {}),
+    ...(alone?.mountCpuMs !== undefined ? { alone: alone.mountCpuMs / 1000 } : {})
+  }
+  if (out.peer !== undefined && out.registry !== undefined) out.ratio = out.peer / out.registry
+  if (out.peerNode !== undefined && out.registry !== undefined) out.nodeRatio = out.peerNode / out.registry
+  return out
+}
+
+/** A line per image with scenario 3's CPU per MiB on each path (empty when not measured). */
+export function renderCpuLines(results: Results): string[] {
+  const f = (x: number | undefined) => (x === undefined ? '?' : x.toFixed(0))
+  const r = (x: number | undefined) => (x === undefined ? '?' : `${x.toFixed(2)}x`)
+  const s = (x: number | undefined) => (x === undefined ? '?' : x.toFixed(1))
+  return results.images.flatMap((img) => {
+    const c = cpuPerMib(img)
+    if (c.peer === undefined && c.registry === undefined) return []
+    const mib =
+      c.peerMib !== undefined
+        ? ` over ${c.peerMib.peer.toFixed(1)} MiB from peers + ${c.peerMib.registry.toFixed(1)} from the registry`
+        : ''
+    return [
+      `${img.name}: CPU per MiB (3.): peer path ${f(c.peer)} ms (p2pd serving + fetching${mib}), ` +
+        `registry path ${f(c.registry)} ms (p2p-mount), ratio ${r(c.ratio)}; ` +
+        `whole node with peers (p2pd + p2p-mount) ${f(c.peerNode)} ms, ratio ${r(c.nodeRatio)}; ` +
+        `fleet CPU with peers ${s(c.fleetCpuS?.peers)} s, without ${s(c.fleetCpuS?.alone)} s`
+    ]
+  })
+}
 
 /** One line of the results table. */
 interface Row {
@@ -354,7 +439,7 @@ export function renderMarkdown(results: Results): string {
 Measured ${results.date.slice(0, 16).replace('T', ' ')} UTC on ${h.cpus} CPUs shared with other work (load ${load(h.loadBefore)} before,
 ${load(h.loadAfter)} after), Node ${h.node}, with \`node --no-warnings test/bench/run.ts${argv.length > 0 ? ` ${argv.join(' ')}` : ''}\`.
 The registry (CNCF distribution 2.8, loopback) sits behind the WAN emulator (test/helpers/wan-proxy.ts):
-${s.rttMs} ms per round trip, ${s.mbit} Mbit/s each way, one link shared by every node. Peers talk over loopback.
+${s.rttMs} ms per round trip, ${s.mbit} Mbit/s each way, one link shared by every node. ${s.lab === 'netns' ? `Each node runs in its own network namespace on a ${s.nodeMbit} Mbit/s link (tc tbf, no added delay) to a bridge.` : 'Peers talk over loopback.'}
 Everything runs as an operator would: \`p2pd\`, \`p2p-mount\`, \`p2pctl\` as separate processes; every start
 is cold (a fresh data dir). Scenario 1 is the median of ${s.runs} run(s) (runs alternate); the others are single runs.
 Time to ready ends when the command has exited with the expected output; egress is what the registry sent through
@@ -364,6 +449,9 @@ resident set (VmHWM) of the scenario's p2pd processes, read just before they sto
 ${images}
 
 ${resultTable}
+${renderCpuLines(results)
+  .map((l) => `\n- ${l}`)
+  .join('')}
 
 ${results.interrupted !== undefined ? `**This run was stopped early (${results.interrupted}): what is missing was not measured.**\n\n` : ''}Phases of the typical runs (s):
 ${phaseLines.join('\n')}

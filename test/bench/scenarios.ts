@@ -8,6 +8,8 @@ import {
   type Lab,
   lazyStart,
   type Node,
+  type NodeBytes,
+  nodeBytes,
   p2pctl,
   peakRss,
   startNode,
@@ -44,11 +46,11 @@ async function startNodes(
 ): Promise<{ nodes: Node[]; fewestPeers: number }> {
   const nodes: Node[] = []
   try {
-    const first = await startNode(lab, join(lab.work, `${name}-0`))
+    const first = await startNode(lab, join(lab.work, `${name}-0`), [], 0)
     nodes.push(first)
     const rest = await Promise.allSettled(
       Array.from({ length: n - 1 }, (_, i) =>
-        startNode(lab, join(lab.work, `${name}-${i + 1}`), cluster ? first.addrs : [])
+        startNode(lab, join(lab.work, `${name}-${i + 1}`), cluster ? first.addrs : [], i + 1)
       )
     )
     // Keep the nodes that started, to stop them, before failing on one that did not.
@@ -71,25 +73,51 @@ async function settled<T>(promises: Array<Promise<T>>): Promise<T[]> {
   return results.map((r) => (r as PromiseFulfilledResult<T>).value)
 }
 
+/** Adds `b`'s byte counters to `a`'s. */
+function addBytes(a: NodeBytes, b: NodeBytes): NodeBytes {
+  const add = (x: Record<string, number>, y: Record<string, number>) => {
+    const out = { ...x }
+    for (const [k, v] of Object.entries(y)) out[k] = (out[k] ?? 0) + v
+    return out
+  }
+  return {
+    served: a.served + b.served,
+    fetched: add(a.fetched, b.fetched),
+    fetchedForPeers: add(a.fetchedForPeers, b.fetchedForPeers)
+  }
+}
+
 /**
- * Stops every node and removes its data dir; then fails if one of them did not exit cleanly. Returns the largest
- * peak RSS of their p2pd (bytes; undefined where /proc did not say), read just before they stop.
+ * Stops every node and removes its data dir; then fails if one of them did not exit cleanly. Returns what their
+ * p2pd used: the largest peak RSS (read just before they stop), their CPU time summed (until they exited), and
+ * their chunk byte counters summed (from /status, just before they stop).
  */
-async function stopNodes(nodes: Node[]): Promise<number | undefined> {
+async function stopNodes(nodes: Node[]): Promise<P2pdMemory> {
   const peaks = (await Promise.all(nodes.map((n) => peakRss(n)))).filter((p) => p !== undefined)
+  const bytes = (await Promise.all(nodes.map((n) => nodeBytes(n)))).filter((b) => b !== undefined)
   const stopped = await Promise.allSettled(nodes.map((n) => stopNode(n)))
   await Promise.all(nodes.map((n) => rm(n.dataDir, { recursive: true, force: true })))
   const failed = stopped.find((r) => r.status === 'rejected')
   if (failed !== undefined) throw failed.reason
-  return peaks.length > 0 ? Math.max(...peaks) : undefined
+  const cpus = nodes.map((n) => n.daemon.cpuMs())
+  const usage: P2pdMemory = {}
+  if (peaks.length > 0) usage.p2pdPeakRss = Math.max(...peaks)
+  if (cpus.every((c) => c !== undefined)) usage.p2pdCpuMs = Math.round(cpus.reduce((a, b) => a + b, 0))
+  if (bytes.length === nodes.length && bytes.length > 0) usage.p2pdBytes = bytes.reduce(addBytes)
+  return usage
 }
 
-/** The largest p2pd peak RSS (bytes) of a scenario's nodes, when /proc said. */
+/**
+ * What a scenario's p2pd used, when /proc and p2pd said: the largest peak RSS (bytes), CPU time (user + sys, ms,
+ * from start to exit, all nodes summed) and chunk bytes (all nodes summed).
+ */
 export interface P2pdMemory {
   p2pdPeakRss?: number
+  p2pdCpuMs?: number
+  p2pdBytes?: NodeBytes
 }
 
-/** Runs `body` on the nodes, stops them, and adds their largest peak RSS to its result. */
+/** Runs `body` on the nodes, stops them, and adds what their p2pd used to its result. */
 async function measuring<T extends object>(nodes: Node[], body: () => Promise<T>): Promise<T & P2pdMemory> {
   let result: T
   try {
@@ -98,8 +126,7 @@ async function measuring<T extends object>(nodes: Node[], body: () => Promise<T>
     await stopNodes(nodes).catch(() => {})
     throw err
   }
-  const peak = await stopNodes(nodes)
-  return peak !== undefined ? { ...result, p2pdPeakRss: peak } : result
+  return { ...result, ...(await stopNodes(nodes)) }
 }
 
 async function warm(lab: Lab, node: Node, ref: string): Promise<WarmResult> {
@@ -166,9 +193,9 @@ export async function warmPeer(lab: Lab, workload: Workload, ref: string, plainR
     })
     // Peers find the seed by its coarse keys (a layer and a TOC digest per layer).
     await waitForAnnounced(seedNode, 2 * layers)
-    const start = await lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })
+    const start = await lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket, host: 1 })
     await dropCaches()
-    const local = await lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })
+    const local = await lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket, host: 1 })
     return { seed, start, local, extracted }
   })
 }
@@ -182,6 +209,14 @@ export interface FleetResult extends P2pdMemory {
   ms: number
   /** With peers: the fewest strata peers a node had at the start (n - 1: a full mesh). */
   fewestPeers?: number
+  /** CPU time (user + sys, ms) of the N p2p-mount processes, summed. */
+  mountCpuMs?: number
+}
+
+/** The p2p-mounts' CPU summed, when every one was read. */
+function mountCpu(times: Timing[]): { mountCpuMs?: number } {
+  const cpus = times.map((t) => t.mountCpuMs)
+  return cpus.every((c) => c !== undefined) ? { mountCpuMs: Math.round(cpus.reduce((a, b) => a + b, 0)) } : {}
 }
 
 /** 3a. N cold nodes start the image at once, no peers: N lazy mounts, each with its own store. */
@@ -190,9 +225,9 @@ export async function fleetAlone(lab: Lab, workload: Workload, ref: string, n: n
   try {
     let times: Timing[] = []
     const all = await timed(lab, async () => {
-      times = await settled(dirs.map((d) => lazyStart(lab, ref, workload, d)))
+      times = await settled(dirs.map((d, i) => lazyStart(lab, ref, workload, d, { host: i })))
     })
-    return { times: times.map((t) => t.ms), egress: all.egress, ms: all.ms }
+    return { times: times.map((t) => t.ms), egress: all.egress, ms: all.ms, ...mountCpu(times) }
   } finally {
     await Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true })))
   }
@@ -204,9 +239,11 @@ export async function fleetPeers(lab: Lab, workload: Workload, ref: string, n: n
   return measuring(nodes, async () => {
     let times: Timing[] = []
     const all = await timed(lab, async () => {
-      times = await settled(nodes.map((node) => lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket })))
+      times = await settled(
+        nodes.map((node, i) => lazyStart(lab, ref, workload, node.dataDir, { socket: node.socket, host: i }))
+      )
     })
-    return { times: times.map((t) => t.ms), egress: all.egress, ms: all.ms, fewestPeers }
+    return { times: times.map((t) => t.ms), egress: all.egress, ms: all.ms, fewestPeers, ...mountCpu(times) }
   })
 }
 

@@ -13,10 +13,12 @@ export interface WanProxyOptions {
   rttMs?: number
   /** Link bandwidth per direction in bits per second. Default 100 Mbit/s; 0 for unlimited. */
   bitsPerSecond?: number
+  /** The address to listen on. Default 127.0.0.1. */
+  listen?: string
 }
 
 export interface WanProxy {
-  /** `127.0.0.1:PORT`: use in place of the target. */
+  /** `127.0.0.1:PORT` (the `listen` address): use in place of the target. */
   host: string
   /** Client to target (requests). */
   readonly bytesUp: number
@@ -92,6 +94,7 @@ function pump(from: Socket, to: Socket, link: Link): void {
 export async function startWanProxy(options: WanProxyOptions): Promise<WanProxy> {
   const rtt = options.rttMs ?? 20
   const bps = options.bitsPerSecond ?? 100_000_000
+  const listen = options.listen ?? '127.0.0.1'
   const [targetHost, targetPort] = options.target.split(':')
   const up = new Link(rtt / 2, bps / 8 / 1000)
   const down = new Link(rtt / 2, bps / 8 / 1000)
@@ -110,12 +113,12 @@ export async function startWanProxy(options: WanProxyOptions): Promise<WanProxy>
   })
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => resolve())
+    server.listen(0, listen, () => resolve())
   })
   const addr = server.address()
   const port = typeof addr === 'object' && addr !== null ? addr.port : 0
   return {
-    host: `127.0.0.1:${port}`,
+    host: `${listen}:${port}`,
     get bytesUp() {
       return up.bytes
     },
