@@ -9,7 +9,10 @@
  *   - the DHT provides a node makes before its image can be found (the coarse keys), against its chunk count;
  *   - findProviders of the image's layer from other nodes: p50 and p99, and how many found the holder;
  *   - provider records each node holds once the holder's chunk keys are announced: mean and max;
- *   - registry egress when every node warms a second image at once, as a multiple of the image.
+ *   - registry egress when every node warms a second image at once, as a multiple of the image;
+ *   - how far the nodes agree on the chunk homes just before: distinct homes per segment across all nodes (1 is
+ *     full agreement), as chosen (homes.ts: the home sets of a large cluster) and as rendezvous over each node's
+ *     connected view would choose them; and the DHT walks each node made for its home sets.
  */
 import { mkdtemp, rm } from 'node:fs/promises'
 import { cpus, tmpdir } from 'node:os'
@@ -29,6 +32,7 @@ const { startCountingProxy } = await import('@test/counting-proxy.js')
 const { buildTestImage } = await import('@test/images.js')
 const { noiseTree } = await import('@test/noise.js')
 const { startRegistry } = await import('@test/registry.js')
+const { homeOf } = await import('../src/homes.ts')
 
 type StrataNode = Awaited<ReturnType<typeof createNode>>
 
@@ -61,6 +65,7 @@ async function image(name: string, seed: number) {
   return {
     ref: img.ref.replace(registry.host, proxy.host),
     layers: img.layers.map((l) => l.digest),
+    layerBytes: img.layers.map((l) => l.size),
     bytes: img.layers.reduce((n, l) => n + l.size, 0),
     chunks: img.layers.reduce((n, l) => n + l.files.size, 0)
   }
@@ -81,6 +86,15 @@ interface Row {
   warmP50: number
   /** Nodes whose warm-up of the second image failed (a manifest or TOC past its deadline, say). */
   warmFailed: number
+  /** Distinct homes per segment of the second image across the nodes, mean: as chosen, and over connected views. */
+  homesChosen: number
+  homesByView: number
+  /** DHT walks for home sets per node, mean and max. */
+  walksMean: number
+  walksMax: number
+  /** Chunk bytes the nodes took from the registry in the warm-ups, as multiples of the image: as homes, for own reads. */
+  asHomes: number
+  ownReads: number
 }
 
 async function cluster(n: number, first: Awaited<ReturnType<typeof image>>, second: Awaited<ReturnType<typeof image>>) {
@@ -148,7 +162,36 @@ async function cluster(n: number, first: Awaited<ReturnType<typeof image>>, seco
       records.push(k)
     }
 
+    // How far the nodes agree on the second image's homes (1 = all pick the same home for a segment).
+    type Internals = { source: { homesFor(key: string): string[] }; homeSets: { walks: number } }
+    const chosen: number[] = []
+    const byView: number[] = []
+    for (const [l, layer] of second.layers.entries()) {
+      for (let seg = 0; seg * (1 << 20) < second.layerBytes[l]!; seg++) {
+        const key = `${layer}/${seg}`
+        chosen.push(new Set(nodes.map((x) => homeOf(key, (x as unknown as Internals).source.homesFor(layer)))).size)
+        const views = nodes.map((x) => [
+          x.peerId,
+          ...x
+            .peers()
+            .filter((p) => p.strata)
+            .map((p) => p.peer)
+        ])
+        byView.push(new Set(views.map((v) => homeOf(key, v))).size)
+      }
+    }
+    const walks = nodes.map((x) => (x as unknown as Internals).homeSets.walks ?? 0)
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length)
+
     // Every node warms the second image at once.
+    const fromRegistry = async () => {
+      const all = await Promise.all(nodes.map((x) => x.status()))
+      return {
+        homes: all.reduce((a, st) => a + (st.bytes.fetchedForPeers.registry ?? 0), 0),
+        own: all.reduce((a, st) => a + (st.bytes.fetched.registry ?? 0), 0)
+      }
+    }
+    const registryBefore = await fromRegistry()
     const before = proxy.blobBytes()
     const warmTimes: number[] = []
     let failed = 0
@@ -165,6 +208,7 @@ async function cluster(n: number, first: Awaited<ReturnType<typeof image>>, seco
       })
     )
     const egress = (proxy.blobBytes() - before) / second.bytes
+    const registryAfter = await fromRegistry()
     const row: Row = {
       n,
       startS,
@@ -178,7 +222,13 @@ async function cluster(n: number, first: Awaited<ReturnType<typeof image>>, seco
       recordsMax: Math.max(...records),
       egress,
       warmP50: warmTimes.length > 0 ? pct(warmTimes, 50) : Number.NaN,
-      warmFailed: failed
+      warmFailed: failed,
+      homesChosen: mean(chosen),
+      homesByView: mean(byView),
+      walksMean: mean(walks),
+      walksMax: Math.max(...walks),
+      asHomes: (registryAfter.homes - registryBefore.homes) / second.bytes,
+      ownReads: (registryAfter.own - registryBefore.own) / second.bytes
     }
     console.log(JSON.stringify(row))
     return row
@@ -206,12 +256,12 @@ try {
   say('chunks (2 MiB); the registry behind a counting proxy.')
   say('')
   say(
-    '| nodes | keys provided when findable | chunks | findable after s | findProviders p50 / p99 ms | found | provider records per node, mean / max | registry egress, all warm at once | warm p50 s | warm-ups failed |'
+    '| nodes | keys provided when findable | chunks | findable after s | findProviders p50 / p99 ms | found | provider records per node, mean / max | distinct homes per segment, chosen / by connected view | home-set walks per node, mean / max | registry egress, all warm at once | of which chunks read as homes / for own reads | warm p50 s | warm-ups failed |'
   )
-  say('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  say('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
   for (const r of rows) {
     say(
-      `| ${r.n} | ${r.coarse} | ${r.chunks} | ${r.findableS.toFixed(2)} | ${r.findP50.toFixed(0)} / ${r.findP99.toFixed(0)} | ${r.found} | ${r.recordsMean.toFixed(1)} / ${r.recordsMax} | ${r.egress.toFixed(2)}x | ${(r.warmP50 / 1000).toFixed(2)} | ${r.warmFailed} |`
+      `| ${r.n} | ${r.coarse} | ${r.chunks} | ${r.findableS.toFixed(2)} | ${r.findP50.toFixed(0)} / ${r.findP99.toFixed(0)} | ${r.found} | ${r.recordsMean.toFixed(1)} / ${r.recordsMax} | ${r.homesChosen.toFixed(2)} / ${r.homesByView.toFixed(2)} | ${r.walksMean.toFixed(1)} / ${r.walksMax} | ${r.egress.toFixed(2)}x | ${r.asHomes.toFixed(2)}x / ${r.ownReads.toFixed(2)}x | ${(r.warmP50 / 1000).toFixed(2)} | ${r.warmFailed} |`
     )
   }
   say('')

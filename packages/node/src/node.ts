@@ -16,7 +16,7 @@ import type { ChunkStore, StoreStats } from '@strata/store'
 import { Announcer, type AnnounceStats } from './announcer.js'
 import { type Catalog, type CatalogInit, catalog, type ImageRecord, type OpenImageOptions } from './catalog.js'
 import { countedSource } from './counted.js'
-import { homeOf } from './homes.js'
+import { HomeSets, homeOf } from './homes.js'
 import { createHost, type HostInit } from './host.js'
 import { digestToCid } from './keys.js'
 import { type Membership, type MembershipInit, membership } from './membership.js'
@@ -137,6 +137,7 @@ class Node implements StrataNode {
   private readonly book: PeerBook
   /** The strata peers connected: the cluster as this node sees it. */
   private readonly cluster: Membership
+  private readonly homeSets: HomeSets
   private readonly coarse = new Set<string>()
   private served = 0
   private requestsServed = 0
@@ -165,6 +166,11 @@ class Node implements StrataNode {
     this.catalog = catalog(init)({ store: init.store, ...(init.registry !== undefined && { registry: init.registry }) })
     this.book = new PeerBook(init.bans)
     this.cluster = membership(init)({ network: libp2p, onJoin: () => this.announcer.retryNow() })
+    this.homeSets = new HomeSets({
+      self: this.peerId,
+      closestPeers: (key, options) => this.closestPeers(key, options),
+      clusterSize: () => this.cluster.peers().length
+    })
     this.source = new PeerSource({
       self: this.peerId,
       book: this.book,
@@ -174,6 +180,7 @@ class Node implements StrataNode {
       openStream: (peer, options) =>
         this.libp2p.dialProtocol(peerIdFromString(peer), CHUNK_PROTOCOL, { signal: options?.signal }),
       members: () => this.cluster.peers(),
+      homeSets: this.homeSets,
       imageOf: (layer) => this.catalog.imageOf(layer),
       onFetched: (_peer, bytes, route) => this.countForPeers('peer', bytes, route)
     })
@@ -220,10 +227,7 @@ class Node implements StrataNode {
         return peers.filter((p) => p !== this.peerId && !this.book.isBanned(p))
       },
       home: (digest) => {
-        const members = [this.peerId, ...this.cluster.peers()].filter(
-          (m) => m === this.peerId || !this.book.isBanned(m)
-        )
-        const home = homeOf(digest, members)
+        const home = homeOf(digest, this.source.homesFor(digest))
         return home === this.peerId ? undefined : home
       },
       openStream: (peer, protocol, options) =>
@@ -330,6 +334,17 @@ class Node implements StrataNode {
     return landed
   }
 
+  /** The peers a DHT walk towards `key` meets: those that answered, those named closer, and the final closest. */
+  private async *closestPeers(key: Uint8Array, options?: AbortOptions): AsyncIterable<string> {
+    for await (const event of this.libp2p.services.dht.getClosestPeers(key, options)) {
+      if (event.name === 'FINAL_PEER') yield event.peer.id.toString()
+      else if (event.name === 'PEER_RESPONSE') {
+        yield event.from.toString()
+        for (const p of event.closer) yield p.id.toString()
+      }
+    }
+  }
+
   private async *findProviders(digest: string, options?: AbortOptions): AsyncIterable<string> {
     for await (const provider of this.libp2p.contentRouting.findProviders(digestToCid(digest), options)) {
       yield provider.id.toString()
@@ -412,6 +427,7 @@ class Node implements StrataNode {
 
   async stop(options: { graceMs?: number } = {}): Promise<void> {
     this.cluster.stop()
+    this.homeSets.stop()
     await Promise.all([this.libp2p.unhandle([CHUNK_PROTOCOL, BLOB_PROTOCOL]), this.warming.stop()])
     const grace = new Promise((resolve) => setTimeout(resolve, options.graceMs ?? 10_000).unref())
     await Promise.race([Promise.allSettled([...this.inflight]), grace])

@@ -2,7 +2,7 @@ import type { Stream } from '@libp2p/interface'
 import type { AbortOptions } from '@strata/base'
 import type { ChunkRef, ChunkSource, Route, SourceOptions } from '@strata/fetcher'
 import type { PeerRefusedError } from './errors.js'
-import { homeKey, homeOf } from './homes.js'
+import { HOME_WALK_AT, type HomeSets, homeKey, homeOf } from './homes.js'
 import type { PeerBook } from './peers.js'
 import { DEFAULT_LIMITS, type ProtocolLimits, requestChunks, requestHave } from './protocol.js'
 import { merge, sleep } from './streams.js'
@@ -26,6 +26,11 @@ export interface PeerSourceComponents {
    * for the home node to open the image too (see chunk-wire.ts).
    */
   imageOf?(layer: string): string | undefined
+  /**
+   * The home sets of a large cluster (homes.ts): a layer's homes are chosen among its set, not among the connected
+   * peers, once this node sees HOME_WALK_AT strata peers and a walk has shown the cluster past HOME_SET_SIZE.
+   */
+  homeSets?: Pick<HomeSets, 'of' | 'soon'>
   limits?: ProtocolLimits
   /** Told about each chunk a peer sent (before verification), and the route of the fetch it was for. */
   onFetched?(peer: string, bytes: number, route: Route | undefined): void
@@ -104,6 +109,8 @@ export class PeerSource implements ChunkSource {
   async *getMany(chunks: ChunkRef[], options?: SourceOptions): AsyncIterable<{ chunk: ChunkRef; bytes: Uint8Array }> {
     const left = new Map<string, ChunkRef[]>()
     for (const c of chunks) left.set(c.digest, [...(left.get(c.digest) ?? []), c])
+    // Starts the walks for the layers' home sets, if this is a large cluster and they are not known yet.
+    for (const refs of left.values()) this.homeSet(refs[0]!.layer.digest)
     // Ask who holds what (the layer's known holders, then the connected peers), then get each chunk from the best
     // peer holding it. Only what no peer holds goes to its home below: never a colder node than a holder.
     // A peer whose request failed (its connection was reset, say) is asked again over a new stream, after a
@@ -139,6 +146,12 @@ export class PeerSource implements ChunkSource {
     }
     // What no holder sent: ask each chunk's home node to fetch it once for the cluster.
     // One stream per (home, image): a forwarded request names the image its chunks come from.
+    // In a large cluster, a layer's home set may still be walked for (a cold start): wait for it a moment, else
+    // home by the connected peers as a small cluster does.
+    if (left.size > 0 && options?.route?.members === undefined && options?.route?.forwarded !== true) {
+      const layers = new Set([...left.values()].map((refs) => refs[0]!.layer.digest))
+      await Promise.all([...layers].map((layer) => this.homeSetSoon(layer)))
+    }
     const homes = new Map<string, { peer: string; refs: ChunkRef[] }>()
     for (const refs of left.values()) {
       const peer = this.home(refs[0]!, options?.route)
@@ -244,11 +257,29 @@ export class PeerSource implements ChunkSource {
    */
   home(chunk: ChunkRef, route?: Route): string | undefined {
     if (route?.forwarded === true) return undefined
-    const members = (route?.members ?? [this.components.self, ...this.cluster()]).filter(
-      (m) => m === this.components.self || !this.components.book.isBanned(m)
-    )
-    const home = homeOf(homeKey(chunk), members)
+    const home = homeOf(homeKey(chunk), this.homesFor(chunk.layer.digest, route))
     return home === this.components.self ? undefined : home
+  }
+
+  /**
+   * The members homes are chosen among for `key` (a layer's digest): the route's (a cluster warm-up), else the
+   * key's home set in a large cluster, else this node and the connected cluster; banned peers left out.
+   */
+  homesFor(key: string, route?: Route): string[] {
+    const members = route?.members ?? this.homeSet(key) ?? [this.components.self, ...this.cluster()]
+    return members.filter((m) => m === this.components.self || !this.components.book.isBanned(m))
+  }
+
+  /** The key's home set when this is a large cluster and it is known (a walk for it starts if not). */
+  private homeSet(key: string): string[] | undefined {
+    if (this.components.homeSets === undefined || this.cluster().length < HOME_WALK_AT) return undefined
+    return this.components.homeSets.of(key)
+  }
+
+  /** As homeSet, waiting at most LOOKUP_PATIENCE_MS for a walk under way. */
+  private async homeSetSoon(key: string): Promise<string[] | undefined> {
+    if (this.components.homeSets === undefined || this.cluster().length < HOME_WALK_AT) return undefined
+    return this.components.homeSets.soon(key, LOOKUP_PATIENCE_MS)
   }
 
   private providersOf(key: string, options?: AbortOptions): Promise<string[]> {
