@@ -1,3 +1,4 @@
+import { isSha256Digest } from '@strata/base'
 import type { ChunkRef } from '@strata/fetcher'
 import { parseReference, parseRepository, repositoryOf } from '@strata/registry'
 
@@ -12,8 +13,6 @@ export interface WireChunk extends Omit<ChunkRef, 'layer'> {
   layer: string
   repository?: string
 }
-
-const DIGEST = /^sha256:[0-9a-f]{64}$/
 
 export function chunkToWire(chunk: ChunkRef): WireChunk {
   const { layer, ...rest } = chunk
@@ -42,10 +41,8 @@ export function chunkFromWire(c: unknown, fallbackRepository: string): ChunkRef 
   const valid =
     typeof r === 'object' &&
     r !== null &&
-    typeof r.digest === 'string' &&
-    DIGEST.test(r.digest) &&
-    typeof r.layer === 'string' &&
-    DIGEST.test(r.layer) &&
+    isSha256Digest(r.digest) &&
+    isSha256Digest(r.layer) &&
     (r.compression === 'gzip' || r.compression === 'zstd' || r.compression === 'none') &&
     whole(r.fileOffset) &&
     whole(r.size) &&

@@ -1,5 +1,5 @@
 import type { Stream } from '@libp2p/interface'
-import type { AbortOptions } from '@strata/base'
+import { type AbortOptions, isSha256Digest } from '@strata/base'
 import type { ChunkRef } from '@strata/fetcher'
 import type { ChunkStore } from '@strata/store'
 import { chunkFromWire, chunkToWire, repositoryOfRequest } from './chunk-wire.js'
@@ -80,8 +80,6 @@ export interface ServerComponents {
   /** Told about each failed request. */
   onError?: (peer: string, err: Error) => void
 }
-
-const DIGEST = /^sha256:[0-9a-f]{64}$/
 
 /** Serves chunk requests from the local store (and, for `fetch`, through the node's fetcher). */
 export class ChunkServer {
@@ -315,7 +313,7 @@ function parseRequest(frame: Uint8Array, limits: ProtocolLimits): ChunkRequest {
   }
   const m = msg as { op?: unknown; digests?: unknown; chunks?: unknown }
   if (m.op === 'have' || m.op === 'get') {
-    if (!Array.isArray(m.digests) || !m.digests.every((d) => typeof d === 'string' && DIGEST.test(d))) {
+    if (!Array.isArray(m.digests) || !m.digests.every(isSha256Digest)) {
       throw new ProtocolError(`${m.op} request needs digests: an array of sha256:<hex>`)
     }
     if (m.digests.length > limits.maxDigestsPerRequest) {
