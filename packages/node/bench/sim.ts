@@ -92,7 +92,10 @@ interface Row {
   /** DHT walks for home sets per node, mean and max. */
   walksMean: number
   walksMax: number
-  /** Chunk bytes the nodes took from the registry in the warm-ups, as multiples of the image: as homes, for own reads. */
+  /**
+   * Verified chunk bytes the nodes took from the registry in the warm-ups, as multiples of the image: for forwarded
+   * requests, for own reads (a forwarded request that joins the home's own read of the chunk counts as own).
+   */
   asHomes: number
   ownReads: number
 }
@@ -256,7 +259,7 @@ try {
   say('chunks (2 MiB); the registry behind a counting proxy.')
   say('')
   say(
-    '| nodes | keys provided when findable | chunks | findable after s | findProviders p50 / p99 ms | found | provider records per node, mean / max | distinct homes per segment, chosen / by connected view | home-set walks per node, mean / max | registry egress, all warm at once | of which chunks read as homes / for own reads | warm p50 s | warm-ups failed |'
+    '| nodes | keys provided when findable | chunks | findable after s | findProviders p50 / p99 ms | found | provider records per node, mean / max | distinct homes per segment, chosen / by connected view | home-set walks per node, mean / max | registry egress, all warm at once | verified chunk bytes from the registry, for forwarded requests / own reads | warm p50 s | warm-ups failed |'
   )
   say('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
   for (const r of rows) {
