@@ -135,7 +135,8 @@ export class MergedMounts {
     try {
       const image = await this.#init.source.openImage(remote.ref)
       const layers = image.layers.slice(0, remote.index + 1)
-      if (layers[remote.index]?.digest !== remote.layer) throw new Error(`the image has no layer ${remote.layer}`)
+      if (layers[remote.index]?.digest !== remote.layer)
+        throw new MountUnavailableError(`${remote.ref} no longer has layer ${remote.layer} at ${remote.index}`)
       const served = await resumeMount({
         image: { layers },
         fetcher: this.#init.source.fetcher,
